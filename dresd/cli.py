@@ -1,0 +1,165 @@
+"""The `dresd` command line: build, generate, datastore list|show|verify, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from dresd.config import BuildConfig, ModelConfig, SpeculativeConfig, load_yaml
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pipelines.build import build_datastore
+
+    cfg = load_yaml(BuildConfig, args.config) if args.config else BuildConfig()
+    if args.corpus:
+        cfg.corpus.paths = args.corpus
+    for flag, target, attr in [
+        ("kind", cfg.corpus, "kind"), ("prompt_field", cfg.corpus, "prompt_field"),
+        ("response_field", cfg.corpus, "response_field"), ("text_field", cfg.corpus, "text_field"),
+        ("prompt_format", cfg.corpus, "prompt_format"), ("max_records", cfg.corpus, "max_records"),
+        ("max_tokens", cfg.corpus, "max_tokens"), ("on_error", cfg.corpus, "on_error"),
+        ("output", cfg, "output"), ("model", cfg.model, "path"), ("index_kind", cfg.index, "kind"),
+        ("dim", cfg.index, "dim"), ("value_len", cfg, "value_len"), ("embed_actors", cfg, "embed_actors"),
+        ("address", cfg, "ray_address"),
+    ]:
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(target, attr, value)
+    if not cfg.corpus.paths:
+        print("dresd build: no corpus given (--corpus PATH or corpus.paths in --config)", file=sys.stderr)
+        return 2
+    report = build_datastore(cfg)
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts:
+        path = Path(args.prompts)
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                row = json.loads(line)
+                if args.prompt_field not in row:
+                    raise SystemExit(f"{path}: row {i}: field {args.prompt_field!r} is missing")
+                prompts.append(row[args.prompt_field])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise SystemExit("dresd generate: no prompts (--prompt TEXT or --prompts FILE)")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dresd.engine import Engine
+    from dresd.evaluate import markdown_table, run_methods, summarize
+
+    prompts = _read_prompts(args)
+    engine = Engine.open(ModelConfig(path=args.model, threads=args.threads), args.datastore, args.prompt_format)
+    specs = {}
+    for method in args.method.split(","):
+        for verify in (args.verify.split(",") if method == "dresd" else ["tree"]):
+            name = method if method == "greedy" else f"{method}-{verify}"
+            specs[name] = SpeculativeConfig(method=method, verify=verify, top_k=args.top_k,
+                                            num_drafts=args.num_drafts, len_drafts=args.len_drafts)
+    runs = run_methods(engine, prompts, specs, args.max_new_tokens, warmup=len(specs) > 1)
+    if args.out:
+        with open(args.out, "w") as fh:
+            for name, run in runs.items():
+                for prompt, gen in zip(prompts, run.generations):
+                    fh.write(json.dumps({"method": name, "prompt": prompt, "text": gen.text,
+                                         "token_ids": gen.token_ids, "metrics": gen.metrics.summary()}) + "\n")
+    if len(prompts) == 1 and len(runs) == 1:
+        print(next(iter(runs.values())).generations[0].text)
+    print(markdown_table(summarize(runs)))
+    return 0
+
+
+def _datastore(args: argparse.Namespace) -> int:
+    from dresd.datastore import Datastore, list_versions
+
+    root = Path(args.root)
+    if args.action == "list":
+        current = (root / "CURRENT").read_text().strip() if (root / "CURRENT").is_file() else None
+        for v in list_versions(root):
+            ds = json.loads((root / "versions" / v / "manifest.json").read_text())
+            mark = "*" if v == current else " "
+            print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
+        return 0
+    store = Datastore(root, version=args.version)
+    if args.action == "show":
+        print(json.dumps(store.manifest, indent=2, sort_keys=True))
+    else:
+        store.verify()
+        print(f"{store.path}: all {len(store.manifest['files'])} files match their checksums")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from dresd.demo import run_demo
+
+    return run_demo(Path(args.workdir), args.prompts, args.max_new_tokens, args.records)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dresd` console script."""
+    p = argparse.ArgumentParser(prog="dresd", description="Dense-retrieval speculative decoding")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = sub.add_parser("build", help="corpus -> datastore (Ray Data pipeline)")
+    b.add_argument("--config", help="BuildConfig YAML; flags below override it")
+    b.add_argument("--corpus", action="append", help="corpus file/folder, or 'sharegpt' (repeatable)")
+    b.add_argument("--kind", choices=["prompt_response", "text", "conversations"])
+    b.add_argument("--prompt-field"), b.add_argument("--response-field"), b.add_argument("--text-field")
+    b.add_argument("--prompt-format", choices=["chat", "qa"])
+    b.add_argument("--max-records", type=int), b.add_argument("--max-tokens", type=int)
+    b.add_argument("--on-error", choices=["skip", "fail"])
+    b.add_argument("--output", help="datastore root (versions are published under it)")
+    b.add_argument("--model", help="HF folder or .gguf (default: packaged SmolLM2-135M-Instruct)")
+    b.add_argument("--index-kind", choices=["auto", "flat", "ivfpq"])
+    b.add_argument("--dim", type=int), b.add_argument("--value-len", type=int)
+    b.add_argument("--embed-actors", type=int)
+    b.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    b.set_defaults(fn=_build)
+
+    g = sub.add_parser("generate", help="prompts -> text plus metrics")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="a .txt (one prompt per line) or .jsonl file")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--datastore", help="datastore root or version folder")
+    g.add_argument("--model", help="HF folder or .gguf (default: packaged model)")
+    g.add_argument("--method", default="dresd", help="greedy, dresd, or a comma list (e.g. greedy,dresd)")
+    g.add_argument("--verify", default="tree", help="tree, batch, or both: tree,batch")
+    g.add_argument("--prompt-format", default="chat", choices=["chat", "qa"], help="without a datastore only")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--top-k", type=int, default=50)
+    g.add_argument("--num-drafts", type=int, default=10)
+    g.add_argument("--len-drafts", type=int, default=10)
+    g.add_argument("--threads", type=int, default=0)
+    g.add_argument("--out", help="write per-request results as jsonl")
+    g.set_defaults(fn=_generate)
+
+    d = sub.add_parser("datastore", help="inspect published datastores")
+    d.add_argument("action", choices=["list", "show", "verify"])
+    d.add_argument("root")
+    d.add_argument("--version", help="a version id (default: CURRENT)")
+    d.set_defaults(fn=_datastore)
+
+    m = sub.add_parser("demo", help="build a ShareGPT datastore with the packaged model, then compare methods")
+    m.add_argument("--workdir", default="runs/demo")
+    m.add_argument("--prompts", type=int, default=10, help="held-out prompts to decode")
+    m.add_argument("--records", type=int, default=300, help="ShareGPT records in the datastore")
+    m.add_argument("--max-new-tokens", type=int, default=64)
+    m.set_defaults(fn=_demo)
+
+    args = p.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

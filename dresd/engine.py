@@ -1,0 +1,60 @@
+"""An engine: one loaded model, optionally one open datastore, and decoders over them.
+
+The engine formats prompts with the datastore's recorded prompt format (the same function
+that formatted the corpus at build time) and refuses a datastore built for another model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import astuple
+
+from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.datastore import Datastore
+from dresd.decoding import Generation, SpeculativeDecoder
+from dresd.drafters.dense import DenseDrafter
+from dresd.formatting import format_fingerprint, format_prompt_ids
+from dresd.models import LoadedModel, load_model
+
+
+class Engine:
+    """Model + datastore + prompt format, ready to generate with any method."""
+
+    def __init__(self, lm: LoadedModel, datastore: Datastore | None = None, prompt_format: str = "chat"):
+        self.lm = lm
+        self.datastore = datastore
+        if datastore is not None:
+            prompt_format = datastore.manifest["prompt_format"]["name"]
+            datastore.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, prompt_format))
+        self.prompt_format = prompt_format
+        self._decoders: dict[tuple, SpeculativeDecoder] = {}
+
+    @classmethod
+    def open(cls, model: ModelConfig, datastore: str | None = None, prompt_format: str = "chat") -> "Engine":
+        """Load the model and open the datastore (its CURRENT version when given a root)."""
+        return cls(load_model(model), Datastore(datastore) if datastore else None, prompt_format)
+
+    def decoder(self, spec: SpeculativeConfig) -> SpeculativeDecoder:
+        """A decoder for `spec` (cached: drafters hold search parameters)."""
+        key = astuple(spec)
+        if key not in self._decoders:
+            drafter = None
+            if spec.method == "dresd":
+                if self.datastore is None:
+                    raise ValueError("method 'dresd' needs a datastore (--datastore)")
+                drafter = DenseDrafter(self.datastore, spec)
+            self._decoders[key] = SpeculativeDecoder(
+                self.lm.model, self.lm.eos_token_id, self.lm.max_context, spec, drafter
+            )
+        return self._decoders[key]
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt laid out in this engine's prompt format."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt is empty")
+        return format_prompt_ids(self.lm.tokenizer, prompt, self.prompt_format)
+
+    def generate(self, prompt: str, spec: SpeculativeConfig, max_new_tokens: int) -> Generation:
+        """Generate a reply to `prompt`; the result carries token ids, text and metrics."""
+        gen = self.decoder(spec).generate_ids(self.prompt_ids(prompt), max_new_tokens)
+        gen.text = self.lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+        return gen

@@ -1,0 +1,106 @@
+"""Token trees: drafts merged into a trie, flattened for one verification forward.
+
+Node 0 is the root: the token just emitted (not yet in the KV cache). Every other node is
+a draft token; a parent always comes before its children, so the flat order is a valid
+causal order and node i may attend to the prefix, its ancestors and itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenTree:
+    """A flattened token trie."""
+
+    tokens: list[int]  # token id of each node; tokens[0] is the root
+    parents: list[int]  # parent node of each node; -1 for the root
+    depths: list[int]  # 0 for the root, 1 for first draft tokens, ...
+    children: list[dict[int, int]] = field(default_factory=list)  # token -> child node, per node
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def max_depth(self) -> int:
+        return max(self.depths)
+
+    def add_child(self, node: int, token: int) -> int:
+        """The child of `node` holding `token`, created if absent."""
+        child = self.children[node].get(token)
+        if child is None:
+            child = len(self.tokens)
+            self.tokens.append(token)
+            self.parents.append(node)
+            self.depths.append(self.depths[node] + 1)
+            self.children.append({})
+            self.children[node][token] = child
+        return child
+
+    def path_to(self, node: int) -> list[int]:
+        """Nodes from the root down to `node`, inclusive."""
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+
+def build_tree(root_token: int, drafts: list[list[int]], max_nodes: int | None = None) -> TokenTree:
+    """Merge drafts (in rank order) into a trie under `root_token`.
+
+    With `max_nodes`, insertion stops once the tree holds that many nodes (root included),
+    so higher-ranked drafts keep their full length.
+    """
+    tree = TokenTree([root_token], [-1], [0], [{}])
+    for draft in drafts:
+        node = 0
+        for tok in draft:
+            if max_nodes is not None and int(tok) not in tree.children[node] and len(tree) >= max_nodes:
+                break
+            node = tree.add_child(node, int(tok))
+    return tree
+
+
+def ancestor_matrix(tree: TokenTree) -> torch.Tensor:
+    """(n, n) bool: [i, j] is True when node j is node i or one of its ancestors."""
+    n = len(tree)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        anc[i, i] = True
+        p = tree.parents[i]
+        if p >= 0:
+            anc[i] |= anc[p]
+    return anc
+
+
+def tree_attention_mask(tree: TokenTree, prefix_len: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Additive 4-D mask (1, 1, n, prefix_len + n): 0 where a node may attend, dtype min elsewhere."""
+    n = len(tree)
+    allowed = torch.ones(n, prefix_len + n, dtype=torch.bool)
+    allowed[:, prefix_len:] = ancestor_matrix(tree)
+    mask = torch.zeros(n, prefix_len + n, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None].to(device)
+
+
+def tree_position_ids(tree: TokenTree, prefix_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(1, n) positions: prefix length + depth of each node."""
+    return (torch.tensor(tree.depths, dtype=torch.long) + prefix_len)[None].to(device)
+
+
+def greedy_accept(tree: TokenTree, predicted: list[int]) -> list[int]:
+    """Longest root path whose every draft token equals the target's argmax before it.
+
+    `predicted[i]` is the target's greedy next token after node i. Returns the accepted
+    node path, root first; the bonus token is `predicted[path[-1]]`.
+    """
+    node = 0
+    path = [0]
+    while (child := tree.children[node].get(predicted[node])) is not None:
+        node = child
+        path.append(node)
+    return path

@@ -1,0 +1,128 @@
+"""One verification step: a single target forward over the drafts, greedy acceptance,
+and the KV cache cut back to the accepted path.
+
+Two verifiers share one contract (`StepResult`):
+- `verify_tree`: drafts merged into a trie, one row, tree attention mask + tree positions;
+- `verify_batch`: the reference's batch of draft rows, KV cache copied per row.
+Plain greedy decoding is `verify_tree` with no drafts: a one-token forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
+
+
+@dataclass
+class StepResult:
+    """What one verification step produced."""
+
+    new_tokens: list[int]  # accepted draft tokens followed by the target's bonus token
+    accepted: int  # accepted draft tokens (len(new_tokens) - 1)
+    verified: int  # positions the forward ran (root included)
+    drafted: int  # draft positions verified (verified - rows' roots)
+    offered_depth: int  # deepest draft position offered this step (0 = no drafts)
+    query: torch.Tensor  # (D,) last-layer hidden state that produced the bonus token
+
+
+@torch.inference_mode()
+def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: torch.Tensor | None = None,
+            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the target over new tokens with the cache; returns (hidden, logits) for every position.
+
+    hidden is the decoder's last-layer output after its final norm: exactly what the
+    datastore's keys are made of, so the query needs no extra forward.
+    """
+    out = model.base_model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        cache=cache,
+        use_cache=True,
+    )
+    hidden = out.last_hidden_state
+    return hidden, model.get_output_embeddings()(hidden)
+
+
+def keep_cache_positions(cache: DynamicCache, prefix_len: int, kept: list[int]) -> None:
+    """Cut the cache to its first `prefix_len` entries plus entries prefix_len + kept[i]."""
+    total = cache.get_seq_length()
+    if kept == list(range(len(kept))):
+        # The accepted path is a contiguous run: a crop avoids copying the prefix.
+        drop = total - prefix_len - len(kept)
+        if drop:
+            cache.crop(-drop)
+        return
+    device = cache.layers[0].keys.device
+    index = torch.cat([torch.arange(prefix_len), torch.tensor(kept, dtype=torch.long) + prefix_len]).to(device)
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(-2, index)
+        layer.values = layer.values.index_select(-2, index)
+
+
+def verify_tree(model, cache: DynamicCache, root_token: int, drafts: list[list[int]],
+                max_nodes: int | None = None) -> StepResult:
+    """Verify `drafts` (rank order) as one token tree rooted at the pending token."""
+    tree: TokenTree = build_tree(root_token, drafts, max_nodes)
+    device = model.device
+    prefix = cache.get_seq_length()
+    ids = torch.tensor([tree.tokens], dtype=torch.long, device=device)
+    positions = tree_position_ids(tree, prefix, device)
+    # A chain (including the lone root) is causal already: let the model build its own mask.
+    is_chain = all(p == i - 1 for i, p in enumerate(tree.parents))
+    mask = None if is_chain else tree_attention_mask(tree, prefix, model.dtype, device)
+    hidden, logits = forward(model, ids, cache, positions, mask)
+    predicted = logits[0].argmax(-1).tolist()
+    path = greedy_accept(tree, predicted)
+    keep_cache_positions(cache, prefix, path)
+    accepted = len(path) - 1
+    return StepResult(
+        new_tokens=[tree.tokens[n] for n in path[1:]] + [predicted[path[-1]]],
+        accepted=accepted,
+        verified=len(tree),
+        drafted=len(tree) - 1,
+        offered_depth=tree.max_depth,
+        query=hidden[0, path[-1]],
+    )
+
+
+def verify_batch(model, cache: DynamicCache, root_token: int, drafts: list[list[int]]) -> StepResult:
+    """Verify each draft as its own row [root, d1..dL] over a per-row copy of the cache.
+
+    The row with the longest accepted prefix wins (first row on ties); its cache is kept.
+    """
+    if not drafts:
+        return verify_tree(model, cache, root_token, [])
+    device = model.device
+    prefix = cache.get_seq_length()
+    width = max(len(d) for d in drafts)
+    # Rows shorter than the widest are padded after their end; causal attention means the
+    # padding never influences the real positions before it.
+    rows = [[root_token] + list(d) + [root_token] * (width - len(d)) for d in drafts]
+    ids = torch.tensor(rows, dtype=torch.long, device=device)
+    positions = torch.arange(prefix, prefix + width + 1, device=device)[None].expand(len(rows), -1)
+    cache.batch_repeat_interleave(len(rows))
+    hidden, logits = forward(model, ids, cache, positions)
+    predicted = logits.argmax(-1).tolist()
+    best_row, best_m = 0, -1
+    for r, draft in enumerate(drafts):
+        m = 0
+        while m < len(draft) and draft[m] == predicted[r][m]:
+            m += 1
+        if m > best_m:
+            best_row, best_m = r, m
+    cache.batch_select_indices(torch.tensor([best_row], device=device))
+    cache.crop(-(width - best_m))
+    win = drafts[best_row]
+    return StepResult(
+        new_tokens=list(win[:best_m]) + [predicted[best_row][best_m]],
+        accepted=best_m,
+        verified=len(rows) * (width + 1),
+        drafted=sum(len(d) for d in drafts),
+        offered_depth=width,
+        query=hidden[best_row, best_m],
+    )

@@ -1,0 +1,92 @@
+"""The Ray Data build pipeline on a tiny model: counts, rejects, manifest, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
+from dresd.corpus import CorpusError
+from dresd.datastore import Datastore, DatastoreError
+from pipelines.build import build_datastore
+
+
+def _corpus(tmp_path):
+    good = [{"prompt": f"question {i}?", "response": f"answer {i}: " + "abc " * (i % 7 + 3)} for i in range(40)]
+    path = tmp_path / "corpus.jsonl"
+    lines = [json.dumps(r) for r in good]
+    lines.insert(5, json.dumps({"prompt": "no response here"}))  # missing field
+    lines.insert(9, "{not json")  # unreadable row
+    lines.insert(12, json.dumps({"prompt": "p", "response": "   "}))  # empty text
+    lines.insert(15, json.dumps({"prompt": "p", "response": 7}))  # not a string
+    lines.insert(20, json.dumps({"prompt": "x" * 600, "response": "too long"}))  # over max_tokens
+    path.write_text("\n".join(lines) + "\n")
+    return path, good
+
+
+@pytest.fixture(scope="module")
+def built(ray_session, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("build")
+    path, good = _corpus(tmp)
+    cfg = BuildConfig(
+        model=ModelConfig(path=str(tiny_model_dir)),
+        corpus=CorpusConfig(paths=[str(path)], max_tokens=256),
+        index=IndexConfig(dim=16, pq_m=8, flat_below=1000),  # force IVF-PQ + refine on a small store
+        output=str(tmp / "store"),
+        value_len=8,
+    )
+    return cfg, build_datastore(cfg), good
+
+
+def test_counts_add_up(built):
+    cfg, report, good = built
+    assert report.rows_read == len(good) + 5
+    assert report.examples_embedded == len(good)
+    assert report.rejected == {"missing_field": 1, "bad_json": 1, "empty_text": 1, "not_string": 1, "too_long": 1}
+    assert report.rows_read == report.examples_embedded + sum(report.rejected.values())
+    assert any("row 6" in m and "'response'" in m for m in report.reject_examples)
+
+
+def test_store_layout_and_values(built, tiny_model_dir):
+    cfg, report, good = built
+    from dresd.formatting import record_ids, shared_prefix_len
+    from dresd.corpus import Example
+    from dresd.models import load_model
+
+    store = Datastore(cfg.output)
+    store.verify()
+    lm = load_model(ModelConfig(path=str(tiny_model_dir)))
+    prefix = shared_prefix_len(lm.tokenizer, "chat")
+    expected = [record_ids(lm.tokenizer, Example("s", r["prompt"], r["response"]), "chat", 256, lm.eos_token_id) for r in good]
+    # The token stream is every record in corpus order; keys skip the shared template head.
+    assert np.array_equal(store.tokens, np.concatenate(expected))
+    assert store.num_keys == sum(len(e) - 1 - prefix for e in expected) == report.keys
+    assert store.manifest["index"]["params"]["kind"] == "ivfpq"
+    assert store.manifest["prompt_format"]["shared_prefix_len"] == prefix
+    assert report.check["recall@50"] > 0.8
+    # value of key 0 = the tokens after position prefix of record 0
+    assert store.values(np.array([0]), 4)[0].tolist() == expected[0][prefix + 1 : prefix + 5]
+
+
+def test_refuses_other_models_root(built, tmp_path):
+    from dresd.models import make_tiny_llama
+
+    cfg, _, _ = built
+    other = make_tiny_llama(tmp_path / "other", vocab_size=272, seed=1)
+    cfg2 = BuildConfig(model=ModelConfig(path=str(other)), corpus=cfg.corpus, output=cfg.output)
+    with pytest.raises(DatastoreError, match="built for model"):
+        build_datastore(cfg2)
+
+
+def test_fail_mode_names_file_row_field(built, tmp_path):
+    cfg, _, _ = built
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" + json.dumps({"prompt": "a"}) + "\n")
+    cfg2 = BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[str(bad)], on_error="fail"), output=str(tmp_path / "s"))
+    with pytest.raises(Exception, match=r"bad.jsonl: row 2: field 'response'"):
+        build_datastore(cfg2)
+    with pytest.raises(CorpusError, match="nowhere.jsonl"):
+        build_datastore(BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[str(tmp_path / "nowhere.jsonl")]),
+                                    output=str(tmp_path / "s2")))

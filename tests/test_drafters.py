@@ -1,0 +1,179 @@
+"""Tests for dresd.drafters: value filtering/cutting and the dense datastore drafter."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dresd.compression import compress, fit_compressor
+from dresd.config import SpeculativeConfig
+from dresd.datastore import Datastore, DatastoreParts, publish
+from dresd.drafters import Drafter
+from dresd.drafters.dense import DenseDrafter, drafts_from_values
+from dresd.index import IndexParams, add_keys, train_index
+
+EOS = 2
+
+# ------------------------------------------------------------------ drafts_from_values
+
+
+def test_filters_on_last_token_and_cuts_at_len():
+    values = np.array(
+        [
+            [5, 10, 11, 12, 13],
+            [6, 20, 21, 22, 23],  # predicts 6: dropped
+            [5, 30, 31, 32, 33],
+        ]
+    )
+    assert drafts_from_values(values, 5, num_drafts=10, len_drafts=3, eos_id=EOS) == [[10, 11, 12], [30, 31, 32]]
+    assert drafts_from_values(values, 6, 10, 4, EOS) == [[20, 21, 22, 23]]
+    assert drafts_from_values(values, 7, 10, 4, EOS) == []
+    # len_drafts longer than the values: the whole tail.
+    assert drafts_from_values(values, 6, 10, 9, EOS) == [[20, 21, 22, 23]]
+    assert drafts_from_values(values, 5, 10, 1, EOS) == [[10], [30]]
+
+
+def test_cuts_after_first_eos_keeping_it():
+    values = np.array(
+        [
+            [5, 10, EOS, EOS, EOS],
+            [5, 11, 12, EOS, 13],
+            [5, EOS, 14, 15, 16],
+        ]
+    )
+    assert drafts_from_values(values, 5, 10, 4, EOS) == [[10, EOS], [11, 12, EOS], [EOS]]
+    # The cut happens within len_drafts only: an EOS beyond it does not matter.
+    assert drafts_from_values(values, 5, 10, 1, EOS) == [[10], [11], [EOS]]
+
+
+def test_drops_duplicates_keeping_rank_order():
+    values = np.array(
+        [
+            [5, 9, 8, 7],
+            [5, 1, 3, 3],
+            [5, 9, 8, 7],  # duplicate of rank 0
+            [5, 1, 3, 4],  # differs only after the cut: a duplicate at len 2
+            [5, 4, 4, 4],
+        ]
+    )
+    assert drafts_from_values(values, 5, 10, 3, EOS) == [[9, 8, 7], [1, 3, 3], [1, 3, 4], [4, 4, 4]]
+    assert drafts_from_values(values, 5, 10, 2, EOS) == [[9, 8], [1, 3], [4, 4]]
+    # Duplicates after the EOS cut too.
+    values = np.array([[5, 3, EOS, 7], [5, 3, EOS, 8]])
+    assert drafts_from_values(values, 5, 10, 3, EOS) == [[3, EOS]]
+
+
+def test_caps_num_drafts_after_filtering_and_dedup():
+    rows = [[5, i, i + 1] for i in range(10, 30)]
+    rows.insert(1, [5, 10, 11])  # duplicate: does not use up a slot
+    rows.insert(0, [6, 99, 99])  # filtered: does not use up a slot
+    values = np.array(rows)
+    drafts = drafts_from_values(values, 5, num_drafts=3, len_drafts=2, eos_id=EOS)
+    assert drafts == [[10, 11], [11, 12], [12, 13]]
+    assert drafts_from_values(values, 5, num_drafts=1, len_drafts=2, eos_id=EOS) == [[10, 11]]
+
+
+def test_empty_values():
+    assert drafts_from_values(np.zeros((0, 4), dtype=np.int64), 5, 10, 3, EOS) == []
+
+
+# ------------------------------------------------------------------ DenseDrafter
+
+HIDDEN = 32
+VALUE_LEN = 8
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A small published store: 6 records of random tokens (3..99), 32-d random hidden states."""
+    rng = np.random.default_rng(0)
+    records = [rng.integers(3, 100, size=n).astype(np.int32) for n in (30, 12, 25, 4, 40, 18)]
+    tokens = np.concatenate(records)
+    offsets = np.cumsum([0] + [len(r) for r in records]).astype(np.int64)
+    key_positions = np.array([p for s, e in zip(offsets[:-1], offsets[1:]) for p in range(s, e - 1)], dtype=np.int64)
+    hidden = rng.normal(size=(len(key_positions), HIDDEN)).astype(np.float32) * rng.uniform(0.1, 10, HIDDEN)
+    comp = fit_compressor(hidden, 16)
+    params = IndexParams("flat", 16, 0, 0, 0, False, 1.0)
+    index = train_index(params, compress(comp, hidden))
+    add_keys(index, compress(comp, hidden))
+    parts = DatastoreParts(tokens, offsets, key_positions, [f"r{i}" for i in range(len(records))], comp, index)
+    manifest = {
+        "model": {"name": "m"},
+        "prompt_format": {"name": "chat", "fingerprint": "f"},
+        "eos_id": EOS,
+        "value_len": VALUE_LEN,
+        "index": {"params": params.to_dict(), "factory": params.factory},
+    }
+    root = tmp_path_factory.mktemp("ds")
+    publish(root, parts, manifest, version="v1")
+    return Datastore(root), hidden
+
+
+def expected_draft(tokens, offsets, pos, length):
+    """Tokens after the key's predicted token, cut at the record end (then one EOS)."""
+    end = offsets[np.searchsorted(offsets, pos, side="right")]
+    after = tokens[pos + 2 : min(pos + 2 + length, end)].tolist()
+    if len(after) < length and pos + 2 + len(after) >= end:
+        after.append(EOS)
+    return after[:length]
+
+
+def test_dense_drafter_has_the_drafter_signature(store):
+    import inspect
+
+    ds, _ = store
+    drafter = DenseDrafter(ds, SpeculativeConfig(len_drafts=4))
+    want = list(inspect.signature(Drafter.propose).parameters)[1:]
+    assert list(inspect.signature(drafter.propose).parameters) == want
+
+
+@pytest.mark.parametrize("key", [0, 5, 27, 28, 40, 63, 66, 100, 120])
+def test_query_with_stored_hidden_returns_its_continuation_first(store, key):
+    ds, hidden = store
+    drafter = DenseDrafter(ds, SpeculativeConfig(top_k=20, num_drafts=5, len_drafts=4))
+    tokens, offsets = np.asarray(ds.tokens), ds.record_offsets
+    pos = int(ds.key_positions[key])
+    last_token = int(tokens[pos + 1])  # the token this key predicts
+    drafts = drafter.propose(hidden[key], last_token, max_len=10)
+    assert drafts, "the key itself always survives the filter"
+    assert drafts[0] == expected_draft(tokens, offsets, pos, 4)
+    assert drafts[0] == ds.values(np.array([key]), 5)[0, 1:].tolist()[: len(drafts[0])]
+    assert 1 <= len(drafts) <= 5
+    assert all(1 <= len(d) <= 4 for d in drafts)
+    assert len({tuple(d) for d in drafts}) == len(drafts)
+    # max_len shortens drafts below len_drafts.
+    short = drafter.propose(hidden[key], last_token, max_len=2)
+    assert short[0] == drafts[0][:2] and all(len(d) <= 2 for d in short)
+    assert drafter.propose(hidden[key], last_token, max_len=0) == []
+
+
+def test_wrong_last_token_gives_no_draft(store):
+    ds, hidden = store
+    key = 7
+    pos = int(ds.key_positions[key])
+    last_token = int(np.asarray(ds.tokens)[pos + 1])
+    # top_k=1: only the key itself is retrieved, and it predicts another token.
+    one = DenseDrafter(ds, SpeculativeConfig(top_k=1, num_drafts=5, len_drafts=4))
+    assert one.propose(hidden[key], last_token, 10)
+    assert one.propose(hidden[key], (last_token + 1) % 100 + 3, 10) == []
+    # A token absent from the corpus is never predicted by any neighbour.
+    many = DenseDrafter(ds, SpeculativeConfig(top_k=50, num_drafts=10, len_drafts=4))
+    assert many.propose(hidden[key], 200, 10) == []
+
+
+def test_top_k_above_store_size(store):
+    ds, hidden = store
+    drafter = DenseDrafter(ds, SpeculativeConfig(top_k=10_000, num_drafts=1000, len_drafts=3))
+    pos = int(ds.key_positions[3])
+    last_token = int(np.asarray(ds.tokens)[pos + 1])
+    drafts = drafter.propose(hidden[3], last_token, 10)
+    # Every key predicting last_token contributes (up to duplicates).
+    n_match = int((np.asarray(ds.tokens)[ds.key_positions + 1] == last_token).sum())
+    assert 1 <= len(drafts) <= n_match
+
+
+def test_len_drafts_must_fit_values(store):
+    ds, _ = store
+    DenseDrafter(ds, SpeculativeConfig(len_drafts=VALUE_LEN - 1))
+    with pytest.raises(ValueError, match=f"len_drafts={VALUE_LEN}"):
+        DenseDrafter(ds, SpeculativeConfig(len_drafts=VALUE_LEN))
