@@ -53,7 +53,7 @@ class CorpusConfig:
     max_tokens: int | None = 1024
     # Bad rows: "skip" counts them by reason; "fail" raises naming file, row and field.
     on_error: Literal["skip", "fail"] = "skip"
-    # Read at most this many rows, in file order (None = all). For demos and smoke runs.
+    # Read at most this many rows of each corpus file (None = all). For demos and smoke runs.
     max_records: int | None = None
 
 
@@ -94,8 +94,12 @@ class BuildConfig:
     output: str = "datastore"
     # Value length N: tokens after each key that the store returns as draft material.
     value_len: int = 20
-    # Records per embedding batch (sequences are padded within a batch).
+    # Records per embedding forward (length-sorted within a shard, padded within a batch).
     batch_size: int = 8
+    # Corpus rows per shard: the unit of parallel embedding, of index filling and of resumption.
+    shard_rows: int = 500
+    # Keep `<output>/.build/<key>/` after publishing (shard files; by default removed).
+    keep_work: bool = False
     # Embedding actors (each loads the model once).
     embed_actors: int = 1
     # CPUs each embedding actor reserves in Ray's accounting. Below the thread count on a

@@ -6,9 +6,10 @@ A datastore root holds immutable versions and a pointer to the current one:
     <root>/versions/<id>/manifest.json
                          compressor.npz     z-score + PCA (no pickle)
                          index.faiss        faiss index over compressed keys (id i = key i)
-                         tokens.npy         int32, every record's tokens, concatenated
+                         tokens.npy         every record's tokens, concatenated (uint16 when the
+                                            vocabulary fits, else uint32)
                          record_offsets.npy int64, start of each record in tokens (+ end)
-                         key_positions.npy  int64, stream position of each key's token
+                         key_positions.npy  stream position of each key's token (uint32 below 4G tokens)
                          sources.json       source id of each record
 
 The value of key i is tokens[p+1 : p+1+N] (p = key_positions[i]), cut at the end of its
@@ -65,10 +66,11 @@ class DatastoreParts:
     index: faiss.Index
 
 
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+def _narrow(max_value: int) -> type:
+    """uint16 / uint32 / int64: the smallest dtype holding 0..max_value."""
+    if max_value < 2**16:
+        return np.uint16
+    return np.uint32 if max_value < 2**32 else np.int64
 
 
 def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None) -> Path:
@@ -86,9 +88,10 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
     tmp = root / "versions" / f".tmp-{version}"
     tmp.mkdir()
     try:
-        np.save(tmp / "tokens.npy", np.asarray(parts.tokens, dtype=np.int32))
+        # The narrowest integer types that hold the values: bytes per token is a product goal.
+        np.save(tmp / "tokens.npy", np.asarray(parts.tokens).astype(_narrow(int(np.max(parts.tokens, initial=0)))))
         np.save(tmp / "record_offsets.npy", np.asarray(parts.record_offsets, dtype=np.int64))
-        np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions, dtype=np.int64))
+        np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions).astype(_narrow(len(parts.tokens))))
         (tmp / "sources.json").write_text(json.dumps(parts.sources))
         save_compressor(parts.compressor, tmp / "compressor.npz")
         faiss.write_index(parts.index, str(tmp / "index.faiss"))

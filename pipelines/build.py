@@ -1,38 +1,47 @@
-"""The datastore build graph.
+"""The datastore build graph, stage by stage:
 
-    read (task per file) -> tokenize (actor) -> embed (actor pool, model once per actor)
-      -> driver: token stream + key positions, hidden states spilled to disk (fp16)
-      -> sample -> fit z-score + PCA + L2 -> train index -> compress + add in chunks
-      -> intrinsic check (recall@50 vs exact, self-retrieval MRR) -> atomic publish
+    read.py       corpus files -> shards of consecutive rows (task per file), each
+    tokenize.py     tokenized where it is read; rejects counted by reason
+    embed.py      sequences -> hidden states -> shard files        (actor pool, model once per actor)
+    [driver]      streaming reservoir over shard files -> fit z-score + PCA + L2 -> train index
+    index_fill.py compress + encode each shard in parallel tasks -> merge in shard order
+    [driver]      intrinsic check (streamed exact search) -> atomic publish (datastore.py)
 
-Full-size hidden states never sit in memory all at once: they stream from the embedding
-actors to a spill file, and the compress/add pass reads it back in chunks.
+Memory stays bounded: full-size hidden states live only in shard files on disk; the driver
+holds the reservoir sample, the token stream and the merged index. Work goes to
+`<output>/.build/<build key>/`: a rerun of the same build skips finished shards and fills,
+and produces the same datastore as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import faiss
 import numpy as np
 import ray
 from tqdm import tqdm
 
-from dresd.compression import compress, fit_compressor
+from dresd.compression import compress, fit_compressor, save_compressor
 from dresd.config import BuildConfig, ModelConfig, to_dict
+from dresd.corpus import list_corpus_files, sharegpt_path, SHAREGPT
 from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
 from dresd.formatting import format_fingerprint, shared_prefix_len
-from dresd.index import add_keys, choose_index_params, recall_at_k, self_retrieval_mrr, train_index
+from dresd.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.models import load_model
+from dresd.sampling import Reservoir
 from pipelines.embed import Embed
-from pipelines.read import read_corpus
+from pipelines.index_fill import fill_and_merge, fill_paths, index_fingerprint
+from pipelines.read import read_shards
 from pipelines.runtime import ensure_ray
-from pipelines.tokenize import Tokenize
+from pipelines.shards import done_shards, shard_hidden, shard_tokens
 
 
 @dataclass
@@ -45,6 +54,9 @@ class BuildReport:
     rejected: dict[str, int]  # rows rejected, by reason
     keys: int
     tokens: int
+    shards: int = 0
+    shards_reused: int = 0  # shards finished by an earlier run of the same build
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # stage -> node ids that ran it
     timings: dict[str, float] = field(default_factory=dict)
     check: dict[str, float] = field(default_factory=dict)
     reject_examples: list[str] = field(default_factory=list)  # first few reject messages
@@ -52,163 +64,168 @@ class BuildReport:
     def lines(self) -> list[str]:
         """Human-readable summary."""
         rej = sum(self.rejected.values())
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.rejected.items()))
         out = [
             f"datastore version: {self.version_dir}",
-            f"rows read {self.rows_read}: embedded {self.examples_embedded} examples, rejected {rej} "
-            + (f"({', '.join(f'{k}: {v}' for k, v in sorted(self.rejected.items()))})" if rej else ""),
-            f"keys {self.keys}, tokens {self.tokens}",
+            f"rows read {self.rows_read} = embedded {self.rows_read - rej} + rejected {rej}"
+            + (f" ({reasons})" if rej else "") + f"; examples embedded {self.examples_embedded}",
+            f"keys {self.keys}, tokens {self.tokens}, shards {self.shards} ({self.shards_reused} reused)",
             "intrinsic check: " + ", ".join(f"{k} {v:.3f}" for k, v in self.check.items()),
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
-        out += [f"  rejected: {m}" for m in self.reject_examples]
-        return out
+        return out + [f"  rejected: {m}" for m in self.reject_examples]
 
 
-class HiddenSpill:
-    """Append-only fp16 spill file of hidden states, read back by row ranges or ids."""
-
-    def __init__(self, path: Path, dim: int):
-        self.path, self.dim, self.rows = path, dim, 0
-        self._fh = open(path, "wb")
-
-    def append(self, hidden: np.ndarray) -> None:
-        self._fh.write(np.ascontiguousarray(hidden, dtype=np.float16).tobytes())
-        self.rows += len(hidden)
-
-    def close(self) -> np.memmap:
-        self._fh.close()
-        return np.memmap(self.path, dtype=np.float16, mode="r", shape=(self.rows, self.dim))
+def _build_key(cfg: BuildConfig, identity: dict) -> str:
+    """Names the work folder: same model, corpus files and tokenisation -> same shards."""
+    files = []
+    for f in list_corpus_files(cfg.corpus.paths):
+        real = sharegpt_path() if f == SHAREGPT else f
+        st = os.stat(real)
+        files.append([f, st.st_size, st.st_mtime_ns])
+    blob = json.dumps([identity["fingerprint"], to_dict(cfg.corpus), files, cfg.shard_rows], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _check_output_root(root: Path, identity: dict) -> None:
-    """Refuse to add a version to a root that holds another model's datastore."""
-    if not (root / "CURRENT").is_file():
-        return
-    current = Datastore(root)
-    current.check_compatible(identity)
+def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
+    """Run read -> tokenize -> embed for every unfinished shard; returns shards reused."""
+    done = done_shards(work)
+    tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
+    ds = read_shards(cfg.corpus, tokenize, cfg.shard_rows, skip=frozenset(done))
+    ds = ds.map_batches(
+        Embed,
+        fn_constructor_kwargs=dict(model_dir=model_dir, device=cfg.model.device, threads=cfg.embed_threads,
+                                   work=str(work), batch_size=cfg.batch_size),
+        batch_size=1,
+        # One shard in flight per actor: shards are large, so this balances them over actors.
+        compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors, max_tasks_in_flight_per_actor=1),
+        num_cpus=cfg.embed_cpus,
+        num_gpus=cfg.embed_gpus,
+    )
+    for _ in ds.iter_rows():  # shards are written by the actors; rows are receipts
+        pass
+    return len(done)
+
+
+def _reservoir(work: Path, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
+    """Uniform sample of hidden states, streamed over the shards in order."""
+    res = Reservoir(size, dim, seed)
+    for sid in tqdm(shard_ids, desc="sample", unit="shard"):
+        hidden = shard_hidden(work, sid)
+        for s in range(0, len(hidden), 65536):
+            res.add(np.asarray(hidden[s : s + 65536], dtype=np.float32))
+    return res.sample.copy()
+
+
+def _check(index: faiss.Index, work: Path, shard_ids: list[str], starts: list[int], n_keys: int, tag: str,
+           sample: int, seed: int) -> dict[str, float]:
+    """recall@50 of the index vs exact search, and self-retrieval MRR, on sampled keys."""
+    ids = np.sort(np.random.default_rng(seed + 1).choice(n_keys, size=min(sample, n_keys), replace=False))
+
+    def chunks():
+        for sid, first in zip(shard_ids, starts):
+            yield first, np.load(fill_paths(work, sid, tag)[1], mmap_mode="r")
+
+    queries = np.concatenate([np.asarray(keys[ids[(ids >= first) & (ids < first + len(keys))] - first])
+                              for first, keys in chunks()])
+    k = min(50, n_keys)
+    truth = exact_topk(chunks(), queries, k)
+    return {
+        "recall@50": overlap_at_k(search(index, queries, k)[1], truth),
+        "self_mrr@50": self_retrieval_mrr(index, queries, ids, k),
+    }
 
 
 def build_datastore(cfg: BuildConfig) -> BuildReport:
     """Run the whole build and publish a new datastore version under `cfg.output`."""
-    t_start = time.perf_counter()
+    t0 = time.perf_counter()
     lm = load_model(ModelConfig(path=cfg.model.path, device="cpu"))
-    model_dir = str(lm.model.name_or_path)
-    tok, eos = lm.tokenizer, lm.eos_token_id
+    model_dir, tok, eos, identity = str(lm.model.name_or_path), lm.tokenizer, lm.eos_token_id, lm.identity
+    max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
+    del lm  # the driver needs the tokenizer facts only; actors load their own model
     root = Path(cfg.output)
-    _check_output_root(root, lm.identity)
+    if (root / "CURRENT").is_file():
+        # Refuse to add a version to a root that holds another model's datastore.
+        Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
-    hidden_size = lm.identity["hidden_size"]
-    manifest_model = lm.identity
-    del lm  # the driver needs the tokenizer facts only; actors load their own model
+    work = root / ".build" / _build_key(cfg, identity)
+    work.mkdir(parents=True, exist_ok=True)
 
     ensure_ray(cfg.ray_address)
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    ds = read_corpus(cfg.corpus)
-    ds = ds.map_batches(
-        Tokenize,
-        fn_constructor_kwargs=dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix),
-        batch_size=64,
-        compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        Embed,
-        fn_constructor_kwargs=dict(model_dir=model_dir, device=cfg.model.device, threads=cfg.embed_threads),
-        batch_size=cfg.batch_size,
-        compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors),
-        num_cpus=cfg.embed_cpus,
-        num_gpus=cfg.embed_gpus,
-    )
-
-    work = Path(tempfile.mkdtemp(prefix=".build-", dir=root.parent if root.parent.exists() else None))
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+    ctx.execution_options.preserve_order = True
+    # Every shard closes its own block (shards are KB-MB, far below the default target):
+    # blocks are what actors receive, so shards spread over all embedding actors.
+    ctx.target_max_block_size = 1
     try:
-        spill = HiddenSpill(work / "hidden.f16", hidden_size)
-        tokens, offsets, key_pos, sources = [], [0], [], []
-        rows_seen: set[tuple[str, int]] = set()
-        rejected: Counter[str] = Counter()
-        reject_examples: list[str] = []
-        n_tokens = 0
-        for row in ds.iter_rows():
-            rows_seen.add((row["file"], int(row["row"])))
-            if row["reject"]:
-                rejected[row["reject"]] += 1
-                if len(reject_examples) < 5:
-                    reject_examples.append(row["detail"])
-                continue
-            ids = np.asarray(row["ids"], dtype=np.int32)
-            start = int(row["key_start"])
-            tokens.append(ids)
-            key_pos.append(np.arange(n_tokens + start, n_tokens + len(ids) - 1, dtype=np.int64))
-            n_tokens += len(ids)
-            offsets.append(n_tokens)
-            sources.append(str(row["source_id"]))
-            spill.append(row["hidden"])
-        t_embed = time.perf_counter()
-        hidden = spill.close()
-        if hidden.shape[0] == 0:
-            raise DatastoreError(f"no usable records in {cfg.corpus.paths}: rejected {dict(rejected)}")
-        key_positions = np.concatenate(key_pos)
-        assert len(key_positions) == hidden.shape[0], "every key has exactly one hidden state"
-
-        rng = np.random.default_rng(cfg.index.seed)
-        n_keys = hidden.shape[0]
-        sample_ids = np.sort(rng.choice(n_keys, size=min(cfg.index.sample_size, n_keys), replace=False))
-        sample = np.asarray(hidden[sample_ids], dtype=np.float32)
-        comp = fit_compressor(sample, cfg.index.dim)
-        params = choose_index_params(n_keys, cfg.index)
-        index = train_index(params, compress(comp, sample), seed=cfg.index.seed)
-        t_train = time.perf_counter()
-        keys = np.empty((n_keys, cfg.index.dim), dtype=np.float32)
-        chunk = 65536
-        for s in tqdm(range(0, n_keys, chunk), desc="compress + add", unit="chunk"):
-            keys[s : s + chunk] = compress(comp, np.asarray(hidden[s : s + chunk], dtype=np.float32))
-            add_keys(index, keys[s : s + chunk])
-        t_fill = time.perf_counter()
-        check_ids = np.sort(rng.choice(n_keys, size=min(cfg.check_sample, n_keys), replace=False))
-        check = {
-            "recall@50": recall_at_k(index, keys, keys[check_ids], 50),
-            "self_mrr@50": self_retrieval_mrr(index, keys, check_ids, 50),
-        }
-        parts = DatastoreParts(
-            tokens=np.concatenate(tokens),
-            record_offsets=np.asarray(offsets, dtype=np.int64),
-            key_positions=key_positions,
-            sources=sources,
-            compressor=comp,
-            index=index,
-        )
-        counts = {"rows_read": len(rows_seen), "examples": len(sources), "rejected": dict(rejected)}
-        manifest = {
-            "model": manifest_model,
-            "prompt_format": {"name": fmt, "fingerprint": format_fingerprint(tok, fmt), "shared_prefix_len": prefix},
-            "eos_id": eos,
-            "value_len": cfg.value_len,
-            "index": {"params": params.to_dict(), "factory": params.factory, "sample_size": int(len(sample_ids))},
-            "compressor": {"dim": comp.out_dim, "explained_variance": float(comp.explained_variance_ratio.sum())},
-            "counts": counts,
-            "check": check,
-            "build_config": to_dict(cfg),
-        }
-        version_dir = publish(root, parts, manifest)
+        reused = _embed_shards(cfg, work, model_dir, eos, max_tokens, prefix)
     finally:
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+    metas = done_shards(work)
+    shard_ids = sorted(metas)
+    t_embed = time.perf_counter()
+
+    rejected: Counter[str] = Counter()
+    messages: list[str] = []
+    for m in metas.values():
+        rejected.update(m["rejects"])
+        messages += m["messages"][: max(0, 5 - len(messages))]
+    key_counts = [metas[s]["keys"] for s in shard_ids]
+    n_keys = int(sum(key_counts))
+    if n_keys == 0:
+        raise DatastoreError(f"no usable records in {cfg.corpus.paths}: rejected {dict(rejected)}")
+    starts = np.concatenate([[0], np.cumsum(key_counts)[:-1]]).astype(np.int64).tolist()
+
+    sample = _reservoir(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)
+    comp = fit_compressor(sample, cfg.index.dim)
+    params = choose_index_params(n_keys, cfg.index)
+    trained = train_index(params, compress(comp, sample), seed=cfg.index.seed)
+    tag = index_fingerprint(comp, trained)
+    save_compressor(comp, work / f"compressor-{tag}.npz")
+    faiss.write_index(trained, str(work / f"trained-{tag}.faiss"))
+    t_train = time.perf_counter()
+    index, fill_nodes = fill_and_merge(work, shard_ids, tag)
+    set_search_params(index, params)
+    t_fill = time.perf_counter()
+    check = _check(index, work, shard_ids, starts, n_keys, tag, cfg.check_sample, cfg.index.seed)
+
+    tokens, offsets, key_pos, sources = [], [0], [], []
+    n_tokens = 0
+    for sid in shard_ids:
+        toks, offs, kstarts, srcs = shard_tokens(work, sid)
+        for r in range(len(srcs)):
+            key_pos.append(np.arange(n_tokens + offs[r] + kstarts[r], n_tokens + offs[r + 1] - 1, dtype=np.int64))
+        offsets.extend((n_tokens + offs[1:]).tolist())
+        n_tokens += len(toks)
+        tokens.append(toks)
+        sources += srcs
+    key_positions = np.concatenate(key_pos)
+    assert len(key_positions) == n_keys == index.ntotal, "every key has one hidden state and one index entry"
+    rows_read = sum(m["rows_read"] for m in metas.values())
+    counts = {"rows_read": rows_read, "examples": len(sources), "rejected": dict(rejected)}
+    manifest = {
+        "model": identity,
+        "prompt_format": {"name": fmt, "fingerprint": format_fingerprint(tok, fmt), "shared_prefix_len": prefix},
+        "eos_id": eos,
+        "value_len": cfg.value_len,
+        "index": {"params": params.to_dict(), "factory": params.factory, "sample_size": int(len(sample))},
+        "compressor": {"dim": comp.out_dim, "explained_variance": float(comp.explained_variance_ratio.sum())},
+        "counts": counts,
+        "check": check,
+        "build_config": to_dict(cfg),
+    }
+    parts = DatastoreParts(np.concatenate(tokens), np.asarray(offsets, dtype=np.int64), key_positions, sources, comp, index)
+    version_dir = publish(root, parts, manifest)
+    if not cfg.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     t_end = time.perf_counter()
     return BuildReport(
-        version_dir=version_dir,
-        rows_read=len(rows_seen),
-        examples_embedded=len(sources),
-        rejected=dict(rejected),
-        keys=n_keys,
-        tokens=int(n_tokens),
-        timings={
-            "read+tokenize+embed": t_embed - t_start,
-            "fit+train": t_train - t_embed,
-            "compress+add": t_fill - t_train,
-            "check+publish": t_end - t_fill,
-            "total": t_end - t_start,
-        },
-        check=check,
-        reject_examples=reject_examples,
+        version_dir=version_dir, rows_read=rows_read, examples_embedded=len(sources), rejected=dict(rejected),
+        keys=n_keys, tokens=int(n_tokens), shards=len(shard_ids), shards_reused=reused,
+        nodes={"embed": sorted({metas[s]["node"] for s in shard_ids}), "fill": sorted(set(fill_nodes))},
+        timings={"read+tokenize+embed": t_embed - t0, "sample+fit+train": t_train - t_embed,
+                 "fill+merge": t_fill - t_train, "check+publish": t_end - t_fill, "total": t_end - t0},
+        check=check, reject_examples=messages,
     )

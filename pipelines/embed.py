@@ -1,28 +1,35 @@
-"""Stage 3: token sequences -> last-layer hidden states at every key position.
+"""Stage 3: token sequences -> last-layer hidden states at every key position -> shard files.
 
-An actor stage: each actor loads the model once and embeds padded batches. Keys are the
-decoder's final-norm output at positions key_start .. len-2 of each record (the last
-position predicts nothing inside the record).
+An actor stage: each actor loads the model once, embeds a shard's records in padded
+mini-batches and writes the shard (see shards.py). Keys are the decoder's final-norm output
+at positions key_start .. len-2 of each record (the last position predicts nothing inside
+the record). Only a small metadata row travels back to the driver.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+from pathlib import Path
 
 import numpy as np
+import ray
 import torch
 
 from dresd.config import ModelConfig
 from dresd.models import load_model
+from pipelines.shards import ShardData, write_shard
 
 
 class Embed:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
-    def __init__(self, model_dir: str, device: str, threads: int):
+    def __init__(self, model_dir: str, device: str, threads: int, work: str, batch_size: int):
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = threads or max(1, os.cpu_count() or 1)
         self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads))
+        self.work = Path(work)
+        self.batch_size = batch_size
 
     @torch.inference_mode()
     def embed(self, seqs: list[np.ndarray]) -> list[np.ndarray]:
@@ -31,21 +38,44 @@ class Embed:
         ids = torch.zeros(len(seqs), width, dtype=torch.long)
         mask = torch.zeros(len(seqs), width, dtype=torch.long)
         for i, s in enumerate(seqs):
-            ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+            ids[i, : len(s)] = torch.from_numpy(np.array(s, dtype=np.int64))
             mask[i, : len(s)] = 1
         device = self.lm.device
         out = self.lm.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
         hidden = out.last_hidden_state.float().cpu().numpy()
         return [hidden[i, : len(s)] for i, s in enumerate(seqs)]
 
-    def __call__(self, batch: dict) -> dict:
-        # Reject rows ride along with an empty key block so the driver can count them.
-        out = {k: list(v) for k, v in batch.items()}
-        ok = [i for i, reason in enumerate(batch["reject"]) if not reason]
-        hidden = self.embed([batch["ids"][i] for i in ok]) if ok else []
+    def embed_keys(self, seqs: list[np.ndarray], key_starts: list[int]) -> np.ndarray:
+        """(n_keys, D) hidden states of every key position, records in order."""
+        # Length-sorted mini-batches waste less compute on padding.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        keys: list[np.ndarray | None] = [None] * len(seqs)
+        for b in range(0, len(order), self.batch_size):
+            idx = order[b : b + self.batch_size]
+            for i, h in zip(idx, self.embed([seqs[i] for i in idx])):
+                keys[i] = h[key_starts[i] : len(seqs[i]) - 1]
         dim = self.lm.identity["hidden_size"]
-        out["hidden"] = [np.zeros((0, dim), np.float32)] * len(out["ids"])
-        for i, h in zip(ok, hidden):
-            start, end = int(batch["key_start"][i]), len(batch["ids"][i]) - 1
-            out["hidden"][i] = h[start:end]
-        return out
+        return np.concatenate(keys) if keys else np.zeros((0, dim), np.float32)
+
+    def __call__(self, batch: dict) -> dict:
+        metas = []
+        for sid, file, blob in zip(batch["shard"], batch["file"], batch["payload"]):
+            p = pickle.loads(blob)
+            seqs = p["seqs"]
+            hidden = self.embed_keys(seqs, p["key_starts"])
+            lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+            meta = {
+                "shard": sid, "file": file, "rows_read": p["rows_read"], "examples": len(seqs),
+                "tokens": int(lengths.sum()), "keys": int(len(hidden)), "rejects": p["rejects"],
+                "messages": p["messages"], "node": ray.get_runtime_context().get_node_id(),
+            }
+            data = ShardData(
+                tokens=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
+                offsets=np.concatenate([[0], np.cumsum(lengths)]),
+                key_starts=np.asarray(p["key_starts"], dtype=np.int32),
+                hidden=hidden,
+                sources=p["sources"],
+            )
+            write_shard(self.work / "shards" / sid, data, meta)
+            metas.append(meta)
+        return {"shard": [m["shard"] for m in metas], "keys": [m["keys"] for m in metas]}

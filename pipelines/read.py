@@ -1,42 +1,69 @@
-"""Stage 1: corpus files -> raw rows, one Ray task per file (files stream, rows stream)."""
+"""Stage 1: corpus files -> tokenized shards (runs of consecutive rows), one task per file.
+
+Each output block is one shard: its id, file and a payload of token sequences + reject
+counts (tokenize.py). Shards finished by an earlier run of the same build are skipped here,
+before any real work.
+"""
 
 from __future__ import annotations
 
-import json
+import pickle
 
 import ray
 
 from dresd.config import CorpusConfig
 from dresd.corpus import CorpusError, list_corpus_files, read_rows
+from pipelines.shards import shard_id
+from pipelines.tokenize import Tokenize
 
 
-def _file_rows(item: dict, on_error: str) -> list[dict]:
-    """Every raw row of one file as a flat dict; an unreadable file is one reject row (skip mode)."""
-    path = item["path"]
+def _raw(r) -> dict:
+    return {"row": r.row, "data": r.data, "error": r.error, "detail": r.detail}
+
+
+def _file_shards(batch: dict, tokenize: dict, shard_rows: int, max_rows: int | None, skip: frozenset):
+    """Yield the shards of one file, one output block each; an unreadable file is one shard
+    holding one reject (skip mode).
+
+    A generator: every yielded batch becomes its own block, and blocks are what actors
+    receive, so each embedding actor takes single shards rather than a file's worth.
+    """
+    path, findex = str(batch["path"][0]), int(batch["index"][0])
+    tok = Tokenize(**tokenize)
+    on_error = tok.corpus.on_error
+    rows, chunk = [], 0
+
+    def shard():
+        # The payload only travels between two stages of this pipeline, never to disk; one
+        # opaque blob keeps ragged token lists out of Arrow schemas.
+        payload = pickle.dumps(tok.tokenize_shard(path, rows))
+        return {"shard": [shard_id(findex, chunk)], "file": [path], "payload": [payload]}
+
     try:
-        rows = [
-            {
-                "file": r.file,
-                "row": r.row,
-                "data": json.dumps(r.data, default=str) if r.data is not None else "",
-                "error": r.error or "",
-                "detail": r.detail or "",
-            }
-            for r in read_rows(path, on_error)
-        ]
+        for r in read_rows(path, on_error):
+            if max_rows is not None and r.row > max_rows:
+                break
+            rows.append(_raw(r))
+            if len(rows) == shard_rows:
+                if shard_id(findex, chunk) not in skip:
+                    yield shard()
+                rows, chunk = [], chunk + 1
     except CorpusError as err:
         if on_error == "fail":
             raise
-        return [{"file": path, "row": 0, "data": "", "error": "unreadable_file", "detail": str(err)}]
-    return rows
+        rows, chunk = [{"row": 0, "data": None, "error": "unreadable_file", "detail": str(err)}], 0
+    if rows and shard_id(findex, chunk) not in skip:
+        yield shard()
 
 
-def read_corpus(cfg: CorpusConfig) -> ray.data.Dataset:
-    """A dataset of raw rows {file, row, data (JSON text), error, detail} in file order."""
+def read_shards(cfg: CorpusConfig, tokenize: dict, shard_rows: int, skip: frozenset = frozenset()) -> ray.data.Dataset:
+    """A dataset of tokenized shards {shard, file, payload} in corpus order.
+
+    `tokenize` holds the keyword arguments of `Tokenize` (model_dir, corpus, eos_id, ...).
+    """
     files = list_corpus_files(cfg.paths)
-    ds = ray.data.from_items([{"path": p} for p in files], override_num_blocks=max(len(files), 1))
+    ds = ray.data.from_items([{"path": p, "index": i} for i, p in enumerate(files)],
+                             override_num_blocks=max(len(files), 1))
     # Reading is I/O-bound: a small CPU share keeps it schedulable beside the model actors.
-    ds = ds.flat_map(_file_rows, fn_kwargs={"on_error": cfg.on_error}, num_cpus=0.25)
-    if cfg.max_records is not None:
-        ds = ds.limit(cfg.max_records)
-    return ds
+    return ds.map_batches(_file_shards, batch_size=1, num_cpus=0.25, fn_kwargs={
+        "tokenize": tokenize, "shard_rows": shard_rows, "max_rows": cfg.max_records, "skip": skip})

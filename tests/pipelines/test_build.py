@@ -11,31 +11,20 @@ from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
 from dresd.corpus import CorpusError
 from dresd.datastore import Datastore, DatastoreError
 from pipelines.build import build_datastore
-
-
-def _corpus(tmp_path):
-    good = [{"prompt": f"question {i}?", "response": f"answer {i}: " + "abc " * (i % 7 + 3)} for i in range(40)]
-    path = tmp_path / "corpus.jsonl"
-    lines = [json.dumps(r) for r in good]
-    lines.insert(5, json.dumps({"prompt": "no response here"}))  # missing field
-    lines.insert(9, "{not json")  # unreadable row
-    lines.insert(12, json.dumps({"prompt": "p", "response": "   "}))  # empty text
-    lines.insert(15, json.dumps({"prompt": "p", "response": 7}))  # not a string
-    lines.insert(20, json.dumps({"prompt": "x" * 600, "response": "too long"}))  # over max_tokens
-    path.write_text("\n".join(lines) + "\n")
-    return path, good
+from tests_support import write_small_corpus
 
 
 @pytest.fixture(scope="module")
 def built(ray_session, tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("build")
-    path, good = _corpus(tmp)
+    path, good = write_small_corpus(tmp)
     cfg = BuildConfig(
         model=ModelConfig(path=str(tiny_model_dir)),
         corpus=CorpusConfig(paths=[str(path)], max_tokens=256),
         index=IndexConfig(dim=16, pq_m=8, flat_below=1000),  # force IVF-PQ + refine on a small store
         output=str(tmp / "store"),
         value_len=8,
+        shard_rows=5,  # 45 rows -> 9 shards
     )
     return cfg, build_datastore(cfg), good
 
@@ -78,6 +67,11 @@ def test_refuses_other_models_root(built, tmp_path):
     cfg2 = BuildConfig(model=ModelConfig(path=str(other)), corpus=cfg.corpus, output=cfg.output)
     with pytest.raises(DatastoreError, match="built for model"):
         build_datastore(cfg2)
+    # ... and decoding with that model refuses the store too.
+    from dresd.engine import Engine
+
+    with pytest.raises(DatastoreError, match="built for model"):
+        Engine.open(ModelConfig(path=str(other)), cfg.output)
 
 
 def test_fail_mode_names_file_row_field(built, tmp_path):
@@ -90,3 +84,39 @@ def test_fail_mode_names_file_row_field(built, tmp_path):
     with pytest.raises(CorpusError, match="nowhere.jsonl"):
         build_datastore(BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[str(tmp_path / "nowhere.jsonl")]),
                                     output=str(tmp_path / "s2")))
+
+
+def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkeypatch):
+    import shutil
+
+    import pipelines.build as build_mod
+    from dresd.index import search
+
+    cfg, first, _ = built
+    out = tmp_path / "resumed"
+    cfg2 = BuildConfig(model=cfg.model, corpus=cfg.corpus, index=cfg.index, value_len=cfg.value_len,
+                       shard_rows=cfg.shard_rows, output=str(out))
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed after embedding")
+
+    monkeypatch.setattr(build_mod, "_reservoir", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build_datastore(cfg2)
+    monkeypatch.undo()
+    shard_root = next((out / ".build").iterdir()) / "shards"
+    shards = sorted(shard_root.iterdir())
+    assert len(shards) == 9 and not (out / "CURRENT").exists()
+    for d in shards[::2]:  # as if the kill had come mid-embedding: only some shards finished
+        shutil.rmtree(d)
+    resumed = build_datastore(cfg2)
+    assert resumed.shards == 9 and resumed.shards_reused == 4
+    assert not (out / ".build").exists() or not any((out / ".build").iterdir())
+    a, b = Datastore(cfg.output), Datastore(out)
+    assert (resumed.rows_read, resumed.examples_embedded, resumed.rejected) == (first.rows_read, first.examples_embedded, first.rejected)
+    assert a.manifest["files"]["tokens.npy"]["sha256"] == b.manifest["files"]["tokens.npy"]["sha256"]
+    assert np.array_equal(a.key_positions, b.key_positions)
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(20, cfg.index.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    assert np.array_equal(search(a.index, queries, 10)[1], search(b.index, queries, 10)[1])
