@@ -1,4 +1,4 @@
-"""The `dresd` command line: build, generate, datastore list|show|verify, demo."""
+"""The `dresd` command line: build, update, generate, datastore list|show|verify, demo."""
 
 from __future__ import annotations
 
@@ -33,6 +33,28 @@ def _build(args: argparse.Namespace) -> int:
         return 2
     report = build_datastore(cfg)
     print("\n".join(report.lines()))
+    return 0
+
+
+def _update(args: argparse.Namespace) -> int:
+    from pipelines.update import compact, delete_sources, update_datastore
+
+    if args.action == "add":
+        if not args.corpus:
+            print("dresd update add: no corpus given (--corpus PATH)", file=sys.stderr)
+            return 2
+        cfg = BuildConfig(output=args.datastore, keep_work=False)
+        cfg.corpus.paths = args.corpus
+        cfg.model.path = args.model
+        for flag, attr in [("kind", "kind"), ("prompt_field", "prompt_field"), ("response_field", "response_field"),
+                           ("text_field", "text_field"), ("id_field", "id_field"), ("on_error", "on_error")]:
+            if getattr(args, flag) is not None:
+                setattr(cfg.corpus, attr, getattr(args, flag))
+        print("\n".join(update_datastore(cfg).lines()))
+    elif args.action == "delete":
+        print(f"published {delete_sources(args.datastore, args.source)}")
+    else:
+        print(f"published {compact(args.datastore)}")
     return 0
 
 
@@ -126,6 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--embed-actors", type=int)
     b.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     b.set_defaults(fn=_build)
+
+    u = sub.add_parser("update", help="add a corpus, delete sources, or compact: each publishes a new version")
+    u.add_argument("action", choices=["add", "delete", "compact"])
+    u.add_argument("--datastore", required=True, help="datastore root")
+    u.add_argument("--corpus", action="append", help="add: new corpus file/folder (repeatable)")
+    u.add_argument("--kind", choices=["prompt_response", "text", "conversations"])
+    u.add_argument("--prompt-field"), u.add_argument("--response-field"), u.add_argument("--text-field")
+    u.add_argument("--id-field", help="field holding a stable source id (what delete takes)")
+    u.add_argument("--on-error", choices=["skip", "fail"])
+    u.add_argument("--model", help="must be the datastore's model (default: packaged)")
+    u.add_argument("--source", action="append", default=[], help="delete: a source id (repeatable)")
+    u.set_defaults(fn=_update)
 
     g = sub.add_parser("generate", help="prompts -> text plus metrics")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")

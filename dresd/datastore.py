@@ -11,6 +11,7 @@ A datastore root holds immutable versions and a pointer to the current one:
                          record_offsets.npy int64, start of each record in tokens (+ end)
                          key_positions.npy  stream position of each key's token (uint32 below 4G tokens)
                          sources.json       source id of each record
+                         deleted.npy        (optional) bool per key: deleted, not yet compacted
 
 The value of key i is tokens[p+1 : p+1+N] (p = key_positions[i]), cut at the end of its
 record and padded with EOS, so values cost nothing beyond the token stream. A version is
@@ -64,6 +65,7 @@ class DatastoreParts:
     sources: list[str]  # one source id per record
     compressor: Compressor
     index: faiss.Index
+    deleted: np.ndarray | None = None  # bool per key: tombstoned by a delete, until compaction
 
 
 def _narrow(max_value: int) -> type:
@@ -93,6 +95,8 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
         np.save(tmp / "record_offsets.npy", np.asarray(parts.record_offsets, dtype=np.int64))
         np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions).astype(_narrow(len(parts.tokens))))
         (tmp / "sources.json").write_text(json.dumps(parts.sources))
+        if parts.deleted is not None and parts.deleted.any():
+            np.save(tmp / "deleted.npy", np.asarray(parts.deleted, dtype=bool))
         save_compressor(parts.compressor, tmp / "compressor.npz")
         faiss.write_index(parts.index, str(tmp / "index.faiss"))
         files = sorted(p.name for p in tmp.iterdir())
@@ -171,6 +175,9 @@ class Datastore:
         self.key_positions = np.load(self.path / "key_positions.npy", mmap_mode=mode)
         self.compressor = load_compressor(self.path / "compressor.npz")
         self.index = faiss.read_index(str(self.path / "index.faiss"))
+        self.sources: list[str] = json.loads((self.path / "sources.json").read_text())
+        deleted = self.path / "deleted.npy"
+        self.deleted: np.ndarray | None = np.load(deleted) if deleted.is_file() else None
         self.eos_id = int(self.manifest["eos_id"])
         self.value_len = int(self.manifest["value_len"])
 

@@ -29,7 +29,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from dresd.compression import compress, fit_compressor, save_compressor
+from dresd.compression import compress, fit_compressor, reconstruction_error, save_compressor
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.corpus import list_corpus_files, sharegpt_path, SHAREGPT
 from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
@@ -107,6 +107,53 @@ def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_to
     return len(done)
 
 
+def embed_corpus(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> tuple[dict, int]:
+    """Embed every shard of the corpus into `work` (skipping finished ones).
+
+    Returns (metadata of every shard by id, shards reused from an earlier run).
+    """
+    ensure_ray(cfg.ray_address)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+    ctx.execution_options.preserve_order = True
+    # Every shard closes its own block (shards are KB-MB, far below the default target):
+    # blocks are what actors receive, so shards spread over all embedding actors.
+    ctx.target_max_block_size = 1
+    try:
+        reused = _embed_shards(cfg, work, model_dir, eos, max_tokens, prefix)
+    finally:
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+    return done_shards(work), reused
+
+
+def tally(metas: dict) -> tuple[int, Counter, list[str]]:
+    """(rows read, rejects by reason, first reject messages) over shard metadata."""
+    rejected: Counter[str] = Counter()
+    messages: list[str] = []
+    for m in metas.values():
+        rejected.update(m["rejects"])
+        messages += m["messages"][: max(0, 5 - len(messages))]
+    return sum(m["rows_read"] for m in metas.values()), rejected, messages
+
+
+def assemble_stream(work: Path, shard_ids: list[str], token_base: int = 0):
+    """Token stream pieces of the shards in order, positions shifted by `token_base`.
+
+    Returns (token arrays, record end offsets, key positions, source ids).
+    """
+    tokens, ends, key_pos, sources = [], [], [], []
+    n = token_base
+    for sid in shard_ids:
+        toks, offs, kstarts, srcs = shard_tokens(work, sid)
+        for r in range(len(srcs)):
+            key_pos.append(np.arange(n + offs[r] + kstarts[r], n + offs[r + 1] - 1, dtype=np.int64))
+        ends.extend((n + offs[1:]).tolist())
+        n += len(toks)
+        tokens.append(toks)
+        sources += srcs
+    return tokens, ends, (np.concatenate(key_pos) if key_pos else np.zeros(0, np.int64)), sources
+
+
 def _reservoir(work: Path, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
     """Uniform sample of hidden states, streamed over the shards in order."""
     res = Reservoir(size, dim, seed)
@@ -152,26 +199,10 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     work = root / ".build" / _build_key(cfg, identity)
     work.mkdir(parents=True, exist_ok=True)
 
-    ensure_ray(cfg.ray_address)
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
-    ctx.execution_options.preserve_order = True
-    # Every shard closes its own block (shards are KB-MB, far below the default target):
-    # blocks are what actors receive, so shards spread over all embedding actors.
-    ctx.target_max_block_size = 1
-    try:
-        reused = _embed_shards(cfg, work, model_dir, eos, max_tokens, prefix)
-    finally:
-        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
-    metas = done_shards(work)
+    metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
     t_embed = time.perf_counter()
-
-    rejected: Counter[str] = Counter()
-    messages: list[str] = []
-    for m in metas.values():
-        rejected.update(m["rejects"])
-        messages += m["messages"][: max(0, 5 - len(messages))]
+    rows_read, rejected, messages = tally(metas)
     key_counts = [metas[s]["keys"] for s in shard_ids]
     n_keys = int(sum(key_counts))
     if n_keys == 0:
@@ -191,19 +222,10 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     t_fill = time.perf_counter()
     check = _check(index, work, shard_ids, starts, n_keys, tag, cfg.check_sample, cfg.index.seed)
 
-    tokens, offsets, key_pos, sources = [], [0], [], []
-    n_tokens = 0
-    for sid in shard_ids:
-        toks, offs, kstarts, srcs = shard_tokens(work, sid)
-        for r in range(len(srcs)):
-            key_pos.append(np.arange(n_tokens + offs[r] + kstarts[r], n_tokens + offs[r + 1] - 1, dtype=np.int64))
-        offsets.extend((n_tokens + offs[1:]).tolist())
-        n_tokens += len(toks)
-        tokens.append(toks)
-        sources += srcs
-    key_positions = np.concatenate(key_pos)
+    tokens, ends, key_positions, sources = assemble_stream(work, shard_ids)
+    offsets = [0] + ends
+    n_tokens = offsets[-1]
     assert len(key_positions) == n_keys == index.ntotal, "every key has one hidden state and one index entry"
-    rows_read = sum(m["rows_read"] for m in metas.values())
     counts = {"rows_read": rows_read, "examples": len(sources), "rejected": dict(rejected)}
     manifest = {
         "model": identity,
@@ -211,7 +233,9 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         "eos_id": eos,
         "value_len": cfg.value_len,
         "index": {"params": params.to_dict(), "factory": params.factory, "sample_size": int(len(sample))},
-        "compressor": {"dim": comp.out_dim, "explained_variance": float(comp.explained_variance_ratio.sum())},
+        # reconstruction_error of the fit sample: the baseline that update drift is judged by.
+        "compressor": {"dim": comp.out_dim, "explained_variance": float(comp.explained_variance_ratio.sum()),
+                       "sample_reconstruction_error": reconstruction_error(comp, sample)},
         "counts": counts,
         "check": check,
         "build_config": to_dict(cfg),

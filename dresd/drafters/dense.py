@@ -47,14 +47,20 @@ class DenseDrafter:
         self.spec = spec
         set_search_params(store.index, IndexParams(**store.manifest["index"]["params"]), spec.nprobe)
 
+    def neighbours(self, key: np.ndarray) -> np.ndarray:
+        """Ids of the top-k neighbours of a compressed query, deleted keys left out."""
+        _, ids = search(self.store.index, key, self.spec.top_k)
+        ids = ids[0][ids[0] >= 0]
+        if self.store.deleted is not None:
+            ids = ids[~self.store.deleted[ids]]
+        return ids
+
     def propose(self, query: np.ndarray, last_token: int, max_len: int) -> list[list[int]]:
         """Ranked drafts of at most min(len_drafts, max_len) tokens."""
         length = min(self.spec.len_drafts, max_len)
         if length <= 0:
             return []
-        q = compress(self.store.compressor, query)
-        _, ids = search(self.store.index, q, self.spec.top_k)
-        ids = ids[0][ids[0] >= 0]
+        ids = self.neighbours(compress(self.store.compressor, query))
         if len(ids) == 0:
             return []
         values = self.store.values(ids, length + 1)

@@ -1,0 +1,58 @@
+"""Ray job: build (or add a version to) a DReSD datastore from a YAML BuildConfig.
+
+    python jobs/build.py --config jobs/configs/build_sharegpt.yaml \
+        [--address ADDR] [--output PATH] [--set corpus.max_records=500 ...]
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/build.py --config jobs/configs/build_sharegpt.yaml --output /home/ubuntu/stores/sharegpt
+
+Ray address: --address, else RAY_ADDRESS (`ray job submit` sets it for the job's driver),
+else the config's `ray_address`, else a fresh local Ray. Prints the build summary and exits
+0; any error prints a message on stderr and exits 1. All the work is pipelines.build.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script: sys.path[0] is jobs/, where build.py would shadow any top-level
+    # module named `build`. Put the repository root there instead, so the code next to
+    # this file (the uploaded --working-dir under `ray job submit`) is what gets imported.
+    _here, _root = Path(__file__).resolve().parent, str(Path(__file__).resolve().parents[1])
+    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
+        sys.path[0] = _root
+    elif _root not in sys.path:
+        sys.path.insert(0, _root)
+
+from dresd.config import BuildConfig  # noqa: E402
+from jobs.common import ConfigError, job_parser, load_config, resolve_address, run_job  # noqa: E402
+
+
+def parse(argv: list[str]) -> BuildConfig:
+    """Command line -> the BuildConfig to run (no Ray, no model loading)."""
+    p = job_parser("jobs/build.py", "Build a DReSD datastore (corpus -> Ray Data embed -> faiss index).")
+    p.add_argument("--output", help="datastore root (same as --set output=PATH)")
+    args = p.parse_args(argv)
+    cfg = load_config(BuildConfig, args.config, args.overrides)
+    if args.output:
+        cfg.output = args.output
+    cfg.ray_address = resolve_address(args.address, cfg.ray_address)
+    if not cfg.corpus.paths:
+        raise ConfigError(f"{args.config}: corpus.paths is empty (give files, folders or 'sharegpt')")
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse(argv)
+    print(f"building datastore {cfg.output} from {cfg.corpus.paths} (ray: {cfg.ray_address or 'local'})", flush=True)
+    from pipelines.build import build_datastore  # imports Ray, torch, faiss: after the config is known good
+
+    report = build_datastore(cfg)
+    print("\n".join(report.lines()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(main))

@@ -1,0 +1,189 @@
+"""Incremental datastore changes, each published as a new version whose manifest names its
+parent: add new corpus shards (frozen compressor and quantizer, no retraining), delete
+records by source id (tombstones), and compact (drop tombstoned keys and records).
+
+Adding reuses the build's stages (read/tokenize -> embed -> shard fill) and appends the new
+keys to a copy of the current index, so ids stay equal to key numbers. A drift report
+compares how well the frozen compressor fits the new data with how it fit its own sample.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from dresd.compression import reconstruction_error, save_compressor
+from dresd.config import BuildConfig, ModelConfig, to_dict
+from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
+from dresd.formatting import format_fingerprint, shared_prefix_len
+from dresd.index import IndexParams, add_keys, deserialize, merge_into, serialize, set_search_params
+from dresd.models import load_model
+from pipelines.build import _build_key, _reservoir, assemble_stream, embed_corpus, tally
+from pipelines.index_fill import fill_and_merge, index_fingerprint
+
+# New data whose PCA reconstruction error exceeds the fit sample's by this factor is
+# reported as drifted: the frozen compressor loses noticeably more of it.
+DRIFT_RATIO = 1.25
+
+
+@dataclass
+class UpdateReport:
+    """What an update did."""
+
+    version_dir: Path
+    parent: str
+    rows_read: int
+    examples_added: int
+    rejected: dict[str, int]
+    keys_added: int
+    drift: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        rej = sum(self.rejected.values())
+        advice = "full rebuild advised" if self.drift.get("ratio", 0) > DRIFT_RATIO else "compressor still fits"
+        return [
+            f"datastore version: {self.version_dir} (parent {self.parent})",
+            f"rows read {self.rows_read} = added {self.rows_read - rej} + rejected {rej} {self.rejected or ''}",
+            f"keys added {self.keys_added}, examples added {self.examples_added}, {self.seconds:.1f}s",
+            f"drift: reconstruction error {self.drift.get('new_error', 0):.4f} vs fit sample "
+            f"{self.drift.get('base_error', 0):.4f} (ratio {self.drift.get('ratio', 0):.2f}): {advice}",
+        ]
+
+
+def _parts_from(store: Datastore, **changes) -> DatastoreParts:
+    """The current version's content as DatastoreParts, with some fields replaced."""
+    base = dict(tokens=np.asarray(store.tokens), record_offsets=store.record_offsets,
+                key_positions=np.asarray(store.key_positions), sources=store.sources,
+                compressor=store.compressor, index=store.index, deleted=store.deleted)
+    base.update(changes)
+    return DatastoreParts(**base)
+
+
+def _child_manifest(store: Datastore, change: dict) -> dict:
+    """The parent's manifest minus per-version fields, plus the parent link and the change."""
+    keep = {k: v for k, v in store.manifest.items()
+            if k not in ("files", "version", "created_at", "format_version", "counts")}
+    keep["counts"] = {k: v for k, v in store.manifest["counts"].items() if k not in ("records", "tokens", "keys")}
+    keep.update(parent=store.version, change=change)
+    return keep
+
+
+def update_datastore(cfg: BuildConfig) -> UpdateReport:
+    """Embed `cfg.corpus` with the model and append it to the CURRENT version of `cfg.output`."""
+    t0 = time.perf_counter()
+    root = Path(cfg.output)
+    store = Datastore(root)
+    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu"))
+    fmt = store.manifest["prompt_format"]["name"]
+    store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
+    cfg.corpus.prompt_format = fmt  # the store's format, whatever the config said
+    model_dir, eos, identity = str(lm.model.name_or_path), lm.eos_token_id, lm.identity
+    max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
+    prefix = shared_prefix_len(lm.tokenizer, fmt)
+    del lm
+    work = root / ".build" / ("update-" + _build_key(cfg, identity))
+    work.mkdir(parents=True, exist_ok=True)
+    metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
+    shard_ids = sorted(metas)
+    rows_read, rejected, _ = tally(metas)
+
+    # Frozen compressor + the current index emptied (training kept) fill the new shards.
+    params = IndexParams(**store.manifest["index"]["params"])
+    empty = deserialize(serialize(store.index))
+    empty.reset()
+    tag = index_fingerprint(store.compressor, empty)
+    save_compressor(store.compressor, work / f"compressor-{tag}.npz")
+    faiss.write_index(empty, str(work / f"trained-{tag}.faiss"))
+    added, _ = fill_and_merge(work, shard_ids, tag)
+    index = deserialize(serialize(store.index))
+    merge_into(index, added)
+    set_search_params(index, params)
+
+    new_sample = _reservoir(work, shard_ids, min(cfg.index.sample_size, 20_000), identity["hidden_size"], cfg.index.seed)
+    base_err = float(store.manifest["compressor"].get("sample_reconstruction_error", 0.0))
+    new_err = reconstruction_error(store.compressor, new_sample) if len(new_sample) else 0.0
+    drift = {"base_error": base_err, "new_error": new_err, "ratio": new_err / base_err if base_err else 0.0}
+
+    tokens, ends, key_pos, sources = assemble_stream(work, shard_ids, token_base=len(store.tokens))
+    deleted = store.deleted
+    if deleted is not None:
+        deleted = np.concatenate([deleted, np.zeros(len(key_pos), dtype=bool)])
+    parts = _parts_from(
+        store,
+        tokens=np.concatenate([np.asarray(store.tokens), *tokens]).astype(np.int64),
+        record_offsets=np.concatenate([store.record_offsets, np.asarray(ends, dtype=np.int64)]),
+        key_positions=np.concatenate([np.asarray(store.key_positions, dtype=np.int64), key_pos]),
+        sources=store.sources + sources,
+        index=index,
+        deleted=deleted,
+    )
+    change = {"kind": "add", "corpus": to_dict(cfg.corpus), "rows_read": rows_read, "rejected": dict(rejected),
+              "keys_added": int(len(key_pos)), "drift": drift}
+    version_dir = publish(root, parts, _child_manifest(store, change))
+    if not cfg.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return UpdateReport(version_dir, store.version, rows_read, len(sources), dict(rejected), int(len(key_pos)),
+                        drift, time.perf_counter() - t0)
+
+
+def delete_sources(root: str | Path, source_ids: list[str]) -> Path:
+    """Tombstone every key of the records whose source id is listed; publish a new version.
+
+    Unknown ids raise (a typo must not silently delete nothing).
+    """
+    store = Datastore(root)
+    wanted = set(source_ids)
+    records = [i for i, s in enumerate(store.sources) if s in wanted]
+    missing = wanted - {store.sources[i] for i in records}
+    if missing:
+        raise DatastoreError(f"{store.path}: unknown source id(s) {sorted(missing)[:5]}")
+    deleted = store.deleted.copy() if store.deleted is not None else np.zeros(store.num_keys, dtype=bool)
+    pos = np.asarray(store.key_positions, dtype=np.int64)
+    for r in records:
+        lo, hi = store.record_offsets[r], store.record_offsets[r + 1]
+        deleted[(pos >= lo) & (pos < hi)] = True
+    change = {"kind": "delete", "sources": sorted(wanted), "records": len(records),
+              "keys_deleted": int(deleted.sum() - (store.deleted.sum() if store.deleted is not None else 0))}
+    return publish(root, _parts_from(store, deleted=deleted), _child_manifest(store, change))
+
+
+def compact(root: str | Path) -> Path:
+    """Physically drop tombstoned keys and the records they came from; publish a new version.
+
+    Needs the exact compressed vectors (flat or refine indexes); a compact PQ-only index
+    cannot give them back and must be rebuilt instead.
+    """
+    store = Datastore(root)
+    if store.deleted is None or not store.deleted.any():
+        raise DatastoreError(f"{store.path}: nothing to compact (no deleted keys)")
+    params = IndexParams(**store.manifest["index"]["params"])
+    if params.kind != "flat" and not params.refine:
+        raise DatastoreError(f"{store.path}: a PQ-only index keeps no exact vectors; rebuild instead of compacting")
+    exact = store.index if params.kind == "flat" else faiss.downcast_index(store.index).refine_index
+    vectors = exact.reconstruct_n(0, store.num_keys)
+    pos = np.asarray(store.key_positions, dtype=np.int64)
+    rec_of_key = np.searchsorted(store.record_offsets, pos, side="right") - 1
+    dead_records = set(np.unique(rec_of_key[store.deleted]).tolist())
+    keep_rec = [r for r in range(len(store.sources)) if r not in dead_records]
+    keep_key = ~np.isin(rec_of_key, list(dead_records))
+    tokens, offsets, new_pos, shift = [], [0], [], {}
+    for r in keep_rec:
+        lo, hi = store.record_offsets[r], store.record_offsets[r + 1]
+        shift[r] = offsets[-1] - lo
+        tokens.append(np.asarray(store.tokens[lo:hi]))
+        offsets.append(offsets[-1] + (hi - lo))
+    new_pos = pos[keep_key] + np.array([shift[r] for r in rec_of_key[keep_key]], dtype=np.int64)
+    index = deserialize(serialize(store.index))
+    index.reset()
+    add_keys(index, vectors[keep_key])
+    set_search_params(index, params)
+    change = {"kind": "compact", "records_dropped": len(dead_records), "keys_dropped": int((~keep_key).sum())}
+    parts = _parts_from(store, tokens=np.concatenate(tokens), record_offsets=np.asarray(offsets, dtype=np.int64),
+                        key_positions=new_pos, sources=[store.sources[r] for r in keep_rec], index=index, deleted=None)
+    return publish(root, parts, _child_manifest(store, change))

@@ -1,0 +1,76 @@
+"""Incremental updates: add with a frozen compressor, delete by source id, compact."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig, SpeculativeConfig
+from dresd.datastore import Datastore, DatastoreError, list_versions
+from dresd.drafters.dense import DenseDrafter
+from dresd.index import search
+from pipelines.build import build_datastore
+from pipelines.update import compact, delete_sources, update_datastore
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
+    base_rows = [{"id": f"a{i}", "prompt": f"q{i}?", "response": f"base answer {i} " + "xy " * (i % 5 + 2)} for i in range(24)]
+    new_rows = [{"id": f"b{i}", "prompt": f"new q{i}?", "response": f"fresh reply {i} " + "zw " * (i % 4 + 2)} for i in range(8)]
+    model = ModelConfig(path=str(tiny_model_dir))
+    index = IndexConfig(dim=16, flat_below=10_000)
+    root = tmp_path / "store"
+    base_cfg = BuildConfig(model=model, corpus=CorpusConfig(paths=[_write(tmp_path / "a.jsonl", base_rows)], id_field="id"),
+                           index=index, output=str(root), value_len=8, shard_rows=10)
+    build_datastore(base_cfg)
+    base = Datastore(root)
+
+    add_cfg = BuildConfig(model=model, corpus=CorpusConfig(paths=[_write(tmp_path / "b.jsonl", new_rows + [{"id": "bad"}])],
+                                                          id_field="id"), output=str(root), value_len=8, shard_rows=10)
+    report = update_datastore(add_cfg)
+    added = Datastore(root)
+    assert added.manifest["parent"] == base.version and added.manifest["change"]["kind"] == "add"
+    assert report.rows_read == 9 and report.rejected == {"missing_field": 1} and report.examples_added == 8
+    assert added.num_keys == base.num_keys + report.keys_added
+    assert added.sources == base.sources + [r["id"] for r in new_rows]
+    # The old part is untouched; the compressor is frozen (identical arrays).
+    assert np.array_equal(np.asarray(added.tokens[: len(base.tokens)]), np.asarray(base.tokens))
+    assert np.array_equal(added.compressor.components, base.compressor.components)
+    assert report.drift["base_error"] > 0 and report.drift["new_error"] > 0
+    # New keys are searchable: each finds itself (or an identical duplicate) first.
+    new_ids = np.arange(base.num_keys, added.num_keys)
+    vecs = added.index.reconstruct_n(0, added.num_keys)[new_ids]
+    scores, got = search(added.index, vecs, 1)
+    assert (scores[:, 0] > 0.999).all() and (got[:, 0] == new_ids).mean() > 0.8
+
+    delete_sources(root, ["b3", "a0"])
+    deleted = Datastore(root)
+    b3 = deleted.sources.index("b3")
+    lo, hi = deleted.record_offsets[b3], deleted.record_offsets[b3 + 1]
+    pos = np.asarray(deleted.key_positions)
+    assert deleted.deleted is not None and deleted.deleted[(pos >= lo) & (pos < hi)].all()
+    # The drafter never proposes a deleted key's continuation.
+    drafter = DenseDrafter(deleted, SpeculativeConfig(top_k=50, len_drafts=4))
+    dead = np.nonzero(deleted.deleted)[0]
+    q = deleted.index.reconstruct_n(0, deleted.num_keys)[dead[0]]
+    _, ids = search(deleted.index, q, 50)
+    assert dead[0] in ids[0]  # it is in the raw neighbours ...
+    assert dead[0] not in drafter.neighbours(q) and len(drafter.neighbours(q)) > 0  # ... but never drafted
+    with pytest.raises(DatastoreError, match="unknown source"):
+        delete_sources(root, ["nope"])
+
+    compact(root)
+    small = Datastore(root)
+    assert small.deleted is None and "b3" not in small.sources and "a0" not in small.sources
+    assert small.num_keys == int((~deleted.deleted).sum())
+    assert len(small.sources) == len(deleted.sources) - 2
+    # Values of kept keys are unchanged by compaction.
+    keep = np.nonzero(~deleted.deleted)[0]
+    assert np.array_equal(small.values(np.arange(small.num_keys), 6), deleted.values(keep, 6))
+    assert len(list_versions(root)) == 4
