@@ -175,7 +175,7 @@ class Decoder:
 
     def info(self) -> dict:
         return {"actor": self.name, "version": self.version, "pinned": self._pinned,
-                "requests_served": self._served, "busy": self._busy}
+                "requests_served": self._served, "busy": self._busy, "pid": os.getpid()}
 
     def serve(self, request: DecodeRequest, pin: str | None) -> DecodeResponse:
         """`generate` under the caller's pin state (a pool sends its own with every request,
@@ -288,7 +288,11 @@ class DecoderPool:
         self._lock = threading.Lock()
         self._next = 0
         self._pinned: str | None = None
-        ray.get([a.info.remote() for a in self.actors])  # wait for models to load; raise load errors here
+        try:  # wait for the models to load, so a bad model or datastore fails here
+            ray.get([a.info.remote() for a in self.actors])
+        except Exception:
+            self.shutdown()
+            raise
 
     def _start(self, i: int):
         return DecoderActor.options(name=self.names[i], **self._options).remote(self.names[i], *self._args)
@@ -369,13 +373,18 @@ class DecoderPool:
     def unpin(self) -> dict[str, str | None]:
         return self.pin(None)
 
+    def refresh(self) -> dict[str, str | None]:
+        """Make unpinned actors follow CURRENT now (after their request in progress) rather
+        than at their next request; returns {actor name: version}."""
+        return dict(zip(self.names, ray.get([a.refresh.remote() for a in self.actors])))
+
     def rollback(self, version: str) -> dict[str, str | None]:
         """Point the root's CURRENT at an older `version` and make unpinned actors follow now
         (pinned ones stay pinned). Every client of the root follows, not only this pool."""
         if self.root is None:
             raise DatastoreError("this pool has no datastore root")
         set_current(self.root, version)
-        return dict(zip(self.names, ray.get([a.refresh.remote() for a in self.actors])))
+        return self.refresh()
 
     def shutdown(self) -> None:
         for a in self.actors:
