@@ -186,9 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("demo", help="build a ShareGPT datastore with the packaged model, then compare methods")
     m.add_argument("--workdir", default="runs/demo")
-    m.add_argument("--prompts", type=int, default=10, help="held-out prompts to decode")
-    m.add_argument("--records", type=int, default=300, help="ShareGPT records in the datastore")
-    m.add_argument("--max-new-tokens", type=int, default=64)
+    m.add_argument("--prompts", type=int, default=8, help="held-out prompts to decode")
+    m.add_argument("--records", type=int, default=200, help="ShareGPT records in the datastore")
+    m.add_argument("--max-new-tokens", type=int, default=48)
     m.set_defaults(fn=_demo)
 
     args = p.parse_args(argv)

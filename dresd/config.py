@@ -107,8 +107,9 @@ class BuildConfig:
     embed_cpus: float = 1.0
     # torch threads inside each embedding actor (0 = this node's cores / embed_actors).
     embed_threads: int = 0
-    # GPUs each embedding actor requests when the cluster has them (0 = CPU only).
-    embed_gpus: float = 0.0
+    # GPUs each embedding actor requests: -1 = one when the cluster has GPUs, else none;
+    # 0 = CPU only; a fraction shares a GPU between actors.
+    embed_gpus: float = -1.0
     # Ray address (None = RAY_ADDRESS or a fresh local Ray).
     ray_address: str | None = None
     # Keys scored by the intrinsic check (recall@50 vs exact, self-retrieval MRR).

@@ -90,6 +90,7 @@ def _build_key(cfg: BuildConfig, identity: dict) -> str:
 def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
     """Run read -> tokenize -> embed for every unfinished shard; returns shards reused."""
     done = done_shards(work)
+    gpus = cfg.embed_gpus if cfg.embed_gpus >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
     tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
     ds = read_shards(cfg.corpus, tokenize, cfg.shard_rows, skip=frozenset(done))
     ds = ds.map_batches(
@@ -100,7 +101,7 @@ def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_to
         # One shard in flight per actor: shards are large, so this balances them over actors.
         compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.embed_cpus,
-        num_gpus=cfg.embed_gpus,
+        num_gpus=gpus,
     )
     for _ in ds.iter_rows():  # shards are written by the actors; rows are receipts
         pass
