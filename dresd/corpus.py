@@ -48,6 +48,7 @@ class RecordError(CorpusError):
                  row: int | None = None, field: str | None = None):
         self.reason = reason
         super().__init__(f"{detail} [{reason}]", file, row, field)
+        self.detail = detail  # without the reason tag, so re-raising with a location adds it once
 
 
 @dataclass
