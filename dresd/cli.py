@@ -17,7 +17,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.corpus:
         cfg.corpus.paths = args.corpus
     for flag, target, attr in [
-        ("kind", cfg.corpus, "kind"), ("prompt_field", cfg.corpus, "prompt_field"),
+        ("kind", cfg.corpus, "kind"), ("prompt_field", cfg.corpus, "prompt_field"), ("id_field", cfg.corpus, "id_field"),
         ("response_field", cfg.corpus, "response_field"), ("text_field", cfg.corpus, "text_field"),
         ("prompt_format", cfg.corpus, "prompt_format"), ("max_records", cfg.corpus, "max_records"),
         ("max_tokens", cfg.corpus, "max_tokens"), ("on_error", cfg.corpus, "on_error"),
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--corpus", action="append", help="corpus file/folder, or 'sharegpt' (repeatable)")
     b.add_argument("--kind", choices=["prompt_response", "text", "conversations"])
     b.add_argument("--prompt-field"), b.add_argument("--response-field"), b.add_argument("--text-field")
+    b.add_argument("--id-field", help="field holding a stable source id per record (for deletes)")
     b.add_argument("--prompt-format", choices=["chat", "qa"])
     b.add_argument("--max-records", type=int), b.add_argument("--max-tokens", type=int)
     b.add_argument("--on-error", choices=["skip", "fail"])
