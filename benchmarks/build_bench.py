@@ -23,7 +23,7 @@ import psutil
 from dresd.config import BuildConfig, CorpusConfig, ModelConfig
 from dresd.corpus import sharegpt_first_turns
 from dresd.formatting import record_ids, shared_prefix_len
-from dresd.corpus import Example
+from dresd.corpus import Example, RecordError
 from dresd.models import load_model
 
 
@@ -61,7 +61,10 @@ def write_corpus(path: Path, tokenizer, eos: int, target_tokens: int, offset: in
     """ShareGPT first turns until `target_tokens` tokens; returns the token count."""
     n, rows = 0, []
     for sid, prompt, reply in sharegpt_first_turns(max_chars=1500)[offset:]:
-        ids = record_ids(tokenizer, Example(sid, prompt, reply), "chat", 512, eos)
+        try:
+            ids = record_ids(tokenizer, Example(sid, prompt, reply), "chat", 512, eos)
+        except RecordError:  # the build would reject it too: keep the corpus clean
+            continue
         rows.append({"id": sid, "prompt": prompt, "response": reply})
         n += len(ids)
         if n >= target_tokens:
