@@ -104,7 +104,6 @@ def main() -> None:
     from pipelines.build import build_datastore
     from pipelines.runtime import ensure_ray
 
-    rows = []
     results = {}
     for label, target in [("small", args.small), ("large", args.large)]:
         corpus = out / f"corpus_{label}.jsonl"

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pickle
 import platform
@@ -346,7 +345,6 @@ def main(argv: list[str] | None = None) -> int:
     dflt = next(s for s in settings if s.name == "refine" and s.nprobe == params.nprobe and s.k_factor == default_kf)
     ok = [s for s in settings if s.meets]
     best = min(ok, key=lambda s: s.p50) if ok else None
-    ok_refine = sorted((s for s in ok if s.name == "refine"), key=lambda s: (s.nprobe, s.k_factor))
     best_compact = max((s for s in settings if s.name == "compact"), key=lambda s: s.recall)
 
     # ---- disk

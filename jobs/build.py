@@ -14,17 +14,9 @@ else the config's `ray_address`, else a fresh local Ray. Prints the build summar
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script: sys.path[0] is jobs/, where build.py would shadow any top-level
-    # module named `build`. Put the repository root there instead, so the code next to
-    # this file (the uploaded --working-dir under `ray job submit`) is what gets imported.
-    _here, _root = Path(__file__).resolve().parent, str(Path(__file__).resolve().parents[1])
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
-        sys.path[0] = _root
-    elif _root not in sys.path:
-        sys.path.insert(0, _root)
+    import _bootstrap  # noqa: F401  (run as a script: puts the repository root first on sys.path)
 
 from dresd.config import BuildConfig  # noqa: E402
 from jobs.common import ConfigError, job_parser, load_config, resolve_address, run_job  # noqa: E402

@@ -31,12 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):
-    # Run as a script: put the repository root first (see jobs/build.py).
-    _here, _root = Path(__file__).resolve().parent, str(Path(__file__).resolve().parents[1])
-    if sys.path and sys.path[0] and Path(sys.path[0]).resolve() == _here:
-        sys.path[0] = _root
-    elif _root not in sys.path:
-        sys.path.insert(0, _root)
+    import _bootstrap  # noqa: F401  (run as a script: puts the repository root first on sys.path)
 
 from dresd.config import ModelConfig, to_dict  # noqa: E402
 from dresd.decode_config import PACKAGED_PROMPTS, DecodeConfig  # noqa: E402

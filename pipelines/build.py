@@ -76,7 +76,7 @@ class BuildReport:
         return out + [f"  rejected: {m}" for m in self.reject_examples]
 
 
-def _build_key(cfg: BuildConfig, identity: dict) -> str:
+def build_key(cfg: BuildConfig, identity: dict) -> str:
     """Names the work folder: same model, corpus files and tokenisation -> same shards."""
     files = []
     for f in list_corpus_files(cfg.corpus.paths):
@@ -155,7 +155,7 @@ def assemble_stream(work: Path, shard_ids: list[str], token_base: int = 0):
     return tokens, ends, (np.concatenate(key_pos) if key_pos else np.zeros(0, np.int64)), sources
 
 
-def _reservoir(work: Path, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
+def reservoir_sample(work: Path, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
     """Uniform sample of hidden states, streamed over the shards in order."""
     res = Reservoir(size, dim, seed)
     for sid in tqdm(shard_ids, desc="sample", unit="shard"):
@@ -197,7 +197,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    work = root / ".build" / _build_key(cfg, identity)
+    work = root / ".build" / build_key(cfg, identity)
     work.mkdir(parents=True, exist_ok=True)
 
     metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
@@ -210,7 +210,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         raise DatastoreError(f"no usable records in {cfg.corpus.paths}: rejected {dict(rejected)}")
     starts = np.concatenate([[0], np.cumsum(key_counts)[:-1]]).astype(np.int64).tolist()
 
-    sample = _reservoir(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)
+    sample = reservoir_sample(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)
     comp = fit_compressor(sample, cfg.index.dim)
     params = choose_index_params(n_keys, cfg.index)
     trained = train_index(params, compress(comp, sample), seed=cfg.index.seed)

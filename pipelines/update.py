@@ -23,7 +23,7 @@ from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
 from dresd.formatting import format_fingerprint, shared_prefix_len
 from dresd.index import IndexParams, add_keys, deserialize, merge_into, serialize, set_search_params
 from dresd.models import load_model
-from pipelines.build import _build_key, _reservoir, assemble_stream, embed_corpus, tally
+from pipelines.build import build_key, reservoir_sample, assemble_stream, embed_corpus, tally
 from pipelines.index_fill import fill_and_merge, index_fingerprint
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
@@ -87,7 +87,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     prefix = shared_prefix_len(lm.tokenizer, fmt)
     del lm
-    work = root / ".build" / ("update-" + _build_key(cfg, identity))
+    work = root / ".build" / ("update-" + build_key(cfg, identity))
     work.mkdir(parents=True, exist_ok=True)
     metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
@@ -105,7 +105,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     merge_into(index, added)
     set_search_params(index, params)
 
-    new_sample = _reservoir(work, shard_ids, min(cfg.index.sample_size, 20_000), identity["hidden_size"], cfg.index.seed)
+    new_sample = reservoir_sample(work, shard_ids, min(cfg.index.sample_size, 20_000), identity["hidden_size"], cfg.index.seed)
     base_err = float(store.manifest["compressor"].get("sample_reconstruction_error", 0.0))
     new_err = reconstruction_error(store.compressor, new_sample) if len(new_sample) else 0.0
     drift = {"base_error": base_err, "new_error": new_err, "ratio": new_err / base_err if base_err else 0.0}

@@ -100,7 +100,7 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
     def crash(*a, **k):
         raise KeyboardInterrupt("killed after embedding")
 
-    monkeypatch.setattr(build_mod, "_reservoir", crash)
+    monkeypatch.setattr(build_mod, "reservoir_sample", crash)
     with pytest.raises(KeyboardInterrupt):
         build_datastore(cfg2)
     monkeypatch.undo()
