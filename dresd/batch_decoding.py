@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from dresd.acceptance import target_probs
 from dresd.models import LoadedModel
 
 
@@ -50,17 +51,10 @@ def _pad_id(lm: LoadedModel) -> int:
 
 def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) tokens: argmax, or a temperature / nucleus (top-p) sample."""
+    """(B, V) logits -> (B,) tokens: argmax, or a draw from `target_probs` (temperature / top-p)."""
     if temperature <= 0.0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        pick = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(order.device)
-        return order.gather(-1, pick).squeeze(-1)
+    probs = target_probs(logits, temperature, top_p)
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 

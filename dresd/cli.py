@@ -87,9 +87,14 @@ def _generate(args: argparse.Namespace) -> int:
     for method in args.method.split(","):
         for verify in (args.verify.split(",") if method == "dresd" else ["tree"]):
             name = method if method == "greedy" else f"{method}-{verify}"
-            specs[name] = SpeculativeConfig(method=method, verify=verify, top_k=args.top_k,
+            specs[name] = SpeculativeConfig(method=method, verify=verify, top_k=args.top_k, budget=args.budget,
                                             num_drafts=args.num_drafts, len_drafts=args.len_drafts)
-    runs = run_methods(engine, prompts, specs, args.max_new_tokens, warmup=len(specs) > 1)
+    sampling = None
+    if args.temperature > 0:
+        from dresd.acceptance import SamplingParams
+
+        sampling = SamplingParams(args.temperature, args.top_p, args.seed)
+    runs = run_methods(engine, prompts, specs, args.max_new_tokens, warmup=len(specs) > 1, sampling=sampling)
     if args.out:
         with open(args.out, "w") as fh:
             for name, run in runs.items():
@@ -168,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--prompt-field", default="prompt")
     g.add_argument("--datastore", help="datastore root or version folder")
     g.add_argument("--model", help="HF folder or .gguf (default: packaged model)")
-    g.add_argument("--method", default="dresd", help="greedy, dresd, or a comma list (e.g. greedy,dresd)")
+    g.add_argument("--method", default="dresd",
+                   help="greedy, dresd, hybrid, pld, rest, suffix, or a comma list (e.g. greedy,dresd,pld)")
+    g.add_argument("--budget", default="auto", choices=["auto", "off"],
+                   help="auto: verify only what pays on this machine (measured); off: verify every draft")
+    g.add_argument("--temperature", type=float, default=0.0, help="> 0: speculative sampling (lossless)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
     g.add_argument("--verify", default="tree", help="tree, batch, or both: tree,batch")
     g.add_argument("--prompt-format", default="chat", choices=["chat", "qa"], help="without a datastore only")
     g.add_argument("--max-new-tokens", type=int, default=128)

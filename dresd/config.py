@@ -120,11 +120,22 @@ class BuildConfig:
 class SpeculativeConfig:
     """How drafts are proposed and verified at decode time."""
 
-    # "greedy" = plain decoding through the same loop; "dresd" = dense-retrieval drafts.
-    method: Literal["greedy", "dresd"] = "dresd"
+    # Drafter: "greedy" = plain decoding through the same loop (no drafts); "dresd" = dense
+    # retrieval from the datastore; "pld" = prompt lookup; "rest" = REST suffix-array
+    # retrieval (draftretriever); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
+    # dense + prompt lookup candidates in one tree.
+    method: Literal["greedy", "dresd", "pld", "rest", "suffix", "hybrid"] = "dresd"
     # "tree" = drafts merged into a token trie verified with tree attention;
-    # "batch" = the reference's batch of draft rows (KV cache copied per row).
+    # "batch" = the reference's batch of draft rows (KV cache copied per row; dresd only,
+    # no draft budget).
     verify: Literal["tree", "batch"] = "tree"
+    # "auto" = verify only the draft nodes that raise expected tokens/s, from the measured
+    # forward cost on this machine and the observed acceptance (dresd.budget); back off to
+    # plain decoding while drafts do not pay. "off" = verify everything proposed (up to
+    # max_verify), as the methods were published.
+    budget: Literal["auto", "off"] = "auto"
+    # Most positions one verification forward may hold (root included).
+    max_verify: int = 64
     # Neighbours retrieved per step.
     top_k: int = 50
     # Drafts kept after filtering on the token just emitted.
@@ -133,6 +144,24 @@ class SpeculativeConfig:
     len_drafts: int = 10
     # Partitions searched (0 = the datastore's default).
     nprobe: int = 0
+    # Prompt lookup: longest and shortest n-gram matched (tried longest first).
+    pld_max_ngram: int = 2
+    pld_min_ngram: int = 1
+    # Prompt lookup: tokens copied after a match.
+    pld_tokens: int = 10
+    # Prompt lookup: matches turned into drafts (1 = Hugging Face's behaviour; the hybrid
+    # drafter uses max(3, this)).
+    pld_matches: int = 1
+    # REST: candidate paths kept per search (64 = the published top-64 tree).
+    rest_choices: int = 64
+    # REST: the draftretriever index file (None = built from the datastore's token streams
+    # once and cached next to it).
+    rest_index: str | None = None
+    # SuffixDecoding: deepest suffix-tree match and speculation length factor (as published).
+    suffix_max_depth: int = 64
+    suffix_spec_factor: float = 1.0
+    # SuffixDecoding: candidates below this estimated probability are not drafted.
+    suffix_min_prob: float = 0.1
 
 
 @dataclass

@@ -231,3 +231,13 @@ class Datastore:
         inside = idx < end[:, None]
         vals = np.asarray(self.tokens[np.minimum(idx, len(self.tokens) - 1)], dtype=np.int64)
         return np.where(inside, vals, self.eos_id)
+
+
+def reusable_store(root: str | Path, build_config: Any) -> bool:
+    """True when `root`'s current version was built with exactly this BuildConfig."""
+    from dresd.config import to_dict
+
+    try:
+        return Datastore(root).manifest.get("build_config") == to_dict(build_config)
+    except DatastoreError:
+        return False

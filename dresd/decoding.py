@@ -1,4 +1,4 @@
-"""The decoding loop: prefill, then draft -> verify -> accept until EOS or the token limit.
+"""The decoding loop: prefill, then draft -> plan -> verify -> accept until EOS or the token limit.
 
 Plain greedy decoding runs through this same loop with no drafter, so speed and outputs
 of the methods are compared on equal machinery. The query for the next draft is the
@@ -9,14 +9,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
 
+from dresd.budget import CostModel, DraftPlanner
 from dresd.config import SpeculativeConfig
-from dresd.drafters import Drafter
+from dresd.drafters import Drafter, DraftRequest
 from dresd.metrics import DecodeMetrics
-from dresd.verify import forward, verify_batch, verify_tree
+from dresd.tree import TokenTree, build_tree
+from dresd.verify import forward, verify_batch, verify_token_tree
+
+if TYPE_CHECKING:
+    from dresd.acceptance import SamplingParams
 
 
 @dataclass
@@ -35,23 +41,50 @@ def _sync(device: torch.device) -> None:
 
 
 class SpeculativeDecoder:
-    """Greedy decoding with optional drafts, verified as a tree or as a batch of rows."""
+    """Decoding with optional drafts: propose -> plan (draft budget) -> verify -> accept.
 
-    def __init__(self, model, eos_id: int, max_context: int, spec: SpeculativeConfig, drafter: Drafter | None = None):
+    Greedy acceptance is token-identical to plain greedy decoding; with sampling params
+    (temperature > 0) acceptance is speculative sampling, which keeps the target's
+    sampling distribution exactly (dresd.acceptance).
+    """
+
+    def __init__(self, model, eos_id: int, max_context: int, spec: SpeculativeConfig, drafter: Drafter | None = None,
+                 cost: CostModel | None = None):
         if spec.method != "greedy" and drafter is None:
-            raise ValueError(f"method {spec.method!r} needs a drafter (a datastore)")
+            raise ValueError(f"method {spec.method!r} needs a drafter")
+        if spec.budget == "auto" and spec.method != "greedy" and spec.verify == "tree" and cost is None:
+            raise ValueError("budget 'auto' needs a cost model (dresd.budget.cached_cost_model)")
         self.model = model
         self.eos_id = eos_id
         self.max_context = max_context
         self.spec = spec
         self.drafter = drafter if spec.method != "greedy" else None
+        # The planner's calibration persists across requests: a decoder learns its drafter.
+        budgeted = spec.budget == "auto" and spec.verify == "tree"
+        self.planner = DraftPlanner(cost if budgeted else None, spec.max_verify)
 
-    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int) -> Generation:
-        """Generate up to `max_new_tokens` tokens after `prompt_ids` (greedy, lossless)."""
+    def _accept_fn(self, sampling: SamplingParams | None):
+        if sampling is None or sampling.temperature == 0:
+            return None
+        if self.spec.verify == "batch" and self.drafter is not None:
+            raise ValueError("speculative sampling needs verify='tree'")
+        from dresd.acceptance import sample_accept
+
+        gen = torch.Generator(device="cpu")
+        if sampling.seed is not None:
+            gen.manual_seed(sampling.seed)
+        else:
+            gen.seed()
+        return lambda tree, logits: sample_accept(tree, logits, sampling, gen)
+
+    def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
+                     sampling: SamplingParams | None = None) -> Generation:
+        """Generate up to `max_new_tokens` tokens after `prompt_ids` (greedy unless `sampling` says otherwise)."""
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         if len(prompt_ids) >= self.max_context:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}")
+        accept = self._accept_fn(sampling)
         budget = min(max_new_tokens, self.max_context - len(prompt_ids))
         device = self.model.device
         metrics = DecodeMetrics()
@@ -63,31 +96,44 @@ class SpeculativeDecoder:
             query = hidden[0, -1]
         _sync(device)
         metrics.prefill_s = time.perf_counter() - start
-        pending = prompt_ids[-1]
+        drafter, planner = self.drafter, self.planner
+        if drafter is not None:
+            drafter.begin(list(prompt_ids))
+        context = list(prompt_ids)
         out: list[int] = []
         while len(out) < budget:
             remaining = budget - len(out)
-            drafts: list[list[int]] = []
-            if self.drafter is not None and query is not None and remaining > 1:
+            pending = context[-1]
+            tree, cands, drafted = TokenTree([pending], [-1], [0], [{}], [0.0], [""]), None, False
+            # The bonus token is always emitted, so drafts longer than remaining-1 are waste.
+            if drafter is not None and remaining > 1 and planner.should_draft():
                 t0 = time.perf_counter()
-                # The bonus token is always emitted, so drafts longer than remaining-1 are waste.
-                drafts = self.drafter.propose(query.float().cpu().numpy(), pending, remaining - 1)
-                metrics.retrieval_s += time.perf_counter() - t0
+                q = None if query is None else query.float().cpu().numpy()
+                cands = drafter.propose(DraftRequest(context, remaining - 1, q))
+                if self.spec.verify == "tree":
+                    tree = planner.plan(build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total))
+                drafted = True
+                retrieval = time.perf_counter() - t0
+                metrics.retrieval_s += retrieval
             t0 = time.perf_counter()
-            if self.spec.verify == "batch" and drafts:
-                step = verify_batch(self.model, cache, pending, drafts)
+            if self.spec.verify == "batch" and cands is not None and cands.paths:
+                step = verify_batch(self.model, cache, pending, cands.paths)
             else:
-                step = verify_tree(self.model, cache, pending, drafts)
+                step = verify_token_tree(self.model, cache, tree, accept)
             _sync(device)
             metrics.model_s += time.perf_counter() - t0
+            if drafted:
+                planner.record(tree, step.path, True, retrieval)
             new = step.new_tokens[:remaining]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id) + 1]
             metrics.record_step(step.accepted, step.drafted, step.verified, step.offered_depth, len(new))
             out.extend(new)
+            context.extend(new)
             if out[-1] == self.eos_id:
                 break
-            pending, query = out[-1], step.query
+            query = step.query
+        if drafter is not None:
+            drafter.end(out)
         metrics.wall_s = time.perf_counter() - start
         return Generation(token_ids=out, metrics=metrics)
-

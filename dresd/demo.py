@@ -11,21 +11,14 @@ import json
 import time
 from pathlib import Path
 
-from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig, to_dict
+from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig
 from dresd.corpus import sharegpt_first_turns
-from dresd.datastore import Datastore, DatastoreError
+from dresd.datastore import Datastore, reusable_store
 from dresd.engine import Engine
 from dresd.evaluate import markdown_table, run_methods, summarize
 
 # ShareGPT first turns longer than this are left out (about 10% run past ~2,900 chars).
 MAX_CHARS = 1500
-
-
-def _reusable(root: Path, cfg: BuildConfig) -> bool:
-    try:
-        return Datastore(root).manifest.get("build_config") == to_dict(cfg)
-    except DatastoreError:
-        return False
 
 
 def run_demo(workdir: Path, n_prompts: int, max_new_tokens: int, n_records: int) -> int:
@@ -44,7 +37,7 @@ def run_demo(workdir: Path, n_prompts: int, max_new_tokens: int, n_records: int)
         output=str(workdir / "datastore"),
     )
     root = Path(cfg.output)
-    if _reusable(root, cfg):
+    if reusable_store(root, cfg):
         print(f"reusing datastore {Datastore(root).path}")
     else:
         from pipelines.build import build_datastore

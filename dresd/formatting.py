@@ -107,6 +107,27 @@ def shared_prefix_len(tokenizer, prompt_format: str) -> int:
     return min(_common_prefix(ids[0], other) for other in ids[1:])
 
 
+def response_header(tokenizer, prompt_format: str) -> list[int]:
+    """Trailing token ids identical in every formatted prompt: where a response starts.
+
+    For the chat template this is the end of the user turn and the assistant header; a
+    record of the corpus splits into (prompt, response) right after its first occurrence.
+    """
+    ids = [format_prompt_ids(tokenizer, p, prompt_format)[::-1] for p in _PREFIX_PROBES]
+    n = min(_common_prefix(ids[0], other) for other in ids[1:])
+    return ids[0][:n][::-1]
+
+
+def split_record(record: list[int], header: list[int], start: int = 0) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a corpus record: the cut follows the first `header` at or
+    after `start` (the whole record is the response when no header is found)."""
+    n = len(header)
+    for i in range(start, len(record) - n + 1):
+        if record[i : i + n] == header:
+            return record[: i + n], record[i + n :]
+    return [], record
+
+
 def format_fingerprint(tokenizer, prompt_format: str) -> str:
     """sha256 hex of the ids of a probe prompt in this format plus the chat template text."""
     ids = format_prompt_ids(tokenizer, FINGERPRINT_PROBE, prompt_format)

@@ -16,27 +16,22 @@ import dataclasses
 import logging
 import os
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-import torch
 from ray.exceptions import RayActorError
-from transformers import DynamicCache
 
+from dresd.acceptance import SamplingParams
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.datastore import CURRENT, Datastore, DatastoreError, set_current
-from dresd.decoding import Generation
 from dresd.engine import Engine
-from dresd.metrics import DecodeMetrics
 from dresd.models import load_model
-from dresd.verify import forward
 
 log = logging.getLogger(__name__)
 
-METHODS = ("greedy", "dresd")
+METHODS = ("greedy", "dresd", "hybrid", "pld", "rest", "suffix")
 VERIFIERS = ("tree", "batch")
 # Ray re-runs a task on the restarted actor this many times when its actor dies mid-task;
 # the pool resubmits on top of that (DecoderPool.max_attempts). Finite on purpose: a request
@@ -46,12 +41,12 @@ MAX_TASK_RETRIES = 2
 
 @dataclass
 class DecodeRequest:
-    """One generation request. temperature 0 = greedy (lossless with any method); > 0 =
-    plain top-p sampling, no drafts (method "greedy" only)."""
+    """One generation request. temperature 0 = greedy, > 0 = top-p sampling; with any
+    method the output follows the model's own distribution exactly (speculative sampling)."""
 
     prompt: str
     max_new_tokens: int = 128
-    method: str = "dresd"  # "greedy" | "dresd"
+    method: str = "dresd"  # one of METHODS
     verify: str = "tree"  # "tree" | "batch"
     temperature: float = 0.0
     top_p: float = 1.0
@@ -89,19 +84,9 @@ def check_request(req) -> str | None:
         return f"temperature must be >= 0, got {req.temperature!r}"
     if not 0 < req.top_p <= 1:
         return f"top_p must be in (0, 1], got {req.top_p!r}"
-    if req.temperature > 0 and req.method != "greedy":
-        return ("speculative sampling (temperature > 0 with method 'dresd') is not supported yet; "
-                "use temperature 0 or method 'greedy'")
+    if req.temperature > 0 and req.verify != "tree" and req.method != "greedy":
+        return "speculative sampling (temperature > 0) needs verify 'tree'"
     return None
-
-
-def _draw(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
-    """One token from softmax(logits / temperature) cut to the top-p nucleus."""
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    sorted_p, order = torch.sort(probs, descending=True)
-    keep = (torch.cumsum(sorted_p, 0) - sorted_p) < top_p  # the top token is always kept
-    sorted_p = sorted_p * keep
-    return int(order[torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen)])
 
 
 class Decoder:
@@ -207,11 +192,9 @@ class Decoder:
             ids = self.engine.prompt_ids(req.prompt)
             if len(ids) >= self.lm.max_context:
                 raise ValueError(f"prompt has {len(ids)} tokens; the model's context is {self.lm.max_context}")
-            if req.temperature > 0:
-                gen = self._sample(ids, req)
-            else:
-                spec = dataclasses.replace(self.spec, method=req.method, verify=req.verify)
-                gen = self.engine.decoder(spec).generate_ids(ids, req.max_new_tokens)
+            spec = dataclasses.replace(self.spec, method=req.method, verify=req.verify)
+            sampling = SamplingParams(req.temperature, req.top_p, req.seed) if req.temperature > 0 else None
+            gen = self.engine.decoder(spec).generate_ids(ids, req.max_new_tokens, sampling)
             text = self.lm.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
             return DecodeResponse(rid, True, None, text, list(gen.token_ids), gen.metrics.summary(), version, self.name)
         except (ValueError, DatastoreError) as exc:
@@ -223,31 +206,6 @@ class Decoder:
         finally:
             self._served += 1
             self._busy = None
-
-    def _sample(self, ids: list[int], req: DecodeRequest) -> Generation:
-        """Plain (non-speculative) top-p sampling, with the decoding loop's accounting."""
-        model, device = self.lm.model, self.lm.model.device
-        gen = torch.Generator()
-        if req.seed is None:
-            gen.seed()
-        else:
-            gen.manual_seed(int(req.seed))
-        metrics, start, cache = DecodeMetrics(), time.perf_counter(), DynamicCache()
-        if len(ids) > 1:
-            forward(model, torch.tensor([ids[:-1]], device=device), cache)
-        metrics.prefill_s = time.perf_counter() - start
-        budget, pending, out = min(req.max_new_tokens, self.lm.max_context - len(ids)), ids[-1], []
-        while len(out) < budget:
-            t0 = time.perf_counter()
-            _, logits = forward(model, torch.tensor([[pending]], device=device), cache)
-            pending = _draw(logits[0, -1], req.temperature, req.top_p, gen)
-            metrics.model_s += time.perf_counter() - t0
-            metrics.record_step(0, 0, 1, 0, 1)
-            out.append(pending)
-            if pending == self.lm.eos_token_id:
-                break
-        metrics.wall_s = time.perf_counter() - start
-        return Generation(token_ids=out, metrics=metrics)
 
 
 # max_concurrency=2: `info`/`pin` calls are accepted while a request runs (requests

@@ -20,6 +20,10 @@ class TokenTree:
     parents: list[int]  # parent node of each node; -1 for the root
     depths: list[int]  # 0 for the root, 1 for first draft tokens, ...
     children: list[dict[int, int]] = field(default_factory=list)  # token -> child node, per node
+    # Evidence through each node: the summed weight of the draft paths passing through it
+    # (the root holds the total), and the drafter that first proposed it.
+    weight: list[float] = field(default_factory=list)
+    source: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -28,7 +32,7 @@ class TokenTree:
     def max_depth(self) -> int:
         return max(self.depths)
 
-    def add_child(self, node: int, token: int) -> int:
+    def add_child(self, node: int, token: int, source: str = "") -> int:
         """The child of `node` holding `token`, created if absent."""
         child = self.children[node].get(token)
         if child is None:
@@ -37,8 +41,14 @@ class TokenTree:
             self.parents.append(node)
             self.depths.append(self.depths[node] + 1)
             self.children.append({})
+            self.weight.append(0.0)
+            self.source.append(source)
             self.children[node][token] = child
         return child
+
+    def support(self, node: int) -> float:
+        """Share of the evidence that passes through `node` (1.0 at the root)."""
+        return self.weight[node] / self.weight[0] if self.weight[0] > 0 else 0.0
 
     def path_to(self, node: int) -> list[int]:
         """Nodes from the root down to `node`, inclusive."""
@@ -49,20 +59,45 @@ class TokenTree:
         return path[::-1]
 
 
-def build_tree(root_token: int, drafts: list[list[int]], max_nodes: int | None = None) -> TokenTree:
+def build_tree(root_token: int, drafts: list[list[int]], max_nodes: int | None = None,
+               weights: list[float] | None = None, sources: list[str] | None = None,
+               total: float | None = None) -> TokenTree:
     """Merge drafts (in rank order) into a trie under `root_token`.
 
     With `max_nodes`, insertion stops once the tree holds that many nodes (root included),
-    so higher-ranked drafts keep their full length.
+    so higher-ranked drafts keep their full length. `weights` (default 1 per draft) are
+    summed into every node a draft passes through; the root holds `total` (default: the
+    sum of the weights), so `tree.support(node)` is the share of evidence behind a node.
     """
-    tree = TokenTree([root_token], [-1], [0], [{}])
-    for draft in drafts:
+    weights = [1.0] * len(drafts) if weights is None else weights
+    tree = TokenTree([root_token], [-1], [0], [{}], [0.0], [""])
+    for i, draft in enumerate(drafts):
         node = 0
+        src = sources[i] if sources else ""
         for tok in draft:
             if max_nodes is not None and int(tok) not in tree.children[node] and len(tree) >= max_nodes:
                 break
-            node = tree.add_child(node, int(tok))
+            node = tree.add_child(node, int(tok), src)
+            tree.weight[node] += weights[i]
+    tree.weight[0] = float(sum(weights) if total is None else total)
     return tree
+
+
+def subtree(tree: TokenTree, keep: list[int]) -> TokenTree:
+    """The tree restricted to the root and the nodes in `keep` (each node's parent must be kept).
+
+    Nodes keep their relative order, so parents still come before children.
+    """
+    kept = sorted(set(keep) | {0})
+    new_id = {old: i for i, old in enumerate(kept)}
+    out = TokenTree([tree.tokens[0]], [-1], [0], [{}], [tree.weight[0]], [tree.source[0]])
+    for old in kept[1:]:
+        parent = tree.parents[old]
+        if parent not in new_id:
+            raise ValueError(f"node {old} kept without its parent {parent}")
+        node = out.add_child(new_id[parent], tree.tokens[old], tree.source[old])
+        out.weight[node] = tree.weight[old]
+    return out
 
 
 def ancestor_matrix(tree: TokenTree) -> torch.Tensor:

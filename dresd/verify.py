@@ -9,7 +9,8 @@ Plain greedy decoding is `verify_tree` with no drafts: a one-token forward.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -27,6 +28,7 @@ class StepResult:
     drafted: int  # draft positions verified (verified - rows' roots)
     offered_depth: int  # deepest draft position offered this step (0 = no drafts)
     query: torch.Tensor  # (D,) last-layer hidden state that produced the bonus token
+    path: list[int] = field(default_factory=lambda: [0])  # accepted tree nodes, root first (tree verify)
 
 
 @torch.inference_mode()
@@ -64,10 +66,13 @@ def keep_cache_positions(cache: DynamicCache, prefix_len: int, kept: list[int]) 
         layer.values = layer.values.index_select(-2, index)
 
 
-def verify_tree(model, cache: DynamicCache, root_token: int, drafts: list[list[int]],
-                max_nodes: int | None = None) -> StepResult:
-    """Verify `drafts` (rank order) as one token tree rooted at the pending token."""
-    tree: TokenTree = build_tree(root_token, drafts, max_nodes)
+def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
+                      accept: Callable[[TokenTree, torch.Tensor], tuple[list[int], int]] | None = None) -> StepResult:
+    """Verify a token tree rooted at the pending token in one forward; cut the cache to the accepted path.
+
+    `accept(tree, logits)` returns the accepted node path and the bonus token; the default
+    is greedy acceptance (speculative sampling passes its own, see dresd.acceptance).
+    """
     device = model.device
     prefix = cache.get_seq_length()
     ids = torch.tensor([tree.tokens], dtype=torch.long, device=device)
@@ -76,18 +81,29 @@ def verify_tree(model, cache: DynamicCache, root_token: int, drafts: list[list[i
     is_chain = all(p == i - 1 for i, p in enumerate(tree.parents))
     mask = None if is_chain else tree_attention_mask(tree, prefix, model.dtype, device)
     hidden, logits = forward(model, ids, cache, positions, mask)
-    predicted = logits[0].argmax(-1).tolist()
-    path = greedy_accept(tree, predicted)
+    if accept is None:
+        predicted = logits[0].argmax(-1).tolist()
+        path = greedy_accept(tree, predicted)
+        bonus = predicted[path[-1]]
+    else:
+        path, bonus = accept(tree, logits[0])
     keep_cache_positions(cache, prefix, path)
     accepted = len(path) - 1
     return StepResult(
-        new_tokens=[tree.tokens[n] for n in path[1:]] + [predicted[path[-1]]],
+        new_tokens=[tree.tokens[n] for n in path[1:]] + [bonus],
         accepted=accepted,
         verified=len(tree),
         drafted=len(tree) - 1,
         offered_depth=tree.max_depth,
         query=hidden[0, path[-1]],
+        path=path,
     )
+
+
+def verify_tree(model, cache: DynamicCache, root_token: int, drafts: list[list[int]],
+                max_nodes: int | None = None) -> StepResult:
+    """Verify `drafts` (rank order) as one token tree rooted at the pending token (greedy)."""
+    return verify_token_tree(model, cache, build_tree(root_token, drafts, max_nodes))
 
 
 def verify_batch(model, cache: DynamicCache, root_token: int, drafts: list[list[int]]) -> StepResult:

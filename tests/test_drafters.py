@@ -8,11 +8,19 @@ import pytest
 from dresd.compression import compress, fit_compressor
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore, DatastoreParts, publish
-from dresd.drafters import Drafter
+from dresd.drafters import Drafter, DraftRequest
 from dresd.drafters.dense import DenseDrafter, drafts_from_values
 from dresd.index import IndexParams, add_keys, train_index
 
 EOS = 2
+
+
+def paths_of(*args, **kwargs):
+    return drafts_from_values(*args, **kwargs).paths
+
+
+def propose(drafter, query, last_token, max_len):
+    return drafter.propose(DraftRequest([1, last_token], max_len, query)).paths
 
 # ------------------------------------------------------------------ drafts_from_values
 
@@ -25,12 +33,12 @@ def test_filters_on_last_token_and_cuts_at_len():
             [5, 30, 31, 32, 33],
         ]
     )
-    assert drafts_from_values(values, 5, num_drafts=10, len_drafts=3, eos_id=EOS) == [[10, 11, 12], [30, 31, 32]]
-    assert drafts_from_values(values, 6, 10, 4, EOS) == [[20, 21, 22, 23]]
-    assert drafts_from_values(values, 7, 10, 4, EOS) == []
+    assert paths_of(values, 5, num_drafts=10, len_drafts=3, eos_id=EOS) == [[10, 11, 12], [30, 31, 32]]
+    assert paths_of(values, 6, 10, 4, EOS) == [[20, 21, 22, 23]]
+    assert paths_of(values, 7, 10, 4, EOS) == []
     # len_drafts longer than the values: the whole tail.
-    assert drafts_from_values(values, 6, 10, 9, EOS) == [[20, 21, 22, 23]]
-    assert drafts_from_values(values, 5, 10, 1, EOS) == [[10], [30]]
+    assert paths_of(values, 6, 10, 9, EOS) == [[20, 21, 22, 23]]
+    assert paths_of(values, 5, 10, 1, EOS) == [[10], [30]]
 
 
 def test_cuts_after_first_eos_keeping_it():
@@ -41,9 +49,9 @@ def test_cuts_after_first_eos_keeping_it():
             [5, EOS, 14, 15, 16],
         ]
     )
-    assert drafts_from_values(values, 5, 10, 4, EOS) == [[10, EOS], [11, 12, EOS], [EOS]]
+    assert paths_of(values, 5, 10, 4, EOS) == [[10, EOS], [11, 12, EOS], [EOS]]
     # The cut happens within len_drafts only: an EOS beyond it does not matter.
-    assert drafts_from_values(values, 5, 10, 1, EOS) == [[10], [11], [EOS]]
+    assert paths_of(values, 5, 10, 1, EOS) == [[10], [11], [EOS]]
 
 
 def test_drops_duplicates_keeping_rank_order():
@@ -56,11 +64,11 @@ def test_drops_duplicates_keeping_rank_order():
             [5, 4, 4, 4],
         ]
     )
-    assert drafts_from_values(values, 5, 10, 3, EOS) == [[9, 8, 7], [1, 3, 3], [1, 3, 4], [4, 4, 4]]
-    assert drafts_from_values(values, 5, 10, 2, EOS) == [[9, 8], [1, 3], [4, 4]]
+    assert paths_of(values, 5, 10, 3, EOS) == [[9, 8, 7], [1, 3, 3], [1, 3, 4], [4, 4, 4]]
+    assert paths_of(values, 5, 10, 2, EOS) == [[9, 8], [1, 3], [4, 4]]
     # Duplicates after the EOS cut too.
     values = np.array([[5, 3, EOS, 7], [5, 3, EOS, 8]])
-    assert drafts_from_values(values, 5, 10, 3, EOS) == [[3, EOS]]
+    assert paths_of(values, 5, 10, 3, EOS) == [[3, EOS]]
 
 
 def test_caps_num_drafts_after_filtering_and_dedup():
@@ -68,13 +76,22 @@ def test_caps_num_drafts_after_filtering_and_dedup():
     rows.insert(1, [5, 10, 11])  # duplicate: does not use up a slot
     rows.insert(0, [6, 99, 99])  # filtered: does not use up a slot
     values = np.array(rows)
-    drafts = drafts_from_values(values, 5, num_drafts=3, len_drafts=2, eos_id=EOS)
+    drafts = paths_of(values, 5, num_drafts=3, len_drafts=2, eos_id=EOS)
     assert drafts == [[10, 11], [11, 12], [12, 13]]
-    assert drafts_from_values(values, 5, num_drafts=1, len_drafts=2, eos_id=EOS) == [[10, 11]]
+    assert paths_of(values, 5, num_drafts=1, len_drafts=2, eos_id=EOS) == [[10, 11]]
+
+
+def test_weights_count_neighbours_and_total_counts_all():
+    values = np.array([[5, 9, 8], [6, 1, 1], [5, 9, 8], [5, 4, 4], [5, 9, 8]])
+    c = drafts_from_values(values, 5, 10, 2, EOS)
+    assert c.paths == [[9, 8], [4, 4]]
+    assert c.weights == [3.0, 1.0]
+    assert c.total == 5.0  # the neighbour that predicted 6 backs no path
+    assert c.sources == ["dense", "dense"]
 
 
 def test_empty_values():
-    assert drafts_from_values(np.zeros((0, 4), dtype=np.int64), 5, 10, 3, EOS) == []
+    assert paths_of(np.zeros((0, 4), dtype=np.int64), 5, 10, 3, EOS) == []
 
 
 # ------------------------------------------------------------------ DenseDrafter
@@ -134,7 +151,7 @@ def test_query_with_stored_hidden_returns_its_continuation_first(store, key):
     tokens, offsets = np.asarray(ds.tokens), ds.record_offsets
     pos = int(ds.key_positions[key])
     last_token = int(tokens[pos + 1])  # the token this key predicts
-    drafts = drafter.propose(hidden[key], last_token, max_len=10)
+    drafts = propose(drafter, hidden[key], last_token, max_len=10)
     assert drafts, "the key itself always survives the filter"
     assert drafts[0] == expected_draft(tokens, offsets, pos, 4)
     assert drafts[0] == ds.values(np.array([key]), 5)[0, 1:].tolist()[: len(drafts[0])]
@@ -142,9 +159,9 @@ def test_query_with_stored_hidden_returns_its_continuation_first(store, key):
     assert all(1 <= len(d) <= 4 for d in drafts)
     assert len({tuple(d) for d in drafts}) == len(drafts)
     # max_len shortens drafts below len_drafts.
-    short = drafter.propose(hidden[key], last_token, max_len=2)
+    short = propose(drafter, hidden[key], last_token, max_len=2)
     assert short[0] == drafts[0][:2] and all(len(d) <= 2 for d in short)
-    assert drafter.propose(hidden[key], last_token, max_len=0) == []
+    assert propose(drafter, hidden[key], last_token, max_len=0) == []
 
 
 def test_wrong_last_token_gives_no_draft(store):
@@ -154,11 +171,11 @@ def test_wrong_last_token_gives_no_draft(store):
     last_token = int(np.asarray(ds.tokens)[pos + 1])
     # top_k=1: only the key itself is retrieved, and it predicts another token.
     one = DenseDrafter(ds, SpeculativeConfig(top_k=1, num_drafts=5, len_drafts=4))
-    assert one.propose(hidden[key], last_token, 10)
-    assert one.propose(hidden[key], (last_token + 1) % 100 + 3, 10) == []
+    assert propose(one, hidden[key], last_token, 10)
+    assert propose(one, hidden[key], (last_token + 1) % 100 + 3, 10) == []
     # A token absent from the corpus is never predicted by any neighbour.
     many = DenseDrafter(ds, SpeculativeConfig(top_k=50, num_drafts=10, len_drafts=4))
-    assert many.propose(hidden[key], 200, 10) == []
+    assert propose(many, hidden[key], 200, 10) == []
 
 
 def test_top_k_above_store_size(store):
@@ -166,7 +183,7 @@ def test_top_k_above_store_size(store):
     drafter = DenseDrafter(ds, SpeculativeConfig(top_k=10_000, num_drafts=1000, len_drafts=3))
     pos = int(ds.key_positions[3])
     last_token = int(np.asarray(ds.tokens)[pos + 1])
-    drafts = drafter.propose(hidden[3], last_token, 10)
+    drafts = propose(drafter, hidden[3], last_token, 10)
     # Every key predicting last_token contributes (up to duplicates).
     n_match = int((np.asarray(ds.tokens)[ds.key_positions + 1] == last_token).sum())
     assert 1 <= len(drafts) <= n_match

@@ -10,7 +10,9 @@ from dresd.formatting import (
     format_fingerprint,
     format_prompt_ids,
     record_ids,
+    response_header,
     shared_prefix_len,
+    split_record,
 )
 
 PROMPTS = ["a", "Zebra 123?", "Write a haiku about autumn.", "def f(x):\n    return x",
@@ -114,3 +116,68 @@ def test_fingerprint(smol_tokenizer):
     assert len(chat) == 64 and int(chat, 16) >= 0
     assert chat != qa
     assert format_fingerprint(smol_tokenizer, "chat") == chat  # stable
+
+
+# ------------------------------------------------------------ response header / records
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer():
+    """The tiny test models' byte-level tokenizer (ChatML template)."""
+    from dresd.models import make_byte_tokenizer
+
+    return make_byte_tokenizer()
+
+
+@pytest.fixture(params=["smol", "byte"])
+def any_tokenizer(request, smol_tokenizer, byte_tokenizer):
+    return smol_tokenizer if request.param == "smol" else byte_tokenizer
+
+
+HEADER_PROMPTS = [*PROMPTS, " leading space", "ends with a newline\n", "Question: nested?\nAnswer:"]
+
+
+@pytest.mark.parametrize("fmt", PROMPT_FORMATS)
+def test_response_header_ends_every_prompt(any_tokenizer, fmt):
+    tok = any_tokenizer
+    header = response_header(tok, fmt)
+    assert header and all(type(t) is int for t in header)
+    for p in HEADER_PROMPTS:
+        ids = format_prompt_ids(tok, p, fmt)
+        assert ids[-len(header):] == header, p
+    text = tok.decode(header)
+    if fmt == "chat":
+        assert text == "<|im_end|>\n<|im_start|>assistant\n"
+    else:
+        assert text == "\nAnswer:\n"
+
+
+@pytest.mark.parametrize("fmt", PROMPT_FORMATS)
+def test_split_record_cuts_after_header(any_tokenizer, fmt):
+    tok = any_tokenizer
+    eos = tok.eos_token_id
+    header, head = response_header(tok, fmt), shared_prefix_len(tok, fmt)
+    for i, p in enumerate(["What is the capital of France?", "a", "def f(x):\n    return x"]):
+        ex = Example(f"f:{i}", p, f"Answer number {i}.", None)
+        record = record_ids(tok, ex, fmt, None, eos)
+        prompt, response = split_record(record, header, head)
+        assert prompt == format_prompt_ids(tok, p, fmt)
+        assert response == tok(ex.response, add_special_tokens=False).input_ids + [eos]
+        assert prompt + response == record
+        # start=0 finds the same cut: the header does not occur in the template's head.
+        assert split_record(record, header) == (prompt, response)
+
+
+def test_split_record_without_header_and_with_start():
+    header = [7, 8]
+    assert split_record([1, 2, 3, 4], header) == ([], [1, 2, 3, 4])
+    assert split_record([1, 7, 3, 8], header) == ([], [1, 7, 3, 8])
+    assert split_record([1, 2, 7], header) == ([], [1, 2, 7])  # a header cut off by the end
+    assert split_record([], header) == ([], [])
+    # The first occurrence wins; `start` skips earlier ones.
+    record = [7, 8, 1, 7, 8, 2, 3]
+    assert split_record(record, header) == ([7, 8], [1, 7, 8, 2, 3])
+    assert split_record(record, header, start=1) == ([7, 8, 1, 7, 8], [2, 3])
+    assert split_record(record, header, start=4) == ([], record)
+    # A record that ends right after the header: empty response.
+    assert split_record([1, 7, 8], header) == ([1, 7, 8], [])

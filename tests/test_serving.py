@@ -97,7 +97,7 @@ def test_bad_requests_fail_cleanly_and_pool_keeps_serving(pool, engine):
         (DecodeRequest("hi", verify="list"), "unknown verify"),
         (DecodeRequest("x" * 3000), "context is 2048"),
         (DecodeRequest("hi", max_new_tokens=0), "max_new_tokens"),
-        (DecodeRequest("hi", temperature=0.7), "speculative sampling"),
+        (DecodeRequest("hi", temperature=0.7, verify="batch"), "speculative sampling"),
     ]
     resps = pool.generate([r for r, _ in bad])
     for (req, msg), resp in zip(bad, resps):
@@ -107,6 +107,9 @@ def test_bad_requests_fail_cleanly_and_pool_keeps_serving(pool, engine):
     assert good.ok and good.token_ids == expected(engine, "question 1?", 16)
     # Plain sampling: seeded runs repeat; a different temperature/seed is still well-formed.
     s = pool.generate([DecodeRequest("hi", 16, "greedy", temperature=0.8, top_p=0.9, seed=3) for _ in range(2)])
+    assert s[0].ok and s[1].ok and s[0].token_ids == s[1].token_ids and len(s[0].token_ids) >= 1
+    # Speculative sampling with drafts: seeded runs repeat too.
+    s = pool.generate([DecodeRequest("hi", 16, "dresd", temperature=0.8, top_p=0.9, seed=3) for _ in range(2)])
     assert s[0].ok and s[1].ok and s[0].token_ids == s[1].token_ids and len(s[0].token_ids) >= 1
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dresd.tree import TokenTree, ancestor_matrix, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
+from dresd.tree import (
+    TokenTree,
+    ancestor_matrix,
+    build_tree,
+    greedy_accept,
+    subtree,
+    tree_attention_mask,
+    tree_position_ids,
+)
 
 
 def paths(tree: TokenTree) -> set[tuple[int, ...]]:
@@ -150,3 +158,82 @@ def test_greedy_accept_non_first_branch():
     # A later root child (third draft).
     pred = [6, 0, 0, 0, 0, 0, 8, 0]
     assert greedy_accept(tree, pred) == [0, 6, 7]
+
+
+# ------------------------------------------------------------------- weights and subtrees
+
+
+def test_build_tree_weights_sources_total():
+    tree = build_tree(9, [[1, 2], [1, 3], [4], [1, 2]], weights=[2.0, 1.0, 1.0, 0.5],
+                      sources=["a", "b", "c", "d"])
+    check_structure(tree)
+    # nodes: 0:9, 1:1, 2:2, 3:3, 4:4
+    assert tree.tokens == [9, 1, 2, 3, 4]
+    assert tree.weight == [4.5, 3.5, 2.5, 1.0, 1.0]  # the root holds the sum
+    assert tree.source == ["", "a", "a", "b", "c"]  # the first proposer names a node
+    assert tree.support(0) == 1.0
+    assert tree.support(1) == pytest.approx(3.5 / 4.5)
+    assert tree.support(3) == pytest.approx(1.0 / 4.5)
+    # An explicit total: evidence that backs no path lowers every support.
+    tree = build_tree(9, [[1, 2], [1, 3], [4], [1, 2]], weights=[2.0, 1.0, 1.0, 0.5],
+                      sources=["a", "b", "c", "d"], total=9.0)
+    assert tree.weight[0] == 9.0
+    assert tree.support(1) == pytest.approx(3.5 / 9.0) and tree.support(0) == 1.0
+    # Default weights count the drafts through a node; default sources are "".
+    tree = build_tree(0, [[1, 2, 3], [1, 2], [5]])
+    assert tree.weight == [3.0, 2.0, 2.0, 1.0, 1.0]
+    assert tree.source == [""] * 5
+    assert [tree.support(i) for i in range(len(tree))] == pytest.approx([1, 2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    # No evidence at all: zero support rather than a division by zero.
+    assert build_tree(0, [[1]], weights=[0.0]).support(1) == 0.0
+
+
+def test_support_never_grows_along_a_path():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(50):
+        drafts = [[rng.randint(0, 3) for _ in range(rng.randint(1, 5))] for _ in range(rng.randint(1, 8))]
+        weights = [rng.uniform(0, 3) for _ in drafts]
+        tree = build_tree(0, drafts, weights=weights)
+        for i in range(1, len(tree)):
+            assert 0 <= tree.support(i) <= tree.support(tree.parents[i]) + 1e-12
+            # A node's weight is its own drafts' weight plus at least its children's.
+            assert tree.weight[i] + 1e-9 >= sum(tree.weight[c] for c in tree.children[i].values())
+
+
+def test_max_nodes_still_weighs_the_walked_prefix():
+    tree = build_tree(0, [[1, 2, 3], [1, 2, 4]], max_nodes=4, weights=[1.0, 2.0], sources=["a", "b"])
+    # The second draft stops before 4, but its weight counts along 1 -> 2.
+    assert tree.tokens == [0, 1, 2, 3]
+    assert tree.weight == [3.0, 3.0, 3.0, 1.0]
+
+
+def test_subtree_renumbers_and_keeps_evidence():
+    tree = build_tree(9, [[1, 2, 3], [1, 5], [6, 7]], weights=[3.0, 2.0, 1.0], sources=["a", "b", "c"])
+    # nodes: 0:9, 1:1, 2:2, 3:3, 4:5, 5:6, 6:7
+    sub = subtree(tree, [5, 1, 4, 6, 4])  # order and duplicates do not matter
+    check_structure(sub)
+    # Kept nodes 1, 4, 5, 6 in their original relative order.
+    assert sub.tokens == [9, 1, 5, 6, 7]
+    assert sub.parents == [-1, 0, 1, 0, 3]
+    assert sub.depths == [0, 1, 2, 1, 2]
+    assert sub.children == [{1: 1, 6: 3}, {5: 2}, {}, {7: 4}, {}]
+    assert sub.weight == [6.0, 5.0, 2.0, 1.0, 1.0]
+    assert sub.source == ["", "a", "b", "c", "c"]
+    # Supports are still measured against the original total.
+    assert [sub.support(i) for i in range(len(sub))] == [tree.support(i) for i in (0, 1, 4, 5, 6)]
+    # Root only.
+    root = subtree(tree, [])
+    assert root.tokens == [9] and root.weight == [6.0] and root.children == [{}]
+    # Keeping everything is a copy.
+    full = subtree(tree, list(range(1, len(tree))))
+    assert (full.tokens, full.parents, full.weight, full.source) == (tree.tokens, tree.parents, tree.weight, tree.source)
+
+
+def test_subtree_needs_parents():
+    tree = build_tree(9, [[1, 2, 3], [1, 5]])
+    with pytest.raises(ValueError, match="without its parent"):
+        subtree(tree, [1, 3])  # 3's parent 2 is missing
+    with pytest.raises(ValueError, match="parent"):
+        subtree(tree, [2])  # 2's parent 1 is missing

@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.models import load_model, make_tiny_llama
+from dresd.drafters import Candidates
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
 from dresd.verify import forward, keep_cache_positions, verify_batch, verify_tree
 
@@ -257,7 +258,20 @@ class OracleDrafter:
         self.ignore_max_len = ignore_max_len
         self.calls: list[dict] = []
 
-    def propose(self, query, last_token, max_len):
+    name = "oracle"
+
+    def begin(self, prompt_ids):
+        assert list(prompt_ids) == list(self.seq[: self.prompt_len])
+
+    def end(self, generated):
+        self.ended = list(generated)
+
+    def propose(self, request):
+        query, last_token, max_len = request.query, request.context[-1], request.max_len
+        if query is None:  # a one-token prompt: no hidden state before the first forward
+            assert self.prompt_len == 1 and request.context == list(self.seq[:1])
+            return Candidates()
+        assert list(request.context) == list(self.seq[: self.pos + 1])
         assert isinstance(query, np.ndarray) and query.dtype == np.float32 and query.ndim == 1
         assert last_token == self.seq[self.pos], "decoder diverged from greedy"
         emitted = self.pos - (self.prompt_len - 1)
@@ -283,7 +297,10 @@ class OracleDrafter:
         m = max((common_prefix(d, t) for d in drafts), default=0)
         self.calls.append({"mode": mode, "m": m, "depth": max((len(d) for d in drafts), default=0), "drafts": drafts})
         self.pos += m + 1
-        return [list(d) for d in drafts]
+        out = Candidates()
+        for d in drafts:
+            out.add(list(d), 1.0, self.name)
+        return out
 
     def expected(self) -> dict:
         drafted = [c for c in self.calls if c["drafts"]]
@@ -300,7 +317,7 @@ class OracleDrafter:
 
 
 def decoder(lm, method, verify="tree", drafter=None, eos=None, max_context=None):
-    spec = SpeculativeConfig(method=method, verify=verify, len_drafts=5)
+    spec = SpeculativeConfig(method=method, verify=verify, len_drafts=5, budget="off")
     return SpeculativeDecoder(lm.model, eos, max_context or lm.max_context, spec, drafter)
 
 

@@ -7,35 +7,41 @@ import numpy as np
 from dresd.compression import compress
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore
+from dresd.drafters import Candidates, DraftRequest, truncate_at
 from dresd.index import search, set_search_params, IndexParams
 
 
-def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len_drafts: int, eos_id: int) -> list[list[int]]:
-    """Filter neighbour values on the token just emitted and cut them into drafts.
+def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len_drafts: int, eos_id: int,
+                       source: str = "dense") -> Candidates:
+    """Filter neighbour values on the token just emitted and cut them into weighted drafts.
 
     `values[r]` are the tokens after neighbour r (rank order); `values[r, 0]` is the token
     that neighbour predicted, so only rows whose first value equals `last_token` continue
     the current text. Each draft is values[r, 1 : 1 + len_drafts], cut after its first EOS;
-    exact duplicates are dropped and at most `num_drafts` are kept.
+    a draft's weight counts the neighbours that give exactly it, at most `num_drafts`
+    distinct drafts are kept in rank order, and the evidence total is every neighbour
+    retrieved, so a node's support is the share of all neighbours that lead through it.
     """
-    drafts: list[list[int]] = []
-    seen: set[tuple[int, ...]] = set()
+    out = Candidates()
+    index: dict[tuple[int, ...], int] = {}
     for row in values[values[:, 0] == last_token]:
-        draft = row[1 : 1 + len_drafts].tolist()
-        if eos_id in draft:
-            draft = draft[: draft.index(eos_id) + 1]
+        draft = truncate_at(row[1 : 1 + len_drafts].tolist(), len_drafts, eos_id)
         key = tuple(draft)
-        if not draft or key in seen:
+        if not draft:
             continue
-        seen.add(key)
-        drafts.append(draft)
-        if len(drafts) >= num_drafts:
-            break
-    return drafts
+        if key in index:
+            out.weights[index[key]] += 1.0
+        elif len(out) < num_drafts:
+            index[key] = len(out)
+            out.add(draft, 1.0, source)
+    out.total = float(len(values))
+    return out
 
 
 class DenseDrafter:
     """Compress the query, search the datastore, filter and cut drafts."""
+
+    name = "dense"
 
     def __init__(self, store: Datastore, spec: SpeculativeConfig):
         if spec.len_drafts + 1 > store.value_len:
@@ -55,13 +61,19 @@ class DenseDrafter:
             ids = ids[~self.store.deleted[ids]]
         return ids
 
-    def propose(self, query: np.ndarray, last_token: int, max_len: int) -> list[list[int]]:
-        """Ranked drafts of at most min(len_drafts, max_len) tokens."""
-        length = min(self.spec.len_drafts, max_len)
-        if length <= 0:
-            return []
-        ids = self.neighbours(compress(self.store.compressor, query))
+    def begin(self, prompt_ids: list[int]) -> None:
+        """Stateless across steps: nothing to reset."""
+
+    def end(self, generated: list[int]) -> None:
+        """The datastore is static at decode time: nothing to learn."""
+
+    def propose(self, request: DraftRequest) -> Candidates:
+        """Weighted drafts of at most min(len_drafts, max_len) tokens."""
+        length = min(self.spec.len_drafts, request.max_len)
+        if length <= 0 or request.query is None:
+            return Candidates()
+        ids = self.neighbours(compress(self.store.compressor, request.query))
         if len(ids) == 0:
-            return []
+            return Candidates()
         values = self.store.values(ids, length + 1)
-        return drafts_from_values(values, last_token, self.spec.num_drafts, length, self.store.eos_id)
+        return drafts_from_values(values, request.context[-1], self.spec.num_drafts, length, self.store.eos_id)

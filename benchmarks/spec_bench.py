@@ -1,0 +1,249 @@
+"""Every drafting method on the same prompts, in one run: the side-by-side report.
+
+    .venv/bin/python benchmarks/spec_bench.py            # full: 20 prompts per set, 128 tokens
+    .venv/bin/python benchmarks/spec_bench.py --quick    # smoke run: cached stores, 3 prompts per set
+
+Scenarios (datastores built once and cached under --workdir):
+- ID: the packaged model's own greedy answers to >= 1,000 deduplicated, length-capped
+  ShareGPT first turns (jobs/decode.py with jobs/configs/generate_id_corpus.yaml; resumable);
+- OOD: the ShareGPT replies to the same first turns, cut to the ID store's token count.
+Evaluation sets: MT-Bench first turns and held-out ShareGPT first turns (the first
+HELD_OUT deduplicated turns; the corpora use the turns after them and drop any record whose
+prompt equals an evaluation prompt).
+
+Methods share our decoding loop and tree verifier (greedy acceptance, lossless) except the
+external HF `generate()` references; REST, SuffixDecoding and DReSD draft from the same
+corpus token streams. Methods are interleaved per prompt so machine noise hits all alike;
+results go to results.jsonl (one line per prompt x method: rerun to resume) and the report
+(report.md, summary.json, PNG plots) is rewritten from all results at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    # Before torch loads OpenMP: spinning threads on a shared 2-core machine cost ~3x.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, fields  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tqdm import tqdm  # noqa: E402
+
+from dresd.budget import cached_cost_model  # noqa: E402
+from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig  # noqa: E402
+from dresd.corpus import Example, RecordError, mtbench_first_turns, sharegpt_first_turns  # noqa: E402
+from dresd.datastore import Datastore, reusable_store  # noqa: E402
+from dresd.decoding import Generation  # noqa: E402
+from dresd.engine import Engine  # noqa: E402
+from dresd.formatting import record_ids  # noqa: E402
+from dresd.metrics import DecodeMetrics  # noqa: E402
+from dresd.models import load_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+HELD_OUT = 40  # first deduplicated ShareGPT turns, kept out of every corpus
+ID_ROWS = 1100  # ShareGPT turns answered by the model (some are rejected as too long)
+MIN_ID_RECORDS = 1000
+RECORD_MAX_TOKENS = 512
+
+
+@dataclass
+class Method:
+    """One row of the report: a decoding method and the datastore it drafts from."""
+
+    name: str
+    store: str | None  # "id" / "ood" / None (no datastore)
+    spec: SpeculativeConfig | None  # None = an HF generate() reference
+    hf_lookup: int | None = None  # HF prompt_lookup_num_tokens
+
+
+def methods() -> list[Method]:
+    """Every compared method; "+budget" = our draft budget applied to a published method."""
+    S = SpeculativeConfig
+    out = [
+        Method("greedy", None, S(method="greedy")),
+        Method("hf-greedy", None, None),
+        Method("hf-pld", None, None, hf_lookup=10),
+        Method("pld", None, S(method="pld", budget="off")),
+        Method("pld+budget", None, S(method="pld")),
+    ]
+    for store in ("id", "ood"):
+        tag = "" if store == "id" else "@ood"
+        out += [
+            Method(f"rest{tag}", store, S(method="rest", budget="off")),
+            Method(f"suffix{tag}", store, S(method="suffix", budget="off")),
+            Method(f"dresd{tag}", store, S(method="dresd")),
+            Method(f"hybrid{tag}", store, S(method="hybrid")),
+        ]
+        if store == "id":
+            out += [
+                Method("rest+budget", store, S(method="rest")),
+                Method("suffix+budget", store, S(method="suffix")),
+                Method("dresd-ref", store, S(method="dresd", budget="off")),  # the paper's settings
+            ]
+    return out
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def eval_sets() -> dict[str, list[str]]:
+    """The evaluation prompts: MT-Bench first turns and held-out ShareGPT first turns."""
+    return {"mtbench": mtbench_first_turns(), "sharegpt": [p for _, p, _ in sharegpt_first_turns()[:HELD_OUT]]}
+
+
+def id_corpus(workdir: Path, banned: set[str]) -> Path:
+    """The model's own answers (decode job, resumable), minus any evaluation prompt."""
+    raw = workdir / "sharegpt_id.jsonl"
+    if not raw.exists():
+        cmd = [sys.executable, str(ROOT / "jobs" / "decode.py"), "--config", str(ROOT / "jobs/configs/generate_id_corpus.yaml"),
+               "--set", f"skip={HELD_OUT}", "--set", f"limit={ID_ROWS}", "--set", "max_new_tokens=128",
+               "--set", "batch_size=64", "--set", "chunk_rows=64", "--set", f"output={workdir / 'id_decode'}",
+               "--set", f"corpus_file={raw}"]
+        print("generating the ID corpus:", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+    out = workdir / "corpora" / "id.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kept = dropped = 0
+    with open(raw) as src, open(out, "w") as dst:
+        for line in src:
+            rec = json.loads(line)
+            if norm(rec["prompt"]) in banned or not rec["response"].strip():
+                dropped += 1
+                continue
+            dst.write(line)
+            kept += 1
+    print(f"ID corpus: {kept} records ({dropped} dropped: evaluation prompt or empty answer)")
+    if kept < MIN_ID_RECORDS:
+        raise SystemExit(f"ID corpus has {kept} records, fewer than {MIN_ID_RECORDS}: raise ID_ROWS")
+    return out
+
+
+def ood_corpus(workdir: Path, banned: set[str], tokenizer, eos_id: int, target_tokens: int) -> Path:
+    """ShareGPT's own replies to the ID corpus's turns, as many as make `target_tokens` tokens."""
+    out = workdir / "corpora" / "ood.jsonl"
+    total = n = 0
+    with open(out, "w") as dst:
+        for sid, prompt, reply in sharegpt_first_turns()[HELD_OUT:]:
+            if norm(prompt) in banned:
+                continue
+            try:
+                ids = record_ids(tokenizer, Example(sid, prompt, reply), "chat", RECORD_MAX_TOKENS, eos_id)
+            except RecordError:
+                continue  # the build would reject it too (prompt too long)
+            if total + len(ids) > target_tokens:
+                break  # the stores then differ by less than one record (<= RECORD_MAX_TOKENS tokens)
+            dst.write(json.dumps({"id": sid, "prompt": prompt, "response": reply}) + "\n")
+            total, n = total + len(ids), n + 1
+    print(f"OOD corpus: {n} ShareGPT records, {total} tokens (ID store: {target_tokens})")
+    return out
+
+
+def store(workdir: Path, name: str, corpus: Path) -> Path:
+    """Build (or reuse) the datastore of one corpus."""
+    cfg = BuildConfig(corpus=CorpusConfig(paths=[str(corpus)], id_field="id", max_tokens=RECORD_MAX_TOKENS),
+                      output=str(workdir / "stores" / name))
+    root = Path(cfg.output)
+    if reusable_store(root, cfg):
+        print(f"reusing the {name} datastore {Datastore(root).path}")
+    else:
+        from pipelines.build import build_datastore
+
+        print(f"building the {name} datastore from {corpus}", flush=True)
+        print("\n".join(build_datastore(cfg).lines()), flush=True)
+    return root
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def load_results(path: Path) -> dict[tuple[str, str, int], dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["set"], r["method"], r["prompt"])] = r
+    return done
+
+
+def metrics_from(d: dict) -> DecodeMetrics:
+    names = {f.name for f in fields(DecodeMetrics)}
+    return DecodeMetrics(**{k: v for k, v in d.items() if k in names})
+
+
+def run(args) -> Path:
+    workdir = Path(args.workdir)
+    out_dir = workdir / ("quick" if args.quick else "full")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = eval_sets()
+    banned = {norm(p) for prompts in sets.values() for p in prompts}
+    lm = load_model(ModelConfig())
+    roots = {"id": store(workdir, "id", id_corpus(workdir, banned))}
+    id_tokens = len(Datastore(roots["id"]).tokens)
+    roots["ood"] = store(workdir, "ood", ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens))
+    # Calibrated afresh: the forward cost per verified position depends on this machine's state now.
+    cost = cached_cost_model(lm.model, refresh=True)
+    engines = {None: Engine(lm, cost=cost), **{k: Engine(lm, Datastore(r), cost=cost) for k, r in roots.items()}}
+    chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",") or m.name == "greedy"]
+    results_path = out_dir / "results.jsonl"
+    done = load_results(results_path)
+
+    def generate(m: Method, prompt: str, n: int) -> Generation:
+        engine = engines[m.store]
+        if m.spec is None:
+            from dresd.hf_reference import hf_generate
+
+            return hf_generate(lm.model, engine.prompt_ids(prompt), n, lm.eos_token_id, m.hf_lookup)
+        return engine.generate(prompt, m.spec, n)
+
+    # Untimed warm-up: builds drafters (REST index, suffix tree warm-up), calibrates the cost model.
+    t0 = time.perf_counter()
+    for m in chosen:
+        generate(m, "Hello!", 4)
+    print(f"warm-up (drafters, cost calibration) {time.perf_counter() - t0:.1f} s")
+    with open(results_path, "a") as fh:
+        for set_name, prompts in sets.items():
+            for i, prompt in enumerate(tqdm(prompts[: args.prompts], desc=f"{set_name}: {len(chosen)} methods", unit="prompt")):
+                for m in chosen:
+                    if (set_name, m.name, i) in done:
+                        continue
+                    gen = generate(m, prompt, args.max_new_tokens)
+                    rec = {"set": set_name, "method": m.name, "prompt": i, "token_ids": gen.token_ids,
+                           "metrics": gen.metrics.summary()}
+                    fh.write(json.dumps(rec) + "\n")
+                    fh.flush()
+                    done[(set_name, m.name, i)] = rec
+    from dresd.report import write_report
+
+    return write_report(out_dir, done, [m.name for m in chosen], args, cost,
+                        {k: Datastore(r).manifest for k, r in roots.items()})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smoke run: 3 prompts per set (labelled as such)")
+    p.add_argument("--prompts", type=int, default=None, help="prompts per evaluation set (default 20; 3 with --quick)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--methods", default="", help="comma list of method names (greedy is always run)")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    args = p.parse_args(argv)
+    if args.prompts is None:
+        args.prompts = 3 if args.quick else 20
+    report = run(args)
+    print(report.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

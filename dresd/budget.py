@@ -1,0 +1,228 @@
+"""The draft budget: how many positions one verification should spend.
+
+On a CPU a forward over k new positions costs far more than one (SmolLM2-135M, 2 cores:
+k=8 ~2x, k=16 ~2.5x, k=64 ~5x a one-token step), so every verified position must earn its
+cost. Per step the planner:
+
+1. estimates each draft node's probability of being accepted, p(node) = support(node) x
+   r(source, depth), where support is the share of the drafter's evidence through the node
+   (neighbour counts, suffix frequencies) and r is an online calibration: accepted nodes
+   over predicted support, per drafter and depth, seen so far;
+2. keeps the k most probable nodes (p never grows along a path, so the top k form a
+   subtree) for the k that maximises expected tokens per second
+   (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
+3. k = 0 means drafting does not pay right now: plain decoding, and the drafter is
+   consulted again after a back-off that doubles while drafts keep failing.
+
+The forward cost is calibrated once per model, device and thread count and cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dresd.tree import TokenTree, subtree
+
+CALIBRATION_POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class CostModel:
+    """Measured seconds of one verification forward over k positions (piecewise linear)."""
+
+    positions: list[int]  # k values measured, ascending, starting at 1
+    seconds: list[float]  # median forward time for each k
+    context: int = 256  # cached tokens the forwards ran over
+    key: str = ""  # what was measured (model, device, threads)
+
+    def cost(self, k: int) -> float:
+        """Seconds for a forward over k positions (linear between and beyond the measurements)."""
+        ks, ts = self.positions, self.seconds
+        if k <= ks[0]:
+            return ts[0]
+        for i in range(1, len(ks)):
+            if k <= ks[i]:
+                f = (k - ks[i - 1]) / (ks[i] - ks[i - 1])
+                return ts[i - 1] + f * (ts[i] - ts[i - 1])
+        slope = (ts[-1] - ts[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0
+        return ts[-1] + slope * (k - ks[-1])
+
+    def relative(self) -> dict[int, float]:
+        """Cost of each measured k as a multiple of a one-token forward."""
+        return {k: t / self.seconds[0] for k, t in zip(self.positions, self.seconds)}
+
+
+def _cost_key(model, device: torch.device) -> str:
+    cfg = model.config
+    name = getattr(cfg, "_name_or_path", "") or cfg.model_type
+    shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
+    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}"
+
+
+def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIBRATION_POSITIONS,
+                   reps: int = 5) -> CostModel:
+    """Time forwards over k positions (tree-masked, as verification runs them) on this machine."""
+    from transformers import DynamicCache
+
+    from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
+    from dresd.verify import forward
+
+    device = model.device
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
+    cache = DynamicCache()
+    forward(model, prefix, cache)
+    seconds = []
+    for k in positions:
+        # Two branches: the mask is a real tree mask, as in verification.
+        half = (k - 1) // 2
+        # Token ids wrap at the vocabulary (tiny test models have a few hundred ids); the
+        # branches start vocab // 2 apart, so they never merge.
+        drafts = [[(10 + j) % vocab for j in range(half)],
+                  [(10 + vocab // 2 + j) % vocab for j in range(k - 1 - half)]]
+        tree = build_tree(1, [d for d in drafts if d])
+        ids = torch.tensor([tree.tokens], device=device)
+        mask = None if k == 1 else tree_attention_mask(tree, context, model.dtype, device)
+        pos = tree_position_ids(tree, context, device)
+        times = []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            forward(model, ids, cache, pos, mask)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            cache.crop(-len(tree))
+        seconds.append(statistics.median(times[1:]))  # the first run warms caches
+    # Noise can make a larger k look cheaper; costs never fall with k.
+    for i in range(1, len(seconds)):
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return CostModel(list(positions), seconds, context, _cost_key(model, device))
+
+
+def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool = False) -> CostModel:
+    """The cost model for this model/device/thread count: read from the cache or measured once."""
+    base = Path(cache_dir or os.environ.get("DRESD_CACHE_DIR") or Path.home() / ".cache" / "dresd")
+    key = _cost_key(model, model.device)
+    path = base / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    if not refresh and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return CostModel(**data)
+        except (ValueError, TypeError):
+            pass  # unreadable cache: measure again
+    cost = calibrate_cost(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(asdict(cost)))
+    os.replace(tmp, path)
+    return cost
+
+
+@dataclass
+class AcceptanceModel:
+    """Online calibration of support -> acceptance probability, per drafter source and depth."""
+
+    prior_predicted: float = 2.0  # pseudo-counts: before any evidence r = prior_accepted / prior_predicted
+    prior_accepted: float = 1.0
+    decay: float = 0.995  # older steps weigh less (drafters' quality drifts with the text)
+    predicted: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    accepted: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+
+    def ratio(self, source: str, depth: int) -> float:
+        """Accepted nodes per unit of predicted support at this depth (the calibration factor)."""
+        key = (source, depth)
+        return (self.accepted[key] + self.prior_accepted) / (self.predicted[key] + self.prior_predicted)
+
+    def node_probs(self, tree: TokenTree) -> list[float]:
+        """Estimated acceptance probability of every node (1.0 for the root), never above the parent's."""
+        probs = [1.0] * len(tree)
+        for i in range(1, len(tree)):
+            p = tree.support(i) * self.ratio(tree.source[i], tree.depths[i])
+            probs[i] = min(p, probs[tree.parents[i]], 1.0)
+        return probs
+
+    def update(self, tree: TokenTree, path: list[int]) -> None:
+        """Learn from one verified tree and the node path the target accepted."""
+        for key in self.predicted:
+            self.predicted[key] *= self.decay
+            self.accepted[key] *= self.decay
+        on_path = set(path)
+        for i in range(1, len(tree)):
+            # Only nodes whose parent was accepted had a chance: the others say nothing.
+            if tree.parents[i] in on_path:
+                key = (tree.source[i], tree.depths[i])
+                self.predicted[key] += tree.support(i)
+                self.accepted[key] += 1.0 if i in on_path else 0.0
+
+
+def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,
+                 overhead_s: float = 0.0) -> tuple[list[int], float]:
+    """Nodes to verify (root excluded) maximising expected tokens per second, and that rate.
+
+    Candidates are taken in order of probability (shallower first on ties), which keeps
+    every prefix of the order a subtree because a child is never likelier than its parent.
+    """
+    order = sorted(range(1, len(probs)), key=lambda i: (-probs[i], depths[i], i))[: max(0, max_nodes - 1)]
+    best_k, best_rate = 0, 1.0 / (cost.cost(1) + overhead_s)
+    expected = 1.0
+    for k, node in enumerate(order, start=1):
+        expected += probs[node]
+        rate = expected / (cost.cost(k + 1) + overhead_s)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return order[:best_k], best_rate
+
+
+class DraftPlanner:
+    """Per-decoder state of the budget: the cost model, acceptance calibration and back-off."""
+
+    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 16):
+        self.cost = cost  # None = no budget: verify every proposed node up to max_nodes
+        self.max_nodes = max_nodes
+        self.max_backoff = max_backoff
+        self.acceptance = AcceptanceModel()
+        self._failures = 0
+        self._skip = 0
+        self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
+
+    def should_draft(self) -> bool:
+        """False while backing off after drafts that did not pay."""
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
+
+    def plan(self, tree: TokenTree) -> TokenTree:
+        """The part of `tree` worth verifying (the root alone when nothing pays)."""
+        if len(tree) <= 1:
+            return tree
+        if self.cost is None:
+            return subtree(tree, list(range(1, min(len(tree), self.max_nodes))))
+        probs = self.acceptance.node_probs(tree)
+        keep, _ = select_nodes(probs, tree.depths, self.cost, self.max_nodes, self.retrieval_ema)
+        return subtree(tree, keep)
+
+    def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
+        """Account for one step: calibration, retrieval cost and the back-off."""
+        if not drafted:
+            return
+        self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
+        if len(tree) > 1:
+            self.acceptance.update(tree, path)
+        if len(path) > 1 or self.cost is None:  # as-published drafting never backs off
+            self._failures = 0
+        else:
+            # Nothing accepted (or nothing worth verifying): wait 0, 1, 3, 7, ... steps.
+            self._failures += 1
+            self._skip = min(2 ** (self._failures - 1) - 1, self.max_backoff)

@@ -1,0 +1,79 @@
+"""One place that turns a SpeculativeConfig's method into a drafter.
+
+Retrieval baselines are built from the very corpus token streams of the dense datastore
+(its tokens.npy and record offsets), so every method drafts from the same text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dresd.config import SpeculativeConfig
+from dresd.datastore import Datastore
+from dresd.drafters import Drafter
+from dresd.formatting import response_header, shared_prefix_len, split_record
+
+NEEDS_DATASTORE = ("dresd", "rest", "suffix", "hybrid")
+
+
+def derived_dir(store: Datastore) -> Path:
+    """Cache folder for artifacts derived from one datastore version (keyed by its token stream)."""
+    base = Path(os.environ.get("DRESD_CACHE_DIR") or Path.home() / ".cache" / "dresd")
+    digest = store.manifest.get("files", {}).get("tokens.npy", {}).get("sha256") or store.version
+    return base / "derived" / f"{store.version}-{str(digest)[:12]}"
+
+
+def store_records(store: Datastore):
+    """Every record of the datastore as a list of token ids, in order."""
+    offsets = store.record_offsets
+    for i in range(len(offsets) - 1):
+        yield store.tokens[offsets[i] : offsets[i + 1]].tolist()
+
+
+def store_pairs(store: Datastore, tokenizer):
+    """(prompt ids, response ids) of every datastore record, split after the response header."""
+    fmt = store.manifest["prompt_format"]["name"]
+    header, head = response_header(tokenizer, fmt), shared_prefix_len(tokenizer, fmt)
+    for record in store_records(store):
+        prompt, response = split_record(record, header, head)
+        if response and response[-1] == store.eos_id:
+            response = response[:-1]
+        yield prompt, response
+
+
+def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int) -> Drafter | None:
+    """The drafter `spec.method` names (None for plain greedy decoding)."""
+    from dresd.drafters.dense import DenseDrafter
+    from dresd.drafters.hybrid import HybridDrafter
+    from dresd.drafters.prompt_lookup import PromptLookupDrafter
+
+    method = spec.method
+    if method == "greedy":
+        return None
+    if method in NEEDS_DATASTORE and store is None:
+        raise ValueError(f"method {method!r} needs a datastore (--datastore)")
+    if method == "pld":
+        return PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens, spec.pld_matches, eos_id)
+    if method == "dresd":
+        return DenseDrafter(store, spec)
+    if method == "hybrid":
+        pld = PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens,
+                                  max(3, spec.pld_matches), eos_id)
+        return HybridDrafter([DenseDrafter(store, spec), pld])
+    if method == "rest":
+        from dresd.drafters.rest import RestDrafter, rest_index_from_datastore
+
+        path = Path(spec.rest_index) if spec.rest_index else derived_dir(store) / "rest.idx"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rest_index_from_datastore(store, path, len(tokenizer))
+        return RestDrafter(str(path), eos_id, choices=spec.rest_choices)
+    if method == "suffix":
+        from dresd.drafters.suffix import SuffixDrafter
+
+        drafter = SuffixDrafter(max_tree_depth=spec.suffix_max_depth, max_spec_factor=spec.suffix_spec_factor,
+                                min_token_prob=spec.suffix_min_prob)
+        drafter.warm(store_pairs(store, tokenizer))
+        return drafter
+    raise ValueError(f"unknown method {method!r}")
