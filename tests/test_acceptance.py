@@ -1,8 +1,9 @@
 """Tree acceptance: greedy equivalence, the target distribution, and losslessness of sampling.
 
-The statistical tests draw many acceptance steps from a seeded generator, so they are
-deterministic; their chi-square thresholds are the p = 0.001 critical values (a correct
-acceptor would fail with probability 0.001 on a fresh seed). The negative controls show
+The statistical tests draw many acceptance steps (or, at the end, whole generations through
+the decoding loop on a tiny model) from seeded generators, so they are deterministic; their
+chi-square thresholds are the p = 0.001 critical values (a correct acceptor would fail with
+probability 0.001 on a fresh seed). The negative controls show
 the same statistic rejects subtly biased acceptors.
 """
 
@@ -276,3 +277,170 @@ def test_same_seed_same_outputs():
     a = SamplingParams(0.9, 0.95, seed=3)
     assert draws(a) == draws(a)
     assert draws(a) != draws(SamplingParams(0.9, 0.95, seed=4))
+
+
+# --- losslessness of the whole decoding loop (statistical) -------------------------
+#
+# The tests above check one acceptance step on fixed logits. These run the real loop
+# (SpeculativeDecoder.generate_ids: prefill, drafts merged into a token tree, tree-attention
+# verification, KV-cache cut, sample_accept, the next step from the accepted context) on a
+# tiny random Llama, once per seed, and compare the first two generated tokens with their
+# exact distribution p(t1 | prompt) * p(t2 | prompt, t1) computed from the model's logits.
+
+LOOP_PROMPT = [72, 101, 108, 108]
+LOOP_NEW = 3  # tokens per generation: step 1 drafts up to 2 tokens, step 2 one
+LOOP_N = 600  # generations per positive test
+LOOP_N_BIASED = 300  # generations per negative control
+LOGIT_SCALE = 4.0  # lm_head scaled: top token ~0.5 instead of ~0.1, so few categories
+
+
+@pytest.fixture(scope="module")
+def loop_model(tiny_model_dir):
+    """A private copy of the tiny Llama (lm_head scaled so its distributions are peaked),
+    run single-threaded: the model is tiny and the 2 cores are shared."""
+    from dresd.config import ModelConfig
+    from dresd.models import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu")).model
+    with torch.no_grad():
+        model.lm_head.weight.mul_(LOGIT_SCALE)
+    yield model
+    torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def _next_logits(model, contexts: list[list[int]]) -> torch.Tensor:
+    """(len(contexts), V) next-token logits after each context (equal lengths, no cache)."""
+    return model(torch.tensor(contexts)).logits[:, -1].float()
+
+
+class _TopKDrafter:
+    """Drafts that are often right and sometimes not: the model's top-3 next tokens, each
+    followed by its argmax continuation; the top token followed by its second-best
+    continuation (two children at depth 2); one random path."""
+
+    name = "topk"
+
+    def __init__(self, model, seed: int):
+        self.model = model
+        self.gen = torch.Generator().manual_seed(seed)
+        self.memo: dict[tuple[int, ...], list[int]] = {}
+
+    def _ranked(self, context: list[int]) -> list[int]:
+        key = tuple(context)
+        if key not in self.memo:
+            self.memo[key] = _next_logits(self.model, [context])[0].argsort(descending=True)[:3].tolist()
+        return self.memo[key]
+
+    def begin(self, prompt_ids):
+        pass
+
+    def end(self, generated):
+        pass
+
+    def propose(self, request):
+        from dresd.drafters import Candidates
+
+        cands = Candidates()
+        ctx, n = request.context, request.max_len
+        top = self._ranked(ctx)
+        for rank, tok in enumerate(top):
+            cands.add([tok, self._ranked(ctx + [tok])[0]][:n], 3 - rank, self.name)
+        cands.add([top[0], self._ranked(ctx + [top[0]])[1]][:n], 1, self.name)
+        vocab = self.model.config.vocab_size
+        cands.add(torch.randint(0, vocab, (n,), generator=self.gen).tolist(), 1, self.name)
+        return cands
+
+
+def _exact_first_two(model, params: SamplingParams, eos: int) -> dict[tuple[int, ...], float]:
+    """Exact probability of the first two generated tokens under plain sampling (EOS first
+    ends the generation: category (eos,))."""
+    p1 = target_probs(_next_logits(model, [LOOP_PROMPT])[0], params.temperature, params.top_p).double()
+    firsts = [t for t in range(len(p1)) if p1[t] > 0 and t != eos]
+    p2 = target_probs(_next_logits(model, [LOOP_PROMPT + [t] for t in firsts]),
+                      params.temperature, params.top_p).double()
+    out = {(eos,): float(p1[eos])}
+    for t1, row in zip(firsts, p2):
+        for t2, q in enumerate(row.tolist()):
+            out[(t1, t2)] = float(p1[t1]) * q
+    return out
+
+
+def _loop_eos(model) -> int:
+    """The least likely first token: an EOS the loop essentially never emits (still
+    accounted for exactly)."""
+    return int(_next_logits(model, [LOOP_PROMPT])[0].argmin())
+
+
+def _loop_samples(model, method: str, params: SamplingParams, n: int, seed0: int) -> tuple[Counter, int]:
+    """First-two-token counts of `n` generations (seeds seed0..seed0+n-1), and the draft
+    tokens accepted in all."""
+    from dresd.config import SpeculativeConfig
+    from dresd.decoding import SpeculativeDecoder
+
+    eos = _loop_eos(model)
+    drafter = _TopKDrafter(model, seed0) if method == "dresd" else None
+    spec = SpeculativeConfig(method=method, budget="off", verify="tree")
+    decoder = SpeculativeDecoder(model, eos, 2048, spec, drafter)
+    counts, accepted = Counter(), 0
+    for i in range(n):
+        sampling = SamplingParams(params.temperature, params.top_p, seed=seed0 + i)
+        gen = decoder.generate_ids(LOOP_PROMPT, LOOP_NEW, sampling)
+        toks = gen.token_ids
+        assert len(toks) == LOOP_NEW or toks[-1] == eos, toks
+        counts[tuple(toks[:2])] += 1
+        accepted += gen.metrics.accepted
+    return counts, accepted
+
+
+def _loop_stats(model, counts: Counter, params: SamplingParams, n: int) -> dict[str, tuple[float, int]]:
+    exact = _exact_first_two(model, params, _loop_eos(model))
+    out = {}
+    for name, k in (("first", 1), ("first_two", 2)):
+        marg = Counter()
+        for seq, c in counts.items():
+            marg[seq[:k]] += c
+        stat, df = _chi_square(marg, _marginal(exact, k), n)
+        assert 1 <= df <= len(CHI2_CRIT_999), (name, df)
+        out[name] = (stat, df)
+    return out
+
+
+LOOP_PARAMS = [SamplingParams(1.0, 1.0), SamplingParams(0.8, 0.9)]
+
+
+@pytest.mark.parametrize("params", LOOP_PARAMS, ids=["t1.0", "t0.8-p0.9"])
+@pytest.mark.parametrize("method", ["dresd", "greedy"], ids=["speculative", "plain"])
+def test_decoding_loop_samples_the_target_distribution(loop_model, method, params):
+    """Speculative sampling through the whole loop (drafts accepted with sample_accept) and
+    plain sampling through the same loop both draw the first two tokens from the exact
+    p(t1 | prompt) * p(t2 | prompt, t1)."""
+    counts, accepted = _loop_samples(loop_model, method, params, LOOP_N, 1000 if method == "dresd" else 50_000)
+    stats = _loop_stats(loop_model, counts, params, LOOP_N)
+    assert all(stat < CHI2_CRIT_999[df - 1] for stat, df in stats.values()), stats
+    if method == "dresd":  # drafts were accepted: the test exercises acceptance in the loop
+        assert accepted > LOOP_N // 2, accepted
+    else:
+        assert accepted == 0
+
+
+@pytest.mark.parametrize("biased", [_naive_residual_acceptor, _first_child_acceptor], ids=["naive", "first_child"])
+def test_decoding_loop_with_a_biased_acceptor_is_rejected(loop_model, monkeypatch, biased):
+    """The same statistic run through the loop rejects a subtly biased acceptance."""
+    import dresd.acceptance
+    import dresd.decoding
+
+    def accept(tree, logits, params, gen):
+        if not tree.children[0]:  # a lone root (no drafts): nothing to be biased about
+            return sample_accept(tree, logits, params, gen)
+        return biased(tree, logits, params, gen)
+
+    monkeypatch.setattr(dresd.acceptance, "sample_accept", accept)
+    monkeypatch.setattr(dresd.decoding, "sample_accept", accept, raising=False)
+    params = SamplingParams(1.0, 1.0)
+    counts, accepted = _loop_samples(loop_model, "dresd", params, LOOP_N_BIASED, 1000)
+    assert accepted > 0
+    stats = _loop_stats(loop_model, counts, params, LOOP_N_BIASED)
+    assert all(stat > CHI2_CRIT_999[df - 1] for stat, df in stats.values()), stats
