@@ -109,7 +109,7 @@ def run(lm, engine, prompts, ids, args) -> None:
     base_cpu = rows[0][2] / rows[0][4]
     print()
     print(f"torch threads {torch.get_num_threads()}:")
-    print(f"| run | tokens | wall s | prefill s | tok/s | x | tok/CPU-s | x | same as 1-by-1 | prefill pad | dead slots |")
+    print("| run | tokens | wall s | prefill s | tok/s | x | tok/CPU-s | x | same as 1-by-1 | prefill pad | dead slots |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, _, tokens, wall, cpu, pre, same, pad, dead in rows:
         print(f"| {name} | {tokens} | {wall:.1f} | {pre:.1f} | {tokens / wall:.2f} | {tokens / wall / base_wall:.2f} "

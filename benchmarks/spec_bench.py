@@ -78,6 +78,7 @@ def methods() -> list[Method]:
         tag = "" if store == "id" else "@ood"
         out += [
             Method(f"rest{tag}", store, S(method="rest", budget="off")),
+            Method(f"rest-dr{tag}", store, S(method="rest-dr", budget="off")),
             Method(f"suffix{tag}", store, S(method="suffix", budget="off")),
             Method(f"dresd{tag}", store, S(method="dresd")),
             Method(f"hybrid{tag}", store, S(method="hybrid")),
@@ -128,6 +129,19 @@ def id_corpus(workdir: Path, banned: set[str]) -> Path:
     if kept < MIN_ID_RECORDS:
         raise SystemExit(f"ID corpus has {kept} records, fewer than {MIN_ID_RECORDS}: raise ID_ROWS")
     return out
+
+
+def corpus_tokens(path: Path, tokenizer, eos_id: int) -> int:
+    """Tokens a build of this prompt/response corpus stores (the build's own record layout)."""
+    total = 0
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        try:
+            total += len(record_ids(tokenizer, Example(rec["id"], rec["prompt"], rec["response"]), "chat",
+                                    RECORD_MAX_TOKENS, eos_id))
+        except RecordError:
+            pass  # rejected by the build as well
+    return total
 
 
 def ood_corpus(workdir: Path, banned: set[str], tokenizer, eos_id: int, target_tokens: int) -> Path:
@@ -182,16 +196,21 @@ def metrics_from(d: dict) -> DecodeMetrics:
     return DecodeMetrics(**{k: v for k, v in d.items() if k in names})
 
 
-def run(args) -> Path:
+def run(args) -> Path | None:
     workdir = Path(args.workdir)
     out_dir = workdir / ("quick" if args.quick else "full")
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = eval_sets()
     banned = {norm(p) for prompts in sets.values() for p in prompts}
     lm = load_model(ModelConfig())
-    roots = {"id": store(workdir, "id", id_corpus(workdir, banned))}
-    id_tokens = len(Datastore(roots["id"]).tokens)
-    roots["ood"] = store(workdir, "ood", ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens))
+    id_path = id_corpus(workdir, banned)
+    id_tokens = corpus_tokens(id_path, lm.tokenizer, lm.eos_token_id)
+    ood_path = ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens)
+    corpora = {"id": id_path, "ood": ood_path}
+    if args.only_store:
+        store(workdir, args.only_store, corpora[args.only_store])
+        return None
+    roots = {name: store(workdir, name, path) for name, path in corpora.items()}
     # Calibrated afresh: the forward cost per verified position depends on this machine's state now.
     cost = cached_cost_model(lm.model, refresh=True)
     engines = {None: Engine(lm, cost=cost), **{k: Engine(lm, Datastore(r), cost=cost) for k, r in roots.items()}}
@@ -237,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--methods", default="", help="comma list of method names (greedy is always run)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--only-store", choices=["id", "ood"],
+                   help="write the corpora, build (or reuse) this one datastore and stop: run one process per store to build both at once")
     args = p.parse_args(argv)
     if args.prompts is None:
         args.prompts = 3 if args.quick else 20
     report = run(args)
-    print(report.read_text())
+    if report is not None:
+        print(report.read_text())
     return 0
 
 

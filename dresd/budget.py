@@ -4,15 +4,15 @@ On a CPU a forward over k new positions costs far more than one (SmolLM2-135M, 2
 k=8 ~2x, k=16 ~2.5x, k=64 ~5x a one-token step), so every verified position must earn its
 cost. Per step the planner:
 
-1. estimates each draft node's probability of being accepted, p(node) = support(node) x
-   r(source, depth), where support is the share of the drafter's evidence through the node
-   (neighbour counts, suffix frequencies) and r is an online calibration: accepted nodes
-   over predicted support, per drafter and depth, seen so far;
+1. estimates each draft node's probability of being accepted: the product, down its path,
+   of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
+   share of its parent's evidence: neighbour counts, suffix frequencies);
 2. keeps the k most probable nodes (p never grows along a path, so the top k form a
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
 3. k = 0 means drafting does not pay right now: plain decoding, and the drafter is
-   consulted again after a back-off that doubles while drafts keep failing.
+   consulted again after a back-off that doubles while drafts keep failing; the retry
+   verifies a small probe so the estimates can recover when the text changes.
 
 The forward cost is calibrated once per model, device and thread count and cached.
 """
@@ -129,41 +129,59 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
     return cost
 
 
+SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
+MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
+
+
+def support_bin(conditional_support: float) -> int:
+    """Which bin a node's support relative to its parent falls in (0 = weakest)."""
+    return sum(conditional_support > edge for edge in SUPPORT_BINS)
+
+
 @dataclass
 class AcceptanceModel:
-    """Online calibration of support -> acceptance probability, per drafter source and depth."""
+    """Online estimate of P(node accepted | its parent accepted), per calibration cell.
 
-    prior_predicted: float = 2.0  # pseudo-counts: before any evidence r = prior_accepted / prior_predicted
-    prior_accepted: float = 1.0
-    decay: float = 0.995  # older steps weigh less (drafters' quality drifts with the text)
-    predicted: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
-    accepted: dict[tuple[str, int], float] = field(default_factory=lambda: defaultdict(float))
+    A cell is (drafter source, depth bucket, bin of the node's support relative to its
+    parent's). p(node) is the product of these conditionals down the path, so it never
+    exceeds its parent's. Counts decay so the estimate follows the text being generated.
+    """
 
-    def ratio(self, source: str, depth: int) -> float:
-        """Accepted nodes per unit of predicted support at this depth (the calibration factor)."""
-        key = (source, depth)
-        return (self.accepted[key] + self.prior_accepted) / (self.predicted[key] + self.prior_predicted)
+    prior_rate: float = 0.7  # before evidence: optimistic, so the drafter gets verified and measured
+    prior_weight: float = 2.0  # pseudo-observations behind the prior
+    decay: float = 0.995  # per recorded step
+    offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
+    accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
+
+    @staticmethod
+    def cell(tree: TokenTree, node: int) -> tuple:
+        parent = tree.parents[node]
+        cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
+        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
+
+    def rate(self, cell: tuple) -> float:
+        """P(accepted | parent accepted) in this cell."""
+        return (self.accepted[cell] + self.prior_rate * self.prior_weight) / (self.offered[cell] + self.prior_weight)
 
     def node_probs(self, tree: TokenTree) -> list[float]:
-        """Estimated acceptance probability of every node (1.0 for the root), never above the parent's."""
+        """Estimated probability that each node is accepted (1.0 for the root)."""
         probs = [1.0] * len(tree)
         for i in range(1, len(tree)):
-            p = tree.support(i) * self.ratio(tree.source[i], tree.depths[i])
-            probs[i] = min(p, probs[tree.parents[i]], 1.0)
+            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i))
         return probs
 
     def update(self, tree: TokenTree, path: list[int]) -> None:
         """Learn from one verified tree and the node path the target accepted."""
-        for key in self.predicted:
-            self.predicted[key] *= self.decay
+        for key in self.offered:
+            self.offered[key] *= self.decay
             self.accepted[key] *= self.decay
         on_path = set(path)
         for i in range(1, len(tree)):
             # Only nodes whose parent was accepted had a chance: the others say nothing.
             if tree.parents[i] in on_path:
-                key = (tree.source[i], tree.depths[i])
-                self.predicted[key] += tree.support(i)
-                self.accepted[key] += 1.0 if i in on_path else 0.0
+                cell = self.cell(tree, i)
+                self.offered[cell] += 1.0
+                self.accepted[cell] += 1.0 if i in on_path else 0.0
 
 
 def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,
@@ -187,19 +205,22 @@ def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nod
 class DraftPlanner:
     """Per-decoder state of the budget: the cost model, acceptance calibration and back-off."""
 
-    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 16):
+    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 32, probe_nodes: int = 3):
         self.cost = cost  # None = no budget: verify every proposed node up to max_nodes
         self.max_nodes = max_nodes
         self.max_backoff = max_backoff
         self.acceptance = AcceptanceModel()
+        self.probe_nodes = probe_nodes  # after a back-off, verify at least this many nodes: a retry that measures
         self._failures = 0
         self._skip = 0
+        self._probe = False
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
 
     def should_draft(self) -> bool:
         """False while backing off after drafts that did not pay."""
         if self._skip > 0:
             self._skip -= 1
+            self._probe = self._skip == 0
             return False
         return True
 
@@ -208,9 +229,17 @@ class DraftPlanner:
         if len(tree) <= 1:
             return tree
         if self.cost is None:
-            return subtree(tree, list(range(1, min(len(tree), self.max_nodes))))
+            # No budget: the max_nodes - 1 best-supported nodes (REST's top-64 tree). Support
+            # never grows along a path, so these always form a subtree.
+            order = sorted(range(1, len(tree)), key=lambda i: (-tree.weight[i], tree.depths[i], i))
+            return subtree(tree, order[: self.max_nodes - 1])
         probs = self.acceptance.node_probs(tree)
         keep, _ = select_nodes(probs, tree.depths, self.cost, self.max_nodes, self.retrieval_ema)
+        if self._probe and len(keep) < self.probe_nodes:
+            # Retrying after a back-off: without verifying something the estimates that
+            # stopped drafting could never change. The probe is the likeliest few nodes.
+            keep = sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))[: self.probe_nodes]
+        self._probe = False
         return subtree(tree, keep)
 
     def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:

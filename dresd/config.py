@@ -121,10 +121,13 @@ class SpeculativeConfig:
     """How drafts are proposed and verified at decode time."""
 
     # Drafter: "greedy" = plain decoding through the same loop (no drafts); "dresd" = dense
-    # retrieval from the datastore; "pld" = prompt lookup; "rest" = REST suffix-array
-    # retrieval (draftretriever); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
+    # retrieval from the datastore; "pld" = prompt lookup; "rest" = REST as published
+    # (suffix array over the datastore's records, suffixes 16 -> 2, <= 5000 matches,
+    # 10-token continuations; our numpy implementation, dresd.drafters.suffix_array);
+    # "rest-dr" = PyPI draftretriever 0.1.1, which is ADED's trigram-table fork (drafts of
+    # <= 4 tokens keyed on 2); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
     # dense + prompt lookup candidates in one tree.
-    method: Literal["greedy", "dresd", "pld", "rest", "suffix", "hybrid"] = "dresd"
+    method: Literal["greedy", "dresd", "pld", "rest", "rest-dr", "suffix", "hybrid"] = "dresd"
     # "tree" = drafts merged into a token trie verified with tree attention;
     # "batch" = the reference's batch of draft rows (KV cache copied per row; dresd only,
     # no draft budget).
@@ -144,6 +147,9 @@ class SpeculativeConfig:
     len_drafts: int = 10
     # Partitions searched (0 = the datastore's default).
     nprobe: int = 0
+    # Neighbour evidence weight exp((cosine - best) / sim_temperature): closer neighbours
+    # count more in a draft node's support (0 = every neighbour counts 1).
+    sim_temperature: float = 0.05
     # Prompt lookup: longest and shortest n-gram matched (tried longest first).
     pld_max_ngram: int = 2
     pld_min_ngram: int = 1
@@ -152,10 +158,11 @@ class SpeculativeConfig:
     # Prompt lookup: matches turned into drafts (1 = Hugging Face's behaviour; the hybrid
     # drafter uses max(3, this)).
     pld_matches: int = 1
-    # REST: candidate paths kept per search (64 = the published top-64 tree).
+    # rest-dr: candidate paths kept per search (64 = the published top-64 tree; for "rest"
+    # the top nodes are max_verify's).
     rest_choices: int = 64
-    # REST: the draftretriever index file (None = built from the datastore's token streams
-    # once and cached next to it).
+    # rest-dr: the draftretriever index file (None = built from the datastore's token
+    # streams once and cached next to it; "rest" caches its suffix array the same way).
     rest_index: str | None = None
     # SuffixDecoding: deepest suffix-tree match and speculation length factor (as published).
     suffix_max_depth: int = 64

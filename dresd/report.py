@@ -23,7 +23,7 @@ GOAL_MAT = 4.0
 GOAL_OVER_PEERS = 1.25
 GOAL_RETRIEVAL = 0.10
 GOAL_GREEDY_VS_HF = 0.9
-PEERS = ("rest", "pld", "suffix")
+PEERS = ("rest", "rest-dr", "pld", "suffix")
 
 
 def _metrics(d: dict) -> DecodeMetrics:

@@ -31,7 +31,7 @@ from dresd.models import load_model
 
 log = logging.getLogger(__name__)
 
-METHODS = ("greedy", "dresd", "hybrid", "pld", "rest", "suffix")
+METHODS = ("greedy", "dresd", "hybrid", "pld", "rest", "rest-dr", "suffix")
 VERIFIERS = ("tree", "batch")
 # Ray re-runs a task on the restarted actor this many times when its actor dies mid-task;
 # the pool resubmits on top of that (DecoderPool.max_attempts). Finite on purpose: a request

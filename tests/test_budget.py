@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dresd.budget as budget
-from dresd.budget import AcceptanceModel, CostModel, DraftPlanner, cached_cost_model, calibrate_cost, select_nodes
+from dresd.budget import AcceptanceModel, support_bin, CostModel, DraftPlanner, cached_cost_model, calibrate_cost, select_nodes
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
@@ -178,68 +178,65 @@ def test_selection_is_always_a_subtree(seed):
 # ------------------------------------------------------------------- AcceptanceModel
 
 
-def test_acceptance_priors():
+def test_support_bins():
+    assert [support_bin(x) for x in (0.0, 0.1, 0.11, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_acceptance_priors_and_cells():
     acc = AcceptanceModel()
-    assert acc.ratio("anything", 1) == pytest.approx(0.5)  # prior_accepted / prior_predicted
-    assert AcceptanceModel(prior_predicted=4.0, prior_accepted=3.0).ratio("x", 5) == pytest.approx(0.75)
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
-    # support: node1 (tok 1) 0.75, node2 (tok 2) 0.75, node3 (tok 3) 0.25; r = 0.5 everywhere.
-    assert acc.node_probs(tree) == pytest.approx([1.0, 0.375, 0.375, 0.125])
+    # node 1: depth 1, share 0.75 of the root -> bin 3; node 2: share 1.0 of node 1 -> bin 4;
+    # node 3: share 0.25 -> bin 1.
+    assert acc.cell(tree, 1) == ("s", 1, 3)
+    assert acc.cell(tree, 2) == ("s", 2, 4)
+    assert acc.cell(tree, 3) == ("s", 1, 1)
+    assert acc.rate(("any", 1, 0)) == pytest.approx(0.7)  # the optimistic prior
+    assert acc.node_probs(tree) == pytest.approx([1.0, 0.7, 0.49, 0.7])
+    deep = build_tree(0, [list(range(1, 13))], sources=["d"])
+    assert acc.cell(deep, 12)[1] == 8  # deep nodes share a depth bucket
 
 
-def test_acceptance_update_moves_ratio_toward_observed():
+def test_acceptance_update_moves_rates_toward_observed():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     acc = AcceptanceModel()
     acc.update(tree, [0, 1])  # node 1 accepted, node 2 (its child) and node 3 rejected
-    # depth 1: predicted 0.75 + 0.25 = 1.0, accepted 1 -> (1 + 1) / (1 + 2)
-    assert acc.ratio("s", 1) == pytest.approx(2 / 3)
-    # depth 2: predicted 0.75, accepted 0 -> 1 / 2.75
-    assert acc.ratio("s", 2) == pytest.approx(1 / 2.75)
-    assert acc.ratio("other", 1) == pytest.approx(0.5)  # other sources untouched
-    # Many fully accepted chains at support 1: the ratio tends to 1.
+    assert acc.rate(("s", 1, 3)) == pytest.approx((1 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 2, 4)) == pytest.approx((0 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 1, 1)) == pytest.approx(1.4 / 3)
+    assert acc.rate(("other", 1, 3)) == pytest.approx(0.7)  # other sources untouched
     full = build_tree(0, [[1, 2, 3]], sources=["c"])
     acc = AcceptanceModel()
     for _ in range(300):
         acc.update(full, [0, 1, 2, 3])
-    assert acc.ratio("c", 1) == pytest.approx(1.0, abs=0.02)
-    assert acc.ratio("c", 3) == pytest.approx(1.0, abs=0.02)
-    # Always rejected: the ratio falls towards 0.
+    assert acc.node_probs(full)[3] == pytest.approx(1.0, abs=0.02)
     acc = AcceptanceModel()
     for _ in range(300):
         acc.update(full, [0])
-    assert acc.ratio("c", 1) < 0.05
+    assert acc.node_probs(full)[1] < 0.05
 
 
 def test_acceptance_only_counts_nodes_whose_parent_was_accepted():
     tree = build_tree(0, [[1, 2, 3]], sources=["s"])
     acc = AcceptanceModel()
     acc.update(tree, [0])  # the first node rejected: deeper nodes had no chance
-    assert acc.predicted[("s", 1)] == pytest.approx(1.0) and acc.accepted[("s", 1)] == 0.0
-    assert acc.predicted.get(("s", 2), 0.0) == 0.0 and acc.predicted.get(("s", 3), 0.0) == 0.0
-    assert acc.ratio("s", 2) == pytest.approx(0.5)  # still the prior
+    assert acc.offered[("s", 1, 4)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4)] == 0.0
+    assert acc.offered.get(("s", 2, 4), 0.0) == 0.0 and acc.offered.get(("s", 3, 4), 0.0) == 0.0
     acc.update(tree, [0, 1])  # second node rejected: depth 3 says nothing
-    assert acc.predicted[("s", 2)] == pytest.approx(1.0) and acc.accepted[("s", 2)] == 0.0
-    assert acc.predicted.get(("s", 3), 0.0) == 0.0
+    assert acc.offered[("s", 2, 4)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4)] == 0.0
+    assert acc.offered.get(("s", 3, 4), 0.0) == 0.0
     # Decay: older evidence weighs less.
-    assert acc.predicted[("s", 1)] == pytest.approx(acc.decay * 1.0 + 1.0)
-    assert acc.accepted[("s", 1)] == pytest.approx(1.0)
+    assert acc.offered[("s", 1, 4)] == pytest.approx(acc.decay * 1.0 + 1.0)
+    assert acc.accepted[("s", 1, 4)] == pytest.approx(1.0)
 
 
-def test_node_probs_never_exceed_parent():
+def test_node_probs_are_products_down_the_path():
     acc = AcceptanceModel()
-    # Source "deep" is always accepted with tiny support at depth 2: its ratio grows above 1.
-    # nodes: 1 (tok 1, support 1), 2 (tok 2, support 0.1, "deep"), 3 (tok 9, support 0.9, "a").
-    train = build_tree(0, [[1, 2], [1, 9]], weights=[1.0, 9.0], sources=["deep", "a"])
-    for _ in range(50):
-        acc.update(train, [0, 1, 2])  # node 2 (tok 2, support 0.1, source "deep") accepted
-    assert acc.ratio("deep", 2) > 2.0
-    # A shallow node with low support and a deep "deep" node with high support * ratio.
-    tree = build_tree(0, [[5], [5, 6]], weights=[1.0, 1.0], sources=["x", "deep"], total=10.0)
+    tree = build_tree(0, [[5, 6, 7]], sources=["x"])
+    for _ in range(100):
+        acc.update(tree, [0, 1])  # depth 1 always accepted, depth 2 never
     probs = acc.node_probs(tree)
-    assert probs[1] == pytest.approx(0.2 * 0.5)  # support 0.2, prior ratio of "x"
-    assert tree.support(2) * acc.ratio("deep", 2) > probs[1]  # uncapped it would exceed the parent
-    assert probs[2] == pytest.approx(probs[1])  # capped by its parent
-    assert all(p <= 1.0 for p in probs)
+    assert probs[1] > 0.95 and probs[2] < 0.05 * probs[1] + 1e-9
+    assert probs[3] <= probs[2] <= probs[1] <= 1.0
 
 
 # ---------------------------------------------------------------------- DraftPlanner
@@ -250,8 +247,12 @@ def test_planner_without_budget_verifies_everything_up_to_max_nodes():
     planner = DraftPlanner(None, max_nodes=64)
     out = planner.plan(tree)
     assert out.tokens == tree.tokens and out.parents == tree.parents
+    # A cap keeps the best-supported nodes (shallower first on ties): a top-k tree.
     small = DraftPlanner(None, max_nodes=4).plan(tree)
-    assert small.tokens == [0, 1, 2, 3] and small.parents == [-1, 0, 1, 2]
+    assert small.tokens == [0, 1, 4, 6] and small.parents == [-1, 0, 0, 0]
+    weighted = build_tree(0, [[1, 2, 3], [4, 5], [6]], weights=[1.0, 5.0, 0.5])
+    top = DraftPlanner(None, max_nodes=4).plan(weighted)
+    assert top.tokens == [0, 1, 4, 5] and top.parents == [-1, 0, 0, 2]  # nodes keep their order
     # Root-only trees pass through.
     root = build_tree(7, [])
     assert DraftPlanner(smol_cpu_cost()).plan(root) is root
@@ -501,7 +502,7 @@ def test_auto_budget_when_drafting_pays(lm, case):
     assert m.drafted > 0 and m.accepted == m.drafted
     assert m.verified_positions == m.drafted + m.target_calls
     # The calibration learnt that the oracle is always right.
-    assert dec.planner.acceptance.ratio("oracle", 1) > 0.5
+    assert dec.planner.acceptance.node_probs(build_tree(0, [[1]], sources=["oracle"]))[1] > 0.7
 
 
 def test_auto_budget_when_drafting_never_pays(lm, case):
@@ -510,11 +511,10 @@ def test_auto_budget_when_drafting_never_pays(lm, case):
     gen = dec.generate_ids(case["prompt"], BUDGET)
     assert gen.token_ids == case["ref"]
     m = gen.metrics
-    assert m.target_calls == BUDGET
-    assert m.drafted == 0 and m.accepted == 0 and m.drafted_steps == 0
-    assert m.verified_positions == BUDGET
-    # Back-off: consulted at steps 0, 1, 3, 7, 15, 31 of 40 (the last step never drafts).
-    assert oracle.calls == 6 < m.target_calls
+    # Only the probes after each back-off verify drafts (at most probe_nodes positions each).
+    assert 0 < m.drafted_steps < oracle.calls < m.target_calls
+    assert m.drafted <= dec.planner.probe_nodes * m.drafted_steps
+    assert m.verified_positions == m.drafted + m.target_calls
 
 
 @pytest.mark.parametrize("cost", [CostModel([1, 64], [0.1, 0.1]), smol_cpu_cost()], ids=["flat", "smol"])

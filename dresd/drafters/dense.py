@@ -12,30 +12,44 @@ from dresd.index import search, set_search_params, IndexParams
 
 
 def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len_drafts: int, eos_id: int,
-                       source: str = "dense") -> Candidates:
+                       source: str = "dense", weights: np.ndarray | None = None) -> Candidates:
     """Filter neighbour values on the token just emitted and cut them into weighted drafts.
 
     `values[r]` are the tokens after neighbour r (rank order); `values[r, 0]` is the token
     that neighbour predicted, so only rows whose first value equals `last_token` continue
     the current text. Each draft is values[r, 1 : 1 + len_drafts], cut after its first EOS;
-    a draft's weight counts the neighbours that give exactly it, at most `num_drafts`
-    distinct drafts are kept in rank order, and the evidence total is every neighbour
-    retrieved, so a node's support is the share of all neighbours that lead through it.
+    a draft's weight sums the weights of the neighbours that give exactly it (1 each by
+    default), at most `num_drafts` distinct drafts are kept in rank order, and the evidence
+    total is every neighbour retrieved, so a node's support is the share of all neighbours'
+    weight that leads through it.
     """
     out = Candidates()
     index: dict[tuple[int, ...], int] = {}
-    for row in values[values[:, 0] == last_token]:
+    weights = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
+    keep = values[:, 0] == last_token
+    for row, w in zip(values[keep], weights[keep]):
         draft = truncate_at(row[1 : 1 + len_drafts].tolist(), len_drafts, eos_id)
         key = tuple(draft)
         if not draft:
             continue
         if key in index:
-            out.weights[index[key]] += 1.0
+            out.weights[index[key]] += float(w)
         elif len(out) < num_drafts:
             index[key] = len(out)
-            out.add(draft, 1.0, source)
-    out.total = float(len(values))
+            out.add(draft, float(w), source)
+    out.total = float(weights.sum())
     return out
+
+
+def similarity_weights(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """Neighbour weights exp((score - best) / temperature); all ones when temperature is 0.
+
+    Scores are cosine similarities of compressed keys: the closest neighbours of a query
+    continue its text far more often than the 50th, so they should carry more evidence.
+    """
+    if temperature <= 0 or len(scores) == 0:
+        return np.ones(len(scores))
+    return np.exp((scores - scores.max()) / temperature)
 
 
 class DenseDrafter:
@@ -53,13 +67,13 @@ class DenseDrafter:
         self.spec = spec
         set_search_params(store.index, IndexParams(**store.manifest["index"]["params"]), spec.nprobe)
 
-    def neighbours(self, key: np.ndarray) -> np.ndarray:
-        """Ids of the top-k neighbours of a compressed query, deleted keys left out."""
-        _, ids = search(self.store.index, key, self.spec.top_k)
-        ids = ids[0][ids[0] >= 0]
+    def neighbours(self, key: np.ndarray, with_scores: bool = False):
+        """Ids of the top-k neighbours of a compressed query (and their scores), deleted keys left out."""
+        scores, ids = search(self.store.index, key, self.spec.top_k)
+        keep = ids[0] >= 0
         if self.store.deleted is not None:
-            ids = ids[~self.store.deleted[ids]]
-        return ids
+            keep &= ~self.store.deleted[np.maximum(ids[0], 0)]
+        return (ids[0][keep], scores[0][keep]) if with_scores else ids[0][keep]
 
     def begin(self, prompt_ids: list[int]) -> None:
         """Stateless across steps: nothing to reset."""
@@ -72,8 +86,10 @@ class DenseDrafter:
         length = min(self.spec.len_drafts, request.max_len)
         if length <= 0 or request.query is None:
             return Candidates()
-        ids = self.neighbours(compress(self.store.compressor, request.query))
+        ids, scores = self.neighbours(compress(self.store.compressor, request.query), with_scores=True)
         if len(ids) == 0:
             return Candidates()
         values = self.store.values(ids, length + 1)
-        return drafts_from_values(values, request.context[-1], self.spec.num_drafts, length, self.store.eos_id)
+        weights = similarity_weights(scores, self.spec.sim_temperature)
+        return drafts_from_values(values, request.context[-1], self.spec.num_drafts, length, self.store.eos_id,
+                                  weights=weights)

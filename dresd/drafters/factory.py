@@ -14,7 +14,7 @@ from dresd.datastore import Datastore
 from dresd.drafters import Drafter
 from dresd.formatting import response_header, shared_prefix_len, split_record
 
-NEEDS_DATASTORE = ("dresd", "rest", "suffix", "hybrid")
+NEEDS_DATASTORE = ("dresd", "rest", "rest-dr", "suffix", "hybrid")
 
 
 def derived_dir(store: Datastore) -> Path:
@@ -42,6 +42,16 @@ def store_pairs(store: Datastore, tokenizer):
         yield prompt, response
 
 
+def _suffix_drafter(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int):
+    """SuffixDecoding with its global tree warmed on the datastore's (prompt, response) pairs."""
+    from dresd.drafters.suffix import SuffixDrafter
+
+    drafter = SuffixDrafter(max_tree_depth=spec.suffix_max_depth, max_spec_factor=spec.suffix_spec_factor,
+                            min_token_prob=spec.suffix_min_prob, eos_id=eos_id)
+    drafter.warm(store_pairs(store, tokenizer))
+    return drafter
+
+
 def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int) -> Drafter | None:
     """The drafter `spec.method` names (None for plain greedy decoding)."""
     from dresd.drafters.dense import DenseDrafter
@@ -60,20 +70,27 @@ def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eo
     if method == "hybrid":
         pld = PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens,
                                   max(3, spec.pld_matches), eos_id)
+        # Exact matches in the request's own text complement the dense neighbours where the
+        # text repeats itself; the budget ranks both by their calibrated acceptance.
         return HybridDrafter([DenseDrafter(store, spec), pld])
     if method == "rest":
+        # REST's retrieval as published: our suffix array over the datastore's records.
+        from dresd.drafters.suffix_array import RestSuffixDrafter, SuffixArrayIndex
+
+        index = SuffixArrayIndex.cached(derived_dir(store) / "rest_sa.npz", lambda: store_records(store))
+        # Only the paths to the best-supported trie nodes: a frequent two-token match has
+        # thousands of distinct continuations, and merging all of them costs tens of ms per
+        # step. The margin over max_verify leaves the budget room to re-rank by depth.
+        return RestSuffixDrafter(index, eos_id, max_nodes=4 * spec.max_verify)
+    if method == "rest-dr":
+        # PyPI draftretriever 0.1.1: ADED's trigram-table fork behind REST's interface.
         from dresd.drafters.rest import RestDrafter, rest_index_from_datastore
 
         path = Path(spec.rest_index) if spec.rest_index else derived_dir(store) / "rest.idx"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             rest_index_from_datastore(store, path, len(tokenizer))
-        return RestDrafter(str(path), eos_id, choices=spec.rest_choices)
+        return RestDrafter(str(path), eos_id, choices=spec.rest_choices, name="rest-dr")
     if method == "suffix":
-        from dresd.drafters.suffix import SuffixDrafter
-
-        drafter = SuffixDrafter(max_tree_depth=spec.suffix_max_depth, max_spec_factor=spec.suffix_spec_factor,
-                                min_token_prob=spec.suffix_min_prob)
-        drafter.warm(store_pairs(store, tokenizer))
-        return drafter
+        return _suffix_drafter(spec, store, tokenizer, eos_id)
     raise ValueError(f"unknown method {method!r}")

@@ -71,7 +71,7 @@ def build_rest_index(path: str | Path, records: Iterable[Sequence[int]], vocab_s
         del writer  # rewrites the same bytes; must happen before the rename, not after
         os.replace(tmp, path)
     except BaseException:
-        writer = None  # drop it (and its final write) before removing the partial file
+        writer = None  # noqa: F841 - drop it (and its final write) before removing the partial file
         tmp.unlink(missing_ok=True)
         raise
     return {"records": n_records, "tokens": n_tokens, "bytes": path.stat().st_size}
