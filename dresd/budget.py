@@ -214,6 +214,7 @@ class DraftPlanner:
         self._failures = 0
         self._skip = 0
         self._probe = False
+        self._probing = False
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
 
     def should_draft(self) -> bool:
@@ -235,7 +236,8 @@ class DraftPlanner:
             return subtree(tree, order[: self.max_nodes - 1])
         probs = self.acceptance.node_probs(tree)
         keep, _ = select_nodes(probs, tree.depths, self.cost, self.max_nodes, self.retrieval_ema)
-        if self._probe and len(keep) < self.probe_nodes:
+        self._probing = self._probe and len(keep) < self.probe_nodes
+        if self._probing:
             # Retrying after a back-off: without verifying something the estimates that
             # stopped drafting could never change. The probe is the likeliest few nodes.
             keep = sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))[: self.probe_nodes]
@@ -249,8 +251,12 @@ class DraftPlanner:
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
         if len(tree) > 1:
             self.acceptance.update(tree, path)
-        if len(path) > 1 or self.cost is None:  # as-published drafting never backs off
+        if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0
+        elif len(path) > 1:
+            # A probe that paid off: let the updated estimates decide at the next step,
+            # without resetting the back-off (the budget itself still chose not to draft).
+            self._skip = 0
         else:
             # Nothing accepted (or nothing worth verifying): wait 0, 1, 3, 7, ... steps.
             self._failures += 1

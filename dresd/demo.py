@@ -48,8 +48,10 @@ def run_demo(workdir: Path, n_prompts: int, max_new_tokens: int, n_records: int)
     engine = Engine.open(ModelConfig(), str(root))
     specs = {
         "greedy": SpeculativeConfig(method="greedy"),
-        "dresd-tree": SpeculativeConfig(method="dresd", verify="tree"),
-        "dresd-batch": SpeculativeConfig(method="dresd", verify="batch"),
+        "dresd": SpeculativeConfig(method="dresd"),  # draft budget sized to this machine
+        "hybrid": SpeculativeConfig(method="hybrid"),
+        "dresd-ref": SpeculativeConfig(method="dresd", budget="off"),  # the paper's settings
+        "pld": SpeculativeConfig(method="pld", budget="off"),
     }
     runs = run_methods(engine, [p for _, p, _ in eval_turns], specs, max_new_tokens)
     table = markdown_table(summarize(runs))
