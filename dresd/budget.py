@@ -81,7 +81,7 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     cache = DynamicCache()
-    forward(model, prefix, cache)
+    forward(model, prefix, cache, logits=False)
     seconds = []
     for k in positions:
         # Two branches: the mask is a real tree mask, as in verification.

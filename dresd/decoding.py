@@ -92,7 +92,7 @@ class SpeculativeDecoder:
         cache = DynamicCache()
         query = None
         if len(prompt_ids) > 1:
-            hidden, _ = forward(self.model, torch.tensor([prompt_ids[:-1]], device=device), cache)
+            hidden, _ = forward(self.model, torch.tensor([prompt_ids[:-1]], device=device), cache, logits=False)
             query = hidden[0, -1]
         _sync(device)
         metrics.prefill_s = time.perf_counter() - start

@@ -33,11 +33,13 @@ class StepResult:
 
 @torch.inference_mode()
 def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: torch.Tensor | None = None,
-            attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            attention_mask: torch.Tensor | None = None, logits: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Run the target over new tokens with the cache; returns (hidden, logits) for every position.
 
     hidden is the decoder's last-layer output after its final norm: exactly what the
-    datastore's keys are made of, so the query needs no extra forward.
+    datastore's keys are made of, so the query needs no extra forward. With logits=False
+    the LM head is skipped (a prefill needs only the cache and the last hidden state; the
+    head over a 49k vocabulary costs as much as several layers per position).
     """
     out = model.base_model(
         input_ids=input_ids,
@@ -47,7 +49,7 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: t
         use_cache=True,
     )
     hidden = out.last_hidden_state
-    return hidden, model.get_output_embeddings()(hidden)
+    return hidden, (model.get_output_embeddings()(hidden) if logits else None)
 
 
 def keep_cache_positions(cache: DynamicCache, prefix_len: int, kept: list[int]) -> None:
