@@ -23,6 +23,7 @@ GOAL_MAT = 4.0
 GOAL_OVER_PEERS = 1.25
 GOAL_RETRIEVAL = 0.10
 GOAL_GREEDY_VS_HF = 0.9
+FULL_PROMPTS = 20
 PEERS = ("rest", "rest-dr", "pld", "suffix")
 
 
@@ -136,7 +137,12 @@ def _machine() -> str:
 def write_report(out_dir: Path, results: dict, names: list[str], args, cost, manifests: dict) -> Path:
     """report.md + summary.json + PNG plots in `out_dir`; returns the report's path."""
     tables = summarize_results(results, names)
-    mode = "SMOKE RUN (quick mode: a few prompts, not the full benchmark)" if args.quick else "full run"
+    if args.quick:
+        mode = "SMOKE RUN (quick mode: a few prompts, not the full benchmark)"
+    elif args.prompts < FULL_PROMPTS:
+        mode = f"REDUCED RUN ({args.prompts} prompts per set; the full benchmark uses {FULL_PROMPTS})"
+    else:
+        mode = "full run"
     lines = [
         f"# DReSD side-by-side benchmark: {mode}",
         "",
