@@ -13,11 +13,11 @@ import torch
 
 import dresd.budget as budget
 from dresd.budget import AcceptanceModel, support_bin, CostModel, DraftPlanner, cached_cost_model, calibrate_cost, select_nodes
-from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.config import SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
-from dresd.models import load_model, make_tiny_llama
 from dresd.tree import TokenTree, build_tree, subtree
+from tests_support import one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 40
@@ -331,19 +331,12 @@ def test_plan_returns_valid_subtree():
 # --------------------------------------------------------- tiny model: calibration
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: a tiny model gains nothing from two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny-budget") / "tiny-llama", vocab_size=VOCAB, init_std=0.5)
-    return load_model(ModelConfig(path=str(folder), device="cpu"))
+    return tiny_llama_lm(tmp_path_factory, VOCAB)
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:

@@ -76,7 +76,7 @@ def _lossless_totals(lm, greedy_run, store, spec):
         gen = engine.generate(prompt, spec, NEW_TOKENS)
         if gen.token_ids != ref.token_ids:
             pos = next(i for i, (a, b) in enumerate(zip(gen.token_ids, ref.token_ids)) if a != b)
-            gap = _near_tie_explains(packaged_lm, engine.prompt_ids(prompt), ref.token_ids, pos)
+            gap = _near_tie_explains(lm, engine.prompt_ids(prompt), ref.token_ids, pos)
             assert gap < NEAR_TIE, f"{spec}: output differs at token {pos} of {prompt[:40]!r}, top-2 gap {gap:.4g}"
         totals = gen.metrics if totals is None else totals.merge(gen.metrics)
     return totals

@@ -5,30 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.config import SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.hf_reference import hf_generate
-from dresd.models import load_model, make_tiny_llama
+from tests_support import one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: a tiny model gains nothing from two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=VOCAB, init_std=0.5)
-    return load_model(ModelConfig(path=str(folder), device="cpu"))
+    return tiny_llama_lm(tmp_path_factory, VOCAB)
 
 
 def ours(lm, prompt: list[int], eos: int, n: int = BUDGET) -> list[int]:

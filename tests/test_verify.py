@@ -11,12 +11,12 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.config import SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
-from dresd.models import load_model, make_tiny_llama
 from dresd.drafters import Candidates
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
 from dresd.verify import forward, keep_cache_positions, verify_batch, verify_tree
+from tests_support import one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 40  # reference greedy length per prompt
@@ -33,20 +33,12 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """One torch thread: a tiny model gains nothing from two, and with the 2 cores busy
-    (other tests, Ray workers) OpenMP spinning makes each forward ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
-    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=VOCAB, init_std=0.5)
-    return load_model(ModelConfig(path=str(folder), device="cpu"))
+    return tiny_llama_lm(tmp_path_factory, VOCAB)
 
 
 @pytest.fixture(scope="module")

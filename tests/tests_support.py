@@ -22,3 +22,26 @@ def write_small_corpus(folder: Path) -> tuple[Path, list[dict]]:
     path = folder / "corpus.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path, good
+
+
+def one_torch_thread():
+    """Generator body of a module-scoped autouse fixture: one torch thread while the module runs.
+
+    A tiny model gains nothing from two threads, and with the 2 cores busy (other tests, Ray
+    workers) OpenMP spinning makes each forward far slower.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama_lm(tmp_path_factory, vocab_size: int = 272):
+    """A loaded tiny random Llama (dresd.models.make_tiny_llama) in a fresh temp folder."""
+    from dresd.config import ModelConfig
+    from dresd.models import load_model, make_tiny_llama
+
+    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=vocab_size, init_std=0.5)
+    return load_model(ModelConfig(path=str(folder), device="cpu"))
