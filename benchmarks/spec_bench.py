@@ -32,7 +32,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, fields  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
@@ -44,7 +44,6 @@ from dresd.datastore import Datastore, reusable_store  # noqa: E402
 from dresd.decoding import Generation  # noqa: E402
 from dresd.engine import Engine  # noqa: E402
 from dresd.formatting import record_ids  # noqa: E402
-from dresd.metrics import DecodeMetrics  # noqa: E402
 from dresd.models import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,11 +188,6 @@ def load_results(path: Path) -> dict[tuple[str, str, int], dict]:
             r = json.loads(line)
             done[(r["set"], r["method"], r["prompt"])] = r
     return done
-
-
-def metrics_from(d: dict) -> DecodeMetrics:
-    names = {f.name for f in fields(DecodeMetrics)}
-    return DecodeMetrics(**{k: v for k, v in d.items() if k in names})
 
 
 def run(args) -> Path | None:

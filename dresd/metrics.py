@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -89,6 +89,12 @@ class DecodeMetrics:
     @property
     def retrieval_share(self) -> float:
         return self.retrieval_s / self.wall_s if self.wall_s else 0.0
+
+    @classmethod
+    def from_summary(cls, data: dict) -> "DecodeMetrics":
+        """The counters back from a summary() dict (derived rates are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
 
     def summary(self) -> dict:
         """Counters plus derived rates, JSON-ready."""

@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import time
-from dataclasses import fields
 from pathlib import Path
 
 from dresd.decoding import Generation
@@ -27,11 +26,6 @@ FULL_PROMPTS = 20
 PEERS = ("rest", "rest-dr", "pld", "suffix")
 
 
-def _metrics(d: dict) -> DecodeMetrics:
-    names = {f.name for f in fields(DecodeMetrics)}
-    return DecodeMetrics(**{k: v for k, v in d.items() if k in names})
-
-
 def summarize_results(results: dict[tuple[str, str, int], dict], names: list[str]) -> dict[str, list[dict]]:
     """Per evaluation set: summary rows over the prompts every method finished."""
     out = {}
@@ -41,7 +35,7 @@ def summarize_results(results: dict[tuple[str, str, int], dict], names: list[str
         prompts = [i for i in prompts if all((set_name, n, i) in results for n in done)]
         runs = {}
         for n in done:
-            gens = [Generation(results[(set_name, n, i)]["token_ids"], _metrics(results[(set_name, n, i)]["metrics"]))
+            gens = [Generation(results[(set_name, n, i)]["token_ids"], DecodeMetrics.from_summary(results[(set_name, n, i)]["metrics"]))
                     for i in prompts]
             runs[n] = MethodRun(n, None, gens)
         out[set_name] = summarize(runs)

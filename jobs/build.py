@@ -19,18 +19,13 @@ if __package__ in (None, ""):
     import _bootstrap  # noqa: F401  (run as a script: puts the repository root first on sys.path)
 
 from dresd.config import BuildConfig  # noqa: E402
-from jobs.common import ConfigError, job_parser, load_config, resolve_address, run_job  # noqa: E402
+from jobs.common import ConfigError, parse_job_config, run_job  # noqa: E402
 
 
 def parse(argv: list[str]) -> BuildConfig:
     """Command line -> the BuildConfig to run (no Ray, no model loading)."""
-    p = job_parser("jobs/build.py", "Build a DReSD datastore (corpus -> Ray Data embed -> faiss index).")
-    p.add_argument("--output", help="datastore root (same as --set output=PATH)")
-    args = p.parse_args(argv)
-    cfg = load_config(BuildConfig, args.config, args.overrides)
-    if args.output:
-        cfg.output = args.output
-    cfg.ray_address = resolve_address(args.address, cfg.ray_address)
+    cfg, args = parse_job_config(BuildConfig, "jobs/build.py",
+                                 "Build a DReSD datastore (corpus -> Ray Data embed -> faiss index).", "datastore root", argv)
     if not cfg.corpus.paths:
         raise ConfigError(f"{args.config}: corpus.paths is empty (give files, folders or 'sharegpt')")
     return cfg

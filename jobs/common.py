@@ -40,6 +40,19 @@ class JobArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
+def parse_job_config(cls, prog: str, description: str, output_help: str, argv: list[str]):
+    """(config, args) from a job's command line: --config YAML + --set overrides, then
+    --output and the Ray address (flag, RAY_ADDRESS, config) applied on top."""
+    p = job_parser(prog, description)
+    p.add_argument("--output", help=f"{output_help} (same as --set output=PATH)")
+    args = p.parse_args(argv)
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.output:
+        cfg.output = args.output
+    cfg.ray_address = resolve_address(args.address, cfg.ray_address)
+    return cfg, args
+
+
 def job_parser(prog: str, description: str) -> JobArgumentParser:
     """A parser with the flags every job takes: --config, --address, --set."""
     p = JobArgumentParser(prog=prog, description=description)

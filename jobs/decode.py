@@ -35,20 +35,16 @@ if __package__ in (None, ""):
 
 from dresd.config import ModelConfig, to_dict  # noqa: E402
 from dresd.decode_config import PACKAGED_PROMPTS, DecodeConfig  # noqa: E402
-from jobs.common import ConfigError, job_parser, load_config, resolve_address, run_job  # noqa: E402
+from jobs.common import ConfigError, parse_job_config, run_job  # noqa: E402
 
 META_KEY = b"dresd_chunk"
 
 
 def parse(argv: list[str]) -> DecodeConfig:
     """Command line -> the DecodeConfig to run (no Ray, no model loading)."""
-    p = job_parser("jobs/decode.py", "Batch offline decoding: prompts -> Ray Data actors -> parquet parts.")
-    p.add_argument("--output", help="output folder of the part files (same as --set output=PATH)")
-    args = p.parse_args(argv)
-    cfg = load_config(DecodeConfig, args.config, args.overrides)
-    if args.output:
-        cfg.output = args.output
-    cfg.ray_address = resolve_address(args.address, cfg.ray_address)
+    cfg, args = parse_job_config(DecodeConfig, "jobs/decode.py",
+                                 "Batch offline decoding: prompts -> Ray Data actors -> parquet parts.",
+                                 "output folder of the part files", argv)
     problems = [msg for bad, msg in (
         (cfg.max_new_tokens < 0, "max_new_tokens must be >= 0"),
         (cfg.batch_size < 1 or cfg.chunk_rows < 1 or cfg.actors < 1, "batch_size, chunk_rows, actors must be >= 1"),

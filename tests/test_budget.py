@@ -17,7 +17,7 @@ from dresd.config import SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
 from dresd.tree import TokenTree, build_tree, subtree
-from tests_support import one_torch_thread, tiny_llama_lm
+from tests_support import greedy_reference, one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 40
@@ -337,16 +337,6 @@ single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     return tiny_llama_lm(tmp_path_factory, VOCAB)
-
-
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    """Plain greedy decoding without any cache (the ground truth)."""
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
 
 
 @pytest.fixture(scope="module")

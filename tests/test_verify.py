@@ -16,21 +16,11 @@ from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
 from dresd.verify import forward, keep_cache_positions, verify_batch, verify_tree
-from tests_support import one_torch_thread, tiny_llama_lm
+from tests_support import greedy_reference, one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 40  # reference greedy length per prompt
 ATOL = 1e-4
-
-
-def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
-    """Plain greedy decoding without any cache (the ground truth)."""
-    ids = list(prompt)
-    with torch.inference_mode():
-        for _ in range(n):
-            logits = model(torch.tensor([ids])).logits[0, -1]
-            ids.append(int(logits.argmax()))
-    return ids[len(prompt):]
 
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)

@@ -45,3 +45,15 @@ def tiny_llama_lm(tmp_path_factory, vocab_size: int = 272):
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=vocab_size, init_std=0.5)
     return load_model(ModelConfig(path=str(folder), device="cpu"))
+
+
+def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
+    """Plain greedy decoding without any cache (the ground truth)."""
+    import torch
+
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(logits.argmax()))
+    return ids[len(prompt):]
