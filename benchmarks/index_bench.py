@@ -420,20 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         tc, tr = sum(disk["compact"].values()), sum(disk["refine"].values())
         w(f"| **total** | {tc:,} | **{tc / n_tokens:.2f}** | {tr:,} | **{tr / n_tokens:.2f}** |")
         w("")
-        kp_save = 4 * n_keys
         idx_c = disk["compact"]["index.faiss"]
         codes = n_keys * params.pq_m // 2
         ids_b = 8 * n_keys
         w(f"- Compact goal <= {COMPACT_BYTES_GOAL:g} B/token: {tc / n_tokens:.2f} B/token -> "
           + ("met" if tc / n_tokens <= COMPACT_BYTES_GOAL else f"missed by {tc / n_tokens - COMPACT_BYTES_GOAL:.2f} B/token") + ".")
-        w(f"- key_positions is int64 (8 B/key = {8 * keys_per_token:.2f} B/token). int32/uint32 would save {kp_save:,} bytes "
-          f"= {kp_save / n_tokens:.2f} B/token -> compact {(tc - kp_save) / n_tokens:.2f} B/token, refine "
-          f"{(tr - kp_save) / n_tokens:.2f} B/token (uint32 addresses streams up to 4.29e9 tokens; int32 up to 2.1e9).")
-        vocab = int(ds.manifest["model"]["vocab_size"])
-        if vocab <= 65536:
-            tok_save = 2 * n_tokens
-            w(f"- tokens.npy is int32; this model's vocabulary ({vocab:,}) fits uint16, which would save 2 B/token more: "
-              f"compact with int32 positions + uint16 tokens = {(tc - kp_save - tok_save) / n_tokens:.2f} B/token.")
         w(f"- Compact index.faiss breakdown: PQ codes {codes:,} B ({params.pq_m // 2} B/key), IVF ids {ids_b:,} B "
           f"(int64, 8 B/key), rest {idx_c - codes - ids_b:,} B (coarse centroids {params.nlist}x{params.dim} fp32 = "
           f"{params.nlist * params.dim * 4:,} B, fast-scan block padding to 32 codes per list, PQ tables). The refine "
@@ -459,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if disk:
         for v in ("compact", "refine"):
             t = sum(disk[v].values())
-            print(f"bytes/token {v:<8}: {t / n_tokens:6.2f}  (key_positions as int32: {(t - 4 * n_keys) / n_tokens:6.2f})")
+            print(f"bytes/token {v:<8}: {t / n_tokens:6.2f}")
     print("\n".join(rec))
     print(f"report: {report}  (total {total_s:.0f} s)")
     return 0

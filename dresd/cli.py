@@ -108,13 +108,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _datastore(args: argparse.Namespace) -> int:
-    from dresd.datastore import Datastore, list_versions
+    from dresd.datastore import Datastore, list_versions, read_current, version_manifest
 
-    root = Path(args.root)
+    root = args.root
     if args.action == "list":
-        current = (root / "CURRENT").read_text().strip() if (root / "CURRENT").is_file() else None
+        current = read_current(root)
         for v in list_versions(root):
-            ds = json.loads((root / "versions" / v / "manifest.json").read_text())
+            ds = version_manifest(root, v)
             mark = "*" if v == current else " "
             print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
         return 0

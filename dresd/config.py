@@ -77,6 +77,10 @@ class IndexConfig:
     refine: bool = True
     # Re-score this many times k candidates with the exact vectors.
     refine_k_factor: float = 5.0
+    # Merge the shard fills into an on-disk inverted-list file (index.ivfdata, memory-mapped
+    # at search time) instead of in RAM: for stores whose codes outgrow memory. faiss's
+    # on-disk lists hold plain 8-bit PQ codes (pq_m bytes/key), and no refine stage is kept.
+    on_disk: bool = False
     # Vectors kept by the reservoir that fits z-score + PCA and trains the index.
     sample_size: int = 200_000
     # Seed for sampling, k-means and the intrinsic check.
@@ -90,7 +94,8 @@ class BuildConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
-    # Output datastore folder.
+    # Output datastore root: a local folder or a pyarrow filesystem URI (s3://, gs://,
+    # hdfs://, file://...) that every node of the cluster can reach.
     output: str = "datastore"
     # Value length N: tokens after each key that the store returns as draft material.
     value_len: int = 20
@@ -98,8 +103,12 @@ class BuildConfig:
     batch_size: int = 8
     # Corpus rows per shard: the unit of parallel embedding, of index filling and of resumption.
     shard_rows: int = 500
-    # Keep `<output>/.build/<key>/` after publishing (shard files; by default removed).
+    # Keep the build's work folder (`<work_dir>/<key>/`: shard files) after publishing.
     keep_work: bool = False
+    # Scratch folder for embedded shards and fill outputs: what makes a build resumable.
+    # Every Ray node must see it (a shared mount on a multi-node cluster). None =
+    # `<output>/.build` for a local output, the node's DReSD cache for a URI output.
+    work_dir: str | None = None
     # Embedding actors (each loads the model once).
     embed_actors: int = 1
     # CPUs each embedding actor reserves in Ray's accounting. Below the thread count on a

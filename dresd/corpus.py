@@ -15,9 +15,9 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
+from dresd import storage
 from dresd.config import CorpusConfig
 
 SHAREGPT = "sharegpt"
@@ -70,20 +70,17 @@ class Example:
 
 # ----------------------------------------------------------------------------- files
 
-def _is_datasets_folder(path: Path) -> bool:
-    return path.is_dir() and any((path / name).is_file() for name in
-                                 ("dataset_info.json", "state.json", "dataset_dict.json"))
-
-
-def _is_corpus_file(path: Path) -> bool:
-    return path.is_file() and path.name.endswith(CORPUS_SUFFIXES)
+def _is_datasets_folder(loc: storage.Location) -> bool:
+    return loc.is_dir() and any(loc.child(name).is_file() for name in
+                                ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
 def list_corpus_files(paths: list[str]) -> list[str]:
     """Expand folders (sorted, direct children) into corpus files; keep "sharegpt" as is.
 
-    A folder written by `datasets.save_to_disk` is one source. Missing paths, folders with
-    nothing readable and files of an unsupported type raise CorpusError naming the path.
+    Paths may be local or pyarrow filesystem URIs (dresd.storage). A folder written by
+    `datasets.save_to_disk` is one source. Missing paths, folders with nothing readable and
+    files of an unsupported type raise CorpusError naming the path.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -93,20 +90,24 @@ def list_corpus_files(paths: list[str]) -> list[str]:
         if name == SHAREGPT:
             out.append(SHAREGPT)
             continue
-        path = Path(name)
-        if not path.exists():
+        try:
+            loc = storage.resolve(name)
+            exists, is_dir = loc.exists(), loc.is_dir()
+        except (OSError, ValueError) as err:
+            raise CorpusError(f"cannot reach corpus path: {err}", file=name) from err
+        if not exists:
             raise CorpusError("corpus path not found", file=name)
-        if path.is_dir():
-            if _is_datasets_folder(path):
+        if is_dir:
+            if _is_datasets_folder(loc):
                 out.append(name)
                 continue
-            found = [str(child) for child in sorted(path.iterdir())
-                     if _is_corpus_file(child) or _is_datasets_folder(child)]
+            found = [c.uri for c in map(loc.child, loc.children())
+                     if (c.is_file() and c.path.endswith(CORPUS_SUFFIXES)) or _is_datasets_folder(c)]
             if not found:
                 raise CorpusError(f"folder holds no corpus files ({', '.join(CORPUS_SUFFIXES)})",
                                   file=name)
             out.extend(found)
-        elif path.name.endswith(CORPUS_SUFFIXES):
+        elif name.endswith(CORPUS_SUFFIXES):
             out.append(name)
         else:
             raise CorpusError(f"unsupported file type (expected {', '.join(CORPUS_SUFFIXES)})",
@@ -226,6 +227,9 @@ def read_rows(path: str, on_error: str = "skip") -> Iterator[RawRow]:
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if storage.is_uri(path):
+        yield from _read_remote(path, on_error)
+        return
     try:
         if path == SHAREGPT:
             real = sharegpt_path()
@@ -248,6 +252,21 @@ def read_rows(path: str, on_error: str = "skip") -> Iterator[RawRow]:
         raise
     except (OSError, UnicodeDecodeError, EOFError) as err:
         raise CorpusError(f"cannot read file: {err}", file=path) from err
+
+
+def _read_remote(uri: str, on_error: str) -> Iterator[RawRow]:
+    """Read a URI source through a local cached copy; rows and errors name the URI."""
+    try:
+        local = str(storage.fetch(uri))
+    except (OSError, ValueError) as err:
+        raise CorpusError(f"cannot fetch file: {err}", file=uri) from err
+    try:
+        for r in read_rows(local, on_error):
+            r.file = r.file.replace(local, uri, 1)
+            yield r
+    except CorpusError as err:
+        raise CorpusError(err.detail, uri if err.file is None else str(err.file).replace(local, uri, 1),
+                          err.row, err.field) from err
 
 
 # ----------------------------------------------------------------------------- records

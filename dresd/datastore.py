@@ -6,10 +6,15 @@ A datastore root holds immutable versions and a pointer to the current one:
     <root>/versions/<id>/manifest.json
                          compressor.npz     z-score + PCA (no pickle)
                          index.faiss        faiss index over compressed keys (id i = key i)
+                         index.ivfdata      (on-disk indexes only) its inverted lists, memory-mapped
                          tokens.npy         every record's tokens, concatenated (uint16 when the
                                             vocabulary fits, else uint32)
                          record_offsets.npy int64, start of each record in tokens (+ end)
-                         key_positions.npy  stream position of each key's token (uint32 below 4G tokens)
+                         key_starts.npy     per record: offset of its first key; its keys are every
+                                            position from there to the record's second-last token,
+                                            so key positions cost ~0 bytes on disk (format 2)
+                         key_positions.npy  (only when keys are not that layout, and in format 1)
+                                            stream position of each key's token
                          sources.json       source id of each record
                          deleted.npy        (optional) bool per key: deleted, not yet compacted
 
@@ -34,9 +39,12 @@ from typing import Any
 import faiss
 import numpy as np
 
+from dresd import storage
 from dresd.compression import Compressor, load_compressor, save_compressor
+from dresd.index import IVFDATA, is_on_disk, on_disk_file, read_index
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 always stored key_positions.npy
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 _ARRAYS = ("tokens", "record_offsets", "key_positions")
@@ -75,12 +83,36 @@ def _narrow(max_value: int) -> type:
     return np.uint32 if max_value < 2**32 else np.int64
 
 
-def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None) -> Path:
+def derive_key_positions(record_offsets: np.ndarray, key_starts: np.ndarray) -> np.ndarray:
+    """Key positions of records whose keys run from `offset + key_start` to their last-but-one token."""
+    lo = np.asarray(record_offsets[:-1], dtype=np.int64) + np.asarray(key_starts, dtype=np.int64)
+    counts = np.maximum(0, np.asarray(record_offsets[1:], dtype=np.int64) - 1 - lo)
+    first = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(first, counts) + np.repeat(lo, counts)
+
+
+def key_starts_of(record_offsets: np.ndarray, key_positions: np.ndarray) -> np.ndarray | None:
+    """Per-record key starts that reproduce `key_positions` exactly, or None if none do."""
+    offsets = np.asarray(record_offsets, dtype=np.int64)
+    pos = np.asarray(key_positions, dtype=np.int64)
+    starts = np.maximum(0, np.diff(offsets) - 1)  # records without keys: an empty range
+    if len(pos):
+        rec = np.searchsorted(offsets, pos, side="right") - 1
+        recs, first = np.unique(rec, return_index=True)
+        starts[recs] = pos[first] - offsets[recs]
+    return starts if np.array_equal(derive_key_positions(offsets, starts), pos) else None
+
+
+def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None) -> Path | str:
     """Write `parts` as a new immutable version under `root` and make it current.
 
     `manifest` carries the model identity, prompt format, build parameters and stats; file
-    checksums, counts and the format version are added here. Returns the version folder.
+    checksums, counts and the format version are added here. Returns the version folder
+    (its URI for a URI root).
     """
+    if storage.is_uri(root):
+        return _publish_remote(str(root), parts, manifest, version)
     root = Path(root)
     (root / "versions").mkdir(parents=True, exist_ok=True)
     version = version or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -93,11 +125,17 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
         # The narrowest integer types that hold the values: bytes per token is a product goal.
         np.save(tmp / "tokens.npy", np.asarray(parts.tokens).astype(_narrow(int(np.max(parts.tokens, initial=0)))))
         np.save(tmp / "record_offsets.npy", np.asarray(parts.record_offsets, dtype=np.int64))
-        np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions).astype(_narrow(len(parts.tokens))))
+        starts = key_starts_of(parts.record_offsets, parts.key_positions)
+        if starts is not None:
+            np.save(tmp / "key_starts.npy", starts.astype(_narrow(int(np.max(starts, initial=0)))))
+        else:
+            np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions).astype(_narrow(len(parts.tokens))))
         (tmp / "sources.json").write_text(json.dumps(parts.sources))
         if parts.deleted is not None and parts.deleted.any():
             np.save(tmp / "deleted.npy", np.asarray(parts.deleted, dtype=bool))
         save_compressor(parts.compressor, tmp / "compressor.npz")
+        if is_on_disk(parts.index):  # its lists' file travels with it (found by read_index)
+            shutil.copyfile(on_disk_file(parts.index), tmp / IVFDATA)
         faiss.write_index(parts.index, str(tmp / "index.faiss"))
         files = sorted(p.name for p in tmp.iterdir())
         full = dict(manifest)
@@ -122,8 +160,59 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
     return final
 
 
+def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], version: str | None) -> str:
+    """Publish into a local staging root, upload the version (manifest last: a version
+    without its manifest is never readable), then move CURRENT."""
+    loc = storage.resolve(root)
+    staging = storage.cache_dir() / "staging" / uuid.uuid4().hex
+    try:
+        vdir = publish(staging, parts, manifest, version)
+        target = loc.child("versions", vdir.name)
+        if target.exists():
+            raise DatastoreError(f"version {vdir.name} already exists under {root}; versions are immutable")
+        target.upload(vdir, last=MANIFEST)
+        _cache_version(root, vdir)  # the publisher's own copy: no download on first open
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    set_current(root, vdir.name)
+    return target.uri
+
+
+def _cache_folder(root: str) -> Path:
+    return storage.cache_dir() / "datastores" / hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _cache_version(root: str, vdir: Path) -> None:
+    dst = _cache_folder(root) / vdir.name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".tmp-{vdir.name}-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(vdir, tmp)
+        os.replace(tmp, dst)
+
+
+def read_current(root: str | Path) -> str | None:
+    """The version id CURRENT points at, or None when `root` has no pointer."""
+    loc = storage.resolve(root).child(CURRENT)
+    try:
+        return loc.read_text().strip() or None
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def version_manifest(root: str | Path, version: str) -> dict[str, Any]:
+    """The manifest of one version under `root` (no data files are read or fetched)."""
+    return json.loads(storage.resolve(root).child("versions", version, MANIFEST).read_text())
+
+
 def set_current(root: str | Path, version: str) -> None:
     """Point CURRENT at an existing version (atomic; used to publish, pin or roll back)."""
+    if storage.is_uri(root):
+        loc = storage.resolve(root)
+        if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+            raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
+        loc.child(CURRENT).write_bytes((version + "\n").encode())
+        return
     root = Path(root)
     resolve_version_dir(root, version)  # raises unless a complete, published version
     tmp = root / f".{CURRENT}.{uuid.uuid4().hex}.tmp"
@@ -133,6 +222,9 @@ def set_current(root: str | Path, version: str) -> None:
 
 def list_versions(root: str | Path) -> list[str]:
     """Complete versions under `root`, oldest first."""
+    if storage.is_uri(root):
+        vloc = storage.resolve(root).child("versions")
+        return [v for v in vloc.children() if not v.startswith(".") and vloc.child(v, MANIFEST).is_file()]
     vdir = Path(root) / "versions"
     if not vdir.is_dir():
         return []
@@ -141,7 +233,10 @@ def list_versions(root: str | Path) -> list[str]:
 
 def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
     """The version folder that `path` designates: a version folder itself, or a root's
-    CURRENT (or `version` when given)."""
+    CURRENT (or `version` when given). A URI's version is fetched into the local cache
+    (versions are immutable, so a cached copy stays valid)."""
+    if storage.is_uri(path):
+        return _fetch_version(str(path), version)
     path = Path(path)
     if version is None and (path / MANIFEST).is_file():
         return path
@@ -157,24 +252,45 @@ def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
     return vdir
 
 
+def _fetch_version(root: str, version: str | None) -> Path:
+    loc = storage.resolve(root)
+    if version is None and loc.child(MANIFEST).is_file():  # a version folder's URI
+        root, version = root.rstrip("/").rsplit("/versions/", 1)[0], loc.path.rstrip("/").rsplit("/", 1)[1]
+        loc = storage.resolve(root)
+    if version is None:
+        version = read_current(root)
+        if version is None:
+            raise DatastoreError(f"{root} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
+    if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+        raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
+    local = _cache_folder(root) / version
+    if not (local / MANIFEST).is_file():
+        storage.fetch(loc.child("versions", version).uri, into=local)
+    return local
+
+
 class Datastore:
     """An opened, read-only datastore version: index, compressor, token stream, manifest."""
 
     def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
         self.path = resolve_version_dir(path, version)
         self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
-        if self.manifest.get("format_version") != FORMAT_VERSION:
+        if self.manifest.get("format_version") not in READABLE_FORMATS:
             raise DatastoreError(
                 f"{self.path}: format version {self.manifest.get('format_version')} is not supported "
-                f"(this DReSD reads version {FORMAT_VERSION})"
+                f"(this DReSD reads versions {READABLE_FORMATS})"
             )
         self._check_files(full=verify)
         mode = "r" if mmap else None
         self.tokens = np.load(self.path / "tokens.npy", mmap_mode=mode)
         self.record_offsets = np.load(self.path / "record_offsets.npy")
-        self.key_positions = np.load(self.path / "key_positions.npy", mmap_mode=mode)
+        if (self.path / "key_positions.npy").is_file():
+            self.key_positions = np.load(self.path / "key_positions.npy", mmap_mode=mode)
+        else:
+            derived = derive_key_positions(self.record_offsets, np.load(self.path / "key_starts.npy"))
+            self.key_positions = derived.astype(_narrow(len(self.tokens)))
         self.compressor = load_compressor(self.path / "compressor.npz")
-        self.index = faiss.read_index(str(self.path / "index.faiss"))
+        self.index = read_index(self.path / "index.faiss")
         self.sources: list[str] = json.loads((self.path / "sources.json").read_text())
         deleted = self.path / "deleted.npy"
         self.deleted: np.ndarray | None = np.load(deleted) if deleted.is_file() else None
@@ -234,10 +350,12 @@ class Datastore:
 
 
 def reusable_store(root: str | Path, build_config: Any) -> bool:
-    """True when `root`'s current version was built with exactly this BuildConfig."""
-    from dresd.config import to_dict
+    """True when `root`'s current version was built with exactly this BuildConfig (fields
+    added to the config since that build count as their defaults)."""
+    from dresd.config import from_dict
 
     try:
-        return Datastore(root).manifest.get("build_config") == to_dict(build_config)
-    except DatastoreError:
+        built = Datastore(root).manifest.get("build_config")
+        return from_dict(type(build_config), built, "build_config") == build_config
+    except (DatastoreError, ValueError, TypeError):
         return False

@@ -13,6 +13,8 @@ import numpy as np
 
 from dresd.config import IndexConfig
 
+# The on-disk inverted lists' file name; it sits next to index.faiss in a version folder.
+IVFDATA = "index.ivfdata"
 # k-means wants at least this many training points per centroid (faiss warns below it).
 _MIN_POINTS_PER_CENTROID = 39
 
@@ -28,12 +30,15 @@ class IndexParams:
     pq_m: int  # PQ sub-quantizers (0 for flat)
     refine: bool  # exact re-scoring stage present
     refine_k_factor: float  # shortlist size = k * this
+    on_disk: bool = False  # inverted lists in index.ivfdata (8-bit PQ, memory-mapped)
 
     @property
     def factory(self) -> str:
         """The faiss index_factory string for this layout."""
         if self.kind == "flat":
             return "Flat"
+        if self.on_disk:  # faiss's on-disk lists hold plain codes, not fast-scan blocks
+            return f"IVF{self.nlist},PQ{self.pq_m}"
         return f"IVF{self.nlist},PQ{self.pq_m}x4fs" + (",RFlat" if self.refine else "")
 
     def to_dict(self) -> dict:
@@ -48,7 +53,9 @@ def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     """
     kind = cfg.kind
     if kind == "auto":
-        kind = "flat" if n_keys < cfg.flat_below else "ivfpq"
+        kind = "flat" if n_keys < cfg.flat_below and not cfg.on_disk else "ivfpq"
+    if cfg.on_disk and kind != "ivfpq":
+        raise ValueError("index.on_disk needs index.kind ivfpq (or auto)")
     if kind == "flat":
         return IndexParams("flat", cfg.dim, 0, 0, 0, False, 1.0)
     if cfg.dim % cfg.pq_m != 0:
@@ -59,7 +66,8 @@ def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     # ~1/32 of the partitions (at least 32). benchmarks/index_bench.py at 1M keys: recall@50
     # with refine (k_factor 5) is flat from nprobe 16 up (0.937), p50 0.12-0.43 ms on one core.
     nprobe = cfg.nprobe or min(nlist, max(32, nlist // 32))
-    return IndexParams("ivfpq", cfg.dim, nlist, nprobe, cfg.pq_m, cfg.refine, cfg.refine_k_factor)
+    refine = cfg.refine and not cfg.on_disk  # exact vectors in RAM would defeat on-disk lists
+    return IndexParams("ivfpq", cfg.dim, nlist, nprobe, cfg.pq_m, refine, cfg.refine_k_factor, cfg.on_disk)
 
 
 def new_index(params: IndexParams) -> faiss.Index:
@@ -88,10 +96,27 @@ def set_search_params(index: faiss.Index, params: IndexParams, nprobe: int = 0) 
         faiss.downcast_index(index).k_factor = params.refine_k_factor
 
 
-def add_keys(index: faiss.Index, keys: np.ndarray, chunk: int = 65536) -> None:
-    """Append keys in chunks (ids are sequential: key i is row i of the store)."""
+def add_keys(index: faiss.Index, keys: np.ndarray, first_id: int = 0, chunk: int = 65536) -> None:
+    """Append keys in chunks with ids first_id, first_id+1, ... (key i of the store has id i).
+
+    A shard filled on its own passes its first key number, so merging keeps ids global.
+    Flat indexes hold no ids (id = row): their shards must be merged in order.
+    """
+    base = faiss.downcast_index(index)
+    refine = base if isinstance(base, faiss.IndexRefine) else None
+    ivf = faiss.try_extract_index_ivf(refine.base_index if refine else index)
     for start in range(0, len(keys), chunk):
-        index.add(np.ascontiguousarray(keys[start : start + chunk], dtype=np.float32))
+        part = np.ascontiguousarray(keys[start : start + chunk], dtype=np.float32)
+        if ivf is None:
+            index.add(part)
+            continue
+        ids = np.arange(first_id + start, first_id + start + len(part), dtype=np.int64)
+        if refine is None:
+            index.add_with_ids(part, ids)
+        else:  # IndexRefine has no add_with_ids: ids on the IVF base, rows on the exact stage
+            refine.base_index.add_with_ids(part, ids)
+            refine.refine_index.add(part)
+            refine.ntotal = refine.base_index.ntotal
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -156,9 +181,8 @@ def deserialize(blob: np.ndarray) -> faiss.Index:
 
 
 def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
-    """Append every vector of `src` to `dst` (same layout, same training); ids continue
-    after dst's, so merging shards in order keeps id i = key i."""
-    offset = dst.ntotal
+    """Append every vector of `src` to `dst` (same layout, same training), keeping src's
+    ids (global: see add_keys); shards are merged in order for the flat/refine rows."""
     dst_r, src_r = faiss.downcast_index(dst), faiss.downcast_index(src)
     if isinstance(dst_r, faiss.IndexRefine):
         merge_into(dst_r.base_index, src_r.base_index)
@@ -168,5 +192,61 @@ def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
     if isinstance(dst_r, faiss.IndexFlat):
         dst_r.merge_from(src_r, 0)
         return
-    faiss.extract_index_ivf(dst).merge_from(faiss.extract_index_ivf(src), offset)
+    faiss.extract_index_ivf(dst).merge_from(faiss.extract_index_ivf(src), 0)
     dst.ntotal = faiss.extract_index_ivf(dst).ntotal
+
+
+def merge_on_disk(empty: faiss.Index, sources: list[faiss.Index], ivfdata: str) -> faiss.Index:
+    """Merge the inverted lists of `sources` (ids kept) into file `ivfdata` and attach it to
+    the trained, empty IVF index `empty`, which is returned. Codes stream from the sources
+    (memory-mapped when read with faiss.IO_FLAG_MMAP) to disk, so the merged lists never
+    sit in RAM. Name the file "index.ivfdata": `read_index` finds it next to index.faiss.
+    """
+    ivf = faiss.extract_index_ivf(empty)
+    if ivf.ntotal:
+        raise ValueError("merge_on_disk needs an empty trained index")
+    lists = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, ivfdata)
+    ptrs = faiss.InvertedListsPtrVector()
+    for src in sources:
+        ptrs.push_back(faiss.extract_index_ivf(src).invlists)
+    # shift_ids=False: ids are already global (and faiss's shift counts per source wrongly
+    # when sources differ in size).
+    ntotal = lists.merge_from_multiple(ptrs.data(), ptrs.size(), False)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    empty.ntotal = ivf.ntotal = ntotal
+    return empty
+
+
+def is_on_disk(index: faiss.Index) -> bool:
+    """True when the index's inverted lists live in an .ivfdata file."""
+    ivf = faiss.try_extract_index_ivf(index)
+    return ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists)
+
+
+def on_disk_file(index: faiss.Index) -> str:
+    """The .ivfdata file an on-disk index reads its lists from."""
+    return faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists).filename
+
+
+def empty_copy(index: faiss.Index) -> faiss.Index:
+    """A trained, empty copy of `index` with in-memory lists. An on-disk index's data file
+    is never opened for writing (resetting a plain copy would truncate a published file)."""
+    if not is_on_disk(index):
+        out = deserialize(serialize(index))
+        out.reset()
+        return out
+    reader = faiss.VectorIOReader()
+    faiss.copy_array_to_vector(serialize(index), reader.data)
+    out = faiss.read_index(reader, faiss.IO_FLAG_SKIP_IVF_DATA)
+    ivf = faiss.extract_index_ivf(out)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # owned by the index now
+    out.ntotal = ivf.ntotal = 0
+    return out
+
+
+def read_index(path: str) -> faiss.Index:
+    """Read a published index; on-disk lists are found next to it (index.ivfdata)."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)

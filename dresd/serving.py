@@ -18,14 +18,13 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import ray
 from ray.exceptions import RayActorError
 
 from dresd.acceptance import SamplingParams
 from dresd.config import ModelConfig, SpeculativeConfig
-from dresd.datastore import CURRENT, Datastore, DatastoreError, set_current
+from dresd.datastore import Datastore, DatastoreError, read_current, set_current
 from dresd.engine import Engine
 from dresd.models import load_model
 
@@ -99,7 +98,7 @@ class Decoder:
     def __init__(self, name: str, model: ModelConfig, datastore_root: str | None = None,
                  speculative: SpeculativeConfig | None = None, prompt_format: str = "chat"):
         self.name = name
-        self.root = Path(datastore_root) if datastore_root else None
+        self.root = str(datastore_root) if datastore_root else None
         self.spec = speculative or SpeculativeConfig()
         self.lm = load_model(model)
         self.engine = Engine(self.lm, Datastore(self.root) if self.root else None, prompt_format)
@@ -122,10 +121,7 @@ class Decoder:
         """Switch to the root's CURRENT version if it moved (call with the lock held)."""
         if self.root is None or self._pinned is not None:
             return
-        try:
-            want = (self.root / CURRENT).read_text().strip()
-        except OSError:  # a bare version folder (no pointer) or a transient read failure
-            return
+        want = read_current(self.root)  # None: a bare version folder, or a transient read failure
         if not want or want == self.version or want in self._refused:
             return
         try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -32,11 +31,12 @@ from tqdm import tqdm
 from dresd.compression import compress, fit_compressor, reconstruction_error, save_compressor
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.corpus import list_corpus_files, sharegpt_path, SHAREGPT
-from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
+from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish, read_current
 from dresd.formatting import format_fingerprint, shared_prefix_len
 from dresd.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.models import load_model
 from dresd.sampling import Reservoir
+from dresd.storage import cache_dir as storage_cache_dir, file_stamp, is_uri
 from pipelines.embed import Embed
 from pipelines.index_fill import fill_and_merge, fill_paths, index_fingerprint
 from pipelines.read import read_shards
@@ -80,11 +80,18 @@ def build_key(cfg: BuildConfig, identity: dict) -> str:
     """Names the work folder: same model, corpus files and tokenisation -> same shards."""
     files = []
     for f in list_corpus_files(cfg.corpus.paths):
-        real = sharegpt_path() if f == SHAREGPT else f
-        st = os.stat(real)
-        files.append([f, st.st_size, st.st_mtime_ns])
+        files.append([f, *file_stamp(sharegpt_path() if f == SHAREGPT else f)[1:]])
     blob = json.dumps([identity["fingerprint"], to_dict(cfg.corpus), files, cfg.shard_rows], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def work_root(cfg: BuildConfig) -> Path:
+    """The folder holding every build's work folders for `cfg.output` (see BuildConfig.work_dir)."""
+    if cfg.work_dir:
+        return Path(cfg.work_dir)
+    if is_uri(cfg.output):
+        return storage_cache_dir() / "build-work" / hashlib.sha256(cfg.output.encode()).hexdigest()[:16]
+    return Path(cfg.output) / ".build"
 
 
 def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
@@ -191,13 +198,13 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     model_dir, tok, eos, identity = str(lm.model.name_or_path), lm.tokenizer, lm.eos_token_id, lm.identity
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     del lm  # the driver needs the tokenizer facts only; actors load their own model
-    root = Path(cfg.output)
-    if (root / "CURRENT").is_file():
+    root = cfg.output
+    if read_current(root) is not None:
         # Refuse to add a version to a root that holds another model's datastore.
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    work = root / ".build" / build_key(cfg, identity)
+    work = work_root(cfg) / build_key(cfg, identity)
     work.mkdir(parents=True, exist_ok=True)
 
     metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
@@ -218,7 +225,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     save_compressor(comp, work / f"compressor-{tag}.npz")
     faiss.write_index(trained, str(work / f"trained-{tag}.faiss"))
     t_train = time.perf_counter()
-    index, fill_nodes = fill_and_merge(work, shard_ids, tag)
+    index, fill_nodes = fill_and_merge(work, shard_ids, tag, starts, on_disk=params.on_disk)
     set_search_params(index, params)
     t_fill = time.perf_counter()
     check = _check(index, work, shard_ids, starts, n_keys, tag, cfg.check_sample, cfg.index.seed)

@@ -10,6 +10,7 @@ the same compressor and training produced them.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import faiss
@@ -17,24 +18,26 @@ import numpy as np
 import ray
 
 from dresd.compression import Compressor, compress, load_compressor
-from dresd.index import merge_into, serialize
+from dresd.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
 from pipelines.shards import shard_hidden
 
 CHUNK = 65536
 
 
-def fill_paths(work: Path, sid: str, tag: str) -> tuple[Path, Path]:
+def fill_paths(work: Path, sid: str, tag: str, first_id: int = 0) -> tuple[Path, Path]:
+    """(shard index file, compressed keys file) of one shard fill."""
     d = work / "shards" / sid
-    return d / f"index-{tag}.faiss", d / f"keys-{tag}.npy"
+    return d / f"index-{tag}-{first_id}.faiss", d / f"keys-{tag}.npy"
 
 
 # SPREAD: shard fills are independent; spreading them uses every node of a cluster.
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def fill_shard(work: str, sid: str, tag: str) -> str:
-    """Compress + encode one shard into its own index file; returns the node that did it."""
+def fill_shard(work: str, sid: str, tag: str, first_id: int) -> str:
+    """Compress + encode one shard into its own index file, its keys numbered from
+    `first_id` (add_with_ids); returns the node that did it."""
     faiss.omp_set_num_threads(1)
     work_p = Path(work)
-    index_path, keys_path = fill_paths(work_p, sid, tag)
+    index_path, keys_path = fill_paths(work_p, sid, tag, first_id)
     if not index_path.is_file():
         comp = load_compressor(work_p / f"compressor-{tag}.npz")
         index = faiss.read_index(str(work_p / f"trained-{tag}.faiss"))
@@ -42,7 +45,7 @@ def fill_shard(work: str, sid: str, tag: str) -> str:
         keys = np.empty((len(hidden), comp.out_dim), dtype=np.float32)
         for s in range(0, len(hidden), CHUNK):
             keys[s : s + CHUNK] = compress(comp, np.asarray(hidden[s : s + CHUNK], dtype=np.float32))
-        index.add(keys)
+        add_keys(index, keys, first_id)
         np.save(keys_path.with_suffix(".tmp.npy"), keys)
         keys_path.with_suffix(".tmp.npy").rename(keys_path)
         # The index file is the completion marker, so it is written last.
@@ -52,12 +55,30 @@ def fill_shard(work: str, sid: str, tag: str) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def fill_and_merge(work: Path, shard_ids: list[str], tag: str) -> tuple[faiss.Index, list[str]]:
-    """Fill every shard in parallel Ray tasks, then merge them in shard order."""
-    nodes = ray.get([fill_shard.remote(str(work), sid, tag) for sid in shard_ids])
-    merged = faiss.read_index(str(work / f"trained-{tag}.faiss"))
-    for sid in shard_ids:
-        merge_into(merged, faiss.read_index(str(fill_paths(work, sid, tag)[0])))
+def fill_and_merge(work: Path, shard_ids: list[str], tag: str, first_ids: list[int],
+                   on_disk: bool = False, base: faiss.Index | None = None) -> tuple[faiss.Index, list[str]]:
+    """Fill every shard in parallel Ray tasks (shard i's keys numbered from first_ids[i]),
+    then merge them in shard order after the keys of `base` (a published index, or None).
+
+    In RAM by default; with `on_disk` the lists are merged into `<work>/merged-<tag>/index.ivfdata`
+    without loading them (the returned index reads that file).
+    """
+    nodes = ray.get([fill_shard.remote(str(work), sid, tag, first) for sid, first in zip(shard_ids, first_ids)])
+    trained = faiss.read_index(str(work / f"trained-{tag}.faiss"))
+    if on_disk:
+        # MMAP: the shard lists are read from disk as they are merged, never loaded whole.
+        shards = [faiss.read_index(str(fill_paths(work, sid, tag, first)[0]), faiss.IO_FLAG_MMAP)
+                  for sid, first in zip(shard_ids, first_ids)]
+        out = work / f"merged-{tag}-{first_ids[0] if first_ids else 0}"
+        shutil.rmtree(out, ignore_errors=True)  # a crashed merge leaves a partial file
+        out.mkdir(parents=True)
+        merged = merge_on_disk(trained, ([base] if base is not None else []) + shards, str(out / IVFDATA))
+        return merged, nodes
+    merged = trained
+    if base is not None:
+        merge_into(merged, base)
+    for sid, first in zip(shard_ids, first_ids):
+        merge_into(merged, faiss.read_index(str(fill_paths(work, sid, tag, first)[0])))
     return merged, nodes
 
 

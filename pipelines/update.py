@@ -21,9 +21,9 @@ from dresd.compression import reconstruction_error, save_compressor
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
 from dresd.formatting import format_fingerprint, shared_prefix_len
-from dresd.index import IndexParams, add_keys, deserialize, merge_into, serialize, set_search_params
+from dresd.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.models import load_model
-from pipelines.build import build_key, reservoir_sample, assemble_stream, embed_corpus, tally
+from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_root
 from pipelines.index_fill import fill_and_merge, index_fingerprint
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
@@ -77,7 +77,7 @@ def _child_manifest(store: Datastore, change: dict) -> dict:
 def update_datastore(cfg: BuildConfig) -> UpdateReport:
     """Embed `cfg.corpus` with the model and append it to the CURRENT version of `cfg.output`."""
     t0 = time.perf_counter()
-    root = Path(cfg.output)
+    root = cfg.output
     store = Datastore(root)
     lm = load_model(ModelConfig(path=cfg.model.path, device="cpu"))
     fmt = store.manifest["prompt_format"]["name"]
@@ -87,7 +87,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     prefix = shared_prefix_len(lm.tokenizer, fmt)
     del lm
-    work = root / ".build" / ("update-" + build_key(cfg, identity))
+    work = work_root(cfg) / ("update-" + build_key(cfg, identity))
     work.mkdir(parents=True, exist_ok=True)
     metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
@@ -95,14 +95,14 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
 
     # Frozen compressor + the current index emptied (training kept) fill the new shards.
     params = IndexParams(**store.manifest["index"]["params"])
-    empty = deserialize(serialize(store.index))
-    empty.reset()
+    empty = empty_copy(store.index)
     tag = index_fingerprint(store.compressor, empty)
     save_compressor(store.compressor, work / f"compressor-{tag}.npz")
     faiss.write_index(empty, str(work / f"trained-{tag}.faiss"))
-    added, _ = fill_and_merge(work, shard_ids, tag)
-    index = deserialize(serialize(store.index))
-    merge_into(index, added)
+    counts = [metas[s]["keys"] for s in shard_ids]
+    first_ids = (store.num_keys + np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.int64).tolist()
+    # The published index is read, never written: the new version gets its own copy.
+    index, _ = fill_and_merge(work, shard_ids, tag, first_ids, on_disk=params.on_disk, base=store.index)
     set_search_params(index, params)
 
     new_sample = reservoir_sample(work, shard_ids, min(cfg.index.sample_size, 20_000), identity["hidden_size"], cfg.index.seed)
@@ -179,8 +179,7 @@ def compact(root: str | Path) -> Path:
         tokens.append(np.asarray(store.tokens[lo:hi]))
         offsets.append(offsets[-1] + (hi - lo))
     new_pos = pos[keep_key] + np.array([shift[r] for r in rec_of_key[keep_key]], dtype=np.int64)
-    index = deserialize(serialize(store.index))
-    index.reset()
+    index = empty_copy(store.index)
     add_keys(index, vectors[keep_key])
     set_search_params(index, params)
     change = {"kind": "compact", "records_dropped": len(dead_records), "keys_dropped": int((~keep_key).sum())}

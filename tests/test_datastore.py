@@ -81,13 +81,14 @@ def test_publish_writes_version_and_moves_current(root):
     vdir = root / "versions" / "v1"
     assert (root / CURRENT).read_text().strip() == "v1"
     assert sorted(p.name for p in vdir.iterdir()) == sorted(
-        [MANIFEST, "compressor.npz", "index.faiss", "tokens.npy", "record_offsets.npy", "key_positions.npy",
+        [MANIFEST, "compressor.npz", "index.faiss", "tokens.npy", "record_offsets.npy", "key_starts.npy",
          "sources.json"]
     )
     store = Datastore(root)
     assert store.path == vdir
     assert store.version == "v1"
     assert store.num_keys == 4 + 2 + 3
+    np.testing.assert_array_equal(store.key_positions, [0, 1, 2, 3, 5, 6, 8, 9, 10])
     assert store.eos_id == EOS and store.value_len == VALUE_LEN
     assert store.index.ntotal == store.num_keys
     assert store.compressor.out_dim == 8 and store.compressor.in_dim == 16
@@ -219,6 +220,37 @@ def test_missing_file_fails_on_open(root):
         Datastore(root)
 
 
+@pytest.mark.parametrize("records,positions,derivable", [
+    (RECORDS, [2, 3, 6, 9, 10], True),  # keys start later in each record (after a template head)
+    ([[1], [2, 3, 4], [5, 6]], [2, 4], True),  # a one-token record holds no key
+    (RECORDS, [0, 2, 3, 5, 6], False),  # a gap inside a record
+    (RECORDS, [0, 1, 2, 3, 4], False),  # a key on a record's last token (no next token)
+])
+def test_key_positions_stored_as_per_record_starts_when_derivable(tmp_path, records, positions, derivable):
+    publish(tmp_path / "s", make_parts(records, positions), make_manifest(), version="v1")
+    names = {p.name for p in (tmp_path / "s" / "versions" / "v1").iterdir()}
+    assert ("key_starts.npy" in names) == derivable and ("key_positions.npy" in names) != derivable
+    store = Datastore(tmp_path / "s")
+    np.testing.assert_array_equal(store.key_positions, positions)
+
+
+def test_format_1_store_with_key_positions_file_still_opens(root):
+    vdir = root / "versions" / "v1"
+    starts = np.load(vdir / "key_starts.npy")
+    (vdir / "key_starts.npy").unlink()
+    positions = datastore_mod.derive_key_positions(np.load(vdir / "record_offsets.npy"), starts)
+    np.save(vdir / "key_positions.npy", positions.astype(np.uint32))
+    m = json.loads((vdir / MANIFEST).read_text())
+    m["format_version"] = 1
+    del m["files"]["key_starts.npy"]
+    m["files"]["key_positions.npy"] = {"bytes": (vdir / "key_positions.npy").stat().st_size,
+                                       "sha256": datastore_mod.sha256_file(vdir / "key_positions.npy")}
+    (vdir / MANIFEST).write_text(json.dumps(m))
+    store = Datastore(root, verify=True)
+    np.testing.assert_array_equal(store.key_positions, positions)
+    np.testing.assert_array_equal(store.values([0], 3), [[11, 12, 13]])
+
+
 def test_unknown_format_version_refused(root):
     mpath = root / "versions" / "v1" / MANIFEST
     m = json.loads(mpath.read_text())
@@ -262,3 +294,40 @@ def test_half_written_tmp_folder_not_listed_nor_openable(root):
     # Crashed between writing the manifest and the rename: still never listed.
     shutil.copytree(root / "versions" / "v1", root / "versions" / ".tmp-v4")
     assert list_versions(root) == ["v1"]
+
+
+def test_publish_and_open_through_a_uri_root(tmp_path, monkeypatch):
+    """A datastore root behind a URI (fsspec memory://, no renames): publish, list, open,
+    roll back; a version whose manifest is not uploaded yet is never readable."""
+    import uuid
+
+    from dresd import storage
+    from dresd.datastore import list_versions, read_current, version_manifest
+
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = f"memory://stores-{uuid.uuid4().hex}/ds"
+    v1 = publish(root, make_parts(), make_manifest(), version="v1")
+    assert v1 == f"{root}/versions/v1" and read_current(root) == "v1"
+    publish(root, make_parts(seed=1), make_manifest(), version="v2")
+    assert list_versions(root) == ["v1", "v2"] and read_current(root) == "v2"
+    assert version_manifest(root, "v1")["counts"]["keys"] == 9
+    with pytest.raises(DatastoreError, match="immutable"):
+        publish(root, make_parts(), make_manifest(), version="v1")
+
+    store = Datastore(root, verify=True)  # fetched into the local cache, checksums re-checked
+    assert store.version == "v2" and str(store.path).startswith(str(tmp_path / "cache"))
+    np.testing.assert_array_equal(store.tokens, np.concatenate(RECORDS))
+    assert Datastore(f"{root}/versions/v1").version == "v1"  # a version folder's URI
+
+    set_current(root, "v1")  # roll back
+    assert Datastore(root).version == "v1"
+    # An upload in progress (data files there, manifest not yet): invisible and unpinnable.
+    loc = storage.resolve(root).child("versions", "v3")
+    loc.child("tokens.npy").write_bytes(b"partial")
+    assert list_versions(root) == ["v1", "v2"]
+    with pytest.raises(DatastoreError, match="missing or incomplete"):
+        set_current(root, "v3")
+    with pytest.raises(DatastoreError, match="missing or incomplete"):
+        Datastore(root, version="v3")
+    with pytest.raises(DatastoreError, match="not a datastore"):
+        Datastore(f"memory://empty-{uuid.uuid4().hex}")

@@ -262,9 +262,83 @@ def test_exact_topk_streamed_equals_one_chunk_and_merge_into():
     merged = deserialize(blob)
     for s, part in chunks:
         shard = deserialize(blob)
-        add_keys(shard, part)
+        add_keys(shard, part, first_id=s)  # ids are global: key s.. of the store
         merge_into(merged, shard)
     set_search_params(full, params)
     set_search_params(merged, params)
     assert merged.ntotal == 3000
     assert np.array_equal(search(full, q, 50)[1], search(merged, q, 50)[1])
+
+
+@pytest.mark.parametrize("refine", [False, True])
+def test_shards_merged_out_of_order_keep_their_ids(refine):
+    from dresd.index import deserialize, merge_into, serialize
+
+    rng = np.random.default_rng(5)
+    keys = unit(rng.normal(size=(3000, DIM)))
+    params = choose_index_params(3000, IndexConfig(dim=DIM, pq_m=16, flat_below=1000, refine=refine))
+    blob = serialize(train_index(params, keys))
+    merged = deserialize(blob)
+    if not refine:  # IVF ids are global, so even a reversed merge order finds key i as id i
+        for s in (2000, 1000, 0):
+            shard = deserialize(blob)
+            add_keys(shard, keys[s : s + 1000], first_id=s)
+            merge_into(merged, shard)
+    else:  # the exact stage's rows have no ids: shards go in order
+        for s in (0, 1000, 2000):
+            shard = deserialize(blob)
+            add_keys(shard, keys[s : s + 1000], first_id=s)
+            merge_into(merged, shard)
+    set_search_params(merged, params)
+    _, ids = search(merged, keys[::100], 1)
+    assert (ids[:, 0] == np.arange(0, 3000, 100)).mean() > 0.9
+
+
+def test_on_disk_merge_equals_in_memory_and_copies_never_touch_the_file(tmp_path):
+    import faiss
+
+    from dresd.index import IVFDATA, deserialize, empty_copy, is_on_disk, merge_into, merge_on_disk, read_index, serialize
+
+    rng = np.random.default_rng(6)
+    keys = unit(rng.normal(size=(4000, DIM)))
+    params = choose_index_params(4000, IndexConfig(dim=DIM, pq_m=16, flat_below=100_000, on_disk=True))
+    assert params.kind == "ivfpq" and not params.refine and params.factory == f"IVF{params.nlist},PQ16"
+    blob = serialize(train_index(params, keys))
+    memory = deserialize(blob)
+    files = []
+    for s in (0, 1500, 2500):  # unequal shards
+        shard = deserialize(blob)
+        n = {0: 1500, 1500: 1000, 2500: 1000}[s]
+        add_keys(shard, keys[s : s + n], first_id=s)
+        faiss.write_index(shard, str(tmp_path / f"s{s}.faiss"))
+        merge_into(memory, shard)  # (merge_from moves the entries out of `shard`)
+        files.append(str(tmp_path / f"s{s}.faiss"))
+    (tmp_path / "v").mkdir()
+    shards = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in files]
+    disk = merge_on_disk(deserialize(blob), shards, str(tmp_path / "v" / IVFDATA))
+    faiss.write_index(disk, str(tmp_path / "v" / "index.faiss"))
+    (tmp_path / "moved").mkdir()  # a published version folder is renamed: the data file follows
+    for name in ("index.faiss", IVFDATA):
+        (tmp_path / "v" / name).rename(tmp_path / "moved" / name)
+    opened = read_index(tmp_path / "moved" / "index.faiss")
+    assert is_on_disk(opened) and opened.ntotal == 3500 and not is_on_disk(memory)
+    for idx in (memory, opened):
+        set_search_params(idx, params)
+    q = keys[::50]
+    assert np.array_equal(search(memory, q, 20)[1], search(opened, q, 20)[1])
+
+    before = (tmp_path / "moved" / IVFDATA).read_bytes()
+    empty = empty_copy(opened)
+    assert empty.ntotal == 0 and not is_on_disk(empty)
+    # An update: the published lists plus a new shard, into a new file.
+    new = deserialize(blob)
+    add_keys(new, keys[3500:], first_id=3500)
+    (tmp_path / "v2").mkdir()
+    updated = merge_on_disk(empty, [opened, new], str(tmp_path / "v2" / IVFDATA))
+    merge_into(memory, new)
+    set_search_params(updated, params)
+    assert updated.ntotal == 4000
+    assert np.array_equal(search(memory, q, 20)[1], search(updated, q, 20)[1])
+    assert (tmp_path / "moved" / IVFDATA).read_bytes() == before  # the old version is untouched
+    with pytest.raises(ValueError, match="needs index.kind ivfpq"):
+        choose_index_params(100, IndexConfig(dim=DIM, kind="flat", on_disk=True))

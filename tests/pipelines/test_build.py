@@ -120,3 +120,63 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
     queries = rng.normal(size=(20, cfg.index.dim)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     assert np.array_equal(search(a.index, queries, 10)[1], search(b.index, queries, 10)[1])
+
+
+def test_build_and_update_with_uri_corpus_and_uri_output(built, tmp_path):
+    """Corpus behind file:// (read by Ray tasks), datastore root behind memory:// (an
+    fsspec store without renames): the same datastore as a local build, then an update."""
+    import uuid
+
+    from dresd.datastore import list_versions
+    from pipelines.update import update_datastore
+
+    cfg, first, _ = built
+    root = f"memory://dresd-test-{uuid.uuid4().hex}/store"
+    uri_cfg = BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[f"file://{cfg.corpus.paths[0]}"], max_tokens=256),
+                          index=cfg.index, value_len=cfg.value_len, shard_rows=cfg.shard_rows, output=root,
+                          work_dir=str(tmp_path / "work"))
+    report = build_datastore(uri_cfg)
+    assert str(report.version_dir).startswith(f"{root}/versions/")
+    assert (report.rows_read, report.examples_embedded, report.rejected) == (first.rows_read, first.examples_embedded, first.rejected)
+    local, remote = Datastore(cfg.output), Datastore(root, verify=True)
+    assert remote.manifest["files"]["tokens.npy"]["sha256"] == local.manifest["files"]["tokens.npy"]["sha256"]
+    assert np.array_equal(local.key_positions, remote.key_positions)
+    assert not any((tmp_path / "work").iterdir())  # work folder removed after publishing
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"prompt": f"new {i}?", "response": f"fresh {i} " * 3}) + "\n" for i in range(4)))
+    add = BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[f"file://{extra}"]), output=root,
+                      value_len=cfg.value_len, work_dir=str(tmp_path / "work"))
+    upd = update_datastore(add)
+    child = Datastore(root)
+    assert child.manifest["parent"] == remote.version and len(list_versions(root)) == 2
+    assert child.num_keys == remote.num_keys + upd.keys_added and upd.examples_added == 4
+
+
+def test_on_disk_index_build_and_update(built, tmp_path):
+    """index.on_disk: shard fills merged into index.ivfdata (never all in RAM), published
+    next to index.faiss; an update writes a new file and leaves the parent's intact."""
+    from dresd.index import is_on_disk, search
+    from pipelines.update import update_datastore
+
+    cfg, first, _ = built
+    disk_cfg = BuildConfig(model=cfg.model, corpus=cfg.corpus, value_len=cfg.value_len, shard_rows=cfg.shard_rows,
+                           index=IndexConfig(dim=16, pq_m=8, flat_below=1000, on_disk=True), output=str(tmp_path / "disk"))
+    report = build_datastore(disk_cfg)
+    store = Datastore(disk_cfg.output, verify=True)
+    assert "index.ivfdata" in store.manifest["files"] and is_on_disk(store.index)
+    assert store.manifest["index"]["factory"].endswith(",PQ8") and report.keys == first.keys
+    assert report.check["self_mrr@50"] > 0.5  # stored keys find themselves through the file
+    assert np.array_equal(store.key_positions, Datastore(cfg.output).key_positions)
+
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"prompt": f"more {i}?", "response": f"new words {i} " * 4}) + "\n" for i in range(5)))
+    upd = update_datastore(BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[str(extra)]), output=disk_cfg.output))
+    child = Datastore(disk_cfg.output)
+    assert is_on_disk(child.index) and child.num_keys == store.num_keys + upd.keys_added
+    Datastore(disk_cfg.output, version=store.version, verify=True)  # parent's files unchanged
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(200, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    _, got = search(child.index, queries, 20)
+    assert got.max() < child.num_keys and (got >= store.num_keys).any()  # the new keys are searchable
