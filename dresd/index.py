@@ -134,6 +134,8 @@ def exact_topk(chunks, queries: np.ndarray, k: int) -> np.ndarray:
     best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((len(q), 0), dtype=np.int64)
     for first, keys in chunks:
+        if len(keys) == 0:  # a shard whose rows were all rejected
+            continue
         flat = faiss.IndexFlatIP(q.shape[1])
         flat.add(np.ascontiguousarray(keys, dtype=np.float32))
         s, i = flat.search(q, min(k, flat.ntotal))

@@ -121,6 +121,11 @@ def embed_corpus(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tok
     Returns (metadata of every shard by id, shards reused from an earlier run).
     """
     ensure_ray(cfg.ray_address)
+    if is_uri(cfg.output) and not cfg.work_dir and len([n for n in ray.nodes() if n["Alive"]]) > 1:
+        # The default scratch for a URI output is this node's cache, which other nodes'
+        # embedding actors and fill tasks cannot see.
+        raise ValueError(f"output {cfg.output} is a URI on a {len(ray.nodes())}-node cluster: set work_dir "
+                         "to a folder every node sees (a shared mount) for the build's scratch shards")
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
     ctx.execution_options.preserve_order = True

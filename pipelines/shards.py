@@ -15,6 +15,7 @@ complete: a rerun of the same build skips it (resumability), and the index stage
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 META = "meta.json"
+log = logging.getLogger(__name__)
 
 
 def shard_id(file_index: int, chunk: int) -> str:
@@ -58,22 +60,73 @@ def write_shard(folder: Path, data: ShardData, meta: dict) -> None:
     os.rename(tmp, folder)
 
 
+class ShardError(RuntimeError):
+    """A finished work shard whose files cannot be read (disk fault, manual edits)."""
+
+
+def _problem(folder: Path, meta: dict) -> str | None:
+    """Why a shard marked complete is unusable, or None. Reads array headers only."""
+    try:
+        hidden = np.load(folder / "hidden.npy", mmap_mode="r")
+        if hidden.shape[0] != meta["keys"]:
+            return f"hidden.npy holds {hidden.shape[0]} keys, meta.json says {meta['keys']}"
+        tokens = np.load(folder / "tokens.npy", mmap_mode="r")
+        if len(tokens) != meta["tokens"]:
+            return f"tokens.npy holds {len(tokens)} tokens, meta.json says {meta['tokens']}"
+        for name in ("offsets.npy", "key_starts.npy"):
+            np.load(folder / name, mmap_mode="r")
+        json.loads((folder / "sources.json").read_text())
+    except (OSError, ValueError, KeyError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def done_shards(work: Path) -> dict[str, dict]:
-    """Metadata of every complete shard under `work`, by shard id."""
+    """Metadata of every complete, readable shard under `work`, by shard id.
+
+    A shard whose files are damaged is left out (with a warning naming it), so the next run
+    embeds it again instead of failing later or publishing bad keys.
+    """
     root = work / "shards"
     if not root.is_dir():
         return {}
-    return {p.name: json.loads((p / META).read_text()) for p in sorted(root.iterdir())
-            if not p.name.startswith(".") and (p / META).is_file()}
+    out = {}
+    for p in sorted(root.iterdir()):
+        if p.name.startswith(".") or not (p / META).is_file():
+            continue
+        try:
+            meta = json.loads((p / META).read_text())
+        except (OSError, ValueError) as err:
+            meta, why = None, f"meta.json: {err}"
+        else:
+            why = _problem(p, meta)
+        if why is None:
+            out[p.name] = meta
+        else:
+            log.warning("work shard %s is damaged (%s); it will be embedded again", p, why)
+    return out
+
+
+def _shard_file(work: Path, sid: str, name: str, mmap: bool = False):
+    path = work / "shards" / sid / name
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None)
+    except (OSError, ValueError) as err:
+        raise ShardError(f"work shard {sid}: cannot read {path} ({err}); delete {path.parent} "
+                         "and rerun the build to embed that shard again") from err
 
 
 def shard_hidden(work: Path, sid: str) -> np.ndarray:
     """The shard's hidden states, memory-mapped (never fully loaded)."""
-    return np.load(work / "shards" / sid / "hidden.npy", mmap_mode="r")
+    return _shard_file(work, sid, "hidden.npy", mmap=True)
 
 
 def shard_tokens(work: Path, sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(tokens, offsets, key_starts, sources) of a shard."""
     d = work / "shards" / sid
-    return (np.load(d / "tokens.npy"), np.load(d / "offsets.npy"), np.load(d / "key_starts.npy"),
-            json.loads((d / "sources.json").read_text()))
+    try:
+        sources = json.loads((d / "sources.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ShardError(f"work shard {sid}: cannot read {d / 'sources.json'} ({err})") from err
+    return (_shard_file(work, sid, "tokens.npy"), _shard_file(work, sid, "offsets.npy"),
+            _shard_file(work, sid, "key_starts.npy"), sources)

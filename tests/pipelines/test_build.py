@@ -109,8 +109,10 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
     assert len(shards) == 9 and not (out / "CURRENT").exists()
     for d in shards[::2]:  # as if the kill had come mid-embedding: only some shards finished
         shutil.rmtree(d)
+    damaged = shards[1] / "hidden.npy"  # a finished shard damaged on disk: embedded again
+    damaged.write_bytes(damaged.read_bytes()[:200])
     resumed = build_datastore(cfg2)
-    assert resumed.shards == 9 and resumed.shards_reused == 4
+    assert resumed.shards == 9 and resumed.shards_reused == 3
     assert not (out / ".build").exists() or not any((out / ".build").iterdir())
     a, b = Datastore(cfg.output), Datastore(out)
     assert (resumed.rows_read, resumed.examples_embedded, resumed.rejected) == (first.rows_read, first.examples_embedded, first.rejected)
@@ -180,3 +182,17 @@ def test_on_disk_index_build_and_update(built, tmp_path):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     _, got = search(child.index, queries, 20)
     assert got.max() < child.num_keys and (got >= store.num_keys).any()  # the new keys are searchable
+
+
+def test_unreadable_corpus_file_is_counted_in_skip_mode_and_named_in_fail_mode(built, tmp_path):
+    cfg, first, _ = built
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really parquet")
+    skip = BuildConfig(model=cfg.model, corpus=CorpusConfig(paths=[cfg.corpus.paths[0], str(broken)], max_tokens=256),
+                       index=cfg.index, value_len=cfg.value_len, shard_rows=cfg.shard_rows, output=str(tmp_path / "s"))
+    report = build_datastore(skip)
+    assert report.rejected == {**first.rejected, "unreadable_file": 1}
+    assert report.rows_read == first.rows_read + 1 == report.examples_embedded + sum(report.rejected.values())
+    skip.corpus.paths, skip.corpus.on_error, skip.output = [str(broken)], "fail", str(tmp_path / "f")
+    with pytest.raises(Exception, match="broken.parquet"):
+        build_datastore(skip)

@@ -17,7 +17,7 @@ from pipelines.build import build_datastore
 from tests_support import write_small_corpus
 
 TWO_NODE_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
     import ray
     from ray.cluster_utils import Cluster
     from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
@@ -31,9 +31,15 @@ TWO_NODE_SCRIPT = textwrap.dedent("""
     cfg = BuildConfig(model=ModelConfig(path=model), corpus=CorpusConfig(paths=[corpus], max_tokens=256),
                       index=IndexConfig(dim=16, pq_m=8, flat_below=1000), output=out, value_len=8,
                       shard_rows=5, embed_actors=2, embed_cpus=1.5, embed_threads=1)
+    try:  # a URI output without a shared work_dir would scatter scratch shards over nodes
+        build_datastore(dataclasses.replace(cfg, output="file://" + out + "-uri"))
+        uri_error = ""
+    except ValueError as err:
+        uri_error = str(err)
     report = build_datastore(cfg)
     print("REPORT" + json.dumps({"nodes": report.nodes, "keys": report.keys, "rows_read": report.rows_read,
-                                 "rejected": report.rejected, "cluster_nodes": [n["NodeID"] for n in ray.nodes()]}))
+                                 "rejected": report.rejected, "cluster_nodes": [n["NodeID"] for n in ray.nodes()],
+                                 "uri_error": uri_error}))
     ray.shutdown()
     cluster.shutdown()
 """)
@@ -50,6 +56,7 @@ def test_two_node_build_uses_both_nodes_and_matches_one_node(ray_session, tiny_m
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("REPORT"))[len("REPORT"):])
     assert len(set(report["cluster_nodes"])) == 2
+    assert "set work_dir" in report["uri_error"]
     assert len(report["nodes"]["embed"]) == 2, f"embedding ran on {report['nodes']['embed']}"
     assert len(report["nodes"]["fill"]) == 2, f"index fill ran on {report['nodes']['fill']}"
     assert (report["keys"], report["rows_read"], report["rejected"]) == (single.keys, single.rows_read, single.rejected)
