@@ -43,9 +43,10 @@ from dresd.engine import Engine  # noqa: E402
 from dresd.evaluate import MethodRun, markdown_table, summarize  # noqa: E402
 from dresd.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
 from dresd.models import load_model  # noqa: E402
-from pipelines.build import build_datastore, build_key  # noqa: E402
+from pipelines.build import build_datastore, build_key, work_folder  # noqa: E402
 from pipelines.index_fill import fill_and_merge, index_fingerprint  # noqa: E402
 from pipelines.runtime import ensure_ray  # noqa: E402
+from pipelines.scratch import Scratch  # noqa: E402
 from pipelines.shards import done_shards  # noqa: E402
 
 
@@ -72,12 +73,12 @@ def copy_current(src: Path, dst: Path) -> None:
     (dst / "CURRENT").write_text(version)
 
 
-def frozen_rebuild(base: Datastore, work: Path) -> faiss.Index:
+def frozen_rebuild(base: Datastore, work: Scratch) -> faiss.Index:
     """Fill the rebuild's embedded shards into the base's compressor + trained-empty index."""
     empty = empty_copy(base.index)
     tag = index_fingerprint(base.compressor, empty)
-    save_compressor(base.compressor, work / f"compressor-{tag}.npz")
-    faiss.write_index(empty, str(work / f"trained-{tag}.faiss"))
+    save_compressor(base.compressor, work.path / f"compressor-{tag}.npz")
+    faiss.write_index(empty, str(work.path / f"trained-{tag}.faiss"))
     metas = done_shards(work)
     shard_ids = sorted(metas)
     counts = [metas[s]["keys"] for s in shard_ids]
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(full.lines()), flush=True)
     rebuilt = Datastore(rebuild_root)
 
-    work = rebuild_root / ".build" / build_key(full_cfg, lm.identity)
+    work = work_folder(full_cfg, build_key(full_cfg, lm.identity))
     frozen_index = frozen_rebuild(base, work)
     same_stream = (np.array_equal(np.asarray(rebuilt.tokens), np.asarray(updated.tokens))
                    and np.array_equal(np.asarray(rebuilt.key_positions), np.asarray(updated.key_positions)))
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     queries = (keys + rng.normal(0, 0.1 * keys.std(), keys.shape)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     same, overlap = neighbour_agreement(updated, frozen_index, np.asarray(rebuilt.key_positions), queries)
-    shutil.rmtree(work, ignore_errors=True)
+    work.remove()
 
     prompts = mtbench_first_turns()[: args.prompts]
     rows = mat_rows(lm, {"base": base, "updated": updated, "rebuild": rebuilt}, prompts, args.max_new_tokens)

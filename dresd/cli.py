@@ -108,22 +108,30 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _datastore(args: argparse.Namespace) -> int:
-    from dresd.datastore import Datastore, list_versions, read_current, version_manifest
+    from dresd.datastore import Datastore, DatastoreError, list_versions, read_current, version_manifest
 
     root = args.root
-    if args.action == "list":
-        current = read_current(root)
-        for v in list_versions(root):
-            ds = version_manifest(root, v)
-            mark = "*" if v == current else " "
-            print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
-        return 0
-    store = Datastore(root, version=args.version)
-    if args.action == "show":
-        print(json.dumps(store.manifest, indent=2, sort_keys=True))
-    else:
-        store.verify()
-        print(f"{store.path}: all {len(store.manifest['files'])} files match their checksums")
+    try:
+        if args.action == "list":
+            versions = list_versions(root)
+            if not versions:
+                print(f"{root}: no datastore versions", file=sys.stderr)
+                return 1
+            current = read_current(root)
+            for v in versions:
+                ds = version_manifest(root, v)
+                mark = "*" if v == current else " "
+                print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
+            return 0
+        store = Datastore(root, version=args.version)
+        if args.action == "show":
+            print(json.dumps(store.manifest, indent=2, sort_keys=True))
+        else:
+            store.verify()
+            print(f"{store.path}: all {len(store.manifest['files'])} files match their checksums")
+    except DatastoreError as err:
+        print(f"dresd datastore {args.action}: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

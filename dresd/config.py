@@ -106,8 +106,8 @@ class BuildConfig:
     # Keep the build's work folder (`<work_dir>/<key>/`: shard files) after publishing.
     keep_work: bool = False
     # Scratch folder for embedded shards and fill outputs: what makes a build resumable.
-    # Every Ray node must see it (a shared mount on a multi-node cluster). None =
-    # `<output>/.build` for a local output, the node's DReSD cache for a URI output.
+    # Every Ray node must reach it: a local folder (one machine or a shared mount) or a URI
+    # (mirrored per node, see pipelines/scratch.py). None = `<output>/.build`.
     work_dir: str | None = None
     # Embedding actors (each loads the model once).
     embed_actors: int = 1

@@ -33,6 +33,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     import _bootstrap  # noqa: F401  (run as a script: puts the repository root first on sys.path)
 
+from dresd import storage  # noqa: E402
 from dresd.config import ModelConfig, to_dict  # noqa: E402
 from dresd.decode_config import PACKAGED_PROMPTS, DecodeConfig  # noqa: E402
 from jobs.common import ConfigError, parse_job_config, run_job  # noqa: E402
@@ -53,9 +54,9 @@ def parse(argv: list[str]) -> DecodeConfig:
     ) if bad]
     if problems:
         raise ConfigError(f"{args.config}: " + "; ".join(problems))
-    if cfg.prompts not in PACKAGED_PROMPTS and not Path(cfg.prompts).exists():
-        raise ConfigError(f"{args.config}: prompts {cfg.prompts!r} not found (a file, a datasets folder, "
-                          f"or one of {list(PACKAGED_PROMPTS)})")
+    if cfg.prompts not in PACKAGED_PROMPTS and not storage.resolve(cfg.prompts).exists():
+        raise ConfigError(f"{args.config}: prompts {cfg.prompts!r} not found (a file or datasets folder, "
+                          f"local or a storage URI, or one of {list(PACKAGED_PROMPTS)})")
     return cfg
 
 

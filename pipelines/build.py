@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -36,11 +35,12 @@ from dresd.formatting import format_fingerprint, shared_prefix_len
 from dresd.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.models import load_model
 from dresd.sampling import Reservoir
-from dresd.storage import cache_dir as storage_cache_dir, file_stamp, is_uri
+from dresd.storage import file_stamp
 from pipelines.embed import Embed
-from pipelines.index_fill import fill_and_merge, fill_paths, index_fingerprint
+from pipelines.index_fill import fill_and_merge, fill_names, index_fingerprint
 from pipelines.read import read_shards
 from pipelines.runtime import ensure_ray
+from pipelines.scratch import Scratch
 from pipelines.shards import done_shards, shard_hidden, shard_tokens
 
 
@@ -85,16 +85,13 @@ def build_key(cfg: BuildConfig, identity: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def work_root(cfg: BuildConfig) -> Path:
-    """The folder holding every build's work folders for `cfg.output` (see BuildConfig.work_dir)."""
-    if cfg.work_dir:
-        return Path(cfg.work_dir)
-    if is_uri(cfg.output):
-        return storage_cache_dir() / "build-work" / hashlib.sha256(cfg.output.encode()).hexdigest()[:16]
-    return Path(cfg.output) / ".build"
+def work_folder(cfg: BuildConfig, name: str) -> Scratch:
+    """Work folder `name` of a build or update for `cfg.output` (see BuildConfig.work_dir)."""
+    root = cfg.work_dir or cfg.output.rstrip("/") + "/.build"
+    return Scratch(root.rstrip("/") + "/" + name)
 
 
-def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
+def _embed_shards(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
     """Run read -> tokenize -> embed for every unfinished shard; returns shards reused."""
     done = done_shards(work)
     gpus = cfg.embed_gpus if cfg.embed_gpus >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
@@ -103,7 +100,7 @@ def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_to
     ds = ds.map_batches(
         Embed,
         fn_constructor_kwargs=dict(model_dir=model_dir, device=cfg.model.device, threads=cfg.embed_threads,
-                                   work=str(work), batch_size=cfg.batch_size),
+                                   work=work.location, batch_size=cfg.batch_size),
         batch_size=1,
         # One shard in flight per actor: shards are large, so this balances them over actors.
         compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors, max_tasks_in_flight_per_actor=1),
@@ -115,17 +112,12 @@ def _embed_shards(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_to
     return len(done)
 
 
-def embed_corpus(cfg: BuildConfig, work: Path, model_dir: str, eos: int, max_tokens: int, prefix: int) -> tuple[dict, int]:
+def embed_corpus(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_tokens: int, prefix: int) -> tuple[dict, int]:
     """Embed every shard of the corpus into `work` (skipping finished ones).
 
     Returns (metadata of every shard by id, shards reused from an earlier run).
     """
     ensure_ray(cfg.ray_address)
-    if is_uri(cfg.output) and not cfg.work_dir and len([n for n in ray.nodes() if n["Alive"]]) > 1:
-        # The default scratch for a URI output is this node's cache, which other nodes'
-        # embedding actors and fill tasks cannot see.
-        raise ValueError(f"output {cfg.output} is a URI on a {len(ray.nodes())}-node cluster: set work_dir "
-                         "to a folder every node sees (a shared mount) for the build's scratch shards")
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
     ctx.execution_options.preserve_order = True
@@ -149,7 +141,7 @@ def tally(metas: dict) -> tuple[int, Counter, list[str]]:
     return sum(m["rows_read"] for m in metas.values()), rejected, messages
 
 
-def assemble_stream(work: Path, shard_ids: list[str], token_base: int = 0):
+def assemble_stream(work: Scratch, shard_ids: list[str], token_base: int = 0):
     """Token stream pieces of the shards in order, positions shifted by `token_base`.
 
     Returns (token arrays, record end offsets, key positions, source ids).
@@ -167,7 +159,7 @@ def assemble_stream(work: Path, shard_ids: list[str], token_base: int = 0):
     return tokens, ends, (np.concatenate(key_pos) if key_pos else np.zeros(0, np.int64)), sources
 
 
-def reservoir_sample(work: Path, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
+def reservoir_sample(work: Scratch, shard_ids: list[str], size: int, dim: int, seed: int) -> np.ndarray:
     """Uniform sample of hidden states, streamed over the shards in order."""
     res = Reservoir(size, dim, seed)
     for sid in tqdm(shard_ids, desc="sample", unit="shard"):
@@ -177,14 +169,14 @@ def reservoir_sample(work: Path, shard_ids: list[str], size: int, dim: int, seed
     return res.sample.copy()
 
 
-def _check(index: faiss.Index, work: Path, shard_ids: list[str], starts: list[int], n_keys: int, tag: str,
+def _check(index: faiss.Index, work: Scratch, shard_ids: list[str], starts: list[int], n_keys: int, tag: str,
            sample: int, seed: int) -> dict[str, float]:
     """recall@50 of the index vs exact search, and self-retrieval MRR, on sampled keys."""
     ids = np.sort(np.random.default_rng(seed + 1).choice(n_keys, size=min(sample, n_keys), replace=False))
 
     def chunks():
         for sid, first in zip(shard_ids, starts):
-            yield first, np.load(fill_paths(work, sid, tag)[1], mmap_mode="r")
+            yield first, np.load(work.pull(fill_names(sid, tag)[1]), mmap_mode="r")
 
     queries = np.concatenate([np.asarray(keys[ids[(ids >= first) & (ids < first + len(keys))] - first])
                               for first, keys in chunks()])
@@ -209,8 +201,9 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    work = work_root(cfg) / build_key(cfg, identity)
-    work.mkdir(parents=True, exist_ok=True)
+    ensure_ray(cfg.ray_address)  # before the scratch: its mirror folder is per Ray node
+    work = work_folder(cfg, build_key(cfg, identity))
+    work.path.mkdir(parents=True, exist_ok=True)
 
     metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
@@ -227,8 +220,10 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     params = choose_index_params(n_keys, cfg.index)
     trained = train_index(params, compress(comp, sample), seed=cfg.index.seed)
     tag = index_fingerprint(comp, trained)
-    save_compressor(comp, work / f"compressor-{tag}.npz")
-    faiss.write_index(trained, str(work / f"trained-{tag}.faiss"))
+    save_compressor(comp, work.path / f"compressor-{tag}.npz")
+    faiss.write_index(trained, str(work.path / f"trained-{tag}.faiss"))
+    work.push(f"compressor-{tag}.npz")
+    work.push(f"trained-{tag}.faiss")
     t_train = time.perf_counter()
     index, fill_nodes = fill_and_merge(work, shard_ids, tag, starts, on_disk=params.on_disk)
     set_search_params(index, params)
@@ -256,7 +251,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     parts = DatastoreParts(np.concatenate(tokens), np.asarray(offsets, dtype=np.int64), key_positions, sources, comp, index)
     version_dir = publish(root, parts, manifest)
     if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        work.remove()
     t_end = time.perf_counter()
     return BuildReport(
         version_dir=version_dir, rows_read=rows_read, examples_embedded=len(sources), rejected=dict(rejected),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import ray
@@ -18,7 +17,8 @@ import torch
 
 from dresd.config import ModelConfig
 from dresd.models import load_model
-from pipelines.shards import ShardData, write_shard
+from pipelines.scratch import Scratch
+from pipelines.shards import META, ShardData, write_shard
 
 
 class Embed:
@@ -28,7 +28,7 @@ class Embed:
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = threads or max(1, os.cpu_count() or 1)
         self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads))
-        self.work = Path(work)
+        self.work = Scratch(work)
         self.batch_size = batch_size
 
     @torch.inference_mode()
@@ -76,6 +76,7 @@ class Embed:
                 hidden=hidden,
                 sources=p["sources"],
             )
-            write_shard(self.work / "shards" / sid, data, meta)
+            write_shard(self.work.path / "shards" / sid, data, meta)
+            self.work.push(f"shards/{sid}", last=META)
             metas.append(meta)
         return {"shard": [m["shard"] for m in metas], "keys": [m["keys"] for m in metas]}

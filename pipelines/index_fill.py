@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from pathlib import Path
 
 import faiss
 import numpy as np
@@ -19,57 +18,59 @@ import ray
 
 from dresd.compression import Compressor, compress, load_compressor
 from dresd.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
+from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
 
 CHUNK = 65536
 
 
-def fill_paths(work: Path, sid: str, tag: str, first_id: int = 0) -> tuple[Path, Path]:
-    """(shard index file, compressed keys file) of one shard fill."""
-    d = work / "shards" / sid
-    return d / f"index-{tag}-{first_id}.faiss", d / f"keys-{tag}.npy"
+def fill_names(sid: str, tag: str, first_id: int = 0) -> tuple[str, str]:
+    """(shard index file, compressed keys file) of one shard fill, relative to the scratch."""
+    return f"shards/{sid}/index-{tag}-{first_id}.faiss", f"shards/{sid}/keys-{tag}.npy"
 
 
 # SPREAD: shard fills are independent; spreading them uses every node of a cluster.
 @ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
-def fill_shard(work: str, sid: str, tag: str, first_id: int) -> str:
+def fill_shard(work: Scratch, sid: str, tag: str, first_id: int) -> str:
     """Compress + encode one shard into its own index file, its keys numbered from
     `first_id` (add_with_ids); returns the node that did it."""
     faiss.omp_set_num_threads(1)
-    work_p = Path(work)
-    index_path, keys_path = fill_paths(work_p, sid, tag, first_id)
-    if not index_path.is_file():
-        comp = load_compressor(work_p / f"compressor-{tag}.npz")
-        index = faiss.read_index(str(work_p / f"trained-{tag}.faiss"))
-        hidden = shard_hidden(work_p, sid)
+    index_rel, keys_rel = fill_names(sid, tag, first_id)
+    if not work.exists(index_rel):
+        comp = load_compressor(work.pull(f"compressor-{tag}.npz"))
+        index = faiss.read_index(str(work.pull(f"trained-{tag}.faiss")))
+        hidden = shard_hidden(work, sid)
         keys = np.empty((len(hidden), comp.out_dim), dtype=np.float32)
         for s in range(0, len(hidden), CHUNK):
             keys[s : s + CHUNK] = compress(comp, np.asarray(hidden[s : s + CHUNK], dtype=np.float32))
         add_keys(index, keys, first_id)
+        index_path, keys_path = work.path / index_rel, work.path / keys_rel
         np.save(keys_path.with_suffix(".tmp.npy"), keys)
         keys_path.with_suffix(".tmp.npy").rename(keys_path)
-        # The index file is the completion marker, so it is written last.
+        work.push(keys_rel)
+        # The index file is the completion marker, so it is written (and pushed) last.
         tmp = index_path.with_suffix(".tmp")
         faiss.write_index(index, str(tmp))
         tmp.rename(index_path)
+        work.push(index_rel)
     return ray.get_runtime_context().get_node_id()
 
 
-def fill_and_merge(work: Path, shard_ids: list[str], tag: str, first_ids: list[int],
+def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: list[int],
                    on_disk: bool = False, base: faiss.Index | None = None) -> tuple[faiss.Index, list[str]]:
     """Fill every shard in parallel Ray tasks (shard i's keys numbered from first_ids[i]),
     then merge them in shard order after the keys of `base` (a published index, or None).
 
-    In RAM by default; with `on_disk` the lists are merged into `<work>/merged-<tag>/index.ivfdata`
-    without loading them (the returned index reads that file).
+    In RAM by default; with `on_disk` the lists are merged into `merged-<tag>-<first id>/index.ivfdata`
+    in this node's scratch folder without loading them (the returned index reads that file).
     """
-    nodes = ray.get([fill_shard.remote(str(work), sid, tag, first) for sid, first in zip(shard_ids, first_ids)])
-    trained = faiss.read_index(str(work / f"trained-{tag}.faiss"))
+    nodes = ray.get([fill_shard.remote(work, sid, tag, first) for sid, first in zip(shard_ids, first_ids)])
+    trained = faiss.read_index(str(work.pull(f"trained-{tag}.faiss")))
+    shard_files = [str(work.pull(fill_names(sid, tag, first)[0])) for sid, first in zip(shard_ids, first_ids)]
     if on_disk:
         # MMAP: the shard lists are read from disk as they are merged, never loaded whole.
-        shards = [faiss.read_index(str(fill_paths(work, sid, tag, first)[0]), faiss.IO_FLAG_MMAP)
-                  for sid, first in zip(shard_ids, first_ids)]
-        out = work / f"merged-{tag}-{first_ids[0] if first_ids else 0}"
+        shards = [faiss.read_index(f, faiss.IO_FLAG_MMAP) for f in shard_files]
+        out = work.path / f"merged-{tag}-{first_ids[0] if first_ids else 0}"
         shutil.rmtree(out, ignore_errors=True)  # a crashed merge leaves a partial file
         out.mkdir(parents=True)
         merged = merge_on_disk(trained, ([base] if base is not None else []) + shards, str(out / IVFDATA))
@@ -77,8 +78,8 @@ def fill_and_merge(work: Path, shard_ids: list[str], tag: str, first_ids: list[i
     merged = trained
     if base is not None:
         merge_into(merged, base)
-    for sid, first in zip(shard_ids, first_ids):
-        merge_into(merged, faiss.read_index(str(fill_paths(work, sid, tag, first)[0])))
+    for f in shard_files:
+        merge_into(merged, faiss.read_index(f))
     return merged, nodes
 
 

@@ -1,7 +1,8 @@
 """Build work shards: the on-disk hand-off between the embed stage and the index stages.
 
 A shard is a run of consecutive corpus rows of one file. The embed stage writes each shard
-into `<work>/shards/<shard id>/` and writes `meta.json` LAST, so a shard with meta.json is
+into `<work>/shards/<shard id>/` (a Scratch: local, or a URI mirrored per node) and writes
+`meta.json` LAST, so a shard with meta.json is
 complete: a rerun of the same build skips it (resumability), and the index stages read it.
 
     tokens.npy      int32, the shard's records concatenated
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipelines.scratch import Scratch
 
 META = "meta.json"
 log = logging.getLogger(__name__)
@@ -81,19 +84,18 @@ def _problem(folder: Path, meta: dict) -> str | None:
     return None
 
 
-def done_shards(work: Path) -> dict[str, dict]:
-    """Metadata of every complete, readable shard under `work`, by shard id.
+def done_shards(work: Scratch) -> dict[str, dict]:
+    """Metadata of every complete, readable shard in `work`, by shard id (pulled to this
+    node when the scratch is remote).
 
     A shard whose files are damaged is left out (with a warning naming it), so the next run
     embeds it again instead of failing later or publishing bad keys.
     """
-    root = work / "shards"
-    if not root.is_dir():
-        return {}
     out = {}
-    for p in sorted(root.iterdir()):
-        if p.name.startswith(".") or not (p / META).is_file():
+    for name in work.children("shards"):
+        if name.startswith(".") or not work.exists(f"shards/{name}/{META}"):
             continue
+        p = work.pull(f"shards/{name}")
         try:
             meta = json.loads((p / META).read_text())
         except (OSError, ValueError) as err:
@@ -101,31 +103,32 @@ def done_shards(work: Path) -> dict[str, dict]:
         else:
             why = _problem(p, meta)
         if why is None:
-            out[p.name] = meta
+            out[name] = meta
         else:
             log.warning("work shard %s is damaged (%s); it will be embedded again", p, why)
     return out
 
 
-def _shard_file(work: Path, sid: str, name: str, mmap: bool = False):
-    path = work / "shards" / sid / name
+def _shard_file(work: Scratch, sid: str, name: str, mmap: bool = False):
+    path = work.path / "shards" / sid / name
     try:
+        work.pull(f"shards/{sid}/{name}")
         return np.load(path, mmap_mode="r" if mmap else None)
     except (OSError, ValueError) as err:
         raise ShardError(f"work shard {sid}: cannot read {path} ({err}); delete {path.parent} "
                          "and rerun the build to embed that shard again") from err
 
 
-def shard_hidden(work: Path, sid: str) -> np.ndarray:
+def shard_hidden(work: Scratch, sid: str) -> np.ndarray:
     """The shard's hidden states, memory-mapped (never fully loaded)."""
     return _shard_file(work, sid, "hidden.npy", mmap=True)
 
 
-def shard_tokens(work: Path, sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+def shard_tokens(work: Scratch, sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
     """(tokens, offsets, key_starts, sources) of a shard."""
-    d = work / "shards" / sid
+    d = work.path / "shards" / sid
     try:
-        sources = json.loads((d / "sources.json").read_text())
+        sources = json.loads(work.pull(f"shards/{sid}/sources.json").read_text())
     except (OSError, ValueError) as err:
         raise ShardError(f"work shard {sid}: cannot read {d / 'sources.json'} ({err})") from err
     return (_shard_file(work, sid, "tokens.npy"), _shard_file(work, sid, "offsets.npy"),

@@ -9,7 +9,6 @@ compares how well the frozen compressor fits the new data with how it fit its ow
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,9 @@ from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
 from dresd.formatting import format_fingerprint, shared_prefix_len
 from dresd.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.models import load_model
-from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_root
+from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
 from pipelines.index_fill import fill_and_merge, index_fingerprint
+from pipelines.runtime import ensure_ray
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
 # reported as drifted: the frozen compressor loses noticeably more of it.
@@ -87,8 +87,9 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     prefix = shared_prefix_len(lm.tokenizer, fmt)
     del lm
-    work = work_root(cfg) / ("update-" + build_key(cfg, identity))
-    work.mkdir(parents=True, exist_ok=True)
+    ensure_ray(cfg.ray_address)  # before the scratch: its mirror folder is per Ray node
+    work = work_folder(cfg, "update-" + build_key(cfg, identity))
+    work.path.mkdir(parents=True, exist_ok=True)
     metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
     rows_read, rejected, _ = tally(metas)
@@ -97,8 +98,10 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     params = IndexParams(**store.manifest["index"]["params"])
     empty = empty_copy(store.index)
     tag = index_fingerprint(store.compressor, empty)
-    save_compressor(store.compressor, work / f"compressor-{tag}.npz")
-    faiss.write_index(empty, str(work / f"trained-{tag}.faiss"))
+    save_compressor(store.compressor, work.path / f"compressor-{tag}.npz")
+    faiss.write_index(empty, str(work.path / f"trained-{tag}.faiss"))
+    work.push(f"compressor-{tag}.npz")
+    work.push(f"trained-{tag}.faiss")
     counts = [metas[s]["keys"] for s in shard_ids]
     first_ids = (store.num_keys + np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.int64).tolist()
     # The published index is read, never written: the new version gets its own copy.
@@ -127,7 +130,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
               "keys_added": int(len(key_pos)), "drift": drift}
     version_dir = publish(root, parts, _child_manifest(store, change))
     if not cfg.keep_work:
-        shutil.rmtree(work, ignore_errors=True)
+        work.remove()
     return UpdateReport(version_dir, store.version, rows_read, len(sources), dict(rejected), int(len(key_pos)),
                         drift, time.perf_counter() - t0)
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
+from dresd.compression import compress, fit_compressor
+from dresd.datastore import DatastoreParts
+from dresd.index import IndexParams, add_keys, train_index
+
 
 def write_small_corpus(folder: Path) -> tuple[Path, list[dict]]:
     """A jsonl corpus of 40 good prompt/response rows with 5 bad rows mixed in.
@@ -57,3 +63,52 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt):]
+
+
+# ----------------------------------------------------------------------------- a small store
+
+EOS = 2
+VALUE_LEN = 4
+# Three small records: 5 + 3 + 4 tokens.
+RECORDS = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33]]
+FLAT = IndexParams("flat", 8, 0, 0, 0, False, 1.0)
+IDENTITY = {
+    "name": "tiny-model",
+    "architecture": "llama",
+    "vocab_size": 272,
+    "hidden_size": 16,
+    "num_layers": 2,
+    "fingerprint": "abc123",
+}
+
+
+def make_parts(records=RECORDS, key_positions=None, hidden_dim=16, seed=0):
+    """Parts of a store over `records` (keys: every position but each record's last)."""
+    tokens = np.concatenate([np.asarray(r) for r in records]).astype(np.int32)
+    offsets = np.cumsum([0] + [len(r) for r in records]).astype(np.int64)
+    if key_positions is None:
+        key_positions = [p for s, e in zip(offsets[:-1], offsets[1:]) for p in range(s, e - 1)]
+    key_positions = np.asarray(key_positions, dtype=np.int64)
+    hidden = np.random.default_rng(seed).normal(size=(len(key_positions), hidden_dim)).astype(np.float32)
+    comp = fit_compressor(hidden, FLAT.dim)
+    index = train_index(FLAT, compress(comp, hidden))
+    add_keys(index, compress(comp, hidden))
+    parts = DatastoreParts(
+        tokens=tokens,
+        record_offsets=offsets,
+        key_positions=key_positions,
+        sources=[f"src-{i}" for i in range(len(records))],
+        compressor=comp,
+        index=index,
+    )
+    return parts
+
+
+def make_manifest(identity=IDENTITY, fmt_fingerprint="fmt-1"):
+    return {
+        "model": dict(identity),
+        "prompt_format": {"name": "chat", "fingerprint": fmt_fingerprint, "shared_prefix_len": 0},
+        "eos_id": EOS,
+        "value_len": VALUE_LEN,
+        "index": {"params": FLAT.to_dict(), "factory": FLAT.factory},
+    }

@@ -31,15 +31,13 @@ TWO_NODE_SCRIPT = textwrap.dedent("""
     cfg = BuildConfig(model=ModelConfig(path=model), corpus=CorpusConfig(paths=[corpus], max_tokens=256),
                       index=IndexConfig(dim=16, pq_m=8, flat_below=1000), output=out, value_len=8,
                       shard_rows=5, embed_actors=2, embed_cpus=1.5, embed_threads=1)
-    try:  # a URI output without a shared work_dir would scatter scratch shards over nodes
-        build_datastore(dataclasses.replace(cfg, output="file://" + out + "-uri"))
-        uri_error = ""
-    except ValueError as err:
-        uri_error = str(err)
     report = build_datastore(cfg)
+    # The same build with a URI output: its scratch is a URI too, mirrored per node, so the
+    # nodes exchange shards and fills through storage instead of a shared folder.
+    uri = build_datastore(dataclasses.replace(cfg, output="file://" + out + "-uri"))
     print("REPORT" + json.dumps({"nodes": report.nodes, "keys": report.keys, "rows_read": report.rows_read,
                                  "rejected": report.rejected, "cluster_nodes": [n["NodeID"] for n in ray.nodes()],
-                                 "uri_error": uri_error}))
+                                 "uri_nodes": uri.nodes, "uri_keys": uri.keys}))
     ray.shutdown()
     cluster.shutdown()
 """)
@@ -56,13 +54,17 @@ def test_two_node_build_uses_both_nodes_and_matches_one_node(ray_session, tiny_m
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("REPORT"))[len("REPORT"):])
     assert len(set(report["cluster_nodes"])) == 2
-    assert "set work_dir" in report["uri_error"]
+    assert len(report["uri_nodes"]["embed"]) == 2 and len(report["uri_nodes"]["fill"]) == 2
+    assert report["uri_keys"] == single.keys
     assert len(report["nodes"]["embed"]) == 2, f"embedding ran on {report['nodes']['embed']}"
     assert len(report["nodes"]["fill"]) == 2, f"index fill ran on {report['nodes']['fill']}"
     assert (report["keys"], report["rows_read"], report["rejected"]) == (single.keys, single.rows_read, single.rejected)
     a, b = Datastore(one.output), Datastore(tmp_path / "two")
     assert a.manifest["files"]["tokens.npy"]["sha256"] == b.manifest["files"]["tokens.npy"]["sha256"]
     assert np.array_equal(a.key_positions, b.key_positions)
+    c = Datastore(f"file://{tmp_path}/two-uri")
+    assert c.manifest["files"]["tokens.npy"]["sha256"] == a.manifest["files"]["tokens.npy"]["sha256"]
+    assert not (tmp_path / "two-uri" / ".build").exists() or not any((tmp_path / "two-uri" / ".build").iterdir())
     rng = np.random.default_rng(0)
     q = rng.normal(size=(30, 16)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
