@@ -35,7 +35,6 @@ from pathlib import Path  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dresd.compression import save_compressor  # noqa: E402
 from dresd.config import BuildConfig, ModelConfig, SpeculativeConfig, from_dict  # noqa: E402
 from dresd.corpus import mtbench_first_turns  # noqa: E402
 from dresd.datastore import Datastore, resolve_version_dir  # noqa: E402
@@ -44,10 +43,10 @@ from dresd.evaluate import MethodRun, markdown_table, summarize  # noqa: E402
 from dresd.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
 from dresd.models import load_model  # noqa: E402
 from pipelines.build import build_datastore, build_key, work_folder  # noqa: E402
-from pipelines.index_fill import fill_and_merge, index_fingerprint  # noqa: E402
+from pipelines.index_fill import fill_and_merge, save_trained  # noqa: E402
 from pipelines.runtime import ensure_ray  # noqa: E402
 from pipelines.scratch import Scratch  # noqa: E402
-from pipelines.shards import done_shards  # noqa: E402
+from pipelines.shards import done_shards, first_key_ids  # noqa: E402
 
 
 def addition_corpus(source: Path, out: Path, target_tokens: int, tokenizer) -> int:
@@ -75,15 +74,10 @@ def copy_current(src: Path, dst: Path) -> None:
 
 def frozen_rebuild(base: Datastore, work: Scratch) -> faiss.Index:
     """Fill the rebuild's embedded shards into the base's compressor + trained-empty index."""
-    empty = empty_copy(base.index)
-    tag = index_fingerprint(base.compressor, empty)
-    save_compressor(base.compressor, work.path / f"compressor-{tag}.npz")
-    faiss.write_index(empty, str(work.path / f"trained-{tag}.faiss"))
+    tag = save_trained(work, base.compressor, empty_copy(base.index))
     metas = done_shards(work)
     shard_ids = sorted(metas)
-    counts = [metas[s]["keys"] for s in shard_ids]
-    first_ids = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
-    index, _ = fill_and_merge(work, shard_ids, tag, first_ids)
+    index, _ = fill_and_merge(work, shard_ids, tag, first_key_ids(metas, shard_ids))
     set_search_params(index, IndexParams(**base.manifest["index"]["params"]))
     return index
 

@@ -82,16 +82,32 @@ class Location:
                 fh.write(data)
             self.fs.delete_file(tmp)
 
+    def upload_file(self, local: Path) -> None:
+        """Copy local file `local` to this location."""
+        self.fs.create_dir(self.path.rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(local), self.path, destination_filesystem=self.fs)
+
     def upload(self, local: Path, last: str | None = None) -> None:
         """Copy the files of local folder `local` into this folder; `last` (a file name) is
         copied after all others, so its presence marks a complete copy."""
-        self.fs.create_dir(self.path, recursive=True)
         names = sorted(p.name for p in local.iterdir() if p.is_file())
         if last in names:
             names.remove(last)
             names.append(last)
         for name in names:
-            pafs.copy_files(str(local / name), self.child(name).path, destination_filesystem=self.fs)
+            self.child(name).upload_file(local / name)
+
+    def download(self, local: Path) -> Path:
+        """Copy this file or folder to local path `local`, atomically (temp name + rename)."""
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
+        if self.is_dir():
+            tmp.mkdir()
+        pafs.copy_files(self.path, str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        if local.is_dir():  # a folder fetched before (or by a concurrent fetch): replace it
+            shutil.rmtree(local, ignore_errors=True)
+        os.replace(tmp, local)
+        return local
 
 
 def resolve(location: str | os.PathLike) -> Location:
@@ -135,17 +151,7 @@ def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
     target = into or cache_dir() / key / (loc.path.rstrip("/").rsplit("/", 1)[-1] or "root")
     if target.exists() and info.type == pafs.FileType.File:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    if info.type == pafs.FileType.File:
-        pafs.copy_files(loc.path, str(tmp), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
-    else:
-        tmp.mkdir()
-        pafs.copy_files(loc.path, str(tmp), source_filesystem=loc.fs, destination_filesystem=pafs.LocalFileSystem())
-    if target.exists():  # a folder fetched before (or a concurrent fetch): replace it
-        shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target
+    return loc.download(target)
 
 
 def file_stamp(location: str | os.PathLike) -> list:

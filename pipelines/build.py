@@ -27,7 +27,7 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from dresd.compression import compress, fit_compressor, reconstruction_error, save_compressor
+from dresd.compression import compress, fit_compressor, reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.corpus import list_corpus_files, sharegpt_path, SHAREGPT
 from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish, read_current
@@ -37,11 +37,11 @@ from dresd.models import load_model
 from dresd.sampling import Reservoir
 from dresd.storage import file_stamp
 from pipelines.embed import Embed
-from pipelines.index_fill import fill_and_merge, fill_names, index_fingerprint
+from pipelines.index_fill import fill_and_merge, fill_names, save_trained
 from pipelines.read import read_shards
 from pipelines.runtime import ensure_ray
 from pipelines.scratch import Scratch
-from pipelines.shards import done_shards, shard_hidden, shard_tokens
+from pipelines.shards import done_shards, first_key_ids, shard_hidden, shard_tokens
 
 
 @dataclass
@@ -213,17 +213,13 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     n_keys = int(sum(key_counts))
     if n_keys == 0:
         raise DatastoreError(f"no usable records in {cfg.corpus.paths}: rejected {dict(rejected)}")
-    starts = np.concatenate([[0], np.cumsum(key_counts)[:-1]]).astype(np.int64).tolist()
+    starts = first_key_ids(metas, shard_ids)
 
     sample = reservoir_sample(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)
     comp = fit_compressor(sample, cfg.index.dim)
     params = choose_index_params(n_keys, cfg.index)
     trained = train_index(params, compress(comp, sample), seed=cfg.index.seed)
-    tag = index_fingerprint(comp, trained)
-    save_compressor(comp, work.path / f"compressor-{tag}.npz")
-    faiss.write_index(trained, str(work.path / f"trained-{tag}.faiss"))
-    work.push(f"compressor-{tag}.npz")
-    work.push(f"trained-{tag}.faiss")
+    tag = save_trained(work, comp, trained)
     t_train = time.perf_counter()
     index, fill_nodes = fill_and_merge(work, shard_ids, tag, starts, on_disk=params.on_disk)
     set_search_params(index, params)

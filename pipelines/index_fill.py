@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import ray
 
-from dresd.compression import Compressor, compress, load_compressor
+from dresd.compression import Compressor, compress, load_compressor, save_compressor
 from dresd.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
 from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
@@ -81,6 +81,17 @@ def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: lis
     for f in shard_files:
         merge_into(merged, faiss.read_index(f))
     return merged, nodes
+
+
+def save_trained(work: Scratch, comp: Compressor, trained: faiss.Index) -> str:
+    """Write the frozen compressor and the trained empty index where fill tasks find them;
+    returns their fingerprint tag."""
+    tag = index_fingerprint(comp, trained)
+    save_compressor(comp, work.path / f"compressor-{tag}.npz")
+    faiss.write_index(trained, str(work.path / f"trained-{tag}.faiss"))
+    work.push(f"compressor-{tag}.npz")
+    work.push(f"trained-{tag}.faiss")
+    return tag
 
 
 def index_fingerprint(comp: Compressor, trained: faiss.Index) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,9 +53,7 @@ class Scratch:
         if local.is_dir():
             self._remote(rel).upload(local, last=last)
         else:
-            dest = self._remote(rel)
-            dest.fs.create_dir(dest.path.rsplit("/", 1)[0], recursive=True)
-            pafs.copy_files(str(local), dest.path, destination_filesystem=dest.fs)
+            self._remote(rel).upload_file(local)
 
     def pull(self, rel: str) -> Path:
         """The local path of file or folder `rel`, fetched from the URI when missing or when
@@ -73,10 +70,7 @@ class Scratch:
                     self.pull(f"{rel}/{name}")
             return local
         if info.type == pafs.FileType.File and not (local.is_file() and local.stat().st_size == info.size):
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.parent / f".{local.name}.{uuid.uuid4().hex[:8]}.tmp"
-            pafs.copy_files(src.path, str(tmp), source_filesystem=src.fs, destination_filesystem=pafs.LocalFileSystem())
-            os.replace(tmp, local)
+            src.download(local)
         return local
 
     def exists(self, rel: str) -> bool:

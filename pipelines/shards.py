@@ -63,6 +63,13 @@ def write_shard(folder: Path, data: ShardData, meta: dict) -> None:
     os.rename(tmp, folder)
 
 
+def first_key_ids(metas: dict[str, dict], shard_ids: list[str], base: int = 0) -> list[int]:
+    """The number of each shard's first key: keys are numbered across shards in order,
+    after `base` existing keys."""
+    counts = [metas[s]["keys"] for s in shard_ids]
+    return (base + np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.int64).tolist() if counts else []
+
+
 class ShardError(RuntimeError):
     """A finished work shard whose files cannot be read (disk fault, manual edits)."""
 

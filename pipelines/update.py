@@ -16,15 +16,16 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dresd.compression import reconstruction_error, save_compressor
+from dresd.compression import reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
 from dresd.formatting import format_fingerprint, shared_prefix_len
 from dresd.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.models import load_model
 from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
-from pipelines.index_fill import fill_and_merge, index_fingerprint
+from pipelines.index_fill import fill_and_merge, save_trained
 from pipelines.runtime import ensure_ray
+from pipelines.shards import first_key_ids
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
 # reported as drifted: the frozen compressor loses noticeably more of it.
@@ -97,13 +98,8 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     # Frozen compressor + the current index emptied (training kept) fill the new shards.
     params = IndexParams(**store.manifest["index"]["params"])
     empty = empty_copy(store.index)
-    tag = index_fingerprint(store.compressor, empty)
-    save_compressor(store.compressor, work.path / f"compressor-{tag}.npz")
-    faiss.write_index(empty, str(work.path / f"trained-{tag}.faiss"))
-    work.push(f"compressor-{tag}.npz")
-    work.push(f"trained-{tag}.faiss")
-    counts = [metas[s]["keys"] for s in shard_ids]
-    first_ids = (store.num_keys + np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.int64).tolist()
+    tag = save_trained(work, store.compressor, empty)
+    first_ids = first_key_ids(metas, shard_ids, base=store.num_keys)
     # The published index is read, never written: the new version gets its own copy.
     index, _ = fill_and_merge(work, shard_ids, tag, first_ids, on_disk=params.on_disk, base=store.index)
     set_search_params(index, params)
