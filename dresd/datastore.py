@@ -47,7 +47,6 @@ FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1 always stored key_positions.npy
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
-_ARRAYS = ("tokens", "record_offsets", "key_positions")
 
 
 class DatastoreError(RuntimeError):
@@ -135,7 +134,10 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
             np.save(tmp / "deleted.npy", np.asarray(parts.deleted, dtype=bool))
         save_compressor(parts.compressor, tmp / "compressor.npz")
         if is_on_disk(parts.index):  # its lists' file travels with it (found by read_index)
-            shutil.copyfile(on_disk_file(parts.index), tmp / IVFDATA)
+            try:  # the merge wrote it once and never again: a hard link saves copying it
+                os.link(on_disk_file(parts.index), tmp / IVFDATA)
+            except OSError:  # another filesystem
+                shutil.copyfile(on_disk_file(parts.index), tmp / IVFDATA)
         faiss.write_index(parts.index, str(tmp / "index.faiss"))
         files = sorted(p.name for p in tmp.iterdir())
         full = dict(manifest)
