@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dresd.compression import compress, fit_compressor
 from dresd.config import SpeculativeConfig
-from dresd.datastore import Datastore, DatastoreParts, publish
+from dresd.datastore import Datastore, publish
 from dresd.drafters import Drafter, DraftRequest
 from dresd.drafters.dense import DenseDrafter, drafts_from_values
-from dresd.index import IndexParams, add_keys, train_index
+from tests_support import make_manifest, make_parts
 
 EOS = 2
 
@@ -105,24 +104,11 @@ def store(tmp_path_factory):
     """A small published store: 6 records of random tokens (3..99), 32-d random hidden states."""
     rng = np.random.default_rng(0)
     records = [rng.integers(3, 100, size=n).astype(np.int32) for n in (30, 12, 25, 4, 40, 18)]
-    tokens = np.concatenate(records)
-    offsets = np.cumsum([0] + [len(r) for r in records]).astype(np.int64)
-    key_positions = np.array([p for s, e in zip(offsets[:-1], offsets[1:]) for p in range(s, e - 1)], dtype=np.int64)
-    hidden = rng.normal(size=(len(key_positions), HIDDEN)).astype(np.float32) * rng.uniform(0.1, 10, HIDDEN)
-    comp = fit_compressor(hidden, 16)
-    params = IndexParams("flat", 16, 0, 0, 0, False, 1.0)
-    index = train_index(params, compress(comp, hidden))
-    add_keys(index, compress(comp, hidden))
-    parts = DatastoreParts(tokens, offsets, key_positions, [f"r{i}" for i in range(len(records))], comp, index)
-    manifest = {
-        "model": {"name": "m"},
-        "prompt_format": {"name": "chat", "fingerprint": "f"},
-        "eos_id": EOS,
-        "value_len": VALUE_LEN,
-        "index": {"params": params.to_dict(), "factory": params.factory},
-    }
+    n_keys = sum(len(r) - 1 for r in records)
+    hidden = rng.normal(size=(n_keys, HIDDEN)).astype(np.float32) * rng.uniform(0.1, 10, HIDDEN)
     root = tmp_path_factory.mktemp("ds")
-    publish(root, parts, manifest, version="v1")
+    publish(root, make_parts(records, dim=16, hidden=hidden), make_manifest(eos=EOS, value_len=VALUE_LEN, dim=16),
+            version="v1")
     return Datastore(root), hidden
 
 

@@ -71,7 +71,7 @@ EOS = 2
 VALUE_LEN = 4
 # Three small records: 5 + 3 + 4 tokens.
 RECORDS = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33]]
-FLAT = IndexParams("flat", 8, 0, 0, 0, False, 1.0)
+FLAT = IndexParams("flat", 8, 0, 0, 0, False, 1.0)  # make_parts' default layout
 IDENTITY = {
     "name": "tiny-model",
     "architecture": "llama",
@@ -82,16 +82,22 @@ IDENTITY = {
 }
 
 
-def make_parts(records=RECORDS, key_positions=None, hidden_dim=16, seed=0):
-    """Parts of a store over `records` (keys: every position but each record's last)."""
+def flat_params(dim: int = 8) -> IndexParams:
+    return IndexParams("flat", dim, 0, 0, 0, False, 1.0)
+
+
+def make_parts(records=RECORDS, key_positions=None, hidden_dim=16, seed=0, dim=8, hidden=None):
+    """Parts of a store over `records` (keys: every position but each record's last) with
+    random hidden states (or `hidden`), compressed to `dim` in an exact flat index."""
     tokens = np.concatenate([np.asarray(r) for r in records]).astype(np.int32)
     offsets = np.cumsum([0] + [len(r) for r in records]).astype(np.int64)
     if key_positions is None:
         key_positions = [p for s, e in zip(offsets[:-1], offsets[1:]) for p in range(s, e - 1)]
     key_positions = np.asarray(key_positions, dtype=np.int64)
-    hidden = np.random.default_rng(seed).normal(size=(len(key_positions), hidden_dim)).astype(np.float32)
-    comp = fit_compressor(hidden, FLAT.dim)
-    index = train_index(FLAT, compress(comp, hidden))
+    if hidden is None:
+        hidden = np.random.default_rng(seed).normal(size=(len(key_positions), hidden_dim)).astype(np.float32)
+    comp = fit_compressor(hidden, dim)
+    index = train_index(flat_params(dim), compress(comp, hidden))
     add_keys(index, compress(comp, hidden))
     parts = DatastoreParts(
         tokens=tokens,
@@ -104,11 +110,13 @@ def make_parts(records=RECORDS, key_positions=None, hidden_dim=16, seed=0):
     return parts
 
 
-def make_manifest(identity=IDENTITY, fmt_fingerprint="fmt-1"):
+def make_manifest(identity=IDENTITY, fmt_fingerprint="fmt-1", eos=EOS, value_len=VALUE_LEN, dim=8):
+    """The manifest fields `publish` needs for a `make_parts` store."""
+    params = flat_params(dim)
     return {
         "model": dict(identity),
         "prompt_format": {"name": "chat", "fingerprint": fmt_fingerprint, "shared_prefix_len": 0},
-        "eos_id": EOS,
-        "value_len": VALUE_LEN,
-        "index": {"params": FLAT.to_dict(), "factory": FLAT.factory},
+        "eos_id": eos,
+        "value_len": value_len,
+        "index": {"params": params.to_dict(), "factory": params.factory},
     }

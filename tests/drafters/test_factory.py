@@ -6,14 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dresd.compression import compress, fit_compressor
 from dresd.config import SpeculativeConfig
-from dresd.datastore import Datastore, DatastoreParts, publish
+from dresd.datastore import Datastore, publish
 from dresd.drafters import DraftRequest
 from dresd.drafters.factory import NEEDS_DATASTORE, derived_dir, make_drafter, store_pairs, store_records
 from dresd.formatting import format_prompt_ids
-from dresd.index import IndexParams, add_keys, train_index
 from dresd.models import make_byte_tokenizer
+from tests_support import make_manifest, make_parts
 
 HIDDEN = 32
 VALUE_LEN = 12  # > the default len_drafts (10)
@@ -49,25 +48,9 @@ def records(tok) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tok, records) -> Datastore:
     """A small published chat-format store over `records` with random 32-d keys."""
-    rng = np.random.default_rng(0)
-    tokens = np.concatenate([np.asarray(r, dtype=np.int32) for r in records])
-    offsets = np.cumsum([0] + [len(r) for r in records]).astype(np.int64)
-    key_positions = np.array([p for s, e in zip(offsets[:-1], offsets[1:]) for p in range(s, e - 1)], dtype=np.int64)
-    hidden = rng.normal(size=(len(key_positions), HIDDEN)).astype(np.float32)
-    comp = fit_compressor(hidden, 16)
-    params = IndexParams("flat", 16, 0, 0, 0, False, 1.0)
-    index = train_index(params, compress(comp, hidden))
-    add_keys(index, compress(comp, hidden))
-    parts = DatastoreParts(tokens, offsets, key_positions, [f"r{i}" for i in range(len(records))], comp, index)
-    manifest = {
-        "model": {"name": "tiny"},
-        "prompt_format": {"name": "chat", "fingerprint": "f"},
-        "eos_id": tok.eos_token_id,
-        "value_len": VALUE_LEN,
-        "index": {"params": params.to_dict(), "factory": params.factory},
-    }
+    parts = make_parts(records, hidden_dim=HIDDEN, dim=16)
     root = tmp_path_factory.mktemp("ds")
-    publish(root, parts, manifest, version="v1")
+    publish(root, parts, make_manifest(eos=tok.eos_token_id, value_len=VALUE_LEN, dim=16), version="v1")
     return Datastore(root)
 
 
