@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import pyarrow.fs as pafs
+
 from dresd import storage
 from dresd.config import CorpusConfig
 
@@ -101,8 +103,9 @@ def list_corpus_files(paths: list[str]) -> list[str]:
             if _is_datasets_folder(loc):
                 out.append(name)
                 continue
-            found = [c.uri for c in map(loc.child, loc.children())
-                     if (c.is_file() and c.path.endswith(CORPUS_SUFFIXES)) or _is_datasets_folder(c)]
+            found = [loc.child(e.base_name).uri for e in loc.entries()
+                     if (e.is_file and e.base_name.endswith(CORPUS_SUFFIXES))
+                     or (e.type == pafs.FileType.Directory and _is_datasets_folder(loc.child(e.base_name)))]
             if not found:
                 raise CorpusError(f"folder holds no corpus files ({', '.join(CORPUS_SUFFIXES)})",
                                   file=name)

@@ -50,12 +50,17 @@ class Location:
     def is_dir(self) -> bool:
         return self.info().type == pafs.FileType.Directory
 
-    def children(self) -> list[str]:
-        """Names directly inside this folder, sorted ([] when it does not exist)."""
+    def entries(self) -> list[pafs.FileInfo]:
+        """What is directly inside this folder (name, type, size), by name; one listing call
+        ([] when the folder does not exist)."""
         if not self.is_dir():
             return []
         infos = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted(i.base_name for i in infos)
+        return sorted(infos, key=lambda i: i.base_name)
+
+    def children(self) -> list[str]:
+        """Names directly inside this folder, sorted ([] when it does not exist)."""
+        return [i.base_name for i in self.entries()]
 
     def read_bytes(self) -> bytes:
         with self.fs.open_input_stream(self.path) as fh:

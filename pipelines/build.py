@@ -86,9 +86,13 @@ def build_key(cfg: BuildConfig, identity: dict) -> str:
 
 
 def work_folder(cfg: BuildConfig, name: str) -> Scratch:
-    """Work folder `name` of a build or update for `cfg.output` (see BuildConfig.work_dir)."""
+    """Work folder `name` of a build or update for `cfg.output` (see BuildConfig.work_dir),
+    created on this node. Joins Ray first: a URI scratch's local mirror is per Ray node."""
+    ensure_ray(cfg.ray_address)
     root = cfg.work_dir or cfg.output.rstrip("/") + "/.build"
-    return Scratch(root.rstrip("/") + "/" + name)
+    work = Scratch(root.rstrip("/") + "/" + name)
+    work.path.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def _embed_shards(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
@@ -201,9 +205,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    ensure_ray(cfg.ray_address)  # before the scratch: its mirror folder is per Ray node
     work = work_folder(cfg, build_key(cfg, identity))
-    work.path.mkdir(parents=True, exist_ok=True)
 
     metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)

@@ -65,13 +65,17 @@ class Scratch:
         info = src.info()
         if info.type == pafs.FileType.Directory:
             local.mkdir(parents=True, exist_ok=True)
-            for name in src.children():
-                if src.child(name).is_file():
-                    self.pull(f"{rel}/{name}")
-            return local
-        if info.type == pafs.FileType.File and not (local.is_file() and local.stat().st_size == info.size):
-            src.download(local)
+            for entry in src.entries():  # one listing gives every file's size
+                if entry.is_file:
+                    self._refresh(src.child(entry.base_name), local / entry.base_name, entry.size)
+        elif info.type == pafs.FileType.File:
+            self._refresh(src, local, info.size)
         return local
+
+    @staticmethod
+    def _refresh(src: storage.Location, local: Path, size: int) -> None:
+        if not (local.is_file() and local.stat().st_size == size):
+            src.download(local)
 
     def exists(self, rel: str) -> bool:
         return self._remote(rel).exists() if self.remote else (self.path / rel).exists()

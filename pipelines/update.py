@@ -24,7 +24,6 @@ from dresd.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.models import load_model
 from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
 from pipelines.index_fill import fill_and_merge, save_trained
-from pipelines.runtime import ensure_ray
 from pipelines.shards import first_key_ids
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
@@ -88,9 +87,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     prefix = shared_prefix_len(lm.tokenizer, fmt)
     del lm
-    ensure_ray(cfg.ray_address)  # before the scratch: its mirror folder is per Ray node
     work = work_folder(cfg, "update-" + build_key(cfg, identity))
-    work.path.mkdir(parents=True, exist_ok=True)
     metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
     rows_read, rejected, _ = tally(metas)
