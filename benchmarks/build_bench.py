@@ -78,7 +78,7 @@ def plain_loop_tokens_per_s(corpus: Path, batch_size: int) -> float:
     from pipelines.embed import Embed
     from dresd.models import load_model as _load
 
-    lm = _load(ModelConfig())
+    lm = _load(ModelConfig(dual_layout=False))
     emb = Embed(str(lm.model.name_or_path), "cpu", 0, "/tmp/unused", batch_size)
     prefix = shared_prefix_len(lm.tokenizer, "chat")
     seqs, starts = [], []
@@ -100,7 +100,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(ModelConfig())
+    lm = load_model(ModelConfig(dual_layout=False))
     from pipelines.build import build_datastore
     from pipelines.runtime import ensure_ray
 

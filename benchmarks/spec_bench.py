@@ -12,7 +12,8 @@ HELD_OUT deduplicated turns; the corpora use the turns after them and drop any r
 prompt equals an evaluation prompt).
 
 Methods share our decoding loop and tree verifier (greedy acceptance, lossless) except the
-external HF `generate()` references; REST, SuffixDecoding and DReSD draft from the same
+external HF `generate()` references (on the stock HF model, as users load it; hf-greedy-dual
+runs HF's loop on our dual-layout model, see dresd.cpu_linear); REST, SuffixDecoding and DReSD draft from the same
 corpus token streams. Methods are interleaved per prompt so machine noise hits all alike;
 results go to results.jsonl (one line per prompt x method: rerun to resume) and the report
 (report.md, summary.json, PNG plots) is rewritten from all results at the end.
@@ -61,6 +62,7 @@ class Method:
     store: str | None  # "id" / "ood" / None (no datastore)
     spec: SpeculativeConfig | None  # None = an HF generate() reference
     hf_lookup: int | None = None  # HF prompt_lookup_num_tokens
+    hf_stock: bool = True  # HF reference on the stock model (False: on our dual-layout model)
 
 
 def methods() -> list[Method]:
@@ -70,6 +72,8 @@ def methods() -> list[Method]:
         Method("greedy", None, S(method="greedy")),
         Method("hf-greedy", None, None),
         Method("hf-pld", None, None, hf_lookup=10),
+        # Diagnostic: HF's loop on our dual-layout weights separates loop cost from layout gain.
+        Method("hf-greedy-dual", None, None, hf_stock=False),
         Method("pld", None, S(method="pld", budget="off")),
         Method("pld+budget", None, S(method="pld")),
     ]
@@ -197,6 +201,8 @@ def run(args) -> Path | None:
     sets = eval_sets()
     banned = {norm(p) for prompts in sets.values() for p in prompts}
     lm = load_model(ModelConfig())
+    # The external references run on the model as users load it from HF (no dual layout).
+    stock = load_model(ModelConfig(dual_layout=False)).model
     id_path = id_corpus(workdir, banned)
     id_tokens = corpus_tokens(id_path, lm.tokenizer, lm.eos_token_id)
     ood_path = ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens)
@@ -217,7 +223,8 @@ def run(args) -> Path | None:
         if m.spec is None:
             from dresd.hf_reference import hf_generate
 
-            return hf_generate(lm.model, engine.prompt_ids(prompt), n, lm.eos_token_id, m.hf_lookup)
+            model = stock if m.hf_stock else lm.model
+            return hf_generate(model, engine.prompt_ids(prompt), n, lm.eos_token_id, m.hf_lookup)
         return engine.generate(prompt, m.spec, n)
 
     # Untimed warm-up: builds drafters (REST index, suffix tree warm-up), calibrates the cost model.

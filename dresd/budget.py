@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dresd.cpu_linear import has_dual_layout
 from dresd.tree import TokenTree, subtree
 
 CALIBRATION_POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -65,16 +66,17 @@ def _cost_key(model, device: torch.device) -> str:
     cfg = model.config
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
-    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}"
+    layout = "|dual-layout" if has_dual_layout(model) else ""
+    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}"
 
 
 def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIBRATION_POSITIONS,
                    reps: int = 5) -> CostModel:
-    """Time forwards over k positions (tree-masked, as verification runs them) on this machine."""
+    """Time greedy verification steps over k positions (tree-masked, as decoding runs them) on this machine."""
     from transformers import DynamicCache
 
-    from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
-    from dresd.verify import forward
+    from dresd.tree import build_tree
+    from dresd.verify import forward, verify_token_tree
 
     device = model.device
     vocab = model.config.vocab_size
@@ -91,17 +93,14 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
         drafts = [[(10 + j) % vocab for j in range(half)],
                   [(10 + vocab // 2 + j) % vocab for j in range(k - 1 - half)]]
         tree = build_tree(1, [d for d in drafts if d])
-        ids = torch.tensor([tree.tokens], device=device)
-        mask = None if k == 1 else tree_attention_mask(tree, context, model.dtype, device)
-        pos = tree_position_ids(tree, context, device)
         times = []
         for _ in range(reps + 1):
             t0 = time.perf_counter()
-            forward(model, ids, cache, pos, mask)
+            verify_token_tree(model, cache, tree)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - t0)
-            cache.crop(-len(tree))
+            cache.crop(context - cache.get_seq_length())  # back to the prefix, whatever was accepted
         seconds.append(statistics.median(times[1:]))  # the first run warms caches
     # Noise can make a larger k look cheaper; costs never fall with k.
     for i in range(1, len(seconds)):

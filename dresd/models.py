@@ -25,6 +25,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dresd.config import ModelConfig
+from dresd.cpu_linear import use_dual_layout
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     )
     model.to(device)
     model.eval()
+    if cfg.dual_layout:
+        use_dual_layout(model)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, identity=model_identity(model, name))
 
 

@@ -52,6 +52,25 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: t
     return hidden, (model.get_output_embeddings()(hidden) if logits else None)
 
 
+class LazyGreedyTokens:
+    """The target's greedy next token after each tree node, computed when first asked for.
+
+    On a CPU the LM head over a 49k vocabulary costs about as much per position as several
+    decoder layers, and greedy acceptance reads only the accepted path's positions plus the
+    one that yields the bonus token: usually one or two of a tree's k positions.
+    """
+
+    def __init__(self, head, hidden: torch.Tensor):
+        self.head, self.hidden = head, hidden  # hidden: (positions, D)
+        self.computed: dict[int, int] = {}
+
+    @torch.inference_mode()
+    def __getitem__(self, node: int) -> int:
+        if node not in self.computed:
+            self.computed[node] = int(self.head(self.hidden[node:node + 1]).argmax(-1))
+        return self.computed[node]
+
+
 def keep_cache_positions(cache: DynamicCache, prefix_len: int, kept: list[int]) -> None:
     """Cut the cache to its first `prefix_len` entries plus entries prefix_len + kept[i]."""
     total = cache.get_seq_length()
@@ -73,7 +92,8 @@ def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
     """Verify a token tree rooted at the pending token in one forward; cut the cache to the accepted path.
 
     `accept(tree, logits)` returns the accepted node path and the bonus token; the default
-    is greedy acceptance (speculative sampling passes its own, see dresd.acceptance).
+    is greedy acceptance (speculative sampling passes its own, see dresd.acceptance), which
+    on a CPU runs the LM head only at the positions it reads (LazyGreedyTokens).
     """
     device = model.device
     prefix = cache.get_seq_length()
@@ -82,9 +102,12 @@ def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
     # A chain (including the lone root) is causal already: let the model build its own mask.
     is_chain = all(p == i - 1 for i, p in enumerate(tree.parents))
     mask = None if is_chain else tree_attention_mask(tree, prefix, model.dtype, device)
-    hidden, logits = forward(model, ids, cache, positions, mask)
+    # On a GPU the head over every position is one cheap kernel: no reason to split it.
+    lazy_head = accept is None and device.type == "cpu"
+    hidden, logits = forward(model, ids, cache, positions, mask, logits=not lazy_head)
     if accept is None:
-        predicted = logits[0].argmax(-1).tolist()
+        predicted = (LazyGreedyTokens(model.get_output_embeddings(), hidden[0]) if lazy_head
+                     else logits[0].argmax(-1).tolist())
         path = greedy_accept(tree, predicted)
         bonus = predicted[path[-1]]
     else:

@@ -195,7 +195,7 @@ def _check(index: faiss.Index, work: Scratch, shard_ids: list[str], starts: list
 def build_datastore(cfg: BuildConfig) -> BuildReport:
     """Run the whole build and publish a new datastore version under `cfg.output`."""
     t0 = time.perf_counter()
-    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu"))
+    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
     model_dir, tok, eos, identity = str(lm.model.name_or_path), lm.tokenizer, lm.eos_token_id, lm.identity
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     del lm  # the driver needs the tokenizer facts only; actors load their own model

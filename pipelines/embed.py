@@ -27,7 +27,8 @@ class Embed:
     def __init__(self, model_dir: str, device: str, threads: int, work: str, batch_size: int):
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = threads or max(1, os.cpu_count() or 1)
-        self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads))
+        # Embedding runs long forwards only: the decode-step weight copy would be dead memory.
+        self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads, dual_layout=False))
         self.work = Scratch(work)
         self.batch_size = batch_size
 

@@ -79,7 +79,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     t0 = time.perf_counter()
     root = cfg.output
     store = Datastore(root)
-    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu"))
+    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
     fmt = store.manifest["prompt_format"]["name"]
     store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
     cfg.corpus.prompt_format = fmt  # the store's format, whatever the config said

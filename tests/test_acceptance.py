@@ -303,9 +303,12 @@ def loop_model(tiny_model_dir):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    model = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu")).model
+    from dresd.cpu_linear import use_dual_layout
+
+    model = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=False)).model
     with torch.no_grad():
         model.lm_head.weight.mul_(LOGIT_SCALE)
+    use_dual_layout(model)  # after the edit: the input-major copies are taken at conversion
     yield model
     torch.set_num_threads(threads)
 

@@ -163,6 +163,22 @@ def test_verify_tree_contiguous_and_rejected(model, case):
     check_cache_matches(cache, model, prompt + ref[:3])
 
 
+def test_cpu_greedy_verify_runs_the_head_only_on_the_accepted_path(model, case, monkeypatch):
+    """LazyGreedyTokens: head rows = accepted path + the bonus position, not every tree node."""
+    prompt, ref = case["prompt"], case["ref"]
+    head = model.get_output_embeddings()
+    rows = []
+    original = head.forward
+    monkeypatch.setattr(head, "forward", lambda x: rows.append(x.shape[-2]) or original(x))
+    cache = prefill(model, prompt)
+    rows.clear()
+    wrong = (ref[1] + 1) % VOCAB
+    drafts = [[ref[0], wrong, 3, 4], [ref[0], ref[1], 7], [(ref[0] + 1) % VOCAB, 5, 6]]
+    step = verify_tree(model, cache, prompt[-1], drafts)
+    assert step.accepted == 2 and step.new_tokens == ref[:3]
+    assert rows == [1, 1, 1]  # root, ref[0], ref[1]: 3 of the tree's 10 positions
+
+
 def test_keep_cache_positions_direct():
     """Unit check of the cut: prefix kept, then the chosen tree entries in order."""
     cache = DynamicCache()

@@ -1,0 +1,108 @@
+"""Tests for dresd.cpu_linear: the dual-layout linear computes what nn.Linear computes on
+both of its paths, conversion keeps tied weights tied, load_model applies it only when
+asked, and greedy decoding on a converted model matches the stock model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from dresd.budget import _cost_key
+from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.cpu_linear import MAX_MATVEC_ROWS, DualLayoutLinear, SiblingGroup, has_dual_layout, use_dual_layout
+from dresd.decoding import SpeculativeDecoder
+from dresd.models import load_model, make_tiny_llama
+from tests_support import greedy_reference
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 5), (3, 5), (4, 5), (2, 3, 5), (1, 9, 5)])
+def test_matches_nn_linear_on_both_paths(bias, shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 7, bias=bias)
+    dual = DualLayoutLinear(linear)
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        got, want = dual(x), linear(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2, MAX_MATVEC_ROWS, MAX_MATVEC_ROWS + 1, 16])
+def test_few_rows_use_the_input_major_copy(rows):
+    linear = nn.Linear(5, 7, bias=False)
+    dual = DualLayoutLinear(linear)
+    dual.weight_t.zero_()  # makes the path taken visible
+    with torch.no_grad():
+        out = dual(torch.ones(1, rows, 5))
+    assert bool((out == 0).all()) == (rows <= MAX_MATVEC_ROWS)
+
+
+def test_weight_is_shared_and_copy_is_input_major():
+    linear = nn.Linear(4, 6)
+    dual = DualLayoutLinear(linear)
+    assert dual.weight is linear.weight
+    assert dual.weight_t.shape == (4, 6) and dual.weight_t.is_contiguous()
+    assert torch.equal(dual.weight_t, linear.weight.t())
+    # The copy is derived state: it is not saved with the model.
+    assert "weight_t" not in dual.state_dict()
+
+
+@pytest.mark.parametrize("bias", [False, True, "mixed"])
+def test_sibling_group_gives_each_member_its_own_output(bias):
+    torch.manual_seed(0)
+    linears = [nn.Linear(6, n, bias=(bias is True) or (bias == "mixed" and i == 0)) for i, n in enumerate((6, 2, 3))]
+    members = [DualLayoutLinear(lin) for lin in linears]
+    group = SiblingGroup(members)
+    assert group.weight_t.shape == (6, 11)
+    x, other = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
+    with torch.no_grad():
+        # In order, as attention calls q, k, v: one product serves all three.
+        for m, lin in zip(members, linears):
+            torch.testing.assert_close(m(x), lin(x))
+        assert group._input is None and not group._pending  # nothing held afterwards
+        # Out of order, repeated, and interleaved with another input: still each its own.
+        for i in (2, 0, 0, 1):
+            torch.testing.assert_close(members[i](x), linears[i](x))
+            torch.testing.assert_close(members[1](other), linears[1](other))
+
+
+def test_conversion_keeps_tied_head_and_outputs():
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                                      initializer_range=0.3)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 300, (1, 12))
+    with torch.no_grad():
+        before = model(ids).logits
+        step_before = model(ids[:, :1]).logits
+    assert not has_dual_layout(model)
+    assert use_dual_layout(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the head
+    assert has_dual_layout(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not any(type(m) is nn.Linear for m in model.modules())
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attn.q_proj.siblings is attn.v_proj.siblings is not None
+    assert mlp.gate_proj.siblings is mlp.up_proj.siblings is not None and mlp.down_proj.siblings is None
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(ids[:, :1]).logits, step_before, rtol=1e-5, atol=1e-5)
+    assert use_dual_layout(model) == 0  # idempotent: nothing left to convert
+
+
+def test_load_model_applies_it_on_request(tmp_path):
+    folder = make_tiny_llama(tmp_path / "tiny", vocab_size=300, seed=1)
+    dual = load_model(ModelConfig(path=str(folder), device="cpu"))
+    stock = load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=False))
+    assert has_dual_layout(dual.model) and not has_dual_layout(stock.model)
+    assert dual.identity == stock.identity  # same model, same datastore compatibility
+    # Forward costs differ between layouts, so cached cost models must not be shared.
+    assert _cost_key(dual.model, dual.device) != _cost_key(stock.model, stock.device)
+    prompt = [1, 40, 41, 42, 43, 44, 45]
+    spec = SpeculativeConfig(method="greedy")
+    ours = SpeculativeDecoder(dual.model, dual.eos_token_id, dual.max_context, spec).generate_ids(prompt, 24)
+    assert ours.token_ids == greedy_reference(stock.model, prompt, 24)[: len(ours.token_ids)]
+    assert len(ours.token_ids) > 0
