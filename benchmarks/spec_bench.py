@@ -90,7 +90,10 @@ def methods() -> list[Method]:
             out += [
                 Method("rest+budget", store, S(method="rest")),
                 Method("suffix+budget", store, S(method="suffix")),
-                Method("dresd-ref", store, S(method="dresd", budget="off")),  # the paper's settings
+                # Ablation: the datastore alone, without the request's own keys.
+                Method("dresd-store", store, S(method="dresd", context_keys=False)),
+                # The paper's settings: the datastore alone, everything verified.
+                Method("dresd-ref", store, S(method="dresd", budget="off", context_keys=False)),
             ]
     return out
 

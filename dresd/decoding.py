@@ -91,9 +91,13 @@ class SpeculativeDecoder:
         start = time.perf_counter()
         cache = DynamicCache()
         query = None
+        # Hidden states of committed positions not yet shown to the drafter (its keys for
+        # the request's own text); the prefill's cover every prompt position but the last.
+        fresh_keys: list[torch.Tensor] = []
         if len(prompt_ids) > 1:
             hidden, _ = forward(self.model, torch.tensor([prompt_ids[:-1]], device=device), cache, logits=False)
             query = hidden[0, -1]
+            fresh_keys.append(hidden[0])
         _sync(device)
         metrics.prefill_s = time.perf_counter() - start
         drafter, planner = self.drafter, self.planner
@@ -109,7 +113,9 @@ class SpeculativeDecoder:
             if drafter is not None and remaining > 1 and planner.should_draft():
                 t0 = time.perf_counter()
                 q = None if query is None else query.float().cpu().numpy()
-                cands = drafter.propose(DraftRequest(context, remaining - 1, q))
+                keys = torch.cat(fresh_keys).float().cpu().numpy() if fresh_keys else None
+                fresh_keys.clear()
+                cands = drafter.propose(DraftRequest(context, remaining - 1, q, keys))
                 if self.spec.verify == "tree":
                     tree = planner.plan(build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total))
                 drafted = True
@@ -133,6 +139,8 @@ class SpeculativeDecoder:
             if out[-1] == self.eos_id:
                 break
             query = step.query
+            if drafter is not None and step.keys is not None:
+                fresh_keys.append(step.keys)
         if drafter is not None:
             drafter.end(out)
         metrics.wall_s = time.perf_counter() - start

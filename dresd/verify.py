@@ -28,6 +28,9 @@ class StepResult:
     drafted: int  # draft positions verified (verified - rows' roots)
     offered_depth: int  # deepest draft position offered this step (0 = no drafts)
     query: torch.Tensor  # (D,) last-layer hidden state that produced the bonus token
+    # (m+1, D) hidden states of the root and the m accepted draft positions, in order (the
+    # last row is `query`): the keys of the positions this step committed.
+    keys: torch.Tensor | None = None
     path: list[int] = field(default_factory=lambda: [0])  # accepted tree nodes, root first (tree verify)
 
 
@@ -121,6 +124,7 @@ def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
         drafted=len(tree) - 1,
         offered_depth=tree.max_depth,
         query=hidden[0, path[-1]],
+        keys=hidden[0, path],
         path=path,
     )
 
@@ -166,4 +170,5 @@ def verify_batch(model, cache: DynamicCache, root_token: int, drafts: list[list[
         drafted=sum(len(d) for d in drafts),
         offered_depth=width,
         query=hidden[best_row, best_m],
+        keys=hidden[best_row, : best_m + 1],
     )

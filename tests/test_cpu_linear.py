@@ -11,7 +11,9 @@ from torch import nn
 
 from dresd.budget import _cost_key
 from dresd.config import ModelConfig, SpeculativeConfig
-from dresd.cpu_linear import MAX_MATVEC_ROWS, DualLayoutLinear, SiblingGroup, has_dual_layout, use_dual_layout
+from dresd.cpu_linear import (
+    BLOCK_COLUMNS, MAX_MATVEC_ROWS, DualLayoutLinear, SiblingGroup, block_width, has_dual_layout, use_dual_layout,
+)
 from dresd.decoding import SpeculativeDecoder
 from dresd.models import load_model, make_tiny_llama
 from tests_support import greedy_reference
@@ -30,7 +32,28 @@ def test_matches_nn_linear_on_both_paths(bias, shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 2, MAX_MATVEC_ROWS, MAX_MATVEC_ROWS + 1, 16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("out_features", [384, 130, 1000])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
+def test_blocked_product_matches_nn_linear(bias, out_features, rows):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, out_features, bias=bias)
+    dual = DualLayoutLinear(linear)
+    assert dual.block > 0 and out_features % dual.block == 0  # the blocked path runs
+    for shape in [(rows, 48), (1, rows, 48)]:
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            torch.testing.assert_close(dual(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_block_width_divides_and_stays_wide_enough():
+    assert block_width(576) == block_width(960) == block_width(3072) == block_width(49152) == BLOCK_COLUMNS
+    assert block_width(1000) == 125 and block_width(130) == 130
+    # No divisor wide enough: one plain product (blocks of a few columns would be slow).
+    assert block_width(7) == 0 and block_width(2 * 211) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 2, MAX_MATVEC_ROWS, MAX_MATVEC_ROWS + 1, 40])
 def test_few_rows_use_the_input_major_copy(rows):
     linear = nn.Linear(5, 7, bias=False)
     dual = DualLayoutLinear(linear)
@@ -50,13 +73,15 @@ def test_weight_is_shared_and_copy_is_input_major():
     assert "weight_t" not in dual.state_dict()
 
 
+@pytest.mark.parametrize("sizes", [(6, 2, 3), (64, 32, 32)])  # the second runs blocked
 @pytest.mark.parametrize("bias", [False, True, "mixed"])
-def test_sibling_group_gives_each_member_its_own_output(bias):
+def test_sibling_group_gives_each_member_its_own_output(bias, sizes):
     torch.manual_seed(0)
-    linears = [nn.Linear(6, n, bias=(bias is True) or (bias == "mixed" and i == 0)) for i, n in enumerate((6, 2, 3))]
+    linears = [nn.Linear(6, n, bias=(bias is True) or (bias == "mixed" and i == 0)) for i, n in enumerate(sizes)]
     members = [DualLayoutLinear(lin) for lin in linears]
     group = SiblingGroup(members)
-    assert group.weight_t.shape == (6, 11)
+    assert group.weight_t.shape == (6, sum(sizes))
+    assert (group.block > 0) == (sum(sizes) >= 64)
     x, other = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
     with torch.no_grad():
         # In order, as attention calls q, k, v: one product serves all three.

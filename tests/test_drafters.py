@@ -1,4 +1,4 @@
-"""Tests for dresd.drafters: value filtering/cutting and the dense datastore drafter."""
+"""Tests for dresd.drafters: value filtering/cutting and the dense drafters (datastore, own context)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore, publish
 from dresd.drafters import Drafter, DraftRequest
-from dresd.drafters.dense import DenseDrafter, drafts_from_values
+from dresd.compression import Compressor
+from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter, drafts_from_values
 from tests_support import make_manifest, make_parts
 
 EOS = 2
@@ -180,3 +181,56 @@ def test_len_drafts_must_fit_values(store):
     DenseDrafter(ds, SpeculativeConfig(len_drafts=VALUE_LEN - 1))
     with pytest.raises(ValueError, match=f"len_drafts={VALUE_LEN}"):
         DenseDrafter(ds, SpeculativeConfig(len_drafts=VALUE_LEN))
+
+
+# ------------------------------------------------------------------ ContextDenseDrafter
+
+
+def identity_compressor(dim: int) -> Compressor:
+    return Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
+                      np.full(dim, 1.0 / dim, np.float32))
+
+
+def context_request(drafter, context, keys, max_len=10, new_from=0):
+    """Hand keys[new_from:] over as the newly committed positions and ask for drafts."""
+    return drafter.propose(DraftRequest(list(context), max_len, keys[-1], keys[new_from:]))
+
+
+def test_context_drafter_copies_after_the_closest_matching_position():
+    rng = np.random.default_rng(1)
+    # Positions 0..11; keys[i] predicts context[i + 1]. The query (last key, position 11)
+    # equals position 3's key, so context[5:] is the draft when context[4] == context[12].
+    context = [40, 41, 42, 43, 7, 50, 51, 52, 53, 7, 60, 61, 7]
+    keys = rng.normal(size=(len(context) - 1, 8)).astype(np.float32)
+    keys[-1] = keys[3]
+    keys[8] = keys[3] + 0.3 * rng.normal(size=8)  # second closest, also predicts 7
+    drafter = ContextDenseDrafter(identity_compressor(8), SpeculativeConfig(len_drafts=4, top_k=50), EOS)
+    drafter.begin(context[:5])
+    c = context_request(drafter, context, keys)
+    assert c.paths[0] == [50, 51, 52, 53]
+    assert [60, 61, 7] in c.paths  # position 8's continuation runs into the text's end
+    assert set(c.sources) == {"dense-ctx"}
+    assert c.weights[0] > c.weights[c.paths.index([60, 61, 7])]
+    # Only positions predicting the token just emitted count: change it and 3 drops out.
+    other = context[:-1] + [99]
+    drafter.begin(other)
+    assert [50, 51, 52, 53] not in context_request(drafter, other, keys).paths
+
+
+def test_context_drafter_keeps_keys_across_calls_and_resets_per_request():
+    rng = np.random.default_rng(2)
+    context = [5, 6, 7, 8, 6, 9, 10, 6]
+    keys = rng.normal(size=(len(context) - 1, 4)).astype(np.float32)
+    keys[-1] = keys[0]  # position 0 predicts 6, continues 7, 8
+    drafter = ContextDenseDrafter(identity_compressor(4), SpeculativeConfig(len_drafts=2), EOS)
+    drafter.begin(context[:3])
+    # The first call hands over positions 0..3; the second only the 3 committed since.
+    first = drafter.propose(DraftRequest(context[:5], 10, keys[3], keys[:4]))
+    assert all(len(p) <= 2 for p in first.paths)
+    assert context_request(drafter, context, keys, new_from=4).paths[0] == [7, 8]
+    # A new request starts with no keys: the old ones are out of step with its text.
+    drafter.begin([1, 2])
+    assert context_request(drafter, context, keys, new_from=4).paths == []
+    # Keys that do not cover the context (out of step) give no drafts rather than wrong ones.
+    drafter.begin(context)
+    assert context_request(drafter, context + [3], keys).paths == []

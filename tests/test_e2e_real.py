@@ -103,3 +103,20 @@ def test_every_drafter_is_lossless_on_the_real_model(packaged_lm, greedy_run, st
     totals = _lossless_totals(packaged_lm, greedy_run, store, SpeculativeConfig(method=method, budget=budget))
     assert totals.accepted > 0
     assert totals.target_calls < sum(g.metrics.target_calls for g in greedy)
+
+
+def test_context_keys_draft_the_models_own_repeats(packaged_lm, store):
+    """The request's own keys alone (no datastore): a reply that repeats itself gets drafted."""
+    from dresd.decoding import SpeculativeDecoder
+    from dresd.drafters.dense import ContextDenseDrafter
+
+    engine = Engine(packaged_lm, store)
+    prompt = "Write the sentence 'The cat sat on the mat.' five times, one per line."
+    want = engine.generate(prompt, SpeculativeConfig(method="greedy"), 64).token_ids
+    spec = SpeculativeConfig(method="dresd", budget="off")
+    drafter = ContextDenseDrafter(store.compressor, spec, packaged_lm.eos_token_id)
+    decoder = SpeculativeDecoder(packaged_lm.model, packaged_lm.eos_token_id, packaged_lm.max_context, spec, drafter)
+    gen = decoder.generate_ids(engine.prompt_ids(prompt), 64)
+    assert gen.token_ids == want
+    m = gen.metrics
+    assert m.mean_accepted_tokens > 2.0, f"repeats should be drafted from the request's own keys: {m}"

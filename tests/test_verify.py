@@ -255,6 +255,7 @@ class OracleDrafter:
         self.hidden = hidden
         self.ignore_max_len = ignore_max_len
         self.calls: list[dict] = []
+        self.keys: list[np.ndarray] = []  # every new_keys row handed over, in order
 
     name = "oracle"
 
@@ -278,6 +279,13 @@ class OracleDrafter:
             # The query is the hidden state at the position before last_token: the one
             # whose prediction last_token is (as a datastore key predicts its value[0]).
             np.testing.assert_allclose(query, self.hidden[self.pos - 1], atol=ATOL)
+            # new_keys: the hidden state of every committed position since the last call,
+            # so over the request they cover positions 0 .. pos - 1, each exactly once.
+            if request.new_keys is not None:
+                self.keys.extend(request.new_keys)
+            assert len(self.keys) == self.pos
+            np.testing.assert_allclose(np.stack(self.keys), self.hidden[: self.pos], atol=ATOL)
+            np.testing.assert_allclose(self.keys[-1], query, atol=ATOL)
         n = self.length if self.ignore_max_len else min(self.length, max_len)
         t = list(self.seq[self.pos + 1 : self.pos + 1 + n])
         mode = self.modes[len(self.calls) % len(self.modes)]
@@ -372,6 +380,28 @@ def test_dresd_oracle_is_lossless_with_honest_metrics(lm, case, greedy_run, veri
         # The tree shares prefixes: fewer positions than the rows, one root per call.
         assert m.drafted < exp["batch_drafted"]
         assert m.verified_positions == m.drafted + m.target_calls
+
+
+@pytest.mark.parametrize("verify", ["tree", "batch"])
+def test_context_keys_drafter_is_lossless(lm, model, verify):
+    """Dense retrieval over the request's own keys, fed by the real loop's verification
+    (that its drafts get accepted is tested on the real model: tests/test_e2e_real.py)."""
+    from dresd.compression import Compressor
+    from dresd.drafters.dense import ContextDenseDrafter
+
+    dim = model.config.hidden_size
+    identity = Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
+                          np.full(dim, 1.0 / dim, np.float32))
+    # A prompt that repeats a phrase, so the filter token matches and drafts get verified.
+    phrase = np.random.default_rng(3).integers(3, 259, 12).tolist()
+    prompt = phrase * 3 + phrase[:4]
+    n = 30
+    ref = greedy_reference(model, prompt, n)
+    never = next(t for t in range(3, VOCAB) if t not in prompt + ref)
+    drafter = ContextDenseDrafter(identity, SpeculativeConfig(len_drafts=5), never)
+    gen = decoder(lm, "dresd", verify, drafter, eos=never).generate_ids(prompt, n)
+    assert gen.token_ids == ref
+    assert gen.metrics.drafted > 0
 
 
 @pytest.mark.parametrize("verify", ["tree", "batch"])

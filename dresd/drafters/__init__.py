@@ -25,6 +25,10 @@ class DraftRequest:
     # The target's last-layer hidden state that produced context[-1]; None when unknown
     # (a one-token prompt before the first forward).
     query: np.ndarray | None = None
+    # Last-layer hidden states of the positions committed since the previous request (the
+    # prompt's at the first one), in order; its last row is `query`. With them a drafter can
+    # keep keys for every position of the request's own text (None = not tracked).
+    new_keys: np.ndarray | None = None
 
 
 @dataclass

@@ -54,7 +54,7 @@ def _suffix_drafter(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id
 
 def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int) -> Drafter | None:
     """The drafter `spec.method` names (None for plain greedy decoding)."""
-    from dresd.drafters.dense import DenseDrafter
+    from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
     from dresd.drafters.hybrid import HybridDrafter
     from dresd.drafters.prompt_lookup import PromptLookupDrafter
 
@@ -65,14 +65,17 @@ def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eo
         raise ValueError(f"method {method!r} needs a datastore (--datastore)")
     if method == "pld":
         return PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens, spec.pld_matches, eos_id)
-    if method == "dresd":
-        return DenseDrafter(store, spec)
-    if method == "hybrid":
+    if method in ("dresd", "hybrid"):
+        dense: list[Drafter] = [DenseDrafter(store, spec)]
+        if spec.context_keys:
+            dense.append(ContextDenseDrafter(store.compressor, spec, eos_id))
+        if method == "dresd":
+            return dense[0] if len(dense) == 1 else HybridDrafter(dense, name="dresd")
         pld = PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens,
                                   max(3, spec.pld_matches), eos_id)
         # Exact matches in the request's own text complement the dense neighbours where the
-        # text repeats itself; the budget ranks both by their calibrated acceptance.
-        return HybridDrafter([DenseDrafter(store, spec), pld])
+        # text repeats itself; the budget ranks every source by its calibrated acceptance.
+        return HybridDrafter(dense + [pld])
     if method == "rest":
         # REST's retrieval as published: our suffix array over the datastore's records.
         from dresd.drafters.suffix_array import RestSuffixDrafter, SuffixArrayIndex

@@ -82,11 +82,17 @@ def test_pld(tok):
 
 
 def test_dresd(store, tok):
-    from dresd.drafters.dense import DenseDrafter
+    from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
+    from dresd.drafters.hybrid import HybridDrafter
 
-    spec = SpeculativeConfig(method="dresd", top_k=7)
+    spec = SpeculativeConfig(method="dresd", top_k=7, context_keys=False)
     d = make_drafter(spec, store, tok, tok.eos_token_id)
     assert type(d) is DenseDrafter and d.store is store and d.spec is spec
+    # By default the request's own keys are a second dense source.
+    d = make("dresd", store, tok)
+    assert type(d) is HybridDrafter and d.name == "dresd"
+    assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter]
+    assert d.drafters[1].compressor is store.compressor
     # The store's value length limits the drafts.
     with pytest.raises(ValueError, match="len_drafts"):
         make("dresd", store, tok, len_drafts=VALUE_LEN)
@@ -94,15 +100,17 @@ def test_dresd(store, tok):
 
 @pytest.mark.parametrize("matches, want", [(1, 3), (5, 5)])
 def test_hybrid_is_dense_plus_pld(store, tok, matches, want):
-    from dresd.drafters.dense import DenseDrafter
+    from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
     from dresd.drafters.hybrid import HybridDrafter
     from dresd.drafters.prompt_lookup import PromptLookupDrafter
 
     d = make("hybrid", store, tok, pld_matches=matches, pld_tokens=6)
     assert type(d) is HybridDrafter and d.name == "hybrid"
-    assert [type(x) for x in d.drafters] == [DenseDrafter, PromptLookupDrafter]
-    dense, pld = d.drafters
+    assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter, PromptLookupDrafter]
+    dense, _, pld = d.drafters
     assert dense.store is store
+    d = make("hybrid", store, tok, context_keys=False)
+    assert [type(x) for x in d.drafters] == [DenseDrafter, PromptLookupDrafter]
     assert pld.max_matches == want and pld.num_tokens == 6 and pld.eos_id == tok.eos_token_id
 
 
