@@ -1,7 +1,7 @@
 """The draft budget: how many positions one verification should spend.
 
 On a CPU a forward over k new positions costs far more than one (SmolLM2-135M, 2 cores,
-dual weight layout: k=2 ~1.7x, k=8 ~1.8x, k=16 ~2x, k=64 ~4x a one-token step), so every verified position must earn its
+dual weight layout, blocked small-M products: k=2 ~1.4x, k=8 ~1.6x, k=16 ~1.8x, k=64 ~4x a one-token step), so every verified position must earn its
 cost. Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
