@@ -139,7 +139,7 @@ class SpeculativeDecoder:
             if out[-1] == self.eos_id:
                 break
             query = step.query
-            if drafter is not None and step.keys is not None:
+            if drafter is not None:
                 fresh_keys.append(step.keys)
         if drafter is not None:
             drafter.end(out)

@@ -27,11 +27,15 @@ class StepResult:
     verified: int  # positions the forward ran (root included)
     drafted: int  # draft positions verified (verified - rows' roots)
     offered_depth: int  # deepest draft position offered this step (0 = no drafts)
-    query: torch.Tensor  # (D,) last-layer hidden state that produced the bonus token
-    # (m+1, D) hidden states of the root and the m accepted draft positions, in order (the
-    # last row is `query`): the keys of the positions this step committed.
-    keys: torch.Tensor | None = None
+    # (m+1, D) last-layer hidden states of the root and the m accepted draft positions, in
+    # order: the keys of the positions this step committed.
+    keys: torch.Tensor
     path: list[int] = field(default_factory=lambda: [0])  # accepted tree nodes, root first (tree verify)
+
+    @property
+    def query(self) -> torch.Tensor:
+        """(D,) the hidden state that produced the bonus token: the next step's query."""
+        return self.keys[-1]
 
 
 @torch.inference_mode()
@@ -123,7 +127,6 @@ def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
         verified=len(tree),
         drafted=len(tree) - 1,
         offered_depth=tree.max_depth,
-        query=hidden[0, path[-1]],
         keys=hidden[0, path],
         path=path,
     )
@@ -169,6 +172,5 @@ def verify_batch(model, cache: DynamicCache, root_token: int, drafts: list[list[
         verified=len(rows) * (width + 1),
         drafted=sum(len(d) for d in drafts),
         offered_depth=width,
-        query=hidden[best_row, best_m],
         keys=hidden[best_row, : best_m + 1],
     )
