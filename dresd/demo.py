@@ -50,7 +50,7 @@ def run_demo(workdir: Path, n_prompts: int, max_new_tokens: int, n_records: int)
         "greedy": SpeculativeConfig(method="greedy"),
         "dresd": SpeculativeConfig(method="dresd"),  # draft budget sized to this machine
         "hybrid": SpeculativeConfig(method="hybrid"),
-        "dresd-ref": SpeculativeConfig(method="dresd", budget="off"),  # the paper's settings
+        "dresd-ref": SpeculativeConfig(method="dresd", budget="off", context_keys=False),  # the paper's settings
         "pld": SpeculativeConfig(method="pld", budget="off"),
     }
     runs = run_methods(engine, [p for _, p, _ in eval_turns], specs, max_new_tokens)
