@@ -8,9 +8,8 @@ import pytest
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore, publish
 from dresd.drafters import Drafter, DraftRequest
-from dresd.compression import Compressor
 from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter, drafts_from_values
-from tests_support import make_manifest, make_parts
+from tests_support import identity_compressor, make_manifest, make_parts
 
 EOS = 2
 
@@ -184,11 +183,6 @@ def test_len_drafts_must_fit_values(store):
 
 
 # ------------------------------------------------------------------ ContextDenseDrafter
-
-
-def identity_compressor(dim: int) -> Compressor:
-    return Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
-                      np.full(dim, 1.0 / dim, np.float32))
 
 
 def context_request(drafter, context, keys, max_len=10, new_from=0):

@@ -16,7 +16,7 @@ from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
 from dresd.verify import forward, keep_cache_positions, verify_batch, verify_tree
-from tests_support import greedy_reference, one_torch_thread, tiny_llama_lm
+from tests_support import greedy_reference, identity_compressor, one_torch_thread, tiny_llama_lm
 
 VOCAB = 272
 BUDGET = 40  # reference greedy length per prompt
@@ -386,12 +386,9 @@ def test_dresd_oracle_is_lossless_with_honest_metrics(lm, case, greedy_run, veri
 def test_context_keys_drafter_is_lossless(lm, model, verify):
     """Dense retrieval over the request's own keys, fed by the real loop's verification
     (that its drafts get accepted is tested on the real model: tests/test_e2e_real.py)."""
-    from dresd.compression import Compressor
     from dresd.drafters.dense import ContextDenseDrafter
 
-    dim = model.config.hidden_size
-    identity = Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
-                          np.full(dim, 1.0 / dim, np.float32))
+    identity = identity_compressor(model.config.hidden_size)
     # A prompt that repeats a phrase, so the filter token matches and drafts get verified.
     phrase = np.random.default_rng(3).integers(3, 259, 12).tolist()
     prompt = phrase * 3 + phrase[:4]

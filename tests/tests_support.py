@@ -7,9 +7,15 @@ from pathlib import Path
 
 import numpy as np
 
-from dresd.compression import compress, fit_compressor
+from dresd.compression import Compressor, compress, fit_compressor
 from dresd.datastore import DatastoreParts
 from dresd.index import IndexParams, add_keys, train_index
+
+
+def identity_compressor(dim: int) -> Compressor:
+    """A compressor that keeps hidden states as they are (then L2-normalises): keys = hidden."""
+    return Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
+                      np.full(dim, 1.0 / dim, np.float32))
 
 
 def write_small_corpus(folder: Path) -> tuple[Path, list[dict]]:
