@@ -15,6 +15,7 @@ import shutil
 import faiss
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dresd.compression import Compressor, compress, load_compressor, save_compressor
 from dresd.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
@@ -29,8 +30,7 @@ def fill_names(sid: str, tag: str, first_id: int = 0) -> tuple[str, str]:
     return f"shards/{sid}/index-{tag}-{first_id}.faiss", f"shards/{sid}/keys-{tag}.npy"
 
 
-# SPREAD: shard fills are independent; spreading them uses every node of a cluster.
-@ray.remote(num_cpus=1, scheduling_strategy="SPREAD")
+@ray.remote(num_cpus=1)
 def fill_shard(work: Scratch, sid: str, tag: str, first_id: int) -> str:
     """Compress + encode one shard into its own index file, its keys numbered from
     `first_id` (add_with_ids); returns the node that did it."""
@@ -56,6 +56,21 @@ def fill_shard(work: Scratch, sid: str, tag: str, first_id: int) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def node_round_robin(n: int) -> list:
+    """Scheduling strategies for n independent tasks: round-robin over the cluster's alive
+    nodes that have CPUs (soft node affinity), or Ray's default on one node.
+
+    Ray's best-effort SPREAD only considers nodes with a CPU free at submission time: when
+    another node is still releasing the previous stage's actors, every fill lands on one
+    node. Soft affinity waits for the named node's CPU instead (fills are short), and
+    falls back to any node if that node dies.
+    """
+    ids = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) >= 1)
+    if len(ids) < 2:
+        return ["DEFAULT"] * n
+    return [NodeAffinitySchedulingStrategy(ids[i % len(ids)], soft=True) for i in range(n)]
+
+
 def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: list[int],
                    on_disk: bool = False, base: faiss.Index | None = None) -> tuple[faiss.Index, list[str]]:
     """Fill every shard in parallel Ray tasks (shard i's keys numbered from first_ids[i]),
@@ -64,7 +79,9 @@ def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: lis
     In RAM by default; with `on_disk` the lists are merged into `merged-<tag>-<first id>/index.ivfdata`
     in this node's scratch folder without loading them (the returned index reads that file).
     """
-    nodes = ray.get([fill_shard.remote(work, sid, tag, first) for sid, first in zip(shard_ids, first_ids)])
+    places = node_round_robin(len(shard_ids))
+    nodes = ray.get([fill_shard.options(scheduling_strategy=place).remote(work, sid, tag, first)
+                     for sid, first, place in zip(shard_ids, first_ids, places)])
     trained = faiss.read_index(str(work.pull(f"trained-{tag}.faiss")))
     shard_files = [str(work.pull(fill_names(sid, tag, first)[0])) for sid, first in zip(shard_ids, first_ids)]
     if on_disk:
