@@ -85,6 +85,7 @@ def methods() -> list[Method]:
             Method(f"suffix{tag}", store, S(method="suffix", budget="off")),
             Method(f"dresd{tag}", store, S(method="dresd")),
             Method(f"hybrid{tag}", store, S(method="hybrid")),
+            Method(f"hybrid-sfx{tag}", store, S(method="hybrid", hybrid_exact="suffix")),
         ]
         if store == "id":
             out += [

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from dresd.cpu_linear import has_dual_layout
+from dresd.cpu_linear import has_dual_layout, product_plan_tag
+from dresd.models import cache_root
 from dresd.tree import TokenTree, subtree
 
 CALIBRATION_POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -66,7 +67,7 @@ def _cost_key(model, device: torch.device) -> str:
     cfg = model.config
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
-    layout = "|dual-layout" if has_dual_layout(model) else ""
+    layout = f"|dual-layout-{product_plan_tag(model)}" if has_dual_layout(model) else ""
     return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}"
 
 
@@ -110,7 +111,7 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
 
 def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool = False) -> CostModel:
     """The cost model for this model/device/thread count: read from the cache or measured once."""
-    base = Path(cache_dir or os.environ.get("DRESD_CACHE_DIR") or Path.home() / ".cache" / "dresd")
+    base = Path(cache_dir) if cache_dir else cache_root()
     key = _cost_key(model, model.device)
     path = base / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
     if not refresh and path.exists():

@@ -77,18 +77,25 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def generate_specs(args: argparse.Namespace) -> dict[str, SpeculativeConfig]:
+    """`dresd generate`'s methods (x verifiers for dresd) as named SpeculativeConfigs."""
+    specs = {}
+    for method in args.method.split(","):
+        for verify in (args.verify.split(",") if method == "dresd" else ["tree"]):
+            name = method if method == "greedy" else f"{method}-{verify}"
+            specs[name] = SpeculativeConfig(method=method, verify=verify, top_k=args.top_k, budget=args.budget,
+                                            num_drafts=args.num_drafts, len_drafts=args.len_drafts,
+                                            context_keys=not args.no_context_keys, hybrid_exact=args.hybrid_exact)
+    return specs
+
+
 def _generate(args: argparse.Namespace) -> int:
     from dresd.engine import Engine
     from dresd.evaluate import markdown_table, run_methods, summarize
 
     prompts = _read_prompts(args)
     engine = Engine.open(ModelConfig(path=args.model, threads=args.threads), args.datastore, args.prompt_format)
-    specs = {}
-    for method in args.method.split(","):
-        for verify in (args.verify.split(",") if method == "dresd" else ["tree"]):
-            name = method if method == "greedy" else f"{method}-{verify}"
-            specs[name] = SpeculativeConfig(method=method, verify=verify, top_k=args.top_k, budget=args.budget,
-                                            num_drafts=args.num_drafts, len_drafts=args.len_drafts)
+    specs = generate_specs(args)
     sampling = None
     if args.temperature > 0:
         from dresd.acceptance import SamplingParams
@@ -143,6 +150,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dresd` console script."""
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dresd` command line: one sub-command per job."""
     p = argparse.ArgumentParser(prog="dresd", description="Dense-retrieval speculative decoding")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -194,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=50)
     g.add_argument("--num-drafts", type=int, default=10)
     g.add_argument("--len-drafts", type=int, default=10)
+    g.add_argument("--no-context-keys", action="store_true",
+                   help="dresd/hybrid: retrieve from the datastore only, not from the request's own keys")
+    g.add_argument("--hybrid-exact", default="pld", choices=["pld", "suffix"],
+                   help="hybrid: the exact-match source (prompt lookup or SuffixDecoding)")
     g.add_argument("--threads", type=int, default=0)
     g.add_argument("--out", help="write per-request results as jsonl")
     g.set_defaults(fn=_generate)
@@ -211,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--max-new-tokens", type=int, default=48)
     m.set_defaults(fn=_demo)
 
-    args = p.parse_args(argv)
-    return args.fn(args)
+    return p
 
 
 if __name__ == "__main__":

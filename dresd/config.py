@@ -140,7 +140,7 @@ class SpeculativeConfig:
     # 10-token continuations; our numpy implementation, dresd.drafters.suffix_array);
     # "rest-dr" = PyPI draftretriever 0.1.1, which is ADED's trigram-table fork (drafts of
     # <= 4 tokens keyed on 2); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
-    # dense + prompt lookup candidates in one tree.
+    # dense + exact-match candidates (hybrid_exact) in one tree.
     method: Literal["greedy", "dresd", "pld", "rest", "rest-dr", "suffix", "hybrid"] = "dresd"
     # "tree" = drafts merged into a token trie verified with tree attention;
     # "batch" = the reference's batch of draft rows (KV cache copied per row; dresd only,
@@ -165,6 +165,10 @@ class SpeculativeConfig:
     # verification already produced for it; dresd.drafters.dense.ContextDenseDrafter), as a
     # second source the budget calibrates apart. False = the datastore only (the paper).
     context_keys: bool = True
+    # hybrid: the exact-match source merged with the dense ones: "pld" = prompt lookup over
+    # the request's text; "suffix" = SuffixDecoding (the request's text and the datastore's
+    # corpus in suffix trees).
+    hybrid_exact: Literal["pld", "suffix"] = "pld"
     # Neighbour evidence weight exp((cosine - best) / sim_temperature): closer neighbours
     # count more in a draft node's support (0 = every neighbour counts 1).
     sim_temperature: float = 0.05

@@ -45,3 +45,18 @@ def test_verify_passes_then_names_a_corrupt_file(tmp_path, capsys):
 def test_list_of_a_folder_without_versions_says_so(tmp_path, capsys):
     assert main(["datastore", "list", str(tmp_path)]) == 1
     assert "no datastore versions" in capsys.readouterr().err
+
+
+def test_generate_flags_reach_the_speculative_configs():
+    from dresd.cli import build_parser, generate_specs
+
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--method", "greedy,dresd,hybrid",
+                                      "--verify", "tree,batch", "--top-k", "7", "--budget", "off"])
+    specs = generate_specs(args)
+    assert list(specs) == ["greedy", "dresd-tree", "dresd-batch", "hybrid-tree"]
+    assert specs["dresd-batch"].verify == "batch" and specs["dresd-tree"].top_k == 7
+    assert all(s.budget == "off" and s.context_keys and s.hybrid_exact == "pld" for s in specs.values())
+    args = build_parser().parse_args(["generate", "--prompt", "hi", "--method", "hybrid", "--no-context-keys",
+                                      "--hybrid-exact", "suffix"])
+    (spec,) = generate_specs(args).values()
+    assert not spec.context_keys and spec.hybrid_exact == "suffix"

@@ -12,7 +12,8 @@ from torch import nn
 from dresd.budget import _cost_key
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.cpu_linear import (
-    BLOCK_COLUMNS, MAX_MATVEC_ROWS, DualLayoutLinear, SiblingGroup, block_width, has_dual_layout, use_dual_layout,
+    BLOCK_COLUMNS, MAX_MATVEC_ROWS, ROW_BUCKETS, DualLayoutLinear, SiblingGroup, block_width, candidate_widths,
+    has_dual_layout, product_plan_tag, row_bucket, tune_products, use_dual_layout,
 )
 from dresd.decoding import SpeculativeDecoder
 from dresd.models import load_model, make_tiny_llama
@@ -39,11 +40,53 @@ def test_blocked_product_matches_nn_linear(bias, out_features, rows):
     torch.manual_seed(0)
     linear = nn.Linear(48, out_features, bias=bias)
     dual = DualLayoutLinear(linear)
-    assert dual.block > 0 and out_features % dual.block == 0  # the blocked path runs
-    for shape in [(rows, 48), (1, rows, 48)]:
-        x = torch.randn(*shape)
-        with torch.no_grad():
-            torch.testing.assert_close(dual(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert dual.widths[1] == 0 and all(out_features % dual.widths[b] == 0 for b in ROW_BUCKETS[1:])
+    # Every width the tuner may pick, including blocked one-row products; padded row counts.
+    for width in candidate_widths(out_features):
+        dual.widths = {b: width for b in ROW_BUCKETS}
+        for shape in [(rows, 48), (1, rows, 48)]:
+            x = torch.randn(*shape)
+            with torch.no_grad():
+                torch.testing.assert_close(dual(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_row_buckets_and_candidate_widths():
+    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 4, 4, 4, 8, 8, 16, 16]
+    assert candidate_widths(576) == [0, 32, 48, 64, 96, 144, 192, 288]
+    assert candidate_widths(1000) == [0, 40, 50, 100, 125, 200, 250, 500]  # no multiple of 16 divides it
+    widths = candidate_widths(49152)
+    assert widths[0] == 0 and len(widths) == 8 and all(49152 % w == 0 for w in widths[1:])
+    assert widths[1] == 32 and widths[-1] == 49152 // 2
+    assert candidate_widths(48) == [0] and candidate_widths(64) == [0, 32]
+
+
+def test_tuning_picks_candidates_caches_the_plan_and_tags_costs(monkeypatch, tmp_path):
+    import dresd.cpu_linear as cpu_linear
+
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path))
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config).eval()
+    use_dual_layout(model, tune=False)
+    untuned = product_plan_tag(model)
+    plan = tune_products(model, reps=1)
+    # One entry per weight shape: qkv group, o, gate+up group, down, head.
+    assert set(plan) == {"64x128", "64x64", "64x384", "192x64", "64x300"}
+    for shape, widths in plan.items():
+        assert set(widths) == set(ROW_BUCKETS) and set(widths.values()) <= set(candidate_widths(int(shape.split("x")[1])))
+    assert model.model.layers[1].mlp.gate_proj.siblings.widths == plan["64x384"]
+    assert model.model.layers[0].mlp.down_proj.widths == plan["192x64"]
+    # Read back from the cache, not measured again; refresh measures.
+    monkeypatch.setattr(cpu_linear, "fastest_widths", lambda *a, **k: {b: 0 for b in ROW_BUCKETS})
+    assert tune_products(model) == plan
+    assert all(w == 0 for widths in tune_products(model, refresh=True).values() for w in widths.values())
+    assert "" != product_plan_tag(model) != untuned  # cost models measured under other widths don't apply
+    ids = torch.randint(0, 300, (1, 7))
+    with torch.no_grad():  # the tuned widths keep the products exact
+        stock = transformers.LlamaForCausalLM(config).eval()
+        stock.load_state_dict(model.state_dict())
+        assert product_plan_tag(stock) == ""
+        torch.testing.assert_close(model(ids[:, :3]).logits, stock(ids[:, :3]).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_block_width_divides_and_stays_wide_enough():
@@ -81,7 +124,7 @@ def test_sibling_group_gives_each_member_its_own_output(bias, sizes):
     members = [DualLayoutLinear(lin) for lin in linears]
     group = SiblingGroup(members)
     assert group.weight_t.shape == (6, sum(sizes))
-    assert (group.block > 0) == (sum(sizes) >= 64)
+    assert (group.widths[4] > 0) == (sum(sizes) >= 64)
     x, other = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
     with torch.no_grad():
         # In order, as attention calls q, k, v: one product serves all three.

@@ -6,20 +6,20 @@ Retrieval baselines are built from the very corpus token streams of the dense da
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore
 from dresd.drafters import Drafter
 from dresd.formatting import response_header, shared_prefix_len, split_record
+from dresd.models import cache_root
 
 NEEDS_DATASTORE = ("dresd", "rest", "rest-dr", "suffix", "hybrid")
 
 
 def derived_dir(store: Datastore) -> Path:
     """Cache folder for artifacts derived from one datastore version (keyed by its token stream)."""
-    base = Path(os.environ.get("DRESD_CACHE_DIR") or Path.home() / ".cache" / "dresd")
+    base = cache_root()
     digest = store.manifest.get("files", {}).get("tokens.npy", {}).get("sha256") or store.version
     return base / "derived" / f"{store.version}-{str(digest)[:12]}"
 
@@ -71,11 +71,14 @@ def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eo
             dense.append(ContextDenseDrafter(store.compressor, spec, eos_id))
         if method == "dresd":
             return dense[0] if len(dense) == 1 else HybridDrafter(dense, name="dresd")
-        pld = PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens,
-                                  max(3, spec.pld_matches), eos_id)
-        # Exact matches in the request's own text complement the dense neighbours where the
-        # text repeats itself; the budget ranks every source by its calibrated acceptance.
-        return HybridDrafter(dense + [pld])
+        if spec.hybrid_exact == "suffix":
+            exact = _suffix_drafter(spec, store, tokenizer, eos_id)
+        else:
+            exact = PromptLookupDrafter(spec.pld_max_ngram, spec.pld_min_ngram, spec.pld_tokens,
+                                        max(3, spec.pld_matches), eos_id)
+        # Exact matches complement the dense neighbours where the text repeats itself; the
+        # budget ranks every source by its calibrated acceptance.
+        return HybridDrafter(dense + [exact])
     if method == "rest":
         # REST's retrieval as published: our suffix array over the datastore's records.
         from dresd.drafters.suffix_array import RestSuffixDrafter, SuffixArrayIndex

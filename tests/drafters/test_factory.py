@@ -114,6 +114,23 @@ def test_hybrid_is_dense_plus_pld(store, tok, matches, want):
     assert pld.max_matches == want and pld.num_tokens == 6 and pld.eos_id == tok.eos_token_id
 
 
+def test_hybrid_with_suffix_decoding(store, tok):
+    from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
+    from dresd.drafters.suffix import SuffixDrafter
+
+    d = make("hybrid", store, tok, hybrid_exact="suffix", suffix_min_prob=0.2)
+    assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter, SuffixDrafter]
+    sfx = d.drafters[2]
+    assert sfx.min_token_prob == 0.2 and sfx.eos_id == tok.eos_token_id
+    # Its global tree holds the datastore's responses: a request starting like one of them
+    # gets that response's continuation drafted.
+    prompt = format_prompt_ids(tok, "Unrelated question?", "chat")
+    d.begin(prompt)
+    said = text_ids(tok, "The capital of France")
+    c = sfx.propose(DraftRequest(context=prompt + said, max_len=8))
+    assert any(p == text_ids(tok, " is Paris")[: len(p)] and p for p in c.paths)
+
+
 @pytest.mark.parametrize("method", NEEDS_DATASTORE)
 def test_methods_needing_a_datastore_refuse_none(tok, method, cache_dir):
     with pytest.raises(ValueError, match="needs a datastore"):
