@@ -273,6 +273,16 @@ def test_tiny_gguf_converts_and_recovers_from_corruption(tmp_path, monkeypatch, 
         again = load_model(ModelConfig(path=str(gguf_path), device="cpu"))
     assert any("rebuilding" in r.getMessage() for r in caplog.records)
     assert again.identity == lm.identity and cache_problem(cached) is None
+    # The cache follows the file's content: a reinstalled copy (new path, new mtime) reuses
+    # the conversion, a changed file gets its own.
+    copy = tmp_path / "reinstalled" / "tiny.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(gguf_path.read_bytes())
+    assert gguf_cache_dir(copy) == cached
+    changed = bytearray(gguf_path.read_bytes())
+    changed[-1] ^= 1
+    copy.write_bytes(bytes(changed))
+    assert gguf_cache_dir(copy) != cached
 
 
 # --- the real packaged default -----------------------------------------------------------
