@@ -129,6 +129,11 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
     return cost
 
 
+# A verified step that accepts nothing backs the drafter off only when it cost at least
+# this much more than a plain step (a CPU: 2 positions already cost ~1.4x one). Where extra
+# positions are nearly free (a GPU's flat cost curve) a miss loses little, and the
+# acceptance calibration alone decides what to verify.
+CHEAP_MISS = 0.15
 SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
 MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
 
@@ -257,6 +262,8 @@ class DraftPlanner:
             # A probe that paid off: let the updated estimates decide at the next step,
             # without resetting the back-off (the budget itself still chose not to draft).
             self._skip = 0
+        elif len(tree) > 1 and self.cost.cost(len(tree)) + retrieval_s < (1 + CHEAP_MISS) * self.cost.cost(1):
+            self._failures = 0  # a miss that cost about a plain step: no reason to stop drafting
         else:
             # Nothing accepted (or nothing worth verifying): wait 0, 1, 3, 7, ... steps.
             self._failures += 1

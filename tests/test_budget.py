@@ -284,6 +284,23 @@ def test_planner_backoff_doubles_and_caps():
     assert consult_steps(planner, 20, tree) == [0, 1, 3, 7, 12, 17]
 
 
+def test_planner_keeps_drafting_after_cheap_misses():
+    tree = build_tree(0, [[1, 2, 3]])
+    # A GPU's flat cost curve: verifying 4 positions costs what one does, so misses never
+    # stop the drafter (the acceptance calibration prunes instead).
+    flat = DraftPlanner(CostModel([1, 64], [0.030, 0.0303]))
+    assert consult_steps(flat, 20, tree) == list(range(20))
+    # ... unless drafting itself (retrieval) costs as much as the step would save.
+    slow = DraftPlanner(CostModel([1, 64], [0.030, 0.0303]))
+    for _ in range(3):
+        slow.record(tree, [0], True, 0.01)
+    assert not slow.should_draft()
+    # Nothing worth verifying (root only) is a failure whatever the cost.
+    assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 8, build_tree(0, [])) == [0, 1, 3, 7]
+    # On the CPU cost curve the same misses back off.
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, tree) == [0, 1, 3, 7, 15]
+
+
 def test_planner_success_resets_backoff():
     tree = build_tree(0, [[1]])
     planner = DraftPlanner(smol_cpu_cost())
