@@ -1,8 +1,8 @@
 """The draft budget: how many positions one verification should spend.
 
 On a CPU a forward over k new positions costs far more than one (SmolLM2-135M, 2 cores,
-dual weight layout, blocked small-M products: k=2 ~1.4x, k=8 ~1.6x, k=16 ~1.8x, k=64 ~4x a one-token step), so every verified position must earn its
-cost. Per step the planner:
+dual weight layout, tuned blocked products: k=2-4 ~1.5x, k=8 ~1.7x, k=16 ~1.85x, k=64
+~4.7x a one-token step), so every verified position must earn its cost. Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
