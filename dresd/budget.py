@@ -130,7 +130,7 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
 
 
 # A verified step that accepts nothing backs the drafter off only when it cost at least
-# this much more than a plain step (a CPU: 2 positions already cost ~1.4x one). Where extra
+# this much more than a plain step (a CPU: 2 positions already cost ~1.5x one). Where extra
 # positions are nearly free (a GPU's flat cost curve) a miss loses little, and the
 # acceptance calibration alone decides what to verify.
 CHEAP_MISS = 0.15
