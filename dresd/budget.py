@@ -20,8 +20,6 @@ The forward cost is calibrated once per model, device and thread count and cache
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -31,7 +29,7 @@ from pathlib import Path
 import torch
 
 from dresd.cpu_linear import has_dual_layout, product_plan_tag
-from dresd.models import cache_root
+from dresd.models import cache_root, cached_measurement
 from dresd.tree import TokenTree, subtree
 
 CALIBRATION_POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -114,19 +112,7 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
     base = Path(cache_dir) if cache_dir else cache_root()
     key = _cost_key(model, model.device)
     path = base / "cost" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
-    if not refresh and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                return CostModel(**data)
-        except (ValueError, TypeError):
-            pass  # unreadable cache: measure again
-    cost = calibrate_cost(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(cost)))
-    os.replace(tmp, path)
-    return cost
+    return CostModel(**cached_measurement(path, key, lambda: asdict(calibrate_cost(model)), refresh))
 
 
 # A verified step that accepts nothing backs the drafter off only when it cost at least

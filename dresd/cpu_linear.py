@@ -247,7 +247,7 @@ def tune_products(model: nn.Module, refresh: bool = False, reps: int = 3) -> dic
     The plan is cached per CPU model, torch version, thread count, dtype and weight shapes
     (about 4 s to measure for a 135M model), under dresd's cache root.
     """
-    from dresd.models import cache_root  # dresd.models imports this module
+    from dresd.models import cache_root, cached_measurement  # dresd.models imports this module
 
     by_shape: dict[str, list] = {}
     for owner in _product_owners(model):
@@ -259,20 +259,11 @@ def tune_products(model: nn.Module, refresh: bool = False, reps: int = 3) -> dic
     key = json.dumps([_cpu_name(), torch.__version__, torch.get_num_threads(), str(dtype),
                       sorted((shape, len(group)) for shape, group in by_shape.items())])
     path = cache_root() / "cpu_linear" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
-    plan = None
-    if not refresh and path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("key") == key:
-                plan = {shape: {int(b): w for b, w in widths.items()} for shape, widths in data["plan"].items()}
-        except (ValueError, KeyError, AttributeError):
-            plan = None  # unreadable cache: measure again
-    if plan is None:
-        plan = {shape: fastest_widths([o.weight_t for o in group], reps) for shape, group in by_shape.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": key, "plan": plan}))
-        os.replace(tmp, path)
+    stored = cached_measurement(
+        path, key, lambda: {shape: fastest_widths([o.weight_t for o in group], reps) for shape, group in by_shape.items()},
+        refresh)
+    # JSON keys are strings: the row buckets come back as ints.
+    plan = {shape: {int(b): w for b, w in widths.items()} for shape, widths in stored.items()}
     for shape, group in by_shape.items():
         for owner in group:
             owner.widths = dict(plan[shape])

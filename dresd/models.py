@@ -101,6 +101,24 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dresd"
 
 
+def cached_measurement(path: Path, key: str, measure: Callable[[], dict], refresh: bool = False) -> dict:
+    """A machine measurement cached as JSON at `path`: read back when it was taken for `key`
+    (what was measured: model, device, threads ...), else measured and written atomically."""
+    if not refresh and path.exists():
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key:
+                return data["value"]
+        except (ValueError, KeyError, AttributeError):
+            pass  # unreadable cache: measure again
+    value = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "value": value}))
+    os.replace(tmp, path)
+    return value
+
+
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
