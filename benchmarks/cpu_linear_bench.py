@@ -1,4 +1,4 @@
-"""What the dual weight layout (dresd.cpu_linear) buys on this machine, in one run.
+"""What the packed weight copies (dresd.cpu_linear) buy on this machine, in one run.
 
     .venv/bin/python benchmarks/cpu_linear_bench.py [--prompts 4] [--max-new-tokens 64]
 
@@ -31,20 +31,21 @@ from transformers import DynamicCache  # noqa: E402
 
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.corpus import mtbench_first_turns  # noqa: E402
+from dresd.cpu_linear import packed_bytes  # noqa: E402
 from dresd.engine import Engine  # noqa: E402
 from dresd.hf_reference import hf_generate  # noqa: E402
 from dresd.models import load_model  # noqa: E402
 from dresd.tree import build_tree  # noqa: E402
 from dresd.verify import forward, verify_token_tree  # noqa: E402
 
-POSITIONS = (1, 2, 3, 4, 8, 16, 32)
+POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 
 
 def verify_ms(stock, dual, context: int = 256, reps: int = 9) -> dict[str, dict[int, float]]:
     """Median ms of one greedy verification step over k positions, interleaved.
 
     "before": the stock model, LM head over every position (how verification ran before);
-    "after": the dual layout with verify_token_tree's lazy head (what decoding runs now).
+    "after": the packed copies with verify_token_tree's lazy head (what decoding runs now).
     """
     vocab = stock.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -77,14 +78,13 @@ def main() -> int:
     args = p.parse_args()
     dual = load_model(ModelConfig())
     stock = load_model(ModelConfig(dual_layout=False))
-    extra = sum(b.numel() * b.element_size() for b in dual.model.buffers()) - sum(
-        b.numel() * b.element_size() for b in stock.model.buffers())
-    lines = [f"# Dual weight layout: {time.strftime('%Y-%m-%d %H:%M')}", "",
+    extra = packed_bytes(dual.model)
+    lines = [f"# Packed weight copies (dual layout): {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads), {dual.identity['name']} fp32; extra memory of the input-major "
-             f"copies: {extra / 2**20:.0f} MiB", "",
+             f"({torch.get_num_threads()} threads), {dual.identity['name']} fp32; extra memory of the packed "
+             f"weight copies: {extra / 2**20:.0f} MiB", "",
              "## One greedy verification step over k new positions (256 cached), median ms", "",
-             "| k | before: stock, full head | after: dual layout, lazy head | after / before |",
+             "| k | before: stock, full head | after: packed copies, lazy head | after / before |",
              "|---|---|---|---|"]
     ms = verify_ms(stock.model, dual.model)
     for k in POSITIONS:

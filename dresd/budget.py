@@ -1,8 +1,9 @@
 """The draft budget: how many positions one verification should spend.
 
-On a CPU a forward over k new positions costs far more than one (SmolLM2-135M, 2 cores,
-dual weight layout, tuned blocked products: k=2-4 ~1.5x, k=8 ~1.7x, k=16 ~1.85x, k=64
-~4.7x a one-token step), so every verified position must earn its cost. Per step the planner:
+On a CPU a forward over many new positions costs far more than one (SmolLM2-135M, 2 cores,
+packed weight copies: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x, k=16 ~2x, k=64 ~4x a
+one-token step: up to six rows share one pass over the weights, each further six cost about
+as much again), so every verified position past the first few must earn its cost. Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dresd.cpu_linear import has_dual_layout, product_plan_tag
+from dresd.cpu_linear import has_dual_layout, kernel_tag
 from dresd.models import cache_root, cached_measurement
 from dresd.tree import TokenTree, subtree
 
@@ -65,7 +66,7 @@ def _cost_key(model, device: torch.device) -> str:
     cfg = model.config
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
-    layout = f"|dual-layout-{product_plan_tag(model)}" if has_dual_layout(model) else ""
+    layout = f"|packed-{kernel_tag()}" if has_dual_layout(model) else ""
     return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}"
 
 
@@ -83,7 +84,7 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
     cache = DynamicCache()
     forward(model, prefix, cache, logits=False)
-    seconds = []
+    trees = {}
     for k in positions:
         # Two branches: the mask is a real tree mask, as in verification.
         half = (k - 1) // 2
@@ -91,16 +92,20 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
         # branches start vocab // 2 apart, so they never merge.
         drafts = [[(10 + j) % vocab for j in range(half)],
                   [(10 + vocab // 2 + j) % vocab for j in range(k - 1 - half)]]
-        tree = build_tree(1, [d for d in drafts if d])
-        times = []
-        for _ in range(reps + 1):
+        trees[k] = build_tree(1, [d for d in drafts if d])
+    times: dict[int, list[float]] = {k: [] for k in positions}
+    # Rounds over every k, not all of one k's repetitions in a row: a passing slowdown of
+    # the machine then lands in one sample of each k instead of every sample of one k
+    # (which the monotone fix below would carry to every larger k, in a cached model).
+    for _ in range(reps + 1):
+        for k in positions:
             t0 = time.perf_counter()
-            verify_token_tree(model, cache, tree)
+            verify_token_tree(model, cache, trees[k])
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
+            times[k].append(time.perf_counter() - t0)
             cache.crop(context - cache.get_seq_length())  # back to the prefix, whatever was accepted
-        seconds.append(statistics.median(times[1:]))  # the first run warms caches
+    seconds = [statistics.median(times[k][1:]) for k in positions]  # the first round warms caches
     # Noise can make a larger k look cheaper; costs never fall with k.
     for i in range(1, len(seconds)):
         seconds[i] = max(seconds[i], seconds[i - 1])
@@ -116,7 +121,7 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
 
 
 # A verified step that accepts nothing backs the drafter off only when it cost at least
-# this much more than a plain step (a CPU: 2 positions already cost ~1.5x one). Where extra
+# this much more than a plain step (on this CPU: trees of 7+ positions; k <= 6 cost ~1.05-1.15x). Where extra
 # positions are nearly free (a GPU's flat cost curve) a miss loses little, and the
 # acceptance calibration alone decides what to verify.
 CHEAP_MISS = 0.15

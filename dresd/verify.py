@@ -15,7 +15,13 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from dresd.cpu_linear import DualLayoutLinear
 from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
+
+
+# Rows of the LM head computed together on a packed head: one pass over its weight serves
+# up to six rows (dresd.cpu_linear).
+HEAD_ROWS = 6
 
 
 @dataclass
@@ -64,17 +70,30 @@ class LazyGreedyTokens:
 
     On a CPU the LM head over a 49k vocabulary costs about as much per position as several
     decoder layers, and greedy acceptance reads only the accepted path's positions plus the
-    one that yields the bonus token: usually one or two of a tree's k positions.
+    one that yields the bonus token: usually a few of a tree's k positions. A packed head
+    (dresd.cpu_linear) serves up to HEAD_ROWS rows at about one row's cost and gives each
+    row the same bits whatever rows share its product, so a node asked for is computed
+    with the next nodes below it, the ones acceptance may ask for next.
     """
 
-    def __init__(self, head, hidden: torch.Tensor):
-        self.head, self.hidden = head, hidden  # hidden: (positions, D)
+    def __init__(self, head, hidden: torch.Tensor, tree: TokenTree):
+        self.head, self.hidden, self.tree = head, hidden, tree  # hidden: (positions, D)
+        self.rows = HEAD_ROWS if isinstance(head, DualLayoutLinear) else 1
         self.computed: dict[int, int] = {}
+
+    def _rows_from(self, node: int) -> list[int]:
+        """`node` and then its descendants breadth-first, up to self.rows not yet computed."""
+        rows, frontier = [node], [node]
+        while frontier and len(rows) < self.rows:
+            frontier = [c for n in frontier for c in self.tree.children[n].values()]
+            rows += [c for c in frontier if c not in self.computed][: self.rows - len(rows)]
+        return rows
 
     @torch.inference_mode()
     def __getitem__(self, node: int) -> int:
         if node not in self.computed:
-            self.computed[node] = int(self.head(self.hidden[node:node + 1]).argmax(-1))
+            rows = self._rows_from(node)
+            self.computed.update(zip(rows, self.head(self.hidden[rows]).argmax(-1).tolist()))
         return self.computed[node]
 
 
@@ -113,7 +132,7 @@ def verify_token_tree(model, cache: DynamicCache, tree: TokenTree,
     lazy_head = accept is None and device.type == "cpu"
     hidden, logits = forward(model, ids, cache, positions, mask, logits=not lazy_head)
     if accept is None:
-        predicted = (LazyGreedyTokens(model.get_output_embeddings(), hidden[0]) if lazy_head
+        predicted = (LazyGreedyTokens(model.get_output_embeddings(), hidden[0], tree) if lazy_head
                      else logits[0].argmax(-1).tolist())
         path = greedy_accept(tree, predicted)
         bonus = predicted[path[-1]]

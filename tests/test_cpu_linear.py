@@ -1,6 +1,7 @@
-"""Tests for dresd.cpu_linear: the dual-layout linear computes what nn.Linear computes on
-both of its paths, conversion keeps tied weights tied, load_model applies it only when
-asked, and greedy decoding on a converted model matches the stock model's."""
+"""Tests for dresd.cpu_linear: the packed linear computes what nn.Linear computes on both of
+its paths, a row's result does not depend on the rows it shares a call with, conversion
+keeps tied weights tied, load_model applies it only when asked, and greedy decoding on a
+converted model matches the stock model's."""
 
 from __future__ import annotations
 
@@ -9,19 +10,29 @@ import torch
 import transformers
 from torch import nn
 
+import dresd.cpu_linear as cpu_linear
 from dresd.budget import _cost_key
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.cpu_linear import (
-    BLOCK_COLUMNS, MAX_MATVEC_ROWS, ROW_BUCKETS, DualLayoutLinear, SiblingGroup, block_width, candidate_widths,
-    has_dual_layout, product_plan_tag, row_bucket, tune_products, use_dual_layout,
+    MAX_PACKED_ROWS, PACK_COLUMNS, DualLayoutLinear, SiblingGroup, has_dual_layout, pack_weight, packed_bytes,
+    use_dual_layout,
 )
 from dresd.decoding import SpeculativeDecoder
 from dresd.models import load_model, make_tiny_llama
 from tests_support import greedy_reference
 
 
+def test_pack_weight_layout():
+    weight = torch.arange(130 * 5, dtype=torch.float32).reshape(130, 5)
+    packed = pack_weight(weight)
+    assert packed.shape == (3, 5, PACK_COLUMNS) and packed.is_contiguous()
+    for b, k, c in [(0, 0, 0), (0, 4, 63), (1, 2, 10), (2, 3, 1)]:
+        assert packed[b, k, c] == weight[b * PACK_COLUMNS + c, k]
+    assert not packed[2, :, 2:].any()  # columns past out_features are zero
+
+
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 5), (3, 5), (4, 5), (2, 3, 5), (1, 9, 5)])
+@pytest.mark.parametrize("shape", [(5,), (1, 5), (2, 5), (3, 5), (7, 5), (2, 3, 5), (1, 9, 5), (1, 40, 5)])
 def test_matches_nn_linear_on_both_paths(bias, shape):
     torch.manual_seed(0)
     linear = nn.Linear(5, 7, bias=bias)
@@ -33,98 +44,55 @@ def test_matches_nn_linear_on_both_paths(bias, shape):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("out_features", [384, 130, 1000])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 16])
-def test_blocked_product_matches_nn_linear(bias, out_features, rows):
+@pytest.mark.parametrize("out_features", [64, 130, 1000])
+@pytest.mark.parametrize("in_features", [48, 200])  # 200 spans several input chunks
+def test_packed_product_matches_and_rows_are_independent(out_features, in_features):
     torch.manual_seed(0)
-    linear = nn.Linear(48, out_features, bias=bias)
+    linear = nn.Linear(in_features, out_features)
     dual = DualLayoutLinear(linear)
-    assert dual.widths[1] == 0 and all(out_features % dual.widths[b] == 0 for b in ROW_BUCKETS[1:])
-    # Every width the tuner may pick, including blocked one-row products; padded row counts.
-    for width in candidate_widths(out_features):
-        dual.widths = {b: width for b in ROW_BUCKETS}
-        for shape in [(rows, 48), (1, rows, 48)]:
-            x = torch.randn(*shape)
-            with torch.no_grad():
-                torch.testing.assert_close(dual(x), linear(x), rtol=1e-5, atol=1e-5)
+    x = torch.randn(MAX_PACKED_ROWS, in_features)
+    with torch.no_grad():
+        together = dual(x)
+        torch.testing.assert_close(together, linear(x), rtol=1e-5, atol=1e-5)
+        # The same bits whatever rows share the call (a tree's position vs a one-token step)
+        # and however many threads split the columns.
+        for start, stop in [(0, 1), (3, 4), (0, 5), (2, 9), (6, 13), (15, 16)]:
+            assert torch.equal(dual(x[start:stop]), together[start:stop])
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(dual(x), together)
+        finally:
+            torch.set_num_threads(threads)
 
 
-def test_row_buckets_and_candidate_widths():
-    assert [row_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 4, 4, 4, 8, 8, 16, 16]
-    assert candidate_widths(576) == [0, 32, 48, 64, 96, 144, 192, 288]
-    assert candidate_widths(1000) == [0, 40, 50, 100, 125, 200, 250, 500]  # no multiple of 16 divides it
-    widths = candidate_widths(49152)
-    assert widths[0] == 0 and len(widths) == 8 and all(49152 % w == 0 for w in widths[1:])
-    assert widths[1] == 32 and widths[-1] == 49152 // 2
-    assert candidate_widths(48) == [0] and candidate_widths(64) == [0, 32]
-
-
-def test_tuning_picks_candidates_caches_the_plan_and_tags_costs(monkeypatch, tmp_path):
-    import dresd.cpu_linear as cpu_linear
-
-    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path))
-    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config).eval()
-    use_dual_layout(model, tune=False)
-    untuned = product_plan_tag(model)
-    plan = tune_products(model, reps=1)
-    # One entry per weight shape: qkv group, o, gate+up group, down, head.
-    assert set(plan) == {"64x128", "64x64", "64x384", "192x64", "64x300"}
-    for shape, widths in plan.items():
-        assert set(widths) == set(ROW_BUCKETS) and set(widths.values()) <= set(candidate_widths(int(shape.split("x")[1])))
-    assert model.model.layers[1].mlp.gate_proj.siblings.widths == plan["64x384"]
-    assert model.model.layers[0].mlp.down_proj.widths == plan["192x64"]
-    # Read back from the cache, not measured again; refresh measures.
-    monkeypatch.setattr(cpu_linear, "fastest_widths", lambda *a, **k: {b: 0 for b in ROW_BUCKETS})
-    assert tune_products(model) == plan
-    assert all(w == 0 for widths in tune_products(model, refresh=True).values() for w in widths.values())
-    assert "" != product_plan_tag(model) != untuned  # cost models measured under other widths don't apply
-    ids = torch.randint(0, 300, (1, 7))
-    with torch.no_grad():  # the tuned widths keep the products exact
-        stock = transformers.LlamaForCausalLM(config).eval()
-        stock.load_state_dict(model.state_dict())
-        assert product_plan_tag(stock) == ""
-        torch.testing.assert_close(model(ids[:, :3]).logits, stock(ids[:, :3]).logits, rtol=1e-5, atol=1e-5)
-
-
-def test_block_width_divides_and_stays_wide_enough():
-    assert block_width(576) == block_width(960) == block_width(3072) == block_width(49152) == BLOCK_COLUMNS
-    assert block_width(1000) == 125 and block_width(130) == 130
-    # No divisor wide enough: one plain product (blocks of a few columns would be slow).
-    assert block_width(7) == 0 and block_width(2 * 211) == 0
-
-
-@pytest.mark.parametrize("rows", [1, 2, MAX_MATVEC_ROWS, MAX_MATVEC_ROWS + 1, 40])
-def test_few_rows_use_the_input_major_copy(rows):
+@pytest.mark.parametrize("rows", [1, 2, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 40])
+def test_few_rows_use_the_packed_copy(rows):
     linear = nn.Linear(5, 7, bias=False)
     dual = DualLayoutLinear(linear)
-    dual.weight_t.zero_()  # makes the path taken visible
+    dual.packed.zero_()  # makes the path taken visible
     with torch.no_grad():
         out = dual(torch.ones(1, rows, 5))
-    assert bool((out == 0).all()) == (rows <= MAX_MATVEC_ROWS)
+    assert bool((out == 0).all()) == (rows <= MAX_PACKED_ROWS)
 
 
-def test_weight_is_shared_and_copy_is_input_major():
+def test_weight_is_shared_and_the_copy_is_not_saved():
     linear = nn.Linear(4, 6)
     dual = DualLayoutLinear(linear)
     assert dual.weight is linear.weight
-    assert dual.weight_t.shape == (4, 6) and dual.weight_t.is_contiguous()
-    assert torch.equal(dual.weight_t, linear.weight.t())
-    # The copy is derived state: it is not saved with the model.
-    assert "weight_t" not in dual.state_dict()
+    assert torch.equal(dual.packed, pack_weight(linear.weight))
+    assert "packed" not in dual.state_dict()  # derived state, not saved with the model
 
 
-@pytest.mark.parametrize("sizes", [(6, 2, 3), (64, 32, 32)])  # the second runs blocked
+@pytest.mark.parametrize("sizes", [(6, 2, 3), (64, 32, 32)])
 @pytest.mark.parametrize("bias", [False, True, "mixed"])
 def test_sibling_group_gives_each_member_its_own_output(bias, sizes):
     torch.manual_seed(0)
     linears = [nn.Linear(6, n, bias=(bias is True) or (bias == "mixed" and i == 0)) for i, n in enumerate(sizes)]
     members = [DualLayoutLinear(lin) for lin in linears]
     group = SiblingGroup(members)
-    assert group.weight_t.shape == (6, sum(sizes))
-    assert (group.widths[4] > 0) == (sum(sizes) >= 64)
+    assert group.packed.shape == (-(-sum(sizes) // PACK_COLUMNS), 6, PACK_COLUMNS)
+    assert all(m.packed is None for m in members)  # one packed copy for the group
     x, other = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
     with torch.no_grad():
         # In order, as attention calls q, k, v: one product serves all three.
@@ -148,6 +116,7 @@ def test_conversion_keeps_tied_head_and_outputs():
         before = model(ids).logits
         step_before = model(ids[:, :1]).logits
     assert not has_dual_layout(model)
+    linear_bytes = sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
     assert use_dual_layout(model) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + the head
     assert has_dual_layout(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -155,10 +124,23 @@ def test_conversion_keeps_tied_head_and_outputs():
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
     assert attn.q_proj.siblings is attn.v_proj.siblings is not None
     assert mlp.gate_proj.siblings is mlp.up_proj.siblings is not None and mlp.down_proj.siblings is None
+    # One packed copy of every linear weight, padded to whole 64-column blocks.
+    assert linear_bytes <= packed_bytes(model) < 1.5 * linear_bytes
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(model(ids[:, :1]).logits, step_before, rtol=1e-5, atol=1e-5)
     assert use_dual_layout(model) == 0  # idempotent: nothing left to convert
+
+
+def test_models_it_cannot_serve_stay_stock(monkeypatch):
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    half = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    assert use_dual_layout(half) == 0 and not has_dual_layout(half)
+    # No compiler here: the kernel is unavailable and decoding runs torch's layers.
+    monkeypatch.setattr(cpu_linear, "packed_kernel", lambda: None)
+    model = transformers.LlamaForCausalLM(config)
+    assert use_dual_layout(model) == 0 and not has_dual_layout(model)
 
 
 def test_load_model_applies_it_on_request(tmp_path):

@@ -163,10 +163,21 @@ def test_verify_tree_contiguous_and_rejected(model, case):
     check_cache_matches(cache, model, prompt + ref[:3])
 
 
-def test_cpu_greedy_verify_runs_the_head_only_on_the_accepted_path(model, case, monkeypatch):
-    """LazyGreedyTokens: head rows = accepted path + the bonus position, not every tree node."""
+@pytest.mark.parametrize("packed", [True, False])
+def test_cpu_greedy_verify_runs_the_head_only_where_acceptance_reads(model, case, monkeypatch, packed):
+    """LazyGreedyTokens: a packed head computes the asked node with the nodes below it
+    (breadth-first, HEAD_ROWS per product); a stock head only the accepted path + bonus."""
+    from dresd.cpu_linear import DualLayoutLinear
+    from dresd.verify import HEAD_ROWS
+
     prompt, ref = case["prompt"], case["ref"]
     head = model.get_output_embeddings()
+    assert isinstance(head, DualLayoutLinear)
+    if not packed:
+        stock = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+        stock.weight = head.weight
+        monkeypatch.setitem(model._modules, "lm_head", stock)  # setattr would delete it on undo
+        head = stock
     rows = []
     original = head.forward
     monkeypatch.setattr(head, "forward", lambda x: rows.append(x.shape[-2]) or original(x))
@@ -176,7 +187,15 @@ def test_cpu_greedy_verify_runs_the_head_only_on_the_accepted_path(model, case, 
     drafts = [[ref[0], wrong, 3, 4], [ref[0], ref[1], 7], [(ref[0] + 1) % VOCAB, 5, 6]]
     step = verify_tree(model, cache, prompt[-1], drafts)
     assert step.accepted == 2 and step.new_tokens == ref[:3]
-    assert rows == [1, 1, 1]  # root, ref[0], ref[1]: 3 of the tree's 10 positions
+    # Packed: root, its 2 children, their 3 children in one product (the path root ->
+    # ref[0] -> ref[1] is among them). Stock: root, ref[0], ref[1]: 3 of the 10 positions.
+    assert rows == ([HEAD_ROWS] if packed else [1, 1, 1])
+    # A chain longer than one product: the next product starts where acceptance went on.
+    cache = prefill(model, prompt)
+    rows.clear()
+    step = verify_tree(model, cache, prompt[-1], [ref[:9]])
+    assert step.accepted == 9 and step.new_tokens == ref[:10]
+    assert rows == ([HEAD_ROWS, 10 - HEAD_ROWS] if packed else [1] * 10)
 
 
 def test_keep_cache_positions_direct():
