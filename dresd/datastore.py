@@ -40,6 +40,7 @@ import faiss
 import numpy as np
 
 from dresd import storage
+from dresd.storage import sha256_file
 from dresd.compression import Compressor, load_compressor, save_compressor
 from dresd.index import IVFDATA, is_on_disk, on_disk_file, read_index
 
@@ -51,15 +52,6 @@ CURRENT = "CURRENT"
 
 class DatastoreError(RuntimeError):
     """A datastore is missing, corrupt, or does not fit the model / prompt format."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

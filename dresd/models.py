@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dresd.config import ModelConfig
 from dresd.cpu_linear import use_dual_layout
+from dresd.storage import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +120,13 @@ def cached_measurement(path: Path, key: str, measure: Callable[[], dict], refres
     return value
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _content_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MARKER_FILE)
 
 
 def _write_marker(folder: Path) -> None:
     files = {
-        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256_file(p)}
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
         for p in _content_files(folder)
     }
     (folder / MARKER_FILE).write_text(json.dumps({"format": CACHE_FORMAT, "files": files}, indent=1))
@@ -161,7 +154,7 @@ def cache_problem(folder: Path) -> str | None:
         size = path.stat().st_size
         if size != expected[rel]["size"]:
             return f"{rel}: size {size} != {expected[rel]['size']}"
-        if size <= _FULL_HASH_LIMIT and _sha256_file(path) != expected[rel]["sha256"]:
+        if size <= _FULL_HASH_LIMIT and sha256_file(path) != expected[rel]["sha256"]:
             return f"{rel}: sha256 mismatch"
     return None
 
@@ -243,7 +236,7 @@ def gguf_cache_dir(gguf_path: Path) -> Path:
     would otherwise leave another ~0.5 GB fp32 conversion behind.
     """
     p = Path(gguf_path).resolve()
-    key = hashlib.sha256(f"{_sha256_file(p)}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{sha256_file(p)}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_root() / "models" / f"{p.stem}-{key}"
 
 

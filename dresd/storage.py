@@ -20,6 +20,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def is_uri(location: str | os.PathLike) -> bool:
     """True for "<scheme>://..." locations (file:// included); plain paths are local."""
     return "://" in str(location)

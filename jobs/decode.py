@@ -95,7 +95,9 @@ def read_prompts(cfg: DecodeConfig) -> list[dict]:
 
 
 def _model_tag(m: ModelConfig) -> list:
-    """Names the model's files (path, sizes, mtimes) without loading it."""
+    """Names the model's files by content (sha256; ~2 s a GB) without loading it. Not by
+    mtime: a reinstall of the model's package rewrites its files, and every finished part
+    would be decoded again."""
     if m.path is None:
         from dresd.models import DEFAULT_GGUF_FILE, packaged_default_dir
 
@@ -103,7 +105,7 @@ def _model_tag(m: ModelConfig) -> list:
     else:
         path = Path(m.path).expanduser().resolve()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
-    return [str(path)] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
+    return [[f.name, storage.sha256_file(f)] for f in files if f.is_file()]
 
 
 def settings(cfg: DecodeConfig) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import dresd.datastore as datastore_mod
+from dresd import storage
 from dresd.datastore import (
     CURRENT,
     MANIFEST,
@@ -195,7 +196,7 @@ def test_format_1_store_with_key_positions_file_still_opens(root):
     m["format_version"] = 1
     del m["files"]["key_starts.npy"]
     m["files"]["key_positions.npy"] = {"bytes": (vdir / "key_positions.npy").stat().st_size,
-                                       "sha256": datastore_mod.sha256_file(vdir / "key_positions.npy")}
+                                       "sha256": storage.sha256_file(vdir / "key_positions.npy")}
     (vdir / MANIFEST).write_text(json.dumps(m))
     store = Datastore(root, verify=True)
     np.testing.assert_array_equal(store.key_positions, positions)
@@ -252,7 +253,6 @@ def test_publish_and_open_through_a_uri_root(tmp_path, monkeypatch):
     roll back; a version whose manifest is not uploaded yet is never readable."""
     import uuid
 
-    from dresd import storage
     from dresd.datastore import list_versions, read_current, version_manifest
 
     monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))

@@ -1,9 +1,11 @@
 """jobs/decode.py on a tiny model: every prompt decoded once, a deleted part recomputed
-alone on rerun, and the id-corpus jsonl that a datastore build reads."""
+alone on rerun, parts kept across a reinstall of the model's files, and the id-corpus
+jsonl that a datastore build reads."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,6 +79,12 @@ def test_decode_then_resume_after_losing_a_part(job, tiny_model_dir, ray_session
     assert {p.name: p.stat().st_mtime_ns for p in parts2 if p != part_path} == {
         k: v for k, v in mtimes.items() if k != part_path.name}
     assert _content(rows2) == _content(rows)  # greedy: the same rows again
+
+    # The same model files elsewhere, rewritten (a reinstalled package): every part reused.
+    reinstalled = tmp / "reinstalled-model"
+    shutil.copytree(tiny_model_dir, reinstalled)
+    report = run_decode(parse(["--config", str(cfg), "--set", f"model.path={reinstalled}"]))
+    assert report.computed == [] and report.reused == 4
 
     # Other settings make every part stale: it is replaced, never duplicated.
     report = run_decode(parse(["--config", str(cfg), "--set", "max_new_tokens=3", "--set", "limit=4"]))
