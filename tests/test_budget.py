@@ -24,7 +24,7 @@ BUDGET = 40
 
 
 def smol_cpu_cost() -> CostModel:
-    """Roughly SmolLM2-135M on 2 CPU cores: k=1 0.11 s ... k=64 0.55 s."""
+    """Roughly SmolLM2-135M on 2 CPU cores, stock layout: k=1 0.11 s, k=2 1.16x, k=4 1.47x ... k=64 0.55 s."""
     return CostModel([1, 8, 16, 32, 64], [0.11, 0.23, 0.29, 0.40, 0.55])
 
 
@@ -273,7 +273,7 @@ def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at
 
 
 def test_planner_backoff_doubles_and_caps():
-    tree = build_tree(0, [[1]])
+    tree = build_tree(0, [[1, 2, 3]])  # 4 positions: 1.47x a plain step, a miss that costs
     planner = DraftPlanner(smol_cpu_cost(), max_backoff=16)
     # Skips after consecutive failures: 0, 1, 3, 7, 15, then capped at 16.
     steps = consult_steps(planner, 70, tree)
@@ -297,12 +297,14 @@ def test_planner_keeps_drafting_after_cheap_misses():
     assert not slow.should_draft()
     # Nothing worth verifying (root only) is a failure whatever the cost.
     assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 8, build_tree(0, [])) == [0, 1, 3, 7]
-    # On the CPU cost curve the same misses back off.
+    # On the CPU cost curve the same misses back off (4 positions: 1.47x a plain step) ...
     assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, tree) == [0, 1, 3, 7, 15]
+    # ... but not a 2-position miss there (1.16x: below 1 + CHEAP_MISS).
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, build_tree(0, [[1]])) == list(range(20))
 
 
 def test_planner_success_resets_backoff():
-    tree = build_tree(0, [[1]])
+    tree = build_tree(0, [[1, 2, 3]])
     planner = DraftPlanner(smol_cpu_cost())
     # Fail at 0, 1, 3, succeed at 7: the next failure starts the sequence again.
     steps = consult_steps(planner, 20, tree, success_at={7})
