@@ -2,8 +2,9 @@
 
 On a CPU a forward over many new positions costs far more than one (SmolLM2-135M, 2 cores,
 packed weight copies: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x, k=16 ~2x, k=64 ~4x a
-one-token step: up to six rows share one pass over the weights, each further six cost about
-as much again), so every verified position past the first few must earn its cost. Per step the planner:
+one-token step: up to six rows share one pass over the weights, each further six cost
+about as much again), so every verified position past the first few must earn its cost.
+Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's

@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 # Columns per packed block (four 16-float vectors; must match COLS in the kernel).
 PACK_COLUMNS = 64
+# Rows the kernel multiplies per pass over a weight (ROWS in csrc/packed_linear.cpp): up to
+# this many cost about what one row does.
+ROWS_PER_PASS = 6
 # Most rows a product runs on the packed copy: from about 24 rows MKL's product is as fast.
 MAX_PACKED_ROWS = 16
 # Children of one module that consume the same input in this order (Llama, Mistral, Qwen2).

@@ -40,7 +40,6 @@ import faiss
 import numpy as np
 
 from dresd import storage
-from dresd.storage import sha256_file
 from dresd.compression import Compressor, load_compressor, save_compressor
 from dresd.index import IVFDATA, is_on_disk, on_disk_file, read_index
 
@@ -143,7 +142,7 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
                 "keys": int(len(parts.key_positions)),
                 **manifest.get("counts", {}),
             },
-            files={name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files},
+            files={name: {"bytes": (tmp / name).stat().st_size, "sha256": storage.sha256_file(tmp / name)} for name in files},
         )
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         os.rename(tmp, final)
@@ -306,7 +305,7 @@ class Datastore:
                 raise DatastoreError(f"{self.path}: file {name} listed in the manifest is missing")
             if p.stat().st_size != meta["bytes"]:
                 raise DatastoreError(f"{self.path}: {name} has {p.stat().st_size} bytes, manifest says {meta['bytes']}")
-            if full and sha256_file(p) != meta["sha256"]:
+            if full and storage.sha256_file(p) != meta["sha256"]:
                 raise DatastoreError(f"{self.path}: {name} checksum mismatch (corrupt file)")
 
     def verify(self) -> None:

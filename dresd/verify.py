@@ -15,13 +15,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from dresd.cpu_linear import DualLayoutLinear
+from dresd.cpu_linear import ROWS_PER_PASS, DualLayoutLinear
 from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
-
-
-# Rows of the LM head computed together on a packed head: one pass over its weight serves
-# up to six rows (dresd.cpu_linear).
-HEAD_ROWS = 6
 
 
 @dataclass
@@ -71,14 +66,14 @@ class LazyGreedyTokens:
     On a CPU the LM head over a 49k vocabulary costs about as much per position as several
     decoder layers, and greedy acceptance reads only the accepted path's positions plus the
     one that yields the bonus token: usually a few of a tree's k positions. A packed head
-    (dresd.cpu_linear) serves up to HEAD_ROWS rows at about one row's cost and gives each
+    (dresd.cpu_linear) serves up to ROWS_PER_PASS rows at about one row's cost and gives each
     row the same bits whatever rows share its product, so a node asked for is computed
     with the next nodes below it, the ones acceptance may ask for next.
     """
 
     def __init__(self, head, hidden: torch.Tensor, tree: TokenTree):
         self.head, self.hidden, self.tree = head, hidden, tree  # hidden: (positions, D)
-        self.rows = HEAD_ROWS if isinstance(head, DualLayoutLinear) else 1
+        self.rows = ROWS_PER_PASS if isinstance(head, DualLayoutLinear) else 1
         self.computed: dict[int, int] = {}
 
     def _rows_from(self, node: int) -> list[int]:

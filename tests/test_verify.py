@@ -166,9 +166,8 @@ def test_verify_tree_contiguous_and_rejected(model, case):
 @pytest.mark.parametrize("packed", [True, False])
 def test_cpu_greedy_verify_runs_the_head_only_where_acceptance_reads(model, case, monkeypatch, packed):
     """LazyGreedyTokens: a packed head computes the asked node with the nodes below it
-    (breadth-first, HEAD_ROWS per product); a stock head only the accepted path + bonus."""
-    from dresd.cpu_linear import DualLayoutLinear
-    from dresd.verify import HEAD_ROWS
+    (breadth-first, ROWS_PER_PASS per product); a stock head only the accepted path + bonus."""
+    from dresd.cpu_linear import ROWS_PER_PASS, DualLayoutLinear
 
     prompt, ref = case["prompt"], case["ref"]
     head = model.get_output_embeddings()
@@ -189,13 +188,13 @@ def test_cpu_greedy_verify_runs_the_head_only_where_acceptance_reads(model, case
     assert step.accepted == 2 and step.new_tokens == ref[:3]
     # Packed: root, its 2 children, their 3 children in one product (the path root ->
     # ref[0] -> ref[1] is among them). Stock: root, ref[0], ref[1]: 3 of the 10 positions.
-    assert rows == ([HEAD_ROWS] if packed else [1, 1, 1])
+    assert rows == ([ROWS_PER_PASS] if packed else [1, 1, 1])
     # A chain longer than one product: the next product starts where acceptance went on.
     cache = prefill(model, prompt)
     rows.clear()
     step = verify_tree(model, cache, prompt[-1], [ref[:9]])
     assert step.accepted == 9 and step.new_tokens == ref[:10]
-    assert rows == ([HEAD_ROWS, 10 - HEAD_ROWS] if packed else [1] * 10)
+    assert rows == ([ROWS_PER_PASS, 10 - ROWS_PER_PASS] if packed else [1] * 10)
 
 
 def test_keep_cache_positions_direct():

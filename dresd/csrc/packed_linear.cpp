@@ -14,6 +14,8 @@ namespace {
 
 constexpr int64_t COLS = 64;  // columns per packed block: four 16-float vectors
 constexpr int64_t KC = 64;    // inputs per chunk: 64 x 256 B = 16 KB of a block, fits L1
+constexpr int ROWS = 6;       // rows per pass: 24 of the 32 vector registers accumulate
+                              // (dresd.cpu_linear.ROWS_PER_PASS)
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));
 
@@ -47,7 +49,7 @@ void block_product(const float* x, int64_t rows, int64_t in, const float* wb, fl
     const bool first = k0 == 0;
     const float* w = wb + k0 * COLS;
     int64_t r = 0;
-    for (; r + 6 <= rows; r += 6) rows_times_chunk<6>(x + r * in + k0, in, w, kc, yb + r * ldy, ldy, first);
+    for (; r + ROWS <= rows; r += ROWS) rows_times_chunk<ROWS>(x + r * in + k0, in, w, kc, yb + r * ldy, ldy, first);
     switch (rows - r) {
       case 5: rows_times_chunk<5>(x + r * in + k0, in, w, kc, yb + r * ldy, ldy, first); break;
       case 4: rows_times_chunk<4>(x + r * in + k0, in, w, kc, yb + r * ldy, ldy, first); break;
