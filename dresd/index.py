@@ -122,7 +122,16 @@ def add_keys(index: faiss.Index, keys: np.ndarray, first_id: int = 0, chunk: int
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k (scores, ids) for (n, d) queries; ids of -1 mean fewer than k results."""
     q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    return index.search(q, min(k, max(index.ntotal, 1)))
+    if len(q) > 1:
+        return index.search(q, min(k, max(index.ntotal, 1)))
+    # One query (a decode step) runs on one thread anyway; faiss's thread pool (its own
+    # OpenMP runtime, beside torch's) would only be woken, or spin against torch's threads.
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(q, min(k, max(index.ntotal, 1)))
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def exact_topk(chunks, queries: np.ndarray, k: int) -> np.ndarray:

@@ -207,10 +207,12 @@ def test_search_returns_sorted_scores_and_ids(ivf, clustered):
     assert scores.shape == ids.shape == (5, 10)
     assert (ids >= 0).all() and (ids < N).all()
     assert np.all(np.diff(scores, axis=1) <= 1e-6)
-    # A single 1-D query works too.
+    # A single 1-D query works too: on one faiss thread, with the thread count restored.
+    threads = faiss.omp_get_max_threads()
     s1, i1 = search(index, queries[0], 10)
     assert i1.shape == (1, 10)
     np.testing.assert_array_equal(i1[0], ids[0])
+    assert faiss.omp_get_max_threads() == threads
 
 
 def test_serialize_round_trip_same_results(ivf, clustered):
