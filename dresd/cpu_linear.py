@@ -23,7 +23,7 @@ Every decoding loop here, plain greedy included, runs on the same converted mode
 Sibling projections, the linears a block applies to one input one after the other (q, k, v
 in attention; gate and up in the MLP), share one packed weight: the first sibling called
 runs one wider product and hands the others their slices (fewer, larger products).
-The cost is one more copy of the linear weights in memory (540 MB for the 135M model).
+The cost is one more copy of the linear weights in memory (513 MiB for the 135M model).
 """
 
 from __future__ import annotations

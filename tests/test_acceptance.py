@@ -308,7 +308,7 @@ def loop_model(tiny_model_dir):
     model = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=False)).model
     with torch.no_grad():
         model.lm_head.weight.mul_(LOGIT_SCALE)
-    use_dual_layout(model)  # after the edit: the input-major copies are taken at conversion
+    use_dual_layout(model)  # after the edit: the packed copies are taken at conversion
     yield model
     torch.set_num_threads(threads)
 
