@@ -34,6 +34,7 @@ from dresd.corpus import mtbench_first_turns  # noqa: E402
 from dresd.cpu_linear import packed_bytes  # noqa: E402
 from dresd.engine import Engine  # noqa: E402
 from dresd.hf_reference import hf_generate  # noqa: E402
+from dresd.kv_cache import GrowingCache  # noqa: E402
 from dresd.models import load_model  # noqa: E402
 from dresd.tree import build_tree  # noqa: E402
 from dresd.verify import forward, verify_token_tree  # noqa: E402
@@ -45,14 +46,15 @@ def verify_ms(stock, dual, context: int = 256, reps: int = 9) -> dict[str, dict[
     """Median ms of one greedy verification step over k positions, interleaved.
 
     "before": the stock model, LM head over every position (how verification ran before);
-    "after": the packed copies with verify_token_tree's lazy head (what decoding runs now).
+    "after": the packed copies with verify_token_tree's lazy head and the in-place KV cache
+    (what decoding runs now).
     """
     vocab = stock.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, context), generator=gen)
     caches = {}
-    for name, model in (("before", stock), ("after", dual)):
-        caches[name] = DynamicCache()
+    for name, model, cache in (("before", stock, DynamicCache()), ("after", dual, GrowingCache())):
+        caches[name] = cache
         forward(model, prefix, caches[name], logits=False)
     times = {name: {k: [] for k in POSITIONS} for name in caches}
     for _ in range(reps + 1):

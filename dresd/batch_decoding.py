@@ -19,9 +19,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from dresd.acceptance import target_probs
+from dresd.kv_cache import GrowingCache
 from dresd.models import LoadedModel
 
 
@@ -60,7 +60,7 @@ def _next_tokens(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.inference_mode()
 def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                  cache: DynamicCache) -> torch.Tensor:
+                  cache: GrowingCache) -> torch.Tensor:
     """Run the model over `ids` with the cache; logits (B, V) of the last column only.
 
     The LM head runs on one position per row: projecting a whole prefill onto a 49k
@@ -116,7 +116,7 @@ def generate_batch(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(int(seed))
 
-    cache = DynamicCache()
+    cache = GrowingCache()
     t0 = time.perf_counter()
     logits = _forward_last(model, ids, mask, positions, cache)
     active = [b > 0 for b in budgets]

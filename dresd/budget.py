@@ -68,14 +68,14 @@ def _cost_key(model, device: torch.device) -> str:
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
     layout = f"|packed-{kernel_tag()}" if has_dual_layout(model) else ""
-    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}"
+    # kv-inplace: steps got cheaper when the cache stopped copying itself (dresd.kv_cache).
+    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}|kv-inplace"
 
 
 def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIBRATION_POSITIONS,
                    reps: int = 5) -> CostModel:
     """Time greedy verification steps over k positions (tree-masked, as decoding runs them) on this machine."""
-    from transformers import DynamicCache
-
+    from dresd.kv_cache import GrowingCache
     from dresd.tree import build_tree
     from dresd.verify import forward, verify_token_tree
 
@@ -83,7 +83,7 @@ def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIB
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     prefix = torch.randint(0, vocab, (1, context), generator=gen).to(device)
-    cache = DynamicCache()
+    cache = GrowingCache()
     forward(model, prefix, cache, logits=False)
     trees = {}
     for k in positions:

@@ -81,9 +81,12 @@ def packed_kernel():
 
     if shutil.which("ninja") is None:  # the venv's ninja, when the venv is not activated
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    name = f"dresd_packed_linear_{kernel_tag()}"
     try:
-        return cpp_extension.load(name=f"dresd_packed_linear_{kernel_tag()}", sources=[str(KERNEL_SOURCE)],
-                                  extra_cflags=KERNEL_FLAGS, verbose=False)
+        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
+            # A first load on a fresh machine would otherwise sit silent through the build.
+            log.warning("dresd: building the packed CPU linear kernel for this machine (once, ~25 s)")
+        return cpp_extension.load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS, verbose=False)
     except Exception as exc:  # a missing compiler or ninja: slower, never wrong
         log.warning("dresd: packed CPU linear kernel unavailable (%s); decoding uses torch's linear layers", exc)
         return None

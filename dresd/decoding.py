@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache
 
 from dresd.budget import CostModel, DraftPlanner
 from dresd.config import SpeculativeConfig
 from dresd.drafters import Drafter, DraftRequest
+from dresd.kv_cache import GrowingCache
 from dresd.metrics import DecodeMetrics
 from dresd.tree import TokenTree, build_tree
 from dresd.verify import forward, verify_batch, verify_token_tree
@@ -89,7 +89,7 @@ class SpeculativeDecoder:
         device = self.model.device
         metrics = DecodeMetrics()
         start = time.perf_counter()
-        cache = DynamicCache()
+        cache = GrowingCache()
         query = None
         # Hidden states of committed positions not yet shown to the drafter (its keys for
         # the request's own text); the prefill's cover every prompt position but the last.

@@ -16,6 +16,7 @@ import torch
 from transformers import DynamicCache
 
 from dresd.cpu_linear import ROWS_PER_PASS, DualLayoutLinear
+from dresd.kv_cache import GrowingLayer
 from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
 
 
@@ -102,8 +103,14 @@ def keep_cache_positions(cache: DynamicCache, prefix_len: int, kept: list[int]) 
             cache.crop(-drop)
         return
     device = cache.layers[0].keys.device
-    index = torch.cat([torch.arange(prefix_len), torch.tensor(kept, dtype=torch.long) + prefix_len]).to(device)
+    moved = torch.tensor(kept, dtype=torch.long, device=device)
+    index = None
     for layer in cache.layers:
+        if isinstance(layer, GrowingLayer):
+            layer.keep(prefix_len, moved)
+            continue
+        if index is None:
+            index = torch.cat([torch.arange(prefix_len, device=device), moved + prefix_len])
         layer.keys = layer.keys.index_select(-2, index)
         layer.values = layer.values.index_select(-2, index)
 

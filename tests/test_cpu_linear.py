@@ -143,6 +143,28 @@ def test_models_it_cannot_serve_stay_stock(monkeypatch):
     assert use_dual_layout(model) == 0 and not has_dual_layout(model)
 
 
+def test_a_first_build_says_so_and_a_failed_one_falls_back(monkeypatch, tmp_path, caplog):
+    from torch.utils import cpp_extension
+
+    built = cpu_linear.packed_kernel()
+    assert built is not None  # this machine has a compiler: the rest of the suite relies on it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # an empty cache: nothing built yet
+
+    def no_compiler(**kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    cpu_linear.packed_kernel.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="dresd.cpu_linear"):
+            assert cpu_linear.packed_kernel() is None
+    finally:
+        cpu_linear.packed_kernel.cache_clear()
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("building the packed CPU linear kernel" in m for m in messages)
+    assert any("unavailable (no C++ compiler)" in m for m in messages)
+
+
 def test_load_model_applies_it_on_request(tmp_path):
     folder = make_tiny_llama(tmp_path / "tiny", vocab_size=300, seed=1)
     dual = load_model(ModelConfig(path=str(folder), device="cpu"))

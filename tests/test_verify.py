@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from dresd.config import SpeculativeConfig
 from dresd.decoding import SpeculativeDecoder
 from dresd.drafters import Candidates
+from dresd.kv_cache import GrowingCache
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
 from dresd.verify import forward, keep_cache_positions, verify_batch, verify_tree
 from tests_support import greedy_reference, identity_compressor, one_torch_thread, tiny_llama_lm
@@ -63,7 +64,7 @@ def test_greedy_steps_have_clear_margins(case):
 
 
 def prefill(model, prompt: list[int]) -> DynamicCache:
-    cache = DynamicCache()
+    cache = GrowingCache()  # the decode loop's cache; check_cache_matches compares with a DynamicCache
     forward(model, torch.tensor([prompt[:-1]]), cache)
     return cache
 
@@ -197,15 +198,16 @@ def test_cpu_greedy_verify_runs_the_head_only_where_acceptance_reads(model, case
     assert rows == ([ROWS_PER_PASS, 10 - ROWS_PER_PASS] if packed else [1] * 10)
 
 
-def test_keep_cache_positions_direct():
+@pytest.mark.parametrize("cache_class", [DynamicCache, GrowingCache])
+def test_keep_cache_positions_direct(cache_class):
     """Unit check of the cut: prefix kept, then the chosen tree entries in order."""
-    cache = DynamicCache()
+    cache = cache_class()
     k = torch.arange(10, dtype=torch.float32).view(1, 1, 10, 1).expand(1, 2, 10, 3).contiguous()
     cache.update(k.clone(), k.clone() + 100, 0)
     keep_cache_positions(cache, 4, [0, 2, 5])
     assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 6, 9]
     assert cache.layers[0].values[0, 1, :, 0].tolist() == [100, 101, 102, 103, 104, 106, 109]
-    cache = DynamicCache()
+    cache = cache_class()
     cache.update(k.clone(), k.clone(), 0)
     keep_cache_positions(cache, 4, [0, 1, 2])  # contiguous: a crop
     assert cache.layers[0].keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 4, 5, 6]
