@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
+from dresd import lean_forward
 from dresd.cpu_linear import ROWS_PER_PASS, DualLayoutLinear
 from dresd.kv_cache import GrowingLayer
 from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
@@ -46,18 +47,21 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: t
     """Run the target over new tokens with the cache; returns (hidden, logits) for every position.
 
     hidden is the decoder's last-layer output after its final norm: exactly what the
-    datastore's keys are made of, so the query needs no extra forward. With logits=False
+    datastore's keys are made of, so the query needs no extra forward. A model on the CPU
+    fast path runs dresd.lean_forward (the same outputs, less overhead). With logits=False
     the LM head is skipped (a prefill needs only the cache and the last hidden state; the
     head over a 49k vocabulary costs as much as several layers per position).
     """
-    out = model.base_model(
-        input_ids=input_ids,
-        position_ids=position_ids,
-        attention_mask=attention_mask,
-        cache=cache,
-        use_cache=True,
-    )
-    hidden = out.last_hidden_state
+    if lean_forward.applies(model):
+        hidden = lean_forward.decoder_forward(model, input_ids, cache, position_ids, attention_mask)
+    else:
+        hidden = model.base_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state
     return hidden, (model.get_output_embeddings()(hidden) if logits else None)
 
 
