@@ -68,8 +68,9 @@ def _cost_key(model, device: torch.device) -> str:
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
     layout = f"|packed-{kernel_tag()}" if has_dual_layout(model) else ""
-    # kv-inplace: steps got cheaper when the cache stopped copying itself (dresd.kv_cache).
-    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}|kv-inplace"
+    # step-v2: the in-place KV cache and the lean forward changed what steps cost (dresd.kv_cache,
+    # dresd.lean_forward); bump it whenever the decode step changes.
+    return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}|step-v2"
 
 
 def calibrate_cost(model, context: int = 256, positions: tuple[int, ...] = CALIBRATION_POSITIONS,
@@ -122,8 +123,8 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
 
 
 # A verified step that accepts nothing backs the drafter off only when it cost at least
-# this much more than a plain step: on this CPU trees of 7+ positions (up to six cost
-# 1.05-1.3x one, by the run's calibration), on a GPU hardly ever. A cheap miss loses
+# this much more than a plain step: on this CPU trees of 7-8+ positions (up to six cost
+# 1.0-1.15x one, by the calibration of spec_bench run f), on a GPU hardly ever. A cheap miss loses
 # little, and the acceptance calibration alone decides what to verify. At 0.15 the
 # 1.13-1.16x two-position cost of some calibrations backed every miss off; budgeted
 # SuffixDecoding then drafted on a fraction of steps and fell to 1.06x greedy where the

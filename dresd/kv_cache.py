@@ -2,7 +2,7 @@
 
 transformers' DynamicLayer appends each step's keys and values with torch.cat, which copies
 the layer's whole cache: for SmolLM2-135M at a 256-token context on this project's CPU that
-is ~12 MB and ~4.5 ms of a ~40 ms one-token step, and it grows with the context. Here each
+is ~12 MB and 2.5-3.5 ms of a ~37 ms one-token step, and it grows with the context. Here each
 layer keeps a buffer with spare room (the capacity doubles when it runs out): a step writes
 its new entries in place and the layer's keys and values are views of the filled part, so a
 crop copies nothing and a cut to an accepted tree path copies only the moved entries.

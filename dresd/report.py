@@ -130,7 +130,10 @@ def _machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    # Spinning or sleeping OpenMP threads move every method's tok/s by 10-20% here: say which.
+    omp = os.environ.get("OMP_WAIT_POLICY", "default")
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
+            f"OMP_WAIT_POLICY {omp})")
 
 
 def write_report(out_dir: Path, results: dict, names: list[str], args, cost, manifests: dict) -> Path:
