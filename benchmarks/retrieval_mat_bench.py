@@ -1,7 +1,7 @@
 """Accepted tokens per call against the index: approximate vs exact search, and store size.
 
     .venv/bin/python benchmarks/retrieval_mat_bench.py --datastore runs/bench/stores/id [--prompts 8]
-    .venv/bin/python benchmarks/retrieval_mat_bench.py --study size [--prompts 6]
+    .venv/bin/python benchmarks/retrieval_mat_bench.py --study size [--prompts 8 --max-new-tokens 96 --out F.md]
 
 --study search (the default): does approximate search cost accepted tokens?
 
@@ -14,8 +14,9 @@ compared with exact search; outputs must stay identical to greedy.
 
 --study size: how does MAT grow with the store? Exact search over the first 1/16, 1/8, ...,
 all of the store's keys (a prefix of keys is a prefix of records, so the values stay
-right), on MT-Bench and held-out ShareGPT prompts; a fit of MAT against log2(keys) tells
-how large a store the MAT goal would need, if the trend held. Writes a table and a plot.
+right), on MT-Bench and held-out ShareGPT prompts; two fits (MAT linear in log2(keys), and
+MAT - 1 a power of keys) tell how large a store the MAT goal would need if the trend held.
+Writes a table per set and a plot.
 """
 
 from __future__ import annotations
