@@ -15,7 +15,8 @@ measured on this project's 2-core CPU after a 256-token cache: one position 36-3
 ms, a 5-node tree 40-44 -> 35 ms, an 11-node tree 62-63 -> 53-54 ms.
 
 It applies to models the CPU fast path converted (dresd.cpu_linear) of the families listed
-in MODEL_TYPES with SDPA attention; everything else keeps HF's forward.
+in MODEL_TYPES with SDPA attention and no sliding-window layers; everything else keeps HF's
+forward.
 """
 
 from __future__ import annotations
@@ -25,14 +26,18 @@ import torch.nn.functional as F
 
 from dresd.cpu_linear import DualLayoutLinear
 
-# Families whose decoder layer is Llama's: pre-norm RMSNorm, rotary q/k, GQA attention, gated MLP.
-MODEL_TYPES = ("llama",)
+# Families whose decoder layer is Llama's: pre-norm RMSNorm, rotary q/k, GQA attention, gated
+# MLP (Qwen2 adds q/k/v biases, which its linears carry); sliding-window layers are not.
+MODEL_TYPES = ("llama", "qwen2")
 
 
 def applies(model) -> bool:
-    """Whether `decoder_forward` serves this model (a converted Llama-family model on SDPA)."""
+    """Whether `decoder_forward` serves this model (a converted Llama-family model on SDPA,
+    every layer attending to the whole context)."""
     config = model.config
     if config.model_type not in MODEL_TYPES or getattr(config, "_attn_implementation", "sdpa") != "sdpa":
+        return False
+    if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
         return False
     layers = getattr(getattr(model, "model", None), "layers", None)
     return bool(layers) and isinstance(layers[0].self_attn.q_proj, DualLayoutLinear)

@@ -10,6 +10,7 @@ import transformers
 
 from dresd import lean_forward
 from dresd.config import ModelConfig
+from dresd.cpu_linear import use_dual_layout
 from dresd.kv_cache import GrowingCache
 from dresd.models import load_model
 from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
@@ -68,6 +69,22 @@ def test_a_batch_of_rows_matches_hf(tiny_model_dir):
     torch.testing.assert_close(got, hf_forward(model, rows, theirs, positions), atol=1e-5, rtol=0)
 
 
+def tiny_qwen2(**changes):
+    config = transformers.Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, **changes)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    use_dual_layout(model)
+    return model
+
+
+def test_qwen2_with_its_qkv_biases_matches_hf():
+    model = tiny_qwen2()
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    assert lean_forward.applies(model)
+    compare(model, 300, prefix=20, atol=1e-5)
+
+
 def test_applies_only_to_converted_llama_models_on_sdpa(tiny_model_dir):
     assert not lean_forward.applies(load_model(ModelConfig(path=str(tiny_model_dir), device="cpu",
                                                            dual_layout=False)).model)
@@ -76,6 +93,8 @@ def test_applies_only_to_converted_llama_models_on_sdpa(tiny_model_dir):
     assert not lean_forward.applies(eager)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     assert not lean_forward.applies(gpt2)
+    sliding = tiny_qwen2(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    assert "sliding_attention" in sliding.config.layer_types and not lean_forward.applies(sliding)
 
 
 @pytest.mark.real_model
