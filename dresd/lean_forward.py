@@ -10,9 +10,10 @@ whole cache three times over.
 This runs the same computation, op for op where it matters (RMSNorm in float32, rotary
 embeddings from the model's own rotary module, the model's activation), as plain calls,
 and lets SDPA read the grouped key/value heads in place (`enable_gqa`) under a boolean mask.
-On the packaged model its outputs equal HF's bit for bit (tests/test_lean_forward.py);
-measured on this project's 2-core CPU after a 256-token cache: one position 36-37 -> 33-34
-ms, a 5-node tree 40-44 -> 35 ms, an 11-node tree 62-63 -> 53-54 ms.
+On the packaged model its outputs equal HF's bit for bit (measured for a prefill, one
+position, a chain and a tree; tests/test_lean_forward.py). Measured on this project's 2-core
+CPU after a 256-token cache: one position 36-37 -> 33-34 ms, a 5-node tree 40-44 -> 35 ms,
+an 11-node tree 62-63 -> 53-54 ms.
 
 It applies to models the CPU fast path converted (dresd.cpu_linear) of the families listed
 in MODEL_TYPES with SDPA attention and no sliding-window layers; everything else keeps HF's
