@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dresd.cpu_linear import has_dual_layout, kernel_tag
+from dresd.cpu_linear import has_dual_layout, kernel_tag, packed_formats
 from dresd.models import cache_root, cached_measurement
 from dresd.tree import TokenTree, subtree
 
@@ -67,7 +67,7 @@ def _cost_key(model, device: torch.device) -> str:
     cfg = model.config
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
-    layout = f"|packed-{kernel_tag()}" if has_dual_layout(model) else ""
+    layout = f"|packed-{kernel_tag()}-bits{packed_formats(model)}" if has_dual_layout(model) else ""
     # step-v2: the in-place KV cache and the lean forward changed what steps cost (dresd.kv_cache,
     # dresd.lean_forward); bump it whenever the decode step changes.
     return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}|step-v2"

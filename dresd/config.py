@@ -29,9 +29,13 @@ class ModelConfig:
     # CPU only: keep a packed copy of every linear weight for forwards over <= 16 positions
     # (decode steps, draft trees), multiplied by a small C++ kernel built on first use
     # (dresd.cpu_linear): linear layers ~2x faster for one token, and 2-6 positions at about
-    # the cost of one. Costs a second copy of the weights in memory. Off for builds, which
-    # only run long forwards.
+    # the cost of one. Costs a second copy of the weights in memory (less with
+    # weight_codes). Off for builds, which only run long forwards.
     dual_layout: bool = True
+    # With dual_layout: where a weight is exactly 4- or 8-bit integer codes times a per-32
+    # scale plus offset (a GGUF Q4_1 / Q8_0 model's are), pack those codes instead of float32
+    # (dresd.weight_codes): the same output bits from 5-6x less memory to read and hold.
+    weight_codes: bool = True
 
 
 @dataclass

@@ -283,7 +283,7 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     model.to(device)
     model.eval()
     if cfg.dual_layout:
-        use_dual_layout(model)
+        use_dual_layout(model, codes=cfg.weight_codes)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, identity=model_identity(model, name))
 
 

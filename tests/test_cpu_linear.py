@@ -14,12 +14,12 @@ import dresd.cpu_linear as cpu_linear
 from dresd.budget import _cost_key
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.cpu_linear import (
-    MAX_PACKED_ROWS, PACK_COLUMNS, DualLayoutLinear, SiblingGroup, has_dual_layout, pack_weight, packed_bytes,
-    use_dual_layout,
+    MAX_PACKED_ROWS, PACK_COLUMNS, DualLayoutLinear, SiblingGroup, has_dual_layout, pack, pack_weight, packed_bytes,
+    packed_formats, packed_product, use_dual_layout,
 )
 from dresd.decoding import SpeculativeDecoder
 from dresd.models import load_model, make_tiny_llama
-from tests_support import greedy_reference
+from tests_support import coded_weight, greedy_reference
 
 
 def test_pack_weight_layout():
@@ -66,11 +66,61 @@ def test_packed_product_matches_and_rows_are_independent(out_features, in_featur
             torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("out_features,in_features", [(64, 32), (130, 96), (200, 576), (7, 1536)])
+def test_coded_weights_give_the_float_products_bits(bits, out_features, in_features):
+    weight = coded_weight(out_features, in_features, bits, seed=out_features)
+    coded, plain = pack(weight), pack(weight, codes=False)
+    assert (coded.bits, plain.bits) == (bits, 32)
+    # 4 or 8 bits a weight plus a float32 scale and offset per 32: 6 or 10 bits of 32.
+    assert coded.nbytes == plain.nbytes * (bits + 2) // 32
+    x = torch.randn(MAX_PACKED_ROWS, in_features, generator=torch.Generator().manual_seed(1))
+    bias = torch.randn(out_features)
+    want = packed_product(x, plain, bias)
+    torch.testing.assert_close(want, x @ weight.T + bias, rtol=1e-5, atol=1e-4)
+    # Every row count (one pass of up to six rows, then several) and any rows sharing the
+    # call: the float kernel's exact bits, since the codes decode to the exact weights.
+    for start, stop in [(0, 16), (0, 1), (3, 5), (0, 6), (2, 9), (1, 13), (15, 16)]:
+        assert torch.equal(packed_product(x[start:stop], coded, bias), want[start:stop])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert torch.equal(packed_product(x, coded, bias), want)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_coded_tiny_model_decodes_like_its_float_packed_copy():
+    config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    models = []
+    for codes in (True, False, None):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():  # GGUF-like weights: Q4_1 linears, a Q8_0 embedding / tied head
+            for i, (name, param) in enumerate(model.named_parameters()):
+                if param.dim() == 2:
+                    param.copy_(coded_weight(*param.shape, 8 if "embed" in name else 4, seed=i))
+        if codes is not None:
+            use_dual_layout(model, codes=codes)
+        models.append(model)
+    coded, plain, stock = models
+    assert packed_formats(coded) == "4+8" and packed_formats(plain) == "32" and packed_formats(stock) == ""
+    assert packed_bytes(coded) < 0.35 * packed_bytes(plain)
+    # Cost models calibrated on one layout must not serve the other.
+    assert _cost_key(coded, torch.device("cpu")) != _cost_key(plain, torch.device("cpu"))
+    prompt = [1, 40, 41, 42, 43, 44, 45]
+    spec = SpeculativeConfig(method="greedy")
+    runs = [SpeculativeDecoder(m, None, 2048, spec).generate_ids(prompt, 24).token_ids for m in (coded, plain)]
+    assert runs[0] == runs[1] and len(runs[0]) == 24
+    assert runs[0] == greedy_reference(stock, prompt, 24)
+
+
 @pytest.mark.parametrize("rows", [1, 2, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 40])
 def test_few_rows_use_the_packed_copy(rows):
     linear = nn.Linear(5, 7, bias=False)
     dual = DualLayoutLinear(linear)
-    dual.packed.zero_()  # makes the path taken visible
+    dual.packed.values.zero_()  # makes the path taken visible
     with torch.no_grad():
         out = dual(torch.ones(1, rows, 5))
     assert bool((out == 0).all()) == (rows <= MAX_PACKED_ROWS)
@@ -80,7 +130,7 @@ def test_weight_is_shared_and_the_copy_is_not_saved():
     linear = nn.Linear(4, 6)
     dual = DualLayoutLinear(linear)
     assert dual.weight is linear.weight
-    assert torch.equal(dual.packed, pack_weight(linear.weight))
+    assert torch.equal(dual.packed.values, pack_weight(linear.weight)) and dual.packed.bits == 32
     assert "packed" not in dual.state_dict()  # derived state, not saved with the model
 
 
@@ -91,7 +141,7 @@ def test_sibling_group_gives_each_member_its_own_output(bias, sizes):
     linears = [nn.Linear(6, n, bias=(bias is True) or (bias == "mixed" and i == 0)) for i, n in enumerate(sizes)]
     members = [DualLayoutLinear(lin) for lin in linears]
     group = SiblingGroup(members)
-    assert group.packed.shape == (-(-sum(sizes) // PACK_COLUMNS), 6, PACK_COLUMNS)
+    assert group.packed.values.shape == (-(-sum(sizes) // PACK_COLUMNS), 6, PACK_COLUMNS)
     assert all(m.packed is None for m in members)  # one packed copy for the group
     x, other = torch.randn(1, 2, 6), torch.randn(1, 2, 6)
     with torch.no_grad():
@@ -178,3 +228,31 @@ def test_load_model_applies_it_on_request(tmp_path):
     ours = SpeculativeDecoder(dual.model, dual.eos_token_id, dual.max_context, spec).generate_ids(prompt, 24)
     assert ours.token_ids == greedy_reference(stock.model, prompt, 24)[: len(ours.token_ids)]
     assert len(ours.token_ids) > 0
+
+
+@pytest.mark.real_model
+def test_the_packaged_model_runs_on_its_codes_with_the_same_bits(packaged_lm):
+    """SmolLM2-135M comes from a Q4_1 GGUF (Q8_0 embedding): every packed weight gets codes,
+    and decode steps give the float-packed model's exact hidden states and logits."""
+    from dresd.kv_cache import GrowingCache
+    from dresd.tree import build_tree, tree_attention_mask, tree_position_ids
+    from dresd.verify import forward
+
+    coded = packaged_lm.model
+    plain = load_model(ModelConfig(weight_codes=False)).model
+    assert packed_formats(coded) == "4+8" and packed_formats(plain) == "32"
+    assert packed_bytes(coded) < 0.25 * packed_bytes(plain)
+    prefix = torch.tensor([packaged_lm.tokenizer.encode("The capital of France is Paris, and the capital of")])
+    tree = build_tree(11, [[12, 13, 14], [12, 15], [16]])
+    outs = []
+    for model in (coded, plain):
+        cache = GrowingCache()
+        forward(model, prefix, cache, logits=False)
+        one = forward(model, torch.tensor([[11]]), cache)
+        cache.crop(-1)
+        n = prefix.shape[1]
+        many = forward(model, torch.tensor([tree.tokens]), cache, tree_position_ids(tree, n, "cpu"),
+                       tree_attention_mask(tree, n, model.dtype, "cpu"))
+        outs.append((one, many))
+    for (h1, l1), (h2, l2) in zip(*outs):
+        assert torch.equal(h1, h2) and torch.equal(l1, l2)

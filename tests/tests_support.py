@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dresd.compression import Compressor, compress, fit_compressor
 from dresd.datastore import DatastoreParts
 from dresd.index import IndexParams, add_keys, train_index
+from dresd.weight_codes import CODE_RANGES, GROUP, WeightCodes, decode
 
 
 def identity_compressor(dim: int) -> Compressor:
@@ -126,3 +128,18 @@ def make_manifest(identity=IDENTITY, fmt_fingerprint="fmt-1", eos=EOS, value_len
         "value_len": value_len,
         "index": {"params": params.to_dict(), "factory": params.factory},
     }
+
+
+def coded_weight(out: int, inn: int, bits: int, seed: int = 0) -> torch.Tensor:
+    """A float32 weight built as GGUF dequantizes one: Q4_1 (bits 4) or Q8_0 (bits 8) blocks
+    of GROUP inputs with float16 scales (and offsets), random codes."""
+    gen = torch.Generator().manual_seed(seed)
+    low, high = CODE_RANGES[bits]
+    codes = torch.randint(low, high + 1, (out, inn), generator=gen, dtype=torch.int16)
+    # The quantizer maps each block's extremes to the end codes.
+    codes[:, ::GROUP] = low if bits == 4 else high
+    codes[:, 1::GROUP] = high
+    groups = inn // GROUP
+    scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-4).half().float()
+    offset = (-torch.rand(out, groups, generator=gen) * 0.1).half().float() if bits == 4 else torch.zeros(out, groups)
+    return decode(WeightCodes(codes, scale, offset, bits))
