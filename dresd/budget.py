@@ -1,9 +1,10 @@
 """The draft budget: how many positions one verification should spend.
 
 On a CPU a forward over many new positions costs far more than one (SmolLM2-135M, 2 cores,
-packed weight copies: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x, k=16 ~2x, k=64 ~4x a
-one-token step: up to six rows share one pass over the weights, each further six cost
-about as much again), so every verified position past the first few must earn its cost.
+packed integer-code weights: k=2 ~1.2x, k=4 ~1.45x, k=6 ~1.7x, k=8 ~2.1x, k=16 ~3x a
+one-token step, each row paying its own arithmetic; float32 packed weights hid up to six
+rows behind the memory stream: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x), so every verified
+position must earn its cost.
 Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
@@ -122,14 +123,13 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
     return CostModel(**cached_measurement(path, key, lambda: asdict(calibrate_cost(model)), refresh))
 
 
-# A verified step that accepts nothing backs the drafter off only when it cost at least
-# this much more than a plain step: on this CPU trees of 7-8+ positions (up to six cost
-# 1.0-1.15x one, by the calibration of spec_bench run f), on a GPU hardly ever. A cheap miss loses
-# little, and the acceptance calibration alone decides what to verify. At 0.15 the
-# 1.13-1.16x two-position cost of some calibrations backed every miss off; budgeted
-# SuffixDecoding then drafted on a fraction of steps and fell to 1.06x greedy where the
-# published method made 1.23x (8 MT-Bench prompts; at 0.3: 1.21x).
-CHEAP_MISS = 0.3
+# A verified tree that accepts nothing backs the drafter off only when drafting itself
+# (retrieval) took at least this share of a plain step. The tree's own cost does not count:
+# the budget chose it knowing the risk, and its estimates learn from the miss. Backing off
+# after costly misses too (trees costing >= 1.3x a plain step, this project's rule until the
+# integer-code kernel made k = 4 cost 1.45x) left DReSD at 54.1 / 59.4 tok/s where never
+# backing off after a verified miss made 56.6 / 68.8 (8 MT-Bench / ShareGPT prompts).
+COSTLY_DRAFT = 0.3
 SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
 MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
 
@@ -258,9 +258,10 @@ class DraftPlanner:
             # A probe that paid off: let the updated estimates decide at the next step,
             # without resetting the back-off (the budget itself still chose not to draft).
             self._skip = 0
-        elif len(tree) > 1 and self.cost.cost(len(tree)) + retrieval_s < (1 + CHEAP_MISS) * self.cost.cost(1):
-            self._failures = 0  # a miss that cost about a plain step: no reason to stop drafting
+        elif len(tree) > 1 and not self._probing and retrieval_s < COSTLY_DRAFT * self.cost.cost(1):
+            self._failures = 0  # a miss of a tree the budget chose: its estimates price misses in
         else:
-            # Nothing accepted (or nothing worth verifying): wait 0, 1, 3, 7, ... steps.
+            # Nothing worth verifying, a probe that missed, or drafting that costs a good part
+            # of a step for nothing: wait 0, 1, 3, 7, ... steps.
             self._failures += 1
             self._skip = min(2 ** (self._failures - 1) - 1, self.max_backoff)

@@ -9,7 +9,7 @@ matrix-vector path over the row-major [out, in] weight is slower still.
 Here each linear also keeps its weight packed in 64-column blocks, each block one
 contiguous [in, 64] stream, and a small C++ kernel (`csrc/packed_linear.cpp`, built once
 per machine by torch's extension builder and cached) multiplies up to MAX_PACKED_ROWS
-rows by it, reading every weight once per product. Measured on this project's 2-core
+rows by it (MAX_CODED_ROWS for integer codes, below), reading every weight once per product. Measured on this project's 2-core
 machine over all of SmolLM2-135M's weights (`benchmarks/cpu_linear_bench.py` times whole
 steps): 1-5 rows take ~21 ms where MKL takes 45-63 ms, 6 rows 24 ms, 8 rows 36 ms, 12 rows
 47 ms, 16 rows 58 ms (MKL 68 ms); at 32 rows MKL is faster. Six rows share one pass over
@@ -58,8 +58,12 @@ PACK_COLUMNS = 64
 # Rows the kernel multiplies per pass over a weight (ROWS in csrc/packed_linear.cpp): with
 # float32 weights up to this many cost about what one row does (memory bound).
 ROWS_PER_PASS = 6
-# Most rows a product runs on the packed copy: from about 24 rows MKL's product is as fast.
+# Most rows a product runs on a float32 packed copy: from about 24 rows MKL's product is as fast.
 MAX_PACKED_ROWS = 16
+# ... and on integer codes, which read far less: measured over whole verification steps of
+# SmolLM2-135M, 24 / 32 rows take 82 / 104 ms packed against 111 / 119 ms on MKL, 48 rows
+# the same, 64 rows 206 against 184 ms.
+MAX_CODED_ROWS = 40
 # Children of one module that consume the same input in this order (Llama, Mistral, Qwen2).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
@@ -127,6 +131,11 @@ class PackedWeight:
     bits: int = 32
 
     @property
+    def max_rows(self) -> int:
+        """Most rows a product should run on this copy (more run faster on the original layout)."""
+        return MAX_PACKED_ROWS if self.bits == 32 else MAX_CODED_ROWS
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.values, self.scale, self.offset) if t is not None)
 
@@ -174,7 +183,8 @@ class DualLayoutLinear(nn.Module):
         self.sibling_index = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() > MAX_PACKED_ROWS * self.in_features or x.dtype != torch.float32:
+        packed = self.siblings.packed if self.siblings is not None else self.packed
+        if x.numel() > packed.max_rows * self.in_features or x.dtype != torch.float32:
             return nn.functional.linear(x, self.weight, self.bias)
         if self.siblings is not None:
             return self.siblings.output(self.sibling_index, x)

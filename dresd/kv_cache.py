@@ -36,6 +36,21 @@ class GrowingLayer(DynamicLayer):
         self.keys = self._key_buf[..., :length, :]
         self.values = self._value_buf[..., :length, :]
 
+    def _room_for(self, end: int, like_k: torch.Tensor, like_v: torch.Tensor) -> None:
+        """Make the buffers own the filled part and hold `end` entries (adopting replaced tensors)."""
+        owned = self._owns_keys()
+        if owned and self._key_buf.shape[-2] >= end:
+            return
+        start = self.get_seq_length()
+        capacity = max(MIN_CAPACITY, end, 2 * self._key_buf.shape[-2] if owned else 0)
+        k_buf = like_k.new_empty(*like_k.shape[:-2], capacity, like_k.shape[-1])
+        v_buf = like_v.new_empty(*like_v.shape[:-2], capacity, like_v.shape[-1])
+        if start:
+            k_buf[..., :start, :].copy_(self.keys)
+            v_buf[..., :start, :].copy_(self.values)
+        self._key_buf, self._value_buf = k_buf, v_buf
+        self._view(start)
+
     @torch.inference_mode()  # the buffers are inference tensors: in-place writes must be too
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new entries after the filled part; returns the filled keys and values."""
@@ -43,16 +58,7 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         start = self.get_seq_length()
         end = start + key_states.shape[-2]
-        owned = self._owns_keys()
-        if not owned or self._key_buf.shape[-2] < end:
-            old = self._key_buf.shape[-2] if owned else 0
-            capacity = max(MIN_CAPACITY, end, 2 * old)
-            k_buf = key_states.new_empty(*key_states.shape[:-2], capacity, key_states.shape[-1])
-            v_buf = value_states.new_empty(*value_states.shape[:-2], capacity, value_states.shape[-1])
-            if start:
-                k_buf[..., :start, :].copy_(self.keys)
-                v_buf[..., :start, :].copy_(self.values)
-            self._key_buf, self._value_buf = k_buf, v_buf
+        self._room_for(end, key_states, value_states)
         self._key_buf[..., start:end, :].copy_(key_states)
         self._value_buf[..., start:end, :].copy_(value_states)
         self._view(end)
@@ -61,13 +67,10 @@ class GrowingLayer(DynamicLayer):
     @torch.inference_mode()
     def keep(self, prefix_len: int, kept: torch.Tensor) -> None:
         """Keep the first `prefix_len` entries, then entries prefix_len + kept[i], in that order."""
+        self._room_for(self.get_seq_length(), self.keys, self.values)
         moved_k = self.keys[..., prefix_len + kept, :]  # the gather copies: safe to write back
         moved_v = self.values[..., prefix_len + kept, :]
         end = prefix_len + len(kept)
-        if not self._owns_keys():
-            self.keys = torch.cat([self.keys[..., :prefix_len, :], moved_k], dim=-2)
-            self.values = torch.cat([self.values[..., :prefix_len, :], moved_v], dim=-2)
-            return
         self._key_buf[..., prefix_len:end, :].copy_(moved_k)
         self._value_buf[..., prefix_len:end, :].copy_(moved_v)
         self._view(end)

@@ -273,44 +273,58 @@ def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at
 
 
 def test_planner_backoff_doubles_and_caps():
-    tree = build_tree(0, [[1, 2, 3]])  # 4 positions: 1.47x a plain step, a miss that costs
+    declined = build_tree(0, [])  # the budget found nothing worth verifying: a failure
     planner = DraftPlanner(smol_cpu_cost(), max_backoff=16)
     # Skips after consecutive failures: 0, 1, 3, 7, 15, then capped at 16.
-    steps = consult_steps(planner, 70, tree)
+    steps = consult_steps(planner, 70, declined)
     assert steps == [0, 1, 3, 7, 15, 31, 48, 65]
     gaps = [b - a - 1 for a, b in zip(steps, steps[1:])]
     assert gaps == [0, 1, 3, 7, 15, 16, 16]
     planner = DraftPlanner(smol_cpu_cost(), max_backoff=4)
-    assert consult_steps(planner, 20, tree) == [0, 1, 3, 7, 12, 17]
+    assert consult_steps(planner, 20, declined) == [0, 1, 3, 7, 12, 17]
 
 
-def test_planner_keeps_drafting_after_cheap_misses():
+def test_planner_keeps_drafting_after_misses_of_trees_it_chose():
     tree = build_tree(0, [[1, 2, 3]])
-    # A GPU's flat cost curve: verifying 4 positions costs what one does, so misses never
-    # stop the drafter (the acceptance calibration prunes instead).
-    flat = DraftPlanner(CostModel([1, 64], [0.030, 0.0303]))
-    assert consult_steps(flat, 20, tree) == list(range(20))
-    # ... unless drafting itself (retrieval) costs as much as the step would save.
+    # The budget chose these trees knowing their cost and learns from each miss: neither a
+    # GPU's flat cost curve nor the CPU's (4 positions: 1.47x a plain step) stops drafting.
+    assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 20, tree) == list(range(20))
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, tree) == list(range(20))
+    # ... unless drafting itself (retrieval) costs a good part of a step for nothing.
     slow = DraftPlanner(CostModel([1, 64], [0.030, 0.0303]))
     for _ in range(3):
         slow.record(tree, [0], True, 0.01)
     assert not slow.should_draft()
     # Nothing worth verifying (root only) is a failure whatever the cost.
     assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 8, build_tree(0, [])) == [0, 1, 3, 7]
-    # On the CPU cost curve the same misses back off (4 positions: 1.47x a plain step) ...
-    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, tree) == [0, 1, 3, 7, 15]
-    # ... but not a 2-position miss there (1.16x: below 1 + CHEAP_MISS).
-    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, build_tree(0, [[1]])) == list(range(20))
+
+
+def test_a_probe_that_misses_keeps_backing_off():
+    probs_low = build_tree(0, [[1, 2, 3]], weights=[1.0])
+    planner = DraftPlanner(smol_cpu_cost())
+    planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: the budget declines
+    declined = planner.plan(probs_low)
+    assert len(declined) == 1
+    for step in range(2):  # failures at steps 0 and 1: skip one step
+        assert planner.should_draft()
+        planner.record(declined, [0], True, 0.0)
+    assert not planner.should_draft()
+    assert planner.should_draft()  # the retry after the back-off ...
+    probe = planner.plan(probs_low)
+    assert len(probe) == 1 + planner.probe_nodes  # ... verifies a probe anyway
+    planner.record(probe, [0], True, 0.0)  # which missed: the back-off goes on (3 steps)
+    assert [planner.should_draft() for _ in range(4)] == [False, False, False, True]
 
 
 def test_planner_success_resets_backoff():
-    tree = build_tree(0, [[1, 2, 3]])
+    declined = build_tree(0, [])
     planner = DraftPlanner(smol_cpu_cost())
     # Fail at 0, 1, 3, succeed at 7: the next failure starts the sequence again.
-    steps = consult_steps(planner, 20, tree, success_at={7})
+    steps = consult_steps(planner, 20, declined, success_at={7})
     assert steps[:5] == [0, 1, 3, 7, 8]
     assert steps[5:] == [9, 11, 15]
     # A step that did not draft changes nothing.
+    tree = build_tree(0, [[1, 2, 3]])
     planner = DraftPlanner(smol_cpu_cost())
     planner.record(tree, [0], False, 5.0)
     assert planner.retrieval_ema == 0.0 and planner.should_draft()

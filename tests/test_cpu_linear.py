@@ -14,7 +14,7 @@ import dresd.cpu_linear as cpu_linear
 from dresd.budget import _cost_key
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.cpu_linear import (
-    MAX_PACKED_ROWS, PACK_COLUMNS, DualLayoutLinear, SiblingGroup, has_dual_layout, pack, pack_weight, packed_bytes,
+    MAX_CODED_ROWS, MAX_PACKED_ROWS, PACK_COLUMNS, DualLayoutLinear, SiblingGroup, has_dual_layout, pack, pack_weight, packed_bytes,
     packed_formats, packed_product, use_dual_layout,
 )
 from dresd.decoding import SpeculativeDecoder
@@ -74,13 +74,13 @@ def test_coded_weights_give_the_float_products_bits(bits, out_features, in_featu
     assert (coded.bits, plain.bits) == (bits, 32)
     # 4 or 8 bits a weight plus a float32 scale and offset per 32: 6 or 10 bits of 32.
     assert coded.nbytes == plain.nbytes * (bits + 2) // 32
-    x = torch.randn(MAX_PACKED_ROWS, in_features, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(MAX_CODED_ROWS, in_features, generator=torch.Generator().manual_seed(1))
     bias = torch.randn(out_features)
     want = packed_product(x, plain, bias)
     torch.testing.assert_close(want, x @ weight.T + bias, rtol=1e-5, atol=1e-4)
     # Every row count (one pass of up to six rows, then several) and any rows sharing the
     # call: the float kernel's exact bits, since the codes decode to the exact weights.
-    for start, stop in [(0, 16), (0, 1), (3, 5), (0, 6), (2, 9), (1, 13), (15, 16)]:
+    for start, stop in [(0, 16), (0, 1), (3, 5), (0, 6), (2, 9), (1, 13), (15, 16), (7, 40)]:
         assert torch.equal(packed_product(x[start:stop], coded, bias), want[start:stop])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -116,14 +116,21 @@ def test_a_coded_tiny_model_decodes_like_its_float_packed_copy():
     assert runs[0] == greedy_reference(stock, prompt, 24)
 
 
-@pytest.mark.parametrize("rows", [1, 2, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, 40])
-def test_few_rows_use_the_packed_copy(rows):
-    linear = nn.Linear(5, 7, bias=False)
-    dual = DualLayoutLinear(linear)
-    dual.packed.values.zero_()  # makes the path taken visible
+@pytest.mark.parametrize("rows", [1, 2, MAX_PACKED_ROWS, MAX_PACKED_ROWS + 1, MAX_CODED_ROWS, MAX_CODED_ROWS + 1])
+@pytest.mark.parametrize("codes", [False, True])
+def test_few_rows_use_the_packed_copy(rows, codes):
+    linear = nn.Linear(64, 7, bias=False)
     with torch.no_grad():
-        out = dual(torch.ones(1, rows, 5))
-    assert bool((out == 0).all()) == (rows <= MAX_PACKED_ROWS)
+        linear.weight.copy_(coded_weight(7, 64, 4))
+    dual = DualLayoutLinear(linear, codes=codes)
+    assert dual.packed.bits == (4 if codes else 32)
+    # Zeroed scales and offsets (codes) or weights (float32) make the path taken visible.
+    (dual.packed.scale if codes else dual.packed.values).zero_()
+    if codes:
+        dual.packed.offset.zero_()
+    with torch.no_grad():
+        out = dual(torch.ones(1, rows, 64))
+    assert bool((out == 0).all()) == (rows <= (MAX_CODED_ROWS if codes else MAX_PACKED_ROWS))
 
 
 def test_weight_is_shared_and_the_copy_is_not_saved():

@@ -82,3 +82,10 @@ def test_batch_repeat_and_select_are_adopted():
     keep_cache_positions(got, 14, [0, 2])
     keep_cache_positions(want, 14, [0, 2])
     assert_same(got, want)
+    # A cut straight after a replacement adopts the layer first, then moves in place.
+    for cache in (got, want):
+        cache.batch_repeat_interleave(2)
+    keep_cache_positions(got, 10, [1, 3])
+    keep_cache_positions(want, 10, [1, 3])
+    assert_same(got, want)
+    assert all(layer._owns_keys() for layer in got.layers)
