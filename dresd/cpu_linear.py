@@ -9,10 +9,11 @@ matrix-vector path over the row-major [out, in] weight is slower still.
 Here each linear also keeps its weight packed in 64-column blocks, each block one
 contiguous [in, 64] stream, and a small C++ kernel (`csrc/packed_linear.cpp`, built once
 per machine by torch's extension builder and cached) multiplies up to MAX_PACKED_ROWS
-rows by it (MAX_CODED_ROWS for integer codes, below), reading every weight once per product. Measured on this project's 2-core
-machine over all of SmolLM2-135M's weights (`benchmarks/cpu_linear_bench.py` times whole
-steps): 1-5 rows take ~21 ms where MKL takes 45-63 ms, 6 rows 24 ms, 8 rows 36 ms, 12 rows
-47 ms, 16 rows 58 ms (MKL 68 ms); at 32 rows MKL is faster. Six rows share one pass over
+rows by it (MAX_CODED_ROWS for integer codes, below), reading every weight once per
+product. Measured on this project's 2-core machine over all of SmolLM2-135M's weights
+(`benchmarks/cpu_linear_bench.py` times whole steps), float32 copies: 1-5 rows take ~21 ms
+where MKL takes 45-63 ms, 6 rows 24 ms, 8 rows 36 ms, 12 rows 47 ms, 16 rows 58 ms (MKL
+68 ms); at 32 rows MKL is faster. Six rows share one pass over
 the weights from memory; each further six cost about as much again in arithmetic. Longer
 forwards (prefill, builds) use the original layout.
 
@@ -42,8 +43,8 @@ import hashlib
 import logging
 import os
 import shutil
-from dataclasses import dataclass
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -170,7 +171,7 @@ def packed_product(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | N
 class DualLayoutLinear(nn.Module):
     """`nn.Linear` with an extra packed copy of its weight for forwards over few rows."""
 
-    def __init__(self, linear: nn.Linear, codes: bool = True):
+    def __init__(self, linear: nn.Linear, codes: bool = True, packed: bool = True):
         super().__init__()
         # The original parameter is shared, not copied: a tied LM head stays tied to the
         # embedding, and code that reads `.weight` sees the model's own tensor.
@@ -178,7 +179,8 @@ class DualLayoutLinear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # Derived state, rebuilt at conversion: not a parameter or buffer, never saved.
-        self.packed: PackedWeight | None = pack(linear.weight, codes)
+        # packed=False: a SiblingGroup is about to pack this weight with its siblings'.
+        self.packed: PackedWeight | None = pack(linear.weight, codes) if packed else None
         self.siblings: SiblingGroup | None = None  # set by SiblingGroup
         self.sibling_index = 0
 
@@ -240,15 +242,17 @@ def use_dual_layout(model: nn.Module, codes: bool = True) -> int:
         return 0
     converted = 0
     for module in list(model.modules()):
-        for name, child in list(module.named_children()):
+        children = dict(module.named_children())
+        groups = [names for names in SIBLINGS if all(type(children.get(n)) is nn.Linear for n in names)
+                  and len({children[n].in_features for n in names}) == 1]
+        grouped = {n for names in groups for n in names}
+        for name, child in children.items():
             if type(child) is nn.Linear:
-                setattr(module, name, DualLayoutLinear(child, codes))
+                # Siblings are packed once, together, not each on its own first.
+                setattr(module, name, DualLayoutLinear(child, codes, packed=name not in grouped))
                 converted += 1
-        for names in SIBLINGS:
-            members = [getattr(module, n, None) for n in names]
-            if (all(isinstance(m, DualLayoutLinear) and m.siblings is None for m in members)
-                    and len({m.in_features for m in members}) == 1):
-                SiblingGroup(members, codes)
+        for names in groups:
+            SiblingGroup([getattr(module, n) for n in names], codes)
     return converted
 
 
