@@ -10,10 +10,11 @@
 //
 // A weight whose values are exactly small integer codes times a per-group scale plus a
 // per-group offset (a GGUF Q4_1 / Q8_0 model's weights, dequantized) can instead be packed
-// as those codes (4 or 8 bits a weight, dresd.weight_codes): each chunk is decoded into an
-// L1 buffer, w = code * scale + offset, which gives back the float weight's exact bits
-// (code * scale is exact in float32), then multiplied exactly as above. Reading 6-10 bits
-// a weight instead of 32 is what makes a one-row product faster; the sums are the same.
+// as those codes (4 or 8 bits a weight, dresd.weight_codes): each input's 64 weights are
+// decoded in registers, w = code * scale + offset, which gives back the float weight's
+// exact bits (code * scale is exact in float32), then multiplied exactly as above. Reading
+// 6-10 bits a weight instead of 32 is what makes a one-row product faster; the sums are
+// the same.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -170,7 +171,7 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor packed, int64_t out) 
   return ldy == out ? y : y.narrow(1, 0, out);
 }
 
-// x [rows, in] float32 @ a weight packed as codes by dresd.cpu_linear.pack_codes -> [rows, out].
+// x [rows, in] float32 @ a weight packed as codes by dresd.cpu_linear.pack -> [rows, out].
 torch::Tensor coded_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor offset,
                            int64_t out, int64_t bits) {
   TORCH_CHECK(bits == 4 || bits == 8, "coded_matmul: bits must be 4 or 8");
