@@ -24,6 +24,7 @@ import torch
 GROUP = 32
 # Code width -> the code range it holds, tried narrowest first.
 CODE_RANGES = {4: (0, 15), 8: (-127, 127)}
+SCREEN_ROWS = 16  # rows a code width is tried on before the whole weight
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,16 @@ def find_codes(weight: torch.Tensor) -> WeightCodes | None:
     if not torch.isfinite(grouped).all():
         return None
     for bits in CODE_RANGES:
+        # The first rows rule a width out cheaply (an 8-bit LM head fails 4 bits on row 0)
+        # before the whole weight is coded.
+        if not _exact(_candidate(grouped[:SCREEN_ROWS], bits), weight[:SCREEN_ROWS]):
+            continue
         codes = _candidate(grouped, bits)
-        # Bit patterns, not values: -0.0 == 0.0 would hide a differing weight.
-        if torch.equal(decode(codes).view(torch.int32), weight.view(torch.int32)):
+        if _exact(codes, weight):
             return codes
     return None
+
+
+def _exact(codes: WeightCodes, weight: torch.Tensor) -> bool:
+    # Bit patterns, not values: -0.0 == 0.0 would hide a differing weight.
+    return torch.equal(decode(codes).view(torch.int32), weight.view(torch.int32))

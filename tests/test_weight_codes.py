@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dresd.weight_codes import CODE_RANGES, GROUP, decode, find_codes
+from dresd.weight_codes import CODE_RANGES, GROUP, SCREEN_ROWS, decode, find_codes
 from tests_support import coded_weight
 
 
@@ -35,6 +35,10 @@ def test_other_weights_get_no_codes():
     nudged = coded_weight(8, 64, 4)
     nudged[2, 40] = torch.nextafter(nudged[2, 40], torch.tensor(1.0))
     assert find_codes(nudged) is None
+    # ... also past the rows a width is screened on first.
+    late = coded_weight(SCREEN_ROWS + 4, 64, 4)
+    late[SCREEN_ROWS + 2, 7] = torch.nextafter(late[SCREEN_ROWS + 2, 7], torch.tensor(1.0))
+    assert find_codes(late[: SCREEN_ROWS + 2]) is not None and find_codes(late) is None
 
 
 def test_a_block_of_equal_weights_and_a_zero_block_are_exact():
