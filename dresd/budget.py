@@ -9,15 +9,18 @@ Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
-   share of its parent's evidence: neighbour counts, suffix frequencies);
+   share of its parent's evidence: neighbour counts, suffix frequencies, whether the
+   previous verification accepted a draft token: acceptance comes in runs);
 2. keeps the k most probable nodes (p never grows along a path, so the top k form a
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
-3. k = 0 means drafting does not pay right now: plain decoding, and the drafter is
-   consulted again after a back-off that doubles while drafts keep failing; the retry
-   verifies a small probe so the estimates can recover when the text changes.
+3. k = 0 means drafting does not pay right now: plain decoding. Where consulting the
+   drafter costs a noticeable share of a step, it is consulted again after a back-off that
+   doubles while drafts keep failing; the retry verifies a small probe so the estimates can
+   recover when the text changes.
 
-The forward cost is calibrated once per model, device and thread count and cached.
+The forward cost is calibrated once per model, device and thread count and cached; the
+planner scales it by what its own verification steps measure.
 """
 
 from __future__ import annotations
@@ -62,6 +65,11 @@ class CostModel:
     def relative(self) -> dict[int, float]:
         """Cost of each measured k as a multiple of a one-token forward."""
         return {k: t / self.seconds[0] for k, t in zip(self.positions, self.seconds)}
+
+    def scaled(self, one: float, many: float) -> CostModel:
+        """This model with the one-position cost times `one` and every larger k's times `many`."""
+        seconds = [t * (one if k == 1 else many) for k, t in zip(self.positions, self.seconds)]
+        return CostModel(self.positions, seconds, self.context, self.key)
 
 
 def _cost_key(model, device: torch.device) -> str:
@@ -130,6 +138,20 @@ def cached_cost_model(model, cache_dir: str | Path | None = None, refresh: bool 
 # integer-code kernel made k = 4 cost 1.45x) left DReSD at 54.1 / 59.4 tok/s where never
 # backing off after a verified miss made 56.6 / 68.8 (8 MT-Bench / ShareGPT prompts).
 COSTLY_DRAFT = 0.3
+# A consult that leaves nothing worth verifying (no drafts, or none that pay) backs the
+# drafter off only when the consult cost at least this share of a plain step. Skipping a
+# cheap consult saves next to nothing and misses the drafts that come back: on 20 MT-Bench
+# prompts (demo store, replayed), SuffixDecoding's consults (~0.2 ms, 2% of a step) backed
+# off for 790 of 1689 steps, which would have accepted 293 tokens.
+CHEAP_CONSULT = 0.05
+# The calibration times forwards back to back over one context; decoding's own steps cost
+# somewhat more or less (other contexts, accepted paths asking the lazy LM head for more
+# rows, caches cooling between steps): on the demo's store, verifying 3 positions took
+# 1.28-1.35x a plain step where the calibration said 1.25x, and at ~0.2 acceptance per
+# position that decides whether drafting pays. The planner scales the calibrated costs by
+# what its steps measure, one factor for one-position steps and one for larger trees.
+STEP_SCALE_RATE = 0.05  # weight of each measured step in the running factor
+STEP_SCALE_CLIP = (0.5, 2.0)  # a single step's measured/calibrated ratio is clipped to this (preemption, GC)
 SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
 MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
 
@@ -144,8 +166,9 @@ class AcceptanceModel:
     """Online estimate of P(node accepted | its parent accepted), per calibration cell.
 
     A cell is (drafter source, depth bucket, bin of the node's support relative to its
-    parent's). p(node) is the product of these conditionals down the path, so it never
-    exceeds its parent's. Counts decay so the estimate follows the text being generated.
+    parent's, whether the previous verification accepted a draft token). p(node) is the
+    product of these conditionals down the path, so it never exceeds its parent's. Counts
+    decay so the estimate follows the text being generated.
     """
 
     prior_rate: float = 0.7  # before evidence: optimistic, so the drafter gets verified and measured
@@ -155,23 +178,24 @@ class AcceptanceModel:
     accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
 
     @staticmethod
-    def cell(tree: TokenTree, node: int) -> tuple:
+    def cell(tree: TokenTree, node: int, after_hit: bool = False) -> tuple:
         parent = tree.parents[node]
         cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
-        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
+        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond), after_hit
 
     def rate(self, cell: tuple) -> float:
         """P(accepted | parent accepted) in this cell."""
         return (self.accepted[cell] + self.prior_rate * self.prior_weight) / (self.offered[cell] + self.prior_weight)
 
-    def node_probs(self, tree: TokenTree) -> list[float]:
-        """Estimated probability that each node is accepted (1.0 for the root)."""
+    def node_probs(self, tree: TokenTree, after_hit: bool = False) -> list[float]:
+        """Estimated probability that each node is accepted (1.0 for the root); `after_hit`:
+        the previous verification accepted at least one draft token."""
         probs = [1.0] * len(tree)
         for i in range(1, len(tree)):
-            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i))
+            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i, after_hit))
         return probs
 
-    def update(self, tree: TokenTree, path: list[int]) -> None:
+    def update(self, tree: TokenTree, path: list[int], after_hit: bool = False) -> None:
         """Learn from one verified tree and the node path the target accepted."""
         for key in self.offered:
             self.offered[key] *= self.decay
@@ -180,7 +204,7 @@ class AcceptanceModel:
         for i in range(1, len(tree)):
             # Only nodes whose parent was accepted had a chance: the others say nothing.
             if tree.parents[i] in on_path:
-                cell = self.cell(tree, i)
+                cell = self.cell(tree, i, after_hit)
                 self.offered[cell] += 1.0
                 self.accepted[cell] += 1.0 if i in on_path else 0.0
 
@@ -217,6 +241,9 @@ class DraftPlanner:
         self._probe = False
         self._probing = False
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
+        self._after_hit = False  # the previous step accepted a draft token (a calibration feature)
+        # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
+        self.step_scale = [1.0, 1.0]
 
     def should_draft(self) -> bool:
         """False while backing off after drafts that did not pay."""
@@ -235,8 +262,9 @@ class DraftPlanner:
             # never grows along a path, so these always form a subtree.
             order = sorted(range(1, len(tree)), key=lambda i: (-tree.weight[i], tree.depths[i], i))
             return subtree(tree, order[: self.max_nodes - 1])
-        probs = self.acceptance.node_probs(tree)
-        keep, _ = select_nodes(probs, tree.depths, self.cost, self.max_nodes, self.retrieval_ema)
+        probs = self.acceptance.node_probs(tree, self._after_hit)
+        cost = self.cost.scaled(*self.step_scale)
+        keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
         self._probing = self._probe and len(keep) < self.probe_nodes
         if self._probing:
             # Retrying after a back-off: without verifying something the estimates that
@@ -245,23 +273,36 @@ class DraftPlanner:
         self._probe = False
         return subtree(tree, keep)
 
+    def observe_step(self, positions: int, seconds: float) -> None:
+        """Correct the calibrated cost with one measured verification over `positions` positions."""
+        if self.cost is None or seconds <= 0:
+            return
+        lo, hi = STEP_SCALE_CLIP
+        ratio = min(max(seconds / self.cost.cost(positions), lo), hi)
+        i = int(positions > 1)
+        self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])
+
     def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
-        """Account for one step: calibration, retrieval cost and the back-off."""
+        """Account for one step (every step, drafted or not): calibration, retrieval cost and the back-off."""
+        after_hit, self._after_hit = self._after_hit, len(path) > 1
         if not drafted:
             return
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
         if len(tree) > 1:
-            self.acceptance.update(tree, path)
+            self.acceptance.update(tree, path, after_hit)
+        step = self.cost.cost(1) if self.cost is not None else 0.0
         if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0
         elif len(path) > 1:
             # A probe that paid off: let the updated estimates decide at the next step,
             # without resetting the back-off (the budget itself still chose not to draft).
             self._skip = 0
-        elif len(tree) > 1 and not self._probing and retrieval_s < COSTLY_DRAFT * self.cost.cost(1):
-            self._failures = 0  # a miss of a tree the budget chose: its estimates price misses in
+        elif not self._probing and retrieval_s < (COSTLY_DRAFT if len(tree) > 1 else CHEAP_CONSULT) * step:
+            # A miss of a tree the budget chose (its estimates price misses in), or a cheap
+            # consult with nothing worth verifying.
+            self._failures = 0
         else:
-            # Nothing worth verifying, a probe that missed, or drafting that costs a good part
-            # of a step for nothing: wait 0, 1, 3, 7, ... steps.
+            # A probe that missed, or drafting that costs a good part of a step for
+            # nothing: wait 0, 1, 3, 7, ... steps.
             self._failures += 1
             self._skip = min(2 ** (self._failures - 1) - 1, self.max_backoff)

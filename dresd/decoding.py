@@ -127,9 +127,11 @@ class SpeculativeDecoder:
             else:
                 step = verify_token_tree(self.model, cache, tree, accept)
             _sync(device)
-            metrics.model_s += time.perf_counter() - t0
-            if drafted:
-                planner.record(tree, step.path, True, retrieval)
+            verify_s = time.perf_counter() - t0
+            metrics.model_s += verify_s
+            if drafter is not None and self.spec.verify == "tree":
+                planner.observe_step(len(tree), verify_s)
+                planner.record(tree, step.path, drafted, retrieval if drafted else 0.0)
             new = step.new_tokens[:remaining]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id) + 1]

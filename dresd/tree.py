@@ -21,7 +21,7 @@ class TokenTree:
     depths: list[int]  # 0 for the root, 1 for first draft tokens, ...
     children: list[dict[int, int]] = field(default_factory=list)  # token -> child node, per node
     # Evidence through each node: the summed weight of the draft paths passing through it
-    # (the root holds the total), and the drafter that first proposed it.
+    # (the root holds the total), and the drafters that proposed it ("a+b" when several did).
     weight: list[float] = field(default_factory=list)
     source: list[str] = field(default_factory=list)
 
@@ -44,6 +44,10 @@ class TokenTree:
             self.weight.append(0.0)
             self.source.append(source)
             self.children[node][token] = child
+        elif source and source not in self.source[child].split("+"):
+            # Drafters that agree on a node: the node is theirs together, and the budget
+            # calibrates agreement apart from either drafter alone.
+            self.source[child] = "+".join(sorted(self.source[child].split("+") + [source]))
         return child
 
     def support(self, node: int) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import numpy as np
 import pytest
@@ -187,10 +188,10 @@ def test_acceptance_priors_and_cells():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     # node 1: depth 1, share 0.75 of the root -> bin 3; node 2: share 1.0 of node 1 -> bin 4;
     # node 3: share 0.25 -> bin 1.
-    assert acc.cell(tree, 1) == ("s", 1, 3)
-    assert acc.cell(tree, 2) == ("s", 2, 4)
-    assert acc.cell(tree, 3) == ("s", 1, 1)
-    assert acc.rate(("any", 1, 0)) == pytest.approx(0.7)  # the optimistic prior
+    assert acc.cell(tree, 1) == ("s", 1, 3, False)
+    assert acc.cell(tree, 2) == ("s", 2, 4, False)
+    assert acc.cell(tree, 3) == ("s", 1, 1, False)
+    assert acc.rate(("any", 1, 0, False)) == pytest.approx(0.7)  # the optimistic prior
     assert acc.node_probs(tree) == pytest.approx([1.0, 0.7, 0.49, 0.7])
     deep = build_tree(0, [list(range(1, 13))], sources=["d"])
     assert acc.cell(deep, 12)[1] == 8  # deep nodes share a depth bucket
@@ -200,10 +201,10 @@ def test_acceptance_update_moves_rates_toward_observed():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     acc = AcceptanceModel()
     acc.update(tree, [0, 1])  # node 1 accepted, node 2 (its child) and node 3 rejected
-    assert acc.rate(("s", 1, 3)) == pytest.approx((1 + 1.4) / (1 + 2))
-    assert acc.rate(("s", 2, 4)) == pytest.approx((0 + 1.4) / (1 + 2))
-    assert acc.rate(("s", 1, 1)) == pytest.approx(1.4 / 3)
-    assert acc.rate(("other", 1, 3)) == pytest.approx(0.7)  # other sources untouched
+    assert acc.rate(("s", 1, 3, False)) == pytest.approx((1 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 2, 4, False)) == pytest.approx((0 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 1, 1, False)) == pytest.approx(1.4 / 3)
+    assert acc.rate(("other", 1, 3, False)) == pytest.approx(0.7)  # other sources untouched
     full = build_tree(0, [[1, 2, 3]], sources=["c"])
     acc = AcceptanceModel()
     for _ in range(300):
@@ -219,14 +220,14 @@ def test_acceptance_only_counts_nodes_whose_parent_was_accepted():
     tree = build_tree(0, [[1, 2, 3]], sources=["s"])
     acc = AcceptanceModel()
     acc.update(tree, [0])  # the first node rejected: deeper nodes had no chance
-    assert acc.offered[("s", 1, 4)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4)] == 0.0
-    assert acc.offered.get(("s", 2, 4), 0.0) == 0.0 and acc.offered.get(("s", 3, 4), 0.0) == 0.0
+    assert acc.offered[("s", 1, 4, False)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4, False)] == 0.0
+    assert acc.offered.get(("s", 2, 4, False), 0.0) == 0.0 and acc.offered.get(("s", 3, 4, False), 0.0) == 0.0
     acc.update(tree, [0, 1])  # second node rejected: depth 3 says nothing
-    assert acc.offered[("s", 2, 4)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4)] == 0.0
-    assert acc.offered.get(("s", 3, 4), 0.0) == 0.0
+    assert acc.offered[("s", 2, 4, False)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4, False)] == 0.0
+    assert acc.offered.get(("s", 3, 4, False), 0.0) == 0.0
     # Decay: older evidence weighs less.
-    assert acc.offered[("s", 1, 4)] == pytest.approx(acc.decay * 1.0 + 1.0)
-    assert acc.accepted[("s", 1, 4)] == pytest.approx(1.0)
+    assert acc.offered[("s", 1, 4, False)] == pytest.approx(acc.decay * 1.0 + 1.0)
+    assert acc.accepted[("s", 1, 4, False)] == pytest.approx(1.0)
 
 
 def test_node_probs_are_products_down_the_path():
@@ -262,13 +263,17 @@ def test_planner_without_budget_verifies_everything_up_to_max_nodes():
         planner.record(tree, [0], True, 0.01)
 
 
-def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at: set[int] = frozenset()) -> list[int]:
-    """The steps at which the planner lets the drafter run; every draft fails unless listed."""
+def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at: set[int] = frozenset(),
+                  retrieval_share: float = 0.1) -> list[int]:
+    """The steps at which the planner lets the drafter run; every draft fails unless listed.
+    Each consult costs `retrieval_share` of a plain step (default: enough to back off after)."""
     out = []
     for step in range(steps):
         if planner.should_draft():
             out.append(step)
-            planner.record(tree, [0, 1] if step in success_at else [0], True, 0.0)
+            planner.record(tree, [0, 1] if step in success_at else [0], True, retrieval_share * planner.cost.cost(1))
+        else:
+            planner.record(build_tree(0, []), [0], False, 0.0)
     return out
 
 
@@ -295,8 +300,11 @@ def test_planner_keeps_drafting_after_misses_of_trees_it_chose():
     for _ in range(3):
         slow.record(tree, [0], True, 0.01)
     assert not slow.should_draft()
-    # Nothing worth verifying (root only) is a failure whatever the cost.
+    # Nothing worth verifying (root only) is a failure when the consult cost something ...
     assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 8, build_tree(0, [])) == [0, 1, 3, 7]
+    # ... but a cheap consult (under CHEAP_CONSULT of a step) is repeated at every step.
+    cheap = budget.CHEAP_CONSULT / 2
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 8, build_tree(0, []), retrieval_share=cheap) == list(range(8))
 
 
 def test_a_probe_that_misses_keeps_backing_off():
@@ -305,14 +313,14 @@ def test_a_probe_that_misses_keeps_backing_off():
     planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: the budget declines
     declined = planner.plan(probs_low)
     assert len(declined) == 1
-    for step in range(2):  # failures at steps 0 and 1: skip one step
+    for step in range(2):  # failures at steps 0 and 1 (consults costing 10% of a step): skip one step
         assert planner.should_draft()
-        planner.record(declined, [0], True, 0.0)
+        planner.record(declined, [0], True, 0.011)
     assert not planner.should_draft()
     assert planner.should_draft()  # the retry after the back-off ...
     probe = planner.plan(probs_low)
     assert len(probe) == 1 + planner.probe_nodes  # ... verifies a probe anyway
-    planner.record(probe, [0], True, 0.0)  # which missed: the back-off goes on (3 steps)
+    planner.record(probe, [0], True, 0.0)  # which missed (however cheap): the back-off goes on (3 steps)
     assert [planner.should_draft() for _ in range(4)] == [False, False, False, True]
 
 
@@ -359,6 +367,46 @@ def test_plan_returns_valid_subtree():
     tree = build_tree(0, [[1, 2, 3]], sources=["s"])
     assert len(DraftPlanner(CostModel([1, 64], [0.1, 0.1])).plan(tree)) == 4
     assert len(DraftPlanner(CostModel([1, 2, 64], [0.1, 1.0, 30.0])).plan(tree)) == 1
+
+
+def test_estimates_are_kept_apart_after_a_hit_and_after_a_miss():
+    tree = build_tree(0, [[1]], sources=["s"])
+    planner = DraftPlanner(CostModel([1, 2, 64], [0.1, 0.15, 1.0]))
+    # Drafts right only after a step that accepted nothing (hit, miss, hit, miss, ...).
+    for step in range(200):
+        planner.record(tree, [0, 1] if step % 2 == 0 else [0], True, 0.0)
+    acc = planner.acceptance
+    assert acc.node_probs(tree, after_hit=False)[1] > 0.9 and acc.node_probs(tree, after_hit=True)[1] < 0.1
+    # The last step missed: the planner verifies the draft; after a hit it declines.
+    assert len(planner.plan(tree)) == 2
+    planner.record(tree, [0, 1], True, 0.0)
+    assert len(planner.plan(tree)) == 1
+    # A step that did not draft counts as a miss.
+    planner.record(build_tree(0, []), [0], False, 0.0)
+    assert len(planner.plan(tree)) == 2
+
+
+def test_measured_steps_correct_the_calibrated_cost():
+    tree = build_tree(0, [[1, 2, 3]], sources=["s"])
+    planner = DraftPlanner(CostModel([1, 2, 4], [0.1, 0.11, 0.13]))
+    assert len(planner.plan(tree)) == 4  # as calibrated, the whole chain pays (prior 0.7 per node)
+    # Trees measure twice their calibrated cost (3x is clipped to 2x): drafting stops paying.
+    for _ in range(100):
+        planner.observe_step(3, 0.12 * 3)
+    assert planner.step_scale[1] == pytest.approx(2.0, rel=0.01) and planner.step_scale[0] == 1.0
+    assert len(planner.plan(tree)) == 1
+    # Plain steps turn out slow as well: relative to them, trees pay again.
+    for _ in range(100):
+        planner.observe_step(1, 0.2)
+    assert planner.step_scale[0] == pytest.approx(2.0, rel=0.01)
+    assert len(planner.plan(tree)) == 4
+    # One outlier moves the factor by at most STEP_SCALE_RATE x the clip.
+    planner.observe_step(1, 100.0)
+    assert planner.step_scale[0] <= 2.0 + budget.STEP_SCALE_RATE * 2.0
+    # Without a budget there is nothing to correct.
+    free = DraftPlanner(None)
+    free.observe_step(3, 1.0)
+    assert free.step_scale == [1.0, 1.0]
 
 
 # --------------------------------------------------------- tiny model: calibration
@@ -446,8 +494,9 @@ class ContinuationOracle:
 
     name = "oracle"
 
-    def __init__(self, seq: list[int], length: int = 6):
+    def __init__(self, seq: list[int], length: int = 6, delay_s: float = 0.0):
         self.seq, self.length = seq, length
+        self.delay_s = delay_s  # how long each consult takes (a costly drafter)
         self.calls = 0
 
     def begin(self, prompt_ids):
@@ -458,6 +507,7 @@ class ContinuationOracle:
 
     def propose(self, request):
         self.calls += 1
+        time.sleep(self.delay_s)
         n = len(request.context)
         assert list(request.context) == self.seq[:n], "decoder diverged from greedy"
         out = Candidates()
@@ -519,10 +569,14 @@ def test_auto_budget_when_drafting_pays(lm, case):
     assert m.verified_positions == m.drafted + m.target_calls
     # The calibration learnt that the oracle is always right.
     assert dec.planner.acceptance.node_probs(build_tree(0, [[1]], sources=["oracle"]))[1] > 0.7
+    # The loop reports each verification's time: the tiny model's trees take far less
+    # than the 0.1 s this cost model claims.
+    assert dec.planner.step_scale[1] < 0.9
 
 
 def test_auto_budget_when_drafting_never_pays(lm, case):
-    oracle = ContinuationOracle(case["seq"])
+    # Consults costing 20 ms of a 100 ms step: worth backing off from.
+    oracle = ContinuationOracle(case["seq"], delay_s=0.02)
     dec = auto_decoder(lm, oracle, CostModel([1, 2, 64], [0.1, 1.0, 30.0]), case["no_eos"])
     gen = dec.generate_ids(case["prompt"], BUDGET)
     assert gen.token_ids == case["ref"]
@@ -531,6 +585,12 @@ def test_auto_budget_when_drafting_never_pays(lm, case):
     assert 0 < m.drafted_steps < oracle.calls < m.target_calls
     assert m.drafted <= dec.planner.probe_nodes * m.drafted_steps
     assert m.verified_positions == m.drafted + m.target_calls
+    # A consult that costs next to nothing is asked at every step, and never verified.
+    cheap = ContinuationOracle(case["seq"])
+    dec = auto_decoder(lm, cheap, CostModel([1, 2, 64], [0.1, 1.0, 30.0]), case["no_eos"])
+    gen = dec.generate_ids(case["prompt"], BUDGET)
+    assert gen.token_ids == case["ref"]
+    assert cheap.calls == gen.metrics.target_calls - 1 and gen.metrics.drafted_steps == 0
 
 
 @pytest.mark.parametrize("cost", [CostModel([1, 64], [0.1, 0.1]), smol_cpu_cost()], ids=["flat", "smol"])

@@ -170,7 +170,9 @@ def test_build_tree_weights_sources_total():
     # nodes: 0:9, 1:1, 2:2, 3:3, 4:4
     assert tree.tokens == [9, 1, 2, 3, 4]
     assert tree.weight == [4.5, 3.5, 2.5, 1.0, 1.0]  # the root holds the sum
-    assert tree.source == ["", "a", "a", "b", "c"]  # the first proposer names a node
+    # A node proposed by several drafters is theirs together (sorted, each named once).
+    assert tree.source == ["", "a+b+d", "a+d", "b", "c"]
+    assert build_tree(0, [[1], [1], [1]], sources=["s", "d", "s"]).source == ["", "d+s"]
     assert tree.support(0) == 1.0
     assert tree.support(1) == pytest.approx(3.5 / 4.5)
     assert tree.support(3) == pytest.approx(1.0 / 4.5)
@@ -220,7 +222,7 @@ def test_subtree_renumbers_and_keeps_evidence():
     assert sub.depths == [0, 1, 2, 1, 2]
     assert sub.children == [{1: 1, 6: 3}, {5: 2}, {}, {7: 4}, {}]
     assert sub.weight == [6.0, 5.0, 2.0, 1.0, 1.0]
-    assert sub.source == ["", "a", "b", "c", "c"]
+    assert sub.source == ["", "a+b", "b", "c", "c"]
     # Supports are still measured against the original total.
     assert [sub.support(i) for i in range(len(sub))] == [tree.support(i) for i in (0, 1, 4, 5, 6)]
     # Root only.

@@ -1,7 +1,8 @@
 """Hybrid drafting: several drafters' candidates in one token tree.
 
 Each drafter's weights are normalised by its own evidence total, so every source brings
-at most a support of 1 to the tree; where sources agree on a node their supports add up.
+at most a support of 1 to the tree; where sources agree on a node their supports add up
+and the node is labelled by all of them ("dense+suffix"), a calibration cell of its own.
 The draft budget then ranks the merged nodes by expected acceptance (support times the
 per-source calibration) and keeps what pays.
 """

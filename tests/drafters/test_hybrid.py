@@ -99,6 +99,6 @@ def test_shared_node_support_is_sum_of_sources():
         assert support(tree, tokens) == pytest.approx(want), tokens
     assert support(tree, [1]) == pytest.approx(0.75 + 0.5)
     assert support(tree, [3]) == pytest.approx(0.25 + 0.25)
-    # A shared node keeps the source that proposed it first.
-    assert tree.source[tree.children[0][1]] == "a"
+    # A shared node belongs to both sources: the budget calibrates agreement apart.
+    assert tree.source[tree.children[0][1]] == "a+b"
     assert tree.source[tree.children[tree.children[0][1]][5]] == "b"
