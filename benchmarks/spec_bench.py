@@ -27,6 +27,7 @@ import sys
 if __name__ == "__main__":
     # Before torch loads OpenMP: spinning threads on a shared 2-core machine cost ~3x.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402

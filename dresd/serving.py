@@ -234,7 +234,9 @@ class DecoderPool:
         self.pool_id = uuid.uuid4().hex[:8]
         self.root = str(datastore_root) if datastore_root else None
         self._args = (dataclasses.replace(model, threads=threads), self.root, speculative)
-        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus)
+        # One OpenBLAS thread in the decoders, set before their numpy loads (see dresd/cli.py).
+        self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus,
+                             runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1"}})
         self.max_attempts = max_attempts
         self.names = [f"dresd-decoder-{self.pool_id}-{i}" for i in range(size)]
         self.actors = [self._start(i) for i in range(size)]

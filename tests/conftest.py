@@ -9,6 +9,7 @@ import os
 # (measured: a batch-4 step 2.5 s spinning vs 0.1 s passive). Set before torch loads;
 # Ray workers started by the tests inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
 
 import pytest
 

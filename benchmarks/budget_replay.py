@@ -1,0 +1,176 @@
+"""Replay logged draft trees through the draft budget: planner changes judged on the same drafts.
+
+    .venv/bin/python benchmarks/budget_replay.py --methods dresd,suffix,hybrid-sfx --prompts 20
+
+Timed runs of the decoding loop move by several percent with the machine's mood, which
+hides most changes to the planner (dresd/budget.py). This script takes the noise out:
+
+1. log: each method decodes the prompts with the budget off, verifying every proposed
+   node (up to --max-verify), and every step's whole draft tree, the node path the target
+   accepted and the drafting time are saved (runs/bench/replay/<store>-<set>-<method>.pkl;
+   reused when present, --relog to redo);
+2. replay: each log's steps go through the current planner in order (it learns online as
+   in decoding: the tree it keeps, the part of the true path inside it, the back-off). A
+   step costs the calibrated forward over the positions kept plus the logged drafting
+   time; a skipped consult costs one plain step and yields one token.
+
+The figure is tokens per unit of time relative to plain decoding (one token per one-token
+forward), next to verifying everything proposed and an oracle that verifies exactly the
+part of the true path that pays best. It models the loop: prefill and per-step overheads
+outside the forward and the drafting are left out, and a replayed step starts where the
+logged one did, whatever the previous replayed step accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import pickle  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dresd.budget import CostModel, DraftPlanner, cached_cost_model  # noqa: E402
+from dresd.tree import TokenTree  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = {  # method name -> SpeculativeConfig fields (budget off is added)
+    "dresd": dict(method="dresd"),
+    "dresd-store": dict(method="dresd", context_keys=False),
+    "hybrid": dict(method="hybrid"),
+    "hybrid-sfx": dict(method="hybrid", hybrid_exact="suffix"),
+    "suffix": dict(method="suffix"),
+    "pld": dict(method="pld"),
+    "rest": dict(method="rest"),
+}
+
+
+class TreeLog:
+    """Stands in for a decoder's planner: delegates to it and keeps every drafted step."""
+
+    def __init__(self, inner: DraftPlanner):
+        self.inner = inner
+        self.steps: list[dict] = []
+
+    def should_draft(self) -> bool:
+        return self.inner.should_draft()
+
+    def plan(self, tree: TokenTree) -> TokenTree:
+        return self.inner.plan(tree)
+
+    def observe_step(self, positions: int, seconds: float) -> None:
+        self.inner.observe_step(positions, seconds)
+
+    def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
+        if drafted:
+            self.steps.append(dict(tokens=tree.tokens, parents=tree.parents, weight=tree.weight,
+                                   source=tree.source, path=path, retrieval_s=retrieval_s))
+        self.inner.record(tree, path, drafted, retrieval_s)
+
+
+def log_method(engine, method: str, prompts: list[str], max_new_tokens: int, max_verify: int) -> list[dict]:
+    """Decode `prompts` with `method`, budget off, and return every drafted step."""
+    from dresd.config import SpeculativeConfig
+
+    spec = SpeculativeConfig(budget="off", max_verify=max_verify, **SPECS[method])
+    decoder = engine.decoder(spec)
+    log = TreeLog(decoder.planner)
+    decoder.planner = log
+    for prompt in prompts:
+        engine.generate(prompt, spec, max_new_tokens)
+    return log.steps
+
+
+def to_tree(step: dict) -> TokenTree:
+    """A logged step's tree, rebuilt."""
+    tree = TokenTree([step["tokens"][0]], [-1], [0], [{}], [step["weight"][0]], [step["source"][0]])
+    for i in range(1, len(step["tokens"])):
+        node = tree.add_child(step["parents"][i], step["tokens"][i], step["source"][i])
+        tree.weight[node] = step["weight"][i]
+    return tree
+
+
+def accepted_in(tree: TokenTree, true_tokens: list[int]) -> list[int]:
+    """The node path greedy acceptance takes in `tree` when the target's tokens are `true_tokens`."""
+    path = [0]
+    for token in true_tokens:
+        child = tree.children[path[-1]].get(token)
+        if child is None:
+            break
+        path.append(child)
+    return path
+
+
+def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
+    """Tokens per unit time relative to plain decoding: the planner ("budget"), "all" nodes, or the "oracle"."""
+    planner = DraftPlanner(cost)
+    tokens = seconds = 0.0
+    plain = cost.cost(1)
+    for step in steps:
+        tree = to_tree(step)
+        true_tokens = [tree.tokens[n] for n in step["path"][1:]]
+        if mode == "oracle":
+            m = max(range(len(true_tokens) + 1), key=lambda j: (j + 1) / cost.cost(j + 1))
+            tokens, seconds = tokens + m + 1, seconds + cost.cost(m + 1) + step["retrieval_s"]
+        elif mode == "all":
+            tokens, seconds = tokens + len(true_tokens) + 1, seconds + cost.cost(len(tree)) + step["retrieval_s"]
+        elif not planner.should_draft():
+            tokens, seconds = tokens + 1, seconds + plain
+            planner.record(to_tree(dict(step, tokens=step["tokens"][:1])), [0], False, 0.0)
+        else:
+            kept = planner.plan(tree)
+            path = accepted_in(kept, true_tokens)
+            tokens, seconds = tokens + len(path), seconds + cost.cost(len(kept)) + step["retrieval_s"]
+            planner.record(kept, path, True, step["retrieval_s"])
+    return tokens / seconds * plain if seconds else 0.0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="dresd,suffix,hybrid-sfx", help=f"comma list of {', '.join(SPECS)}")
+    p.add_argument("--store", default="id", help="benchmark store name (runs/bench/stores/<name>) or a datastore path")
+    p.add_argument("--set", default="mtbench", choices=["mtbench", "sharegpt"])
+    p.add_argument("--prompts", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-verify", type=int, default=32, help="nodes verified per logged step (the best-supported)")
+    p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--relog", action="store_true", help="decode again even where a log exists")
+    args = p.parse_args(argv)
+
+    from benchmarks.spec_bench import eval_sets
+    from dresd.config import ModelConfig
+    from dresd.datastore import Datastore
+    from dresd.engine import Engine
+    from dresd.models import load_model
+
+    store = Path(args.store) if os.sep in args.store else Path(args.workdir) / "stores" / args.store
+    lm = load_model(ModelConfig())
+    cost = cached_cost_model(lm.model)
+    engine = None
+    prompts = eval_sets()[args.set][: args.prompts]
+    rel = ", ".join(f"k={k}: {v:.2f}x" for k, v in cost.relative().items() if k <= 16)
+    print(f"cost model: {rel}\n")
+    print("| method | logged steps | budget (replayed) | verify all proposed | oracle |")
+    print("|---|---|---|---|---|")
+    for method in args.methods.split(","):
+        path = Path(args.workdir) / "replay" / f"{store.name}-{args.set}-{method}-{args.prompts}x{args.max_new_tokens}.pkl"
+        if args.relog or not path.exists():
+            engine = engine or Engine(lm, Datastore(store), cost=cost)
+            steps = log_method(engine, method, prompts, args.max_new_tokens, args.max_verify)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(pickle.dumps(steps))
+            tmp.replace(path)
+        steps = pickle.loads(path.read_bytes())
+        figures = [replay(steps, cost, mode) for mode in ("budget", "all", "oracle")]
+        print(f"| {method} | {len(steps)} | " + " | ".join(f"{x:.3f}x" for x in figures) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
