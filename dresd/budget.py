@@ -9,8 +9,7 @@ Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
-   share of its parent's evidence: neighbour counts, suffix frequencies, whether the
-   previous verification accepted a draft token: acceptance comes in runs);
+   share of its parent's evidence: neighbour counts, suffix frequencies);
 2. keeps the k most probable nodes (p never grows along a path, so the top k form a
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
@@ -166,9 +165,8 @@ class AcceptanceModel:
     """Online estimate of P(node accepted | its parent accepted), per calibration cell.
 
     A cell is (drafter source, depth bucket, bin of the node's support relative to its
-    parent's, whether the previous verification accepted a draft token). p(node) is the
-    product of these conditionals down the path, so it never exceeds its parent's. Counts
-    decay so the estimate follows the text being generated.
+    parent's). p(node) is the product of these conditionals down the path, so it never
+    exceeds its parent's. Counts decay so the estimate follows the text being generated.
     """
 
     prior_rate: float = 0.7  # before evidence: optimistic, so the drafter gets verified and measured
@@ -178,24 +176,23 @@ class AcceptanceModel:
     accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
 
     @staticmethod
-    def cell(tree: TokenTree, node: int, after_hit: bool = False) -> tuple:
+    def cell(tree: TokenTree, node: int) -> tuple:
         parent = tree.parents[node]
         cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
-        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond), after_hit
+        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
 
     def rate(self, cell: tuple) -> float:
         """P(accepted | parent accepted) in this cell."""
         return (self.accepted[cell] + self.prior_rate * self.prior_weight) / (self.offered[cell] + self.prior_weight)
 
-    def node_probs(self, tree: TokenTree, after_hit: bool = False) -> list[float]:
-        """Estimated probability that each node is accepted (1.0 for the root); `after_hit`:
-        the previous verification accepted at least one draft token."""
+    def node_probs(self, tree: TokenTree) -> list[float]:
+        """Estimated probability that each node is accepted (1.0 for the root)."""
         probs = [1.0] * len(tree)
         for i in range(1, len(tree)):
-            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i, after_hit))
+            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i))
         return probs
 
-    def update(self, tree: TokenTree, path: list[int], after_hit: bool = False) -> None:
+    def update(self, tree: TokenTree, path: list[int]) -> None:
         """Learn from one verified tree and the node path the target accepted."""
         for key in self.offered:
             self.offered[key] *= self.decay
@@ -204,7 +201,7 @@ class AcceptanceModel:
         for i in range(1, len(tree)):
             # Only nodes whose parent was accepted had a chance: the others say nothing.
             if tree.parents[i] in on_path:
-                cell = self.cell(tree, i, after_hit)
+                cell = self.cell(tree, i)
                 self.offered[cell] += 1.0
                 self.accepted[cell] += 1.0 if i in on_path else 0.0
 
@@ -241,7 +238,6 @@ class DraftPlanner:
         self._probe = False
         self._probing = False
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
-        self._after_hit = False  # the previous step accepted a draft token (a calibration feature)
         # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
         self.step_scale = [1.0, 1.0]
 
@@ -262,7 +258,7 @@ class DraftPlanner:
             # never grows along a path, so these always form a subtree.
             order = sorted(range(1, len(tree)), key=lambda i: (-tree.weight[i], tree.depths[i], i))
             return subtree(tree, order[: self.max_nodes - 1])
-        probs = self.acceptance.node_probs(tree, self._after_hit)
+        probs = self.acceptance.node_probs(tree)
         cost = self.cost.scaled(*self.step_scale)
         keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
         self._probing = self._probe and len(keep) < self.probe_nodes
@@ -284,12 +280,11 @@ class DraftPlanner:
 
     def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
         """Account for one step (every step, drafted or not): calibration, retrieval cost and the back-off."""
-        after_hit, self._after_hit = self._after_hit, len(path) > 1
         if not drafted:
             return
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
         if len(tree) > 1:
-            self.acceptance.update(tree, path, after_hit)
+            self.acceptance.update(tree, path)
         step = self.cost.cost(1) if self.cost is not None else 0.0
         if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0

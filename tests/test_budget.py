@@ -188,10 +188,10 @@ def test_acceptance_priors_and_cells():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     # node 1: depth 1, share 0.75 of the root -> bin 3; node 2: share 1.0 of node 1 -> bin 4;
     # node 3: share 0.25 -> bin 1.
-    assert acc.cell(tree, 1) == ("s", 1, 3, False)
-    assert acc.cell(tree, 2) == ("s", 2, 4, False)
-    assert acc.cell(tree, 3) == ("s", 1, 1, False)
-    assert acc.rate(("any", 1, 0, False)) == pytest.approx(0.7)  # the optimistic prior
+    assert acc.cell(tree, 1) == ("s", 1, 3)
+    assert acc.cell(tree, 2) == ("s", 2, 4)
+    assert acc.cell(tree, 3) == ("s", 1, 1)
+    assert acc.rate(("any", 1, 0)) == pytest.approx(0.7)  # the optimistic prior
     assert acc.node_probs(tree) == pytest.approx([1.0, 0.7, 0.49, 0.7])
     deep = build_tree(0, [list(range(1, 13))], sources=["d"])
     assert acc.cell(deep, 12)[1] == 8  # deep nodes share a depth bucket
@@ -201,10 +201,10 @@ def test_acceptance_update_moves_rates_toward_observed():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     acc = AcceptanceModel()
     acc.update(tree, [0, 1])  # node 1 accepted, node 2 (its child) and node 3 rejected
-    assert acc.rate(("s", 1, 3, False)) == pytest.approx((1 + 1.4) / (1 + 2))
-    assert acc.rate(("s", 2, 4, False)) == pytest.approx((0 + 1.4) / (1 + 2))
-    assert acc.rate(("s", 1, 1, False)) == pytest.approx(1.4 / 3)
-    assert acc.rate(("other", 1, 3, False)) == pytest.approx(0.7)  # other sources untouched
+    assert acc.rate(("s", 1, 3)) == pytest.approx((1 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 2, 4)) == pytest.approx((0 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 1, 1)) == pytest.approx(1.4 / 3)
+    assert acc.rate(("other", 1, 3)) == pytest.approx(0.7)  # other sources untouched
     full = build_tree(0, [[1, 2, 3]], sources=["c"])
     acc = AcceptanceModel()
     for _ in range(300):
@@ -220,14 +220,14 @@ def test_acceptance_only_counts_nodes_whose_parent_was_accepted():
     tree = build_tree(0, [[1, 2, 3]], sources=["s"])
     acc = AcceptanceModel()
     acc.update(tree, [0])  # the first node rejected: deeper nodes had no chance
-    assert acc.offered[("s", 1, 4, False)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4, False)] == 0.0
-    assert acc.offered.get(("s", 2, 4, False), 0.0) == 0.0 and acc.offered.get(("s", 3, 4, False), 0.0) == 0.0
+    assert acc.offered[("s", 1, 4)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4)] == 0.0
+    assert acc.offered.get(("s", 2, 4), 0.0) == 0.0 and acc.offered.get(("s", 3, 4), 0.0) == 0.0
     acc.update(tree, [0, 1])  # second node rejected: depth 3 says nothing
-    assert acc.offered[("s", 2, 4, False)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4, False)] == 0.0
-    assert acc.offered.get(("s", 3, 4, False), 0.0) == 0.0
+    assert acc.offered[("s", 2, 4)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4)] == 0.0
+    assert acc.offered.get(("s", 3, 4), 0.0) == 0.0
     # Decay: older evidence weighs less.
-    assert acc.offered[("s", 1, 4, False)] == pytest.approx(acc.decay * 1.0 + 1.0)
-    assert acc.accepted[("s", 1, 4, False)] == pytest.approx(1.0)
+    assert acc.offered[("s", 1, 4)] == pytest.approx(acc.decay * 1.0 + 1.0)
+    assert acc.accepted[("s", 1, 4)] == pytest.approx(1.0)
 
 
 def test_node_probs_are_products_down_the_path():
@@ -367,23 +367,6 @@ def test_plan_returns_valid_subtree():
     tree = build_tree(0, [[1, 2, 3]], sources=["s"])
     assert len(DraftPlanner(CostModel([1, 64], [0.1, 0.1])).plan(tree)) == 4
     assert len(DraftPlanner(CostModel([1, 2, 64], [0.1, 1.0, 30.0])).plan(tree)) == 1
-
-
-def test_estimates_are_kept_apart_after_a_hit_and_after_a_miss():
-    tree = build_tree(0, [[1]], sources=["s"])
-    planner = DraftPlanner(CostModel([1, 2, 64], [0.1, 0.15, 1.0]))
-    # Drafts right only after a step that accepted nothing (hit, miss, hit, miss, ...).
-    for step in range(200):
-        planner.record(tree, [0, 1] if step % 2 == 0 else [0], True, 0.0)
-    acc = planner.acceptance
-    assert acc.node_probs(tree, after_hit=False)[1] > 0.9 and acc.node_probs(tree, after_hit=True)[1] < 0.1
-    # The last step missed: the planner verifies the draft; after a hit it declines.
-    assert len(planner.plan(tree)) == 2
-    planner.record(tree, [0, 1], True, 0.0)
-    assert len(planner.plan(tree)) == 1
-    # A step that did not draft counts as a miss.
-    planner.record(build_tree(0, []), [0], False, 0.0)
-    assert len(planner.plan(tree)) == 2
 
 
 def test_measured_steps_correct_the_calibrated_cost():
