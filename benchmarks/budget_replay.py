@@ -121,7 +121,6 @@ def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
             tokens, seconds = tokens + len(true_tokens) + 1, seconds + cost.cost(len(tree)) + step["retrieval_s"]
         elif not planner.should_draft():
             tokens, seconds = tokens + 1, seconds + plain
-            planner.record(to_tree(dict(step, tokens=step["tokens"][:1])), [0], False, 0.0)
         else:
             kept = planner.plan(tree)
             path = accepted_in(kept, true_tokens)

@@ -279,7 +279,7 @@ class DraftPlanner:
         self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])
 
     def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
-        """Account for one step (every step, drafted or not): calibration, retrieval cost and the back-off."""
+        """Account for one step: calibration, retrieval cost and the back-off."""
         if not drafted:
             return
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s

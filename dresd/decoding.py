@@ -131,7 +131,8 @@ class SpeculativeDecoder:
             metrics.model_s += verify_s
             if drafter is not None and self.spec.verify == "tree":
                 planner.observe_step(len(tree), verify_s)
-                planner.record(tree, step.path, drafted, retrieval if drafted else 0.0)
+            if drafted:
+                planner.record(tree, step.path, True, retrieval)
             new = step.new_tokens[:remaining]
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id) + 1]

@@ -272,8 +272,6 @@ def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at
         if planner.should_draft():
             out.append(step)
             planner.record(tree, [0, 1] if step in success_at else [0], True, retrieval_share * planner.cost.cost(1))
-        else:
-            planner.record(build_tree(0, []), [0], False, 0.0)
     return out
 
 
