@@ -1,8 +1,11 @@
 """GPU check: the decoding loop on CUDA with the real model, against a published datastore.
 
-Runs greedy, prompt lookup and DReSD (budgeted, as published, and with the paper's
-settings) on the same prompts, interleaved, and writes the usual comparison table per
-prompt set plus the verification cost curve the budget measured on this device.
+Runs greedy, prompt lookup, DReSD (budgeted, as published, and with the paper's settings)
+and the hybrid on the same prompts, interleaved, and writes the usual comparison table per
+prompt set plus the verification cost curve the budget measured on this device. Every
+method matching our greedy loop proves nothing if that loop itself decodes wrongly (as it
+did on the device image's transformers 5.17, benchmarks/results/gpu_check_2026-11-27.md),
+so our greedy output is also compared with HF `generate()` greedy on the same model.
 
     python benchmarks/gpu_check.py --datastore runs/demo/datastore --prompts prompts.json --out gpu_check.md
 
@@ -25,6 +28,7 @@ import torch  # noqa: E402
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.engine import Engine  # noqa: E402
 from dresd.evaluate import markdown_table, run_methods, summarize  # noqa: E402
+from dresd.hf_reference import hf_generate  # noqa: E402
 
 S = SpeculativeConfig
 METHODS = {
@@ -34,6 +38,7 @@ METHODS = {
     "dresd": S(method="dresd"),
     "dresd-nobudget": S(method="dresd", budget="off"),
     "dresd-ref": S(method="dresd", budget="off", context_keys=False),
+    "hybrid": S(method="hybrid"),
 }
 
 
@@ -56,7 +61,11 @@ def main() -> int:
              f"Verification cost (one-token step {cost.seconds[0] * 1e3:.2f} ms): {curve}", ""]
     for name, prompts in json.loads(Path(args.prompts).read_text()).items():
         runs = run_methods(engine, prompts, METHODS, args.max_new_tokens)
-        lines += [f"## {name} ({len(prompts)} prompts)", "", markdown_table(summarize(runs)), ""]
+        hf = [hf_generate(engine.lm.model, engine.prompt_ids(p), args.max_new_tokens, engine.lm.eos_token_id)
+              for p in prompts]
+        agree = sum(h.token_ids == g.token_ids for h, g in zip(hf, runs["greedy"].generations))
+        lines += [f"## {name} ({len(prompts)} prompts)", "", markdown_table(summarize(runs)), "",
+                  f"Our greedy loop's output equals HF generate() greedy's on {agree}/{len(prompts)} prompts.", ""]
         print("\n".join(lines[-3:]), flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dresd.acceptance import target_probs
-from dresd.kv_cache import GrowingCache
+from dresd.kv_cache import GrowingCache, cached_forward
 from dresd.models import LoadedModel
 
 
@@ -66,8 +66,7 @@ def _forward_last(model, ids: torch.Tensor, mask: torch.Tensor, positions: torch
     The LM head runs on one position per row: projecting a whole prefill onto a 49k
     vocabulary would cost more than the layers for small models.
     """
-    out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           cache=cache, use_cache=True)
+    out = cached_forward(model.base_model, cache, input_ids=ids, attention_mask=mask, position_ids=positions)
     return model.get_output_embeddings()(out.last_hidden_state[:, -1])
 
 

@@ -10,7 +10,11 @@ crop copies nothing and a cut to an accepted tree path copies only the moved ent
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
+import transformers
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -82,3 +86,30 @@ class GrowingCache(DynamicCache):
     def __init__(self):
         super().__init__()
         self.layer_class_to_replicate = GrowingLayer
+
+
+@functools.cache
+def _cache_argument(forward) -> str:
+    """The name a model's forward takes its KV cache under: transformers 5.2x calls it
+    `cache`, earlier 5.x releases `past_key_values` (and swallow an unknown keyword)."""
+    params = inspect.signature(forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{forward.__qualname__} takes no KV cache argument (cache / past_key_values)")
+
+
+def cached_forward(decoder, cache: DynamicCache, **inputs):
+    """`decoder(**inputs)` (a transformers base model) appending its keys and values to `cache`.
+
+    Raises when the cache did not grow by the new positions: a forward that ignored the
+    cache would attend to nothing before them, and every method, plain greedy included,
+    would decode the same wrong text without any check noticing.
+    """
+    before = cache.get_seq_length()
+    out = decoder(**inputs, use_cache=True, **{_cache_argument(type(decoder).forward): cache})
+    grown, new = cache.get_seq_length() - before, inputs["input_ids"].shape[1]
+    if grown != new:
+        raise RuntimeError(f"{type(decoder).__name__}'s forward put {grown} of {new} new positions in the KV cache "
+                           f"(transformers {transformers.__version__}): decoding would be wrong")
+    return out

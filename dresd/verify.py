@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from dresd import lean_forward
 from dresd.cpu_linear import ROWS_PER_PASS, DualLayoutLinear
-from dresd.kv_cache import GrowingLayer
+from dresd.kv_cache import GrowingLayer, cached_forward
 from dresd.tree import TokenTree, build_tree, greedy_accept, tree_attention_mask, tree_position_ids
 
 
@@ -55,13 +55,8 @@ def forward(model, input_ids: torch.Tensor, cache: DynamicCache, position_ids: t
     if lean_forward.applies(model):
         hidden = lean_forward.decoder_forward(model, input_ids, cache, position_ids, attention_mask)
     else:
-        hidden = model.base_model(
-            input_ids=input_ids,
-            position_ids=position_ids,
-            attention_mask=attention_mask,
-            cache=cache,
-            use_cache=True,
-        ).last_hidden_state
+        hidden = cached_forward(model.base_model, cache, input_ids=input_ids, position_ids=position_ids,
+                                attention_mask=attention_mask).last_hidden_state
     return hidden, (model.get_output_embeddings()(hidden) if logits else None)
 
 

@@ -228,3 +228,23 @@ def test_context_drafter_keeps_keys_across_calls_and_resets_per_request():
     # Keys that do not cover the context (out of step) give no drafts rather than wrong ones.
     drafter.begin(context)
     assert context_request(drafter, context + [3], keys).paths == []
+
+
+def test_request_compresses_the_query_once_for_every_dense_drafter(store, monkeypatch):
+    import dresd.compression as compression
+
+    store = store[0]
+    calls = []
+    real = compression.compress
+    monkeypatch.setattr(compression, "compress", lambda comp, rows: calls.append(len(np.atleast_2d(rows))) or real(comp, rows))
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(4, store.compressor.in_dim)).astype(np.float32)
+    request = DraftRequest([1, 2, 3, 4, 5], 4, keys[-1], keys)
+    spec = SpeculativeConfig(len_drafts=2, top_k=4)
+    dense, ctx = DenseDrafter(store, spec), ContextDenseDrafter(store.compressor, spec, EOS)
+    ctx.begin([1, 2])
+    dense.propose(request)
+    ctx.propose(request)
+    assert calls == [4]  # the new keys once; the query's key is their last row
+    np.testing.assert_allclose(request.compressed(store.compressor)[-1], real(store.compressor, keys[-1])[0], atol=1e-5)
+    assert DraftRequest([1], 4).compressed(store.compressor) is None

@@ -89,3 +89,50 @@ def test_batch_repeat_and_select_are_adopted():
     keep_cache_positions(want, 10, [1, 3])
     assert_same(got, want)
     assert all(layer._owns_keys() for layer in got.layers)
+
+
+class _Decoder:
+    """A stand-in base model: writes n positions per layer into the cache it is handed."""
+
+    def __init__(self, writes: bool = True):
+        self.writes = writes
+
+    def run(self, input_ids, cache):
+        if self.writes and cache is not None:
+            cache.update(*entries(1, input_ids.shape[1], 0), 0)
+        return input_ids
+
+
+class _OldDecoder(_Decoder):  # transformers < 5.2x: the cache is `past_key_values`
+    def forward(self, input_ids, past_key_values=None, use_cache=None, **kwargs):
+        return self.run(input_ids, past_key_values)
+
+    __call__ = forward
+
+
+class _NewDecoder(_Decoder):  # transformers 5.2x: the cache is `cache`
+    def forward(self, input_ids, cache=None, use_cache=None, **kwargs):
+        return self.run(input_ids, cache)
+
+    __call__ = forward
+
+
+def test_cached_forward_hands_the_cache_over_under_either_name():
+    from dresd.kv_cache import cached_forward
+
+    ids = torch.zeros(1, 5, dtype=torch.long)
+    for decoder in (_OldDecoder(), _NewDecoder()):
+        cache = GrowingCache()
+        cached_forward(decoder, cache, input_ids=ids)
+        assert cache.get_seq_length() == 5
+
+
+def test_cached_forward_refuses_a_forward_that_left_the_cache_alone():
+    import pytest
+
+    from dresd.kv_cache import cached_forward
+
+    # What transformers 5.17 did with `cache=`: swallowed it, attended to nothing before
+    # the new positions, and every method decoded the same wrong text.
+    with pytest.raises(RuntimeError, match="0 of 3 new positions"):
+        cached_forward(_NewDecoder(writes=False), GrowingCache(), input_ids=torch.zeros(1, 3, dtype=torch.long))

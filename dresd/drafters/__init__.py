@@ -29,6 +29,21 @@ class DraftRequest:
     # prompt's at the first one), in order; its last row is `query`. With them a drafter can
     # keep keys for every position of the request's own text (None = not tracked).
     new_keys: np.ndarray | None = None
+    # Keys compressed per compressor, filled by the first drafter that asks: the dense
+    # drafters of one step share a compressor, so the query is compressed once.
+    _compressed: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def compressed(self, compressor) -> np.ndarray | None:
+        """`new_keys` (or `query` alone without them) compressed with `compressor`; the last row
+        is the query's key. None when there is no query."""
+        from dresd.compression import compress
+
+        if self.query is None:
+            return None
+        if id(compressor) not in self._compressed:
+            rows = self.new_keys if self.new_keys is not None and len(self.new_keys) else self.query
+            self._compressed[id(compressor)] = compress(compressor, rows)
+        return self._compressed[id(compressor)]
 
 
 @dataclass

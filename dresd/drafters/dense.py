@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dresd.compression import Compressor, compress
+from dresd.compression import Compressor
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore
 from dresd.drafters import Candidates, DraftRequest, truncate_at
@@ -96,7 +96,7 @@ class DenseDrafter:
         length = min(self.spec.len_drafts, request.max_len)
         if length <= 0 or request.query is None:
             return Candidates()
-        ids, scores = self.neighbours(compress(self.store.compressor, request.query), with_scores=True)
+        ids, scores = self.neighbours(request.compressed(self.store.compressor)[-1:], with_scores=True)
         if len(ids) == 0:
             return Candidates()
         values = self.store.values(ids, length + 1)
@@ -131,7 +131,7 @@ class ContextDenseDrafter:
     def propose(self, request: DraftRequest) -> Candidates:
         """Drafts copied from after the request's positions closest to the query."""
         if request.new_keys is not None and len(request.new_keys):
-            self._keys = np.concatenate([self._keys, compress(self.compressor, request.new_keys)])
+            self._keys = np.concatenate([self._keys, request.compressed(self.compressor)])
         length = min(self.spec.len_drafts, request.max_len)
         context = request.context
         # Keys cover positions 0 .. len(context) - 2; the last one is the query itself.

