@@ -69,8 +69,7 @@ class TreeLog:
     def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
         if drafted:
             self.steps.append(dict(tokens=tree.tokens, parents=tree.parents, weight=tree.weight,
-                                   source=tree.source, closeness=tree.closeness, path=path,
-                                   retrieval_s=retrieval_s))
+                                   source=tree.source, path=path, retrieval_s=retrieval_s))
         self.inner.record(tree, path, drafted, retrieval_s)
 
 
@@ -93,7 +92,6 @@ def to_tree(step: dict) -> TokenTree:
     for i in range(1, len(step["tokens"])):
         node = tree.add_child(step["parents"][i], step["tokens"][i], step["source"][i])
         tree.weight[node] = step["weight"][i]
-        tree.closeness[node] = step.get("closeness", [None] * len(step["tokens"]))[i]  # older logs lack it
     return tree
 
 

@@ -9,8 +9,7 @@ Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
-   share of its parent's evidence: neighbour counts, suffix frequencies; for dense drafts
-   also a bin of the cosine of the closest neighbour behind the node);
+   share of its parent's evidence: neighbour counts, suffix frequencies);
 2. keeps the k most probable nodes (p never grows along a path, so the top k form a
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
@@ -153,12 +152,6 @@ CHEAP_CONSULT = 0.05
 STEP_SCALE_RATE = 0.05  # weight of each measured step in the running factor
 STEP_SCALE_CLIP = (0.5, 2.0)  # a single step's measured/calibrated ratio is clipped to this (preemption, GC)
 SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
-# Edges of the closeness bins (cosine of a dense node's closest neighbour, 64-d PCA keys):
-# within one support bin, acceptance still doubles from below to above the median cosine
-# (own-text drafts at depth 2, support > 0.75: 37% / 76%). Replayed on 20 + 20 prompts
-# (ID store): DReSD 1.113x -> 1.129x (MT-Bench), 1.231x -> 1.255x (ShareGPT); after a whole
-# other set (the planner warm) 1.121x -> 1.166x and 1.242x -> 1.264x; hybrid-sfx -1% / +0.4%.
-CLOSENESS_BINS = (0.75, 0.85)
 MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
 
 
@@ -172,8 +165,7 @@ class AcceptanceModel:
     """Online estimate of P(node accepted | its parent accepted), per calibration cell.
 
     A cell is (drafter source, depth bucket, bin of the node's support relative to its
-    parent's), plus the bin of its closeness where the drafter gives one (dense
-    retrieval). p(node) is the product of these conditionals down the path, so it never
+    parent's). p(node) is the product of these conditionals down the path, so it never
     exceeds its parent's. Counts decay so the estimate follows the text being generated.
     """
 
@@ -187,9 +179,7 @@ class AcceptanceModel:
     def cell(tree: TokenTree, node: int) -> tuple:
         parent = tree.parents[node]
         cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
-        cell = tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
-        close = tree.closeness[node]
-        return cell if close is None else (*cell, sum(close > edge for edge in CLOSENESS_BINS))
+        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
 
     def rate(self, cell: tuple) -> float:
         """P(accepted | parent accepted) in this cell."""

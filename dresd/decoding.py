@@ -117,8 +117,7 @@ class SpeculativeDecoder:
                 fresh_keys.clear()
                 cands = drafter.propose(DraftRequest(context, remaining - 1, q, keys))
                 if self.spec.verify == "tree":
-                    tree = planner.plan(build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total,
-                                                   cands.path_closeness()))
+                    tree = planner.plan(build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total))
                 drafted = True
                 retrieval = time.perf_counter() - t0
                 metrics.retrieval_s += retrieval

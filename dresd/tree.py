@@ -24,11 +24,6 @@ class TokenTree:
     # (the root holds the total), and the drafters that proposed it ("a+b" when several did).
     weight: list[float] = field(default_factory=list)
     source: list[str] = field(default_factory=list)
-    # Dense drafts: the best neighbour cosine among the drafts through each node (None elsewhere).
-    closeness: list[float | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.closeness += [None] * (len(self.tokens) - len(self.closeness))  # trees built without it
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -48,7 +43,6 @@ class TokenTree:
             self.children.append({})
             self.weight.append(0.0)
             self.source.append(source)
-            self.closeness.append(None)
             self.children[node][token] = child
         elif source and source not in self.source[child].split("+"):
             # Drafters that agree on a node: the node is theirs together, and the budget
@@ -71,28 +65,24 @@ class TokenTree:
 
 def build_tree(root_token: int, drafts: list[list[int]], max_nodes: int | None = None,
                weights: list[float] | None = None, sources: list[str] | None = None,
-               total: float | None = None, closeness: list[float | None] | None = None) -> TokenTree:
+               total: float | None = None) -> TokenTree:
     """Merge drafts (in rank order) into a trie under `root_token`.
 
     With `max_nodes`, insertion stops once the tree holds that many nodes (root included),
     so higher-ranked drafts keep their full length. `weights` (default 1 per draft) are
     summed into every node a draft passes through; the root holds `total` (default: the
     sum of the weights), so `tree.support(node)` is the share of evidence behind a node.
-    A node's closeness is the highest of the drafts through it (`closeness`, None = unknown).
     """
     weights = [1.0] * len(drafts) if weights is None else weights
-    tree = TokenTree([root_token], [-1], [0], [{}], [0.0], [""], [None])
+    tree = TokenTree([root_token], [-1], [0], [{}], [0.0], [""])
     for i, draft in enumerate(drafts):
         node = 0
         src = sources[i] if sources else ""
-        close = closeness[i] if closeness else None
         for tok in draft:
             if max_nodes is not None and int(tok) not in tree.children[node] and len(tree) >= max_nodes:
                 break
             node = tree.add_child(node, int(tok), src)
             tree.weight[node] += weights[i]
-            if close is not None:
-                tree.closeness[node] = max(close, tree.closeness[node] if tree.closeness[node] is not None else close)
     tree.weight[0] = float(sum(weights) if total is None else total)
     return tree
 
@@ -104,14 +94,13 @@ def subtree(tree: TokenTree, keep: list[int]) -> TokenTree:
     """
     kept = sorted(set(keep) | {0})
     new_id = {old: i for i, old in enumerate(kept)}
-    out = TokenTree([tree.tokens[0]], [-1], [0], [{}], [tree.weight[0]], [tree.source[0]], [None])
+    out = TokenTree([tree.tokens[0]], [-1], [0], [{}], [tree.weight[0]], [tree.source[0]])
     for old in kept[1:]:
         parent = tree.parents[old]
         if parent not in new_id:
             raise ValueError(f"node {old} kept without its parent {parent}")
         node = out.add_child(new_id[parent], tree.tokens[old], tree.source[old])
         out.weight[node] = tree.weight[old]
-        out.closeness[node] = tree.closeness[old] if tree.closeness else None
     return out
 
 

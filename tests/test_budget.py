@@ -197,18 +197,6 @@ def test_acceptance_priors_and_cells():
     assert acc.cell(deep, 12)[1] == 8  # deep nodes share a depth bucket
 
 
-def test_dense_nodes_are_calibrated_apart_by_their_closest_neighbour():
-    acc = AcceptanceModel()
-    tree = build_tree(0, [[1], [2], [3], [4]], sources=["dense"] * 3 + ["suffix"], closeness=[0.5, 0.8, 0.95, None])
-    assert [acc.cell(tree, i) for i in range(1, 5)] == [
-        ("dense", 1, 1, 0), ("dense", 1, 1, 1), ("dense", 1, 1, 2), ("suffix", 1, 1)]
-    # Close neighbours keep being accepted, far ones not: the same share, other estimates.
-    for _ in range(20):
-        acc.update(tree, [0, 3])
-    far, close = acc.node_probs(tree)[1], acc.node_probs(tree)[3]
-    assert close > 0.9 and far < 0.2
-
-
 def test_acceptance_update_moves_rates_toward_observed():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
     acc = AcceptanceModel()

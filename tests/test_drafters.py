@@ -248,12 +248,3 @@ def test_request_compresses_the_query_once_for_every_dense_drafter(store, monkey
     assert calls == [4]  # the new keys once; the query's key is their last row
     np.testing.assert_allclose(request.compressed(store.compressor)[-1], real(store.compressor, keys[-1])[0], atol=1e-5)
     assert DraftRequest([1], 4).compressed(store.compressor) is None
-
-
-def test_a_drafts_closeness_is_its_closest_neighbours_cosine():
-    values = np.array([[5, 10, 11], [5, 30, 31], [6, 40, 41], [5, 10, 11]])
-    scores = np.array([0.7, 0.9, 0.99, 0.8])  # rank order need not be score order
-    c = drafts_from_values(values, 5, 10, 2, EOS, scores=scores)
-    assert c.paths == [[10, 11], [30, 31]]
-    assert c.closeness == [0.8, 0.9]  # rows 0 and 3 give [10, 11]; row 2 predicts 6
-    assert drafts_from_values(values, 5, 10, 2, EOS).path_closeness() == [None, None]

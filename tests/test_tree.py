@@ -239,17 +239,3 @@ def test_subtree_needs_parents():
         subtree(tree, [1, 3])  # 3's parent 2 is missing
     with pytest.raises(ValueError, match="parent"):
         subtree(tree, [2])  # 2's parent 1 is missing
-
-
-def test_a_nodes_closeness_is_the_best_of_the_drafts_through_it_and_survives_subtree():
-    tree = build_tree(1, [[2, 3], [2, 4], [5]], closeness=[0.6, 0.9, None])
-    node = {tuple(tree.tokens[n] for n in tree.path_to(i)[1:]): i for i in range(1, len(tree))}
-    assert tree.closeness[node[(2,)]] == 0.9 and tree.closeness[node[(2, 3)]] == 0.6
-    assert tree.closeness[node[(2, 4)]] == 0.9 and tree.closeness[node[(5,)]] is None
-    assert tree.closeness[0] is None
-    sub = subtree(tree, [node[(2,)], node[(2, 3)]])
-    assert sub.closeness == [None, 0.9, 0.6]
-    # A tree made without closeness has None for every node, also for nodes added later.
-    bare = TokenTree([7], [-1], [0], [{}], [0.0], [""])
-    bare.add_child(0, 8)
-    assert bare.closeness == [None, None]

@@ -61,25 +61,15 @@ class Candidates:
     # drafter sets it higher when part of its evidence backs no path at all (e.g. dense
     # neighbours that predicted another token than the one just emitted).
     total: float | None = None
-    # Dense drafters: the cosine similarity of the closest neighbour behind each path (None
-    # for other drafters; empty when a drafter fills paths directly). How close the best
-    # neighbour is tells acceptance apart beyond its share of the evidence, and the budget
-    # calibrates by it.
-    closeness: list[float | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def add(self, path: list[int], weight: float, source: str, closeness: float | None = None) -> None:
+    def add(self, path: list[int], weight: float, source: str) -> None:
         if path:
             self.paths.append([int(t) for t in path])
             self.weights.append(float(weight))
             self.sources.append(source)
-            self.closeness.append(closeness)
-
-    def path_closeness(self) -> list[float | None]:
-        """`closeness` with one entry per path (None throughout when the drafter set none)."""
-        return self.closeness if len(self.closeness) == len(self.paths) else [None] * len(self.paths)
 
 
 class Drafter(Protocol):

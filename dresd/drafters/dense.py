@@ -19,7 +19,7 @@ from dresd.index import search, set_search_params, IndexParams
 
 def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len_drafts: int, eos_id: int,
                        source: str = "dense", weights: np.ndarray | None = None,
-                       pad: int | None = None, scores: np.ndarray | None = None) -> Candidates:
+                       pad: int | None = None) -> Candidates:
     """Filter neighbour values on the token just emitted and cut them into weighted drafts.
 
     `values[r]` are the tokens after neighbour r (rank order); `values[r, 0]` is the token
@@ -29,14 +29,12 @@ def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len
     default), at most `num_drafts` distinct drafts are kept in rank order, and the evidence
     total is every neighbour retrieved, so a node's support is the share of all neighbours'
     weight that leads through it. `pad` marks the end of a value row shorter than the rest.
-    With the neighbours' `scores` (cosines), a draft's closeness is its best neighbour's.
     """
     out = Candidates()
     index: dict[tuple[int, ...], int] = {}
     weights = np.ones(len(values)) if weights is None else np.asarray(weights, dtype=np.float64)
     keep = values[:, 0] == last_token
-    kept_scores = [None] * int(keep.sum()) if scores is None else np.asarray(scores, dtype=np.float64)[keep].tolist()
-    for row, w, score in zip(values[keep], weights[keep], kept_scores):
+    for row, w in zip(values[keep], weights[keep]):
         draft = row[1 : 1 + len_drafts].tolist()
         if pad is not None and pad in draft:
             draft = draft[: draft.index(pad)]
@@ -46,11 +44,9 @@ def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len
             continue
         if key in index:
             out.weights[index[key]] += float(w)
-            if score is not None:
-                out.closeness[index[key]] = max(out.closeness[index[key]], score)
         elif len(out) < num_drafts:
             index[key] = len(out)
-            out.add(draft, float(w), source, score)
+            out.add(draft, float(w), source)
     out.total = float(weights.sum())
     return out
 
@@ -106,7 +102,7 @@ class DenseDrafter:
         values = self.store.values(ids, length + 1)
         weights = similarity_weights(scores, self.spec.sim_temperature)
         return drafts_from_values(values, request.context[-1], self.spec.num_drafts, length, self.store.eos_id,
-                                  weights=weights, scores=scores)
+                                  weights=weights)
 
 
 class ContextDenseDrafter:
@@ -152,4 +148,4 @@ class ContextDenseDrafter:
             values[r, : len(tail)] = tail
         weights = similarity_weights(scores[top], self.spec.sim_temperature)
         return drafts_from_values(values, context[-1], self.spec.num_drafts, length, self.eos_id,
-                                  source=self.name, weights=weights, pad=-1, scores=scores[top])
+                                  source=self.name, weights=weights, pad=-1)

@@ -37,6 +37,6 @@ class HybridDrafter:
             total = c.total if c.total is not None else sum(c.weights)
             if not c.paths or total <= 0:
                 continue
-            for path, w, src, close in zip(c.paths, c.weights, c.sources, c.path_closeness()):
-                out.add(path, w / total, src or d.name, close)
+            for path, w, src in zip(c.paths, c.weights, c.sources):
+                out.add(path, w / total, src or d.name)
         return out

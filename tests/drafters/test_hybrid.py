@@ -51,15 +51,6 @@ def test_sources_preserved_and_defaulted_to_drafter_name():
     assert out.weights == pytest.approx([2 / 3, 1 / 3, 1.0])
 
 
-def test_closeness_follows_the_paths_that_carry_it():
-    dense = FakeDrafter("dense", [[1], [2]], [1.0, 1.0])
-    dense.candidates.closeness = [0.9, 0.7]
-    filled = FakeDrafter("sfx", [[3]], [1.0])  # a drafter that fills paths directly: no closeness
-    filled.candidates.closeness = []
-    out = HybridDrafter([dense, filled]).propose(request())
-    assert out.path_closeness() == [0.9, 0.7, None]
-
-
 def test_empty_results_skipped():
     empty = FakeDrafter("empty")
     zero = FakeDrafter("zero", [[9]], [0.0])  # no evidence at all
