@@ -43,16 +43,15 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import pickle  # noqa: E402
-from pathlib import Path  # noqa: E402
-
 import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from dresd.budget import CostModel, DraftPlanner, cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
 from dresd.tree import TokenTree, build_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = {  # method name -> SpeculativeConfig fields (budget off is added)
+SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; --policy keeps the budget)
     "dresd": dict(method="dresd"),
     "dresd-store": dict(method="dresd", context_keys=False),
     "hybrid": dict(method="hybrid"),
@@ -163,8 +162,9 @@ class _Recorder:
 
 
 def record_texts(engine, prompts: list[str], max_new_tokens: int) -> list[dict]:
-    """Per prompt: the greedy text (prompt + output ids) and the hidden state at every
-    position but the last (row i produced token i + 1), as decoding hands them to drafters."""
+    """Per prompt: the greedy text (prompt + output ids) and the hidden states decoding
+    hands its drafters (row i, at position i, produced token i + 1), up to the last position
+    a consult can query."""
     import numpy as np
 
     from dresd.config import SpeculativeConfig

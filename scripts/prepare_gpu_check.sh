@@ -16,7 +16,8 @@ gguf=$(.venv/bin/python -c "from dresd.models import packaged_default_dir, DEFAU
 rm -rf .gpu && mkdir -p .gpu/a .gpu/b .gpu/c
 head -c 62000000 "$gguf" > .gpu/a/part1
 tail -c +62000001 "$gguf" > .gpu/b/part2
-pins="faiss-cpu==1.15.1 gguf==$(.venv/bin/pip show gguf | awk '/^Version/{print $2}') transformers==5.24.0"
+# The versions the project's environment holds (pyproject.toml pins them).
+pins=$(for p in faiss-cpu gguf transformers; do echo "$p==$(.venv/bin/pip show $p | awk '/^Version/{print $2}')"; done)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu/b $pins
 mv .gpu/b/transformers-*.whl .gpu/c/  # .gpu/b is near the 64 MiB limit
