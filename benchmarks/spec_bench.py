@@ -91,6 +91,7 @@ def methods() -> list[Method]:
         if store == "id":
             out += [
                 Method("rest+budget", store, S(method="rest")),
+                Method("rest-dr+budget", store, S(method="rest-dr")),
                 Method("suffix+budget", store, S(method="suffix")),
                 # Ablation: the datastore alone, without the request's own keys.
                 Method("dresd-store", store, S(method="dresd", context_keys=False)),

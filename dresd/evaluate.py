@@ -66,6 +66,12 @@ def summarize(runs: dict[str, MethodRun], baseline: str = GREEDY) -> list[dict]:
             "ms_per_token": 1000 * m.wall_s / m.new_tokens if m.new_tokens else 0.0,
             "per_position_acceptance": m.per_position_acceptance,
             "identical_to_greedy": identical,
+            # Where the time went (seconds summed over the prompts), for the report's profile.
+            "target_calls": m.target_calls,
+            "wall_s": m.wall_s,
+            "prefill_s": m.prefill_s,
+            "model_s": m.model_s,
+            "retrieval_s": m.retrieval_s,
             # Loop internals are not observable in external references (HF generate).
             "observable": m.target_calls > 0,
         })

@@ -82,6 +82,64 @@ def goal_lines(set_name: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def _call_split(row: dict, plain_call_s: float) -> tuple[float, float, float]:
+    """A method's decode time per target call, as (forward, drafting, loop) multiples of a plain step."""
+    calls = max(row["target_calls"], 1)
+    loop = max(row["wall_s"] - row["prefill_s"] - row["model_s"] - row["retrieval_s"], 0.0)
+    return row["model_s"] / calls / plain_call_s, row["retrieval_s"] / calls / plain_call_s, loop / calls / plain_call_s
+
+
+def profile_lines(set_name: str, rows: list[dict], cost) -> list[str]:
+    """Why DReSD lands where it does: per target call, tokens gained against time spent.
+
+    Decode speed over greedy is MAT / (a call's time over a plain step's), prefill aside,
+    so each goal turns into the MAT it would take at DReSD's measured cost per call.
+    """
+    greedy, dresd = _row(rows, "greedy"), _row(rows, "dresd")
+    if not greedy or not dresd or not greedy.get("target_calls") or "model_s" not in dresd:
+        return []
+    plain = (greedy["wall_s"] - greedy["prefill_s"]) / greedy["target_calls"]
+    lines = [f"### {set_name}", "",
+             "| method | MAT | verified pos/call | call / plain step: forward + drafting + loop = total "
+             "| decode speedup = MAT / total | prefill share |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r.get("observable", True) or not r.get("target_calls"):
+            continue
+        fwd, draft, loop = _call_split(r, plain)
+        total = fwd + draft + loop
+        lines.append(f"| {r['method']} | {r['mean_accepted_tokens']:.2f} | {r['verified_per_call']:.1f} | "
+                     f"{fwd:.2f} + {draft:.2f} + {loop:.2f} = {total:.2f} | "
+                     f"{r['mean_accepted_tokens'] / total:.2f}x | {r['prefill_s'] / r['wall_s']:.1%} |")
+    fwd, draft, loop = _call_split(dresd, plain)
+    total, mat = fwd + draft + loop, dresd["mean_accepted_tokens"]
+    lines += ["", f"- DReSD spends {total:.2f} plain steps per call for {mat:.2f} tokens. At that cost "
+              f"{GOAL_SPEEDUP:.1f}x needs MAT {GOAL_SPEEDUP * total:.2f}."]
+    # The cheapest route to the goal on this machine's cost curve: k positions yield at most
+    # k tokens, so the goal needs GOAL_SPEEDUP * (cost(k) + DReSD's drafting and loop) <= k.
+    one = cost.cost(1)
+    routes = [(k, GOAL_SPEEDUP * (cost.cost(k) / one + draft + loop)) for k in cost.positions]
+    feasible = [(k, need) for k, need in routes if need <= k]
+    if feasible:
+        k, need = min(feasible, key=lambda kn: kn[1])
+        lines.append(f"- Cheapest route on the measured cost curve: MAT {need:.2f} from {k} verified positions "
+                     f"(a call of {cost.cost(k) / one:.2f}x a step plus DReSD's drafting and loop): "
+                     f"{need - 1:.2f} of {k - 1} drafted tokens accepted per call, where DReSD accepts {mat - 1:.2f}.")
+    else:
+        lines.append("- No number of verified positions reaches it on the measured cost curve: even all-accepted "
+                     "drafts would not pay for their forward.")
+    for peer in PEERS:
+        for name in (peer, f"{peer}+budget"):
+            r = _row(rows, name)
+            if r and r.get("target_calls"):
+                speed = r["mean_accepted_tokens"] / sum(_call_split(r, plain))
+                lines.append(f"- {GOAL_OVER_PEERS:.2f}x {name} (decode speedup {speed:.2f}x) needs MAT "
+                             f"{GOAL_OVER_PEERS * speed * total:.2f} at DReSD's call cost.")
+    lines.append("- What moves these: accepted drafts per verified position (the store: MAT grows by "
+                 "+0.06-0.09 per doubling of the ID store here) and the cost of a verified position (cores, "
+                 "a GPU: there k = 2-8 positions cost 1.06x a step). See docs/speed-study.md.")
+    return lines + [""]
+
+
 def plot(out_dir: Path, tables: dict[str, list[dict]]) -> list[str]:
     """speedup.png (per method and set) and acceptance.png (per draft position, ID methods)."""
     import matplotlib
@@ -164,7 +222,13 @@ def write_report(out_dir: Path, results: dict, names: list[str], args, cost, man
     lines += ["## Goals", ""]
     for set_name, rows in tables.items():
         lines += goal_lines(set_name, rows)
-    lines += ["", "Plots: speedup.png, acceptance.png", ""]
+    lines += ["", "## Profile: tokens per call against the time a call takes", "",
+              "Every figure per target call, as a multiple of our greedy loop's decode step in this run; "
+              "prefill is outside the calls. Why the missed goals are missed, and what each would take "
+              "(the study behind it: docs/speed-study.md).", ""]
+    for set_name, rows in tables.items():
+        lines += profile_lines(set_name, rows, cost)
+    lines += ["Plots: speedup.png, acceptance.png", ""]
     if tables:
         plot(out_dir, tables)
     report = out_dir / "report.md"

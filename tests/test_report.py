@@ -10,7 +10,7 @@ import pytest
 
 from dresd.budget import CostModel
 from dresd.metrics import DecodeMetrics
-from dresd.report import FULL_PROMPTS, goal_lines, summarize_results, write_report
+from dresd.report import FULL_PROMPTS, goal_lines, profile_lines, summarize_results, write_report
 
 GREEDY_TOKENS = {0: [5, 6, 7, 2], 1: [8, 9, 2], 2: [10, 11, 12, 13]}
 
@@ -237,3 +237,38 @@ def test_write_report_without_results(tmp_path):
     assert path.read_text().startswith("# DReSD side-by-side benchmark: SMOKE RUN")
     assert json.loads((tmp_path / "summary.json").read_text()) == {}
     assert not (tmp_path / "speedup.png").exists()
+
+
+# ------------------------------------------------------------------ profile_lines
+
+
+def timed_row(method: str, calls: int, tokens: int, wall: float, prefill: float, model: float,
+              retrieval: float = 0.0, verified: float = 1.0) -> dict:
+    return {"method": method, "target_calls": calls, "mean_accepted_tokens": tokens / calls, "wall_s": wall,
+            "prefill_s": prefill, "model_s": model, "retrieval_s": retrieval, "verified_per_call": verified,
+            "observable": True}
+
+
+def test_profile_lines_split_calls_and_turn_goals_into_mat():
+    # Greedy: 100 calls of 10 ms after a 0.1 s prefill. DReSD: 40 calls for 100 tokens, each
+    # 12 ms forward + 1 ms drafting + 0.5 ms loop = 1.35 plain steps.
+    rows = [timed_row("greedy", 100, 100, 1.1, 0.1, 1.0),
+            timed_row("dresd", 40, 100, 0.64, 0.1, 0.48, 0.04, verified=3.0),
+            timed_row("suffix", 50, 100, 0.6, 0.1, 0.5)]
+    cost = CostModel([1, 2, 3, 4], [0.010, 0.011, 0.012, 0.013])
+    lines = profile_lines("id", rows, cost)
+    assert lines[0] == "### id"
+    assert "| dresd | 2.50 | 3.0 | 1.20 + 0.10 + 0.05 = 1.35 | 1.85x | 15.6% |" in lines
+    assert "| suffix | 2.00 | 1.0 | 1.00 + 0.00 + 0.00 = 1.00 | 2.00x | 16.7% |" in lines
+    assert lines[8] == "- DReSD spends 1.35 plain steps per call for 2.50 tokens. At that cost 2.0x needs MAT 2.70."
+    # Routes: k positions need 2 * (cost(k) / cost(1) + 0.15) <= k: k = 2 needs 2.5 > 2, k = 3 needs 2.7.
+    assert lines[9].startswith("- Cheapest route on the measured cost curve: MAT 2.70 from 3 verified positions")
+    assert "1.70 of 2 drafted tokens accepted per call, where DReSD accepts 1.50" in lines[9]
+    assert "- 1.25x suffix (decode speedup 2.00x) needs MAT 3.38 at DReSD's call cost." in lines
+
+
+def test_profile_lines_without_a_route_or_timings():
+    rows = [timed_row("greedy", 10, 10, 0.2, 0.1, 0.1), timed_row("dresd", 10, 10, 0.35, 0.1, 0.2, 0.05)]
+    lines = profile_lines("id", rows, CostModel([1, 2, 4], [0.01, 0.02, 0.04]))
+    assert any("No number of verified positions reaches it" in line for line in lines)
+    assert profile_lines("id", [timed_row("greedy", 10, 10, 0.2, 0.1, 0.1)], COST) == []
