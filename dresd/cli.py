@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--datastore", help="datastore root or version folder")
     g.add_argument("--model", help="HF folder or .gguf (default: packaged model)")
     g.add_argument("--method", default="dresd",
-                   help="greedy, dresd, hybrid, pld, rest, suffix, or a comma list (e.g. greedy,dresd,pld)")
+                   help="greedy, dresd, hybrid, pld, rest, rest-dr, suffix, a registered method, or a comma list (e.g. greedy,dresd,pld)")
     g.add_argument("--budget", default="auto", choices=["auto", "off"],
                    help="auto: verify only what pays on this machine (measured); off: verify every draft")
     g.add_argument("--temperature", type=float, default=0.0, help="> 0: speculative sampling (lossless)")

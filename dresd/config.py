@@ -145,8 +145,9 @@ class SpeculativeConfig:
     # 10-token continuations; our numpy implementation, dresd.drafters.suffix_array);
     # "rest-dr" = PyPI draftretriever 0.1.1, which is ADED's trigram-table fork (drafts of
     # <= 4 tokens keyed on 2); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
-    # dense + exact-match candidates (hybrid_exact) in one tree.
-    method: Literal["greedy", "dresd", "pld", "rest", "rest-dr", "suffix", "hybrid"] = "dresd"
+    # dense + exact-match candidates (hybrid_exact) in one tree. Other names: methods added
+    # with dresd.drafters.factory.register_method or an installed "dresd.drafters" plugin.
+    method: str = "dresd"
     # "tree" = drafts merged into a token trie verified with tree attention;
     # "batch" = the reference's batch of draft rows (KV cache copied per row; dresd only,
     # no draft budget).

@@ -25,12 +25,12 @@ from ray.exceptions import RayActorError
 from dresd.acceptance import SamplingParams
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.datastore import Datastore, DatastoreError, read_current, set_current
+from dresd.drafters.factory import available_methods
 from dresd.engine import Engine
 from dresd.models import load_model
 
 log = logging.getLogger(__name__)
 
-METHODS = ("greedy", "dresd", "hybrid", "pld", "rest", "rest-dr", "suffix")
 VERIFIERS = ("tree", "batch")
 # Ray re-runs a task on the restarted actor this many times when its actor dies mid-task;
 # the pool resubmits on top of that (DecoderPool.max_attempts). Finite on purpose: a request
@@ -45,7 +45,7 @@ class DecodeRequest:
 
     prompt: str
     max_new_tokens: int = 128
-    method: str = "dresd"  # one of METHODS
+    method: str = "dresd"  # a registered method (dresd.drafters.factory.available_methods())
     verify: str = "tree"  # "tree" | "batch"
     temperature: float = 0.0
     top_p: float = 1.0
@@ -73,8 +73,8 @@ def check_request(req) -> str | None:
         return f"expected a DecodeRequest, got {type(req).__name__}"
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         return "prompt is empty"
-    if req.method not in METHODS:
-        return f"unknown method {req.method!r}; expected one of {list(METHODS)}"
+    if req.method not in available_methods():
+        return f"unknown method {req.method!r}; expected one of {available_methods()}"
     if req.verify not in VERIFIERS:
         return f"unknown verify {req.verify!r}; expected one of {list(VERIFIERS)}"
     if not isinstance(req.max_new_tokens, int) or req.max_new_tokens < 1:

@@ -9,7 +9,9 @@ import pytest
 from dresd.config import SpeculativeConfig
 from dresd.datastore import Datastore, publish
 from dresd.drafters import DraftRequest
-from dresd.drafters.factory import NEEDS_DATASTORE, derived_dir, make_drafter, store_pairs, store_records
+from dresd.drafters import factory
+from dresd.drafters.factory import (available_methods, derived_dir, make_drafter, method_entry, register_method,
+                                     store_pairs, store_records)
 from dresd.formatting import format_prompt_ids
 from dresd.models import make_byte_tokenizer
 from tests_support import make_manifest, make_parts
@@ -131,19 +133,24 @@ def test_hybrid_with_suffix_decoding(store, tok):
     assert any(p == text_ids(tok, " is Paris")[: len(p)] and p for p in c.paths)
 
 
-@pytest.mark.parametrize("method", NEEDS_DATASTORE)
+RETRIEVAL_METHODS = ("dresd", "rest", "rest-dr", "suffix", "hybrid")
+
+
+@pytest.mark.parametrize("method", RETRIEVAL_METHODS)
 def test_methods_needing_a_datastore_refuse_none(tok, method, cache_dir):
     with pytest.raises(ValueError, match="needs a datastore"):
         make(method, None, tok)
     assert not cache_dir.exists()  # nothing was built
 
 
-def test_needs_datastore_lists_every_retrieval_method():
-    assert set(NEEDS_DATASTORE) == {"dresd", "rest", "rest-dr", "suffix", "hybrid"}
+def test_builtin_methods_and_which_need_a_datastore():
+    builtin = ["greedy", "pld", "dresd", "hybrid", "rest", "rest-dr", "suffix"]
+    assert available_methods()[: len(builtin)] == builtin
+    assert {m for m in builtin if method_entry(m).needs_datastore} == set(RETRIEVAL_METHODS)
 
 
-def test_unknown_method(store, tok):
-    with pytest.raises(ValueError, match="unknown method 'medusa'"):
+def test_unknown_method_names_the_known_ones(store, tok):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'; known: greedy, pld, dresd, hybrid, rest"):
         make("medusa", store, tok)
 
 
@@ -254,3 +261,110 @@ def test_store_pairs_split_after_the_response_header(store, tok):
     assert prompt == format_prompt_ids(tok, TRUNCATED[0], "chat")
     assert response == text_ids(tok, TRUNCATED[1])
 
+
+
+# ------------------------------------------------------------------ the registry
+
+
+@pytest.fixture()
+def registry(monkeypatch):
+    """The registry as it is, restored after the test (plugins rescanned on first use)."""
+    monkeypatch.setattr(factory, "_METHODS", dict(factory._METHODS))
+    monkeypatch.setattr(factory, "_plugins_loaded", False)
+    return factory._METHODS
+
+
+class ListDrafter:
+    """Drafts the next tokens of a known text wherever the context is a prefix of it."""
+
+    name = "listed"
+
+    def __init__(self, text: list[int], length: int):
+        self.text, self.length = text, length
+
+    def begin(self, prompt_ids):
+        pass
+
+    def end(self, generated):
+        pass
+
+    def propose(self, request):
+        from dresd.drafters import Candidates
+
+        out, n = Candidates(), len(request.context)
+        if list(request.context) == self.text[:n]:
+            out.add(self.text[n : n + min(self.length, request.max_len)], 1.0, self.name)
+        return out
+
+
+def test_a_registered_method_decodes_losslessly_with_its_drafts(registry, tiny_model_dir):
+    from dresd.config import ModelConfig
+    from dresd.engine import Engine
+    from dresd.models import load_model
+    from dresd.serving import DecodeRequest, check_request
+
+    engine = Engine(load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=False)))
+    prompt = "Say something."
+    greedy = engine.generate(prompt, SpeculativeConfig(method="greedy"), 24)
+    text = engine.prompt_ids(prompt) + greedy.token_ids
+    built = []
+
+    def build(spec, store, tokenizer, eos_id):
+        built.append((spec.method, store, eos_id))
+        return ListDrafter(text, spec.len_drafts)
+
+    assert check_request(DecodeRequest(prompt, method="listed")) == (
+        f"unknown method 'listed'; expected one of {available_methods()}")
+    register_method("listed", build)
+    assert "listed" in available_methods() and check_request(DecodeRequest(prompt, method="listed")) is None
+    spec = SpeculativeConfig(method="listed", budget="off", len_drafts=4)
+    gen = engine.generate(prompt, spec, 24)
+    assert gen.token_ids == greedy.token_ids
+    assert built == [("listed", None, engine.lm.eos_token_id)]
+    # Every draft was the true continuation: 4 accepted + the bonus per call, to the budget's end.
+    assert gen.metrics.accepted == gen.metrics.drafted > 0
+    assert gen.metrics.target_calls < greedy.metrics.target_calls / 3
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("listed", build)
+    register_method("listed", build, replace=True)
+    with pytest.raises(ValueError, match="no comma"):
+        register_method("a,b", build)
+
+
+def test_a_registered_method_can_require_a_datastore(registry, tok):
+    register_method("needs-store", lambda spec, store, tokenizer, eos_id: None, needs_datastore=True)
+    with pytest.raises(ValueError, match="method 'needs-store' needs a datastore"):
+        make("needs-store", None, tok)
+
+
+def write_plugin(folder, module: str, body: str, entry: str) -> None:
+    """An installed distribution, as importlib.metadata finds it on sys.path."""
+    info = folder / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[{factory.ENTRY_POINT_GROUP}]\n{entry}\n")
+    (folder / f"{module}.py").write_text(body)
+
+
+def test_installed_plugins_register_through_the_entry_point_group(registry, tmp_path, monkeypatch, tok):
+    write_plugin(tmp_path, "dresd_plugin_ok", (
+        "from dresd.drafters.factory import MethodEntry\n"
+        "from dresd.drafters.prompt_lookup import PromptLookupDrafter\n"
+        "def build(spec, store, tokenizer, eos_id):\n"
+        "    return PromptLookupDrafter(3, 1, 4, 2, eos_id)\n"
+        "ENTRY = MethodEntry(build, needs_datastore=False)\n"
+        "NOT_A_BUILDER = 42\n"),
+        "plugged = dresd_plugin_ok:ENTRY\npld = dresd_plugin_ok:build\nnumber = dresd_plugin_ok:NOT_A_BUILDER")
+    write_plugin(tmp_path, "dresd_plugin_broken", "raise ImportError('missing dependency')\n",
+                 "broken = dresd_plugin_broken:build")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning) as warned:
+        d = make("plugged", None, tok)
+    messages = sorted(str(w.message) for w in warned)
+    assert len(messages) == 2
+    assert "drafter plugin 'broken'" in messages[0] and "missing dependency" in messages[0]
+    assert "drafter plugin 'number'" in messages[1] and "neither a builder nor a MethodEntry" in messages[1]
+    assert (d.max_ngram, d.min_ngram, d.num_tokens, d.max_matches) == (3, 1, 4, 2)
+    assert "plugged" in available_methods() and not {"broken", "number"} & set(available_methods())
+    # A plugin never shadows a built-in method of the same name.
+    assert make("pld", None, tok).num_tokens == SpeculativeConfig().pld_tokens
