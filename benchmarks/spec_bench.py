@@ -31,6 +31,7 @@ if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -98,6 +99,34 @@ def methods() -> list[Method]:
                 # The paper's settings: the datastore alone, everything verified.
                 Method("dresd-ref", store, S(method="dresd", budget="off", context_keys=False)),
             ]
+    return out
+
+
+def chosen_methods(names: str) -> list[Method]:
+    """The methods a comma list names (every benchmark method when empty), greedy always first.
+
+    A name outside the benchmark's list that is a registered method (a plugin, or one a
+    --import module registers) runs on the ID store with the budget on; `name@ood` on the
+    OOD store. Any other name is an error: a typo must not shrink a run silently."""
+    from dresd.drafters.factory import available_methods, method_entry
+
+    known = methods()
+    if not names:
+        return known
+    by_name = {m.name: m for m in known}
+    out = [by_name["greedy"]]
+    for name in dict.fromkeys(n.strip() for n in names.split(",") if n.strip()):
+        if name == "greedy":
+            continue
+        if name in by_name:
+            out.append(by_name[name])
+            continue
+        method, _, store = name.partition("@")
+        if method not in available_methods() or store not in ("", "ood"):
+            raise ValueError(f"--methods: unknown method {name!r}; benchmark methods: {', '.join(by_name)}; "
+                             f"registered methods (on the ID store, or name@ood): {', '.join(available_methods())}")
+        needs = method_entry(method).needs_datastore
+        out.append(Method(name, (store or "id") if needs else None, SpeculativeConfig(method=method)))
     return out
 
 
@@ -220,7 +249,7 @@ def run(args) -> Path | None:
     # Calibrated afresh: the forward cost per verified position depends on this machine's state now.
     cost = cached_cost_model(lm.model, refresh=True)
     engines = {None: Engine(lm, cost=cost), **{k: Engine(lm, Datastore(r), cost=cost) for k, r in roots.items()}}
-    chosen = [m for m in methods() if not args.methods or m.name in args.methods.split(",") or m.name == "greedy"]
+    chosen = chosen_methods(args.methods)
     results_path = out_dir / "results.jsonl"
     done = load_results(results_path)
 
@@ -261,13 +290,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: 3 prompts per set (labelled as such)")
     p.add_argument("--prompts", type=int, default=None, help="prompts per evaluation set (default 20; 3 with --quick)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--methods", default="", help="comma list of method names (greedy is always run)")
+    p.add_argument("--methods", default="",
+                   help="comma list of method names (greedy is always run); any registered method may be named")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--only-store", choices=["id", "ood"],
                    help="write the corpora, build (or reuse) this one datastore and stop: run one process per store to build both at once")
+    p.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first (repeatable): a module that registers methods of its own")
     args = p.parse_args(argv)
     if args.prompts is None:
         args.prompts = 3 if args.quick else 20
+    for module in args.imports:
+        importlib.import_module(module)
+    chosen_methods(args.methods)  # a bad name fails now, not after the datastores are built
     report = run(args)
     if report is not None:
         print(report.read_text())

@@ -2,9 +2,10 @@
 
 The built-in methods are registered here; `register_method` (or the "dresd.drafters"
 entry-point group of an installed package) adds others, which then work everywhere a
-method name does: configs, `dresd generate --method`, the serving pool. Retrieval
-baselines are built from the very corpus token streams of the dense datastore (its
-tokens.npy and record offsets), so every method drafts from the same text.
+method name does: configs, `dresd generate --method`, the serving pool, the side-by-side
+benchmark (`benchmarks/spec_bench.py --methods`). Retrieval baselines are built from the
+very corpus token streams of the dense datastore (its tokens.npy and record offsets), so
+every method drafts from the same text.
 """
 
 from __future__ import annotations
