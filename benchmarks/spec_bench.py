@@ -148,7 +148,7 @@ def id_corpus(workdir: Path, banned: set[str]) -> Path:
     if not raw.exists():
         cmd = [sys.executable, str(ROOT / "jobs" / "decode.py"), "--config", str(ROOT / "jobs/configs/generate_id_corpus.yaml"),
                "--set", f"skip={HELD_OUT}", "--set", f"limit={ID_ROWS}", "--set", "max_new_tokens=128",
-               "--set", "batch_size=64", "--set", "chunk_rows=64", "--set", f"output={workdir / 'id_decode'}",
+               "--set", "batch_size=16", "--set", "chunk_rows=64", "--set", f"output={workdir / 'id_decode'}",
                "--set", f"corpus_file={raw}"]
         print("generating the ID corpus:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

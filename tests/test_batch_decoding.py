@@ -60,6 +60,17 @@ def test_batched_greedy_equals_one_at_a_time(lm, prompts):
     assert generate_batch(lm, prompts[1:2], 12) == alone[1:2]
 
 
+def test_padded_batched_prefill_gives_the_same_tokens(lm, prompts, monkeypatch):
+    import dresd.batch_decoding as bd
+
+    per_row = BatchStats()
+    alone = generate_batch(lm, prompts, 12, stats=per_row)
+    monkeypatch.setattr(bd, "PADDED_PREFILL_DEVICES", ("cpu", "cuda"))  # the GPU path, here
+    padded = BatchStats()
+    assert generate_batch(lm, prompts, 12, stats=padded) == alone
+    assert padded.steps == per_row.steps and padded.width == per_row.width == 23
+
+
 def test_max_new_tokens_is_exact(lm, prompts):
     for n in (0, 1, 5):
         out = generate_batch(lm, prompts, n)
