@@ -132,13 +132,10 @@ def generate_batch(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens:
         return outputs
 
     width = st.width
-    ids = torch.full((rows, width), pad, dtype=torch.long)
     mask = torch.zeros((rows, width), dtype=torch.long)
     for r, p in enumerate(prompt_ids):
-        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         mask[r, width - len(p):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    mask = mask.to(device)
     next_pos = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long, device=device)[:, None]
     generator = None
     if temperature > 0:
@@ -147,8 +144,11 @@ def generate_batch(lm: LoadedModel, prompt_ids: list[list[int]], max_new_tokens:
 
     t0 = time.perf_counter()
     if device.type in PADDED_PREFILL_DEVICES:
+        ids = torch.full((rows, width), pad, dtype=torch.long, device=device)
+        for r, p in enumerate(prompt_ids):
+            ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
         cache = GrowingCache()
-        logits = _forward_last(model, ids, mask, positions, cache)
+        logits = _forward_last(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0), cache)
     else:
         logits, cache = _prefill_rows(model, prompt_ids, width, device)
     active = [b > 0 for b in budgets]

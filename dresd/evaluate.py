@@ -72,6 +72,7 @@ def summarize(runs: dict[str, MethodRun], baseline: str = GREEDY) -> list[dict]:
             "prefill_s": m.prefill_s,
             "model_s": m.model_s,
             "retrieval_s": m.retrieval_s,
+            "other_s": m.other_s,
             # Loop internals are not observable in external references (HF generate).
             "observable": m.target_calls > 0,
         })

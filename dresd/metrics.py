@@ -87,6 +87,11 @@ class DecodeMetrics:
         return [a / o if o else 0.0 for a, o in zip(self.accepted_at, self.offered_at)]
 
     @property
+    def other_s(self) -> float:
+        """Wall time outside the prefill, the verification forwards and drafting: the loop itself."""
+        return max(self.wall_s - self.prefill_s - self.model_s - self.retrieval_s, 0.0)
+
+    @property
     def retrieval_share(self) -> float:
         return self.retrieval_s / self.wall_s if self.wall_s else 0.0
 
@@ -105,7 +110,7 @@ class DecodeMetrics:
             tokens_per_s=self.tokens_per_s,
             per_position_acceptance=self.per_position_acceptance,
             retrieval_share=self.retrieval_share,
-            other_s=max(self.wall_s - self.prefill_s - self.model_s - self.retrieval_s, 0.0),
+            other_s=self.other_s,
         )
         return out
 

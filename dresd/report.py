@@ -84,9 +84,8 @@ def goal_lines(set_name: str, rows: list[dict]) -> list[str]:
 
 def _call_split(row: dict, plain_call_s: float) -> tuple[float, float, float]:
     """A method's decode time per target call, as (forward, drafting, loop) multiples of a plain step."""
-    calls = max(row["target_calls"], 1)
-    loop = max(row["wall_s"] - row["prefill_s"] - row["model_s"] - row["retrieval_s"], 0.0)
-    return row["model_s"] / calls / plain_call_s, row["retrieval_s"] / calls / plain_call_s, loop / calls / plain_call_s
+    per = max(row["target_calls"], 1) * plain_call_s
+    return row["model_s"] / per, row["retrieval_s"] / per, row["other_s"] / per
 
 
 def profile_lines(set_name: str, rows: list[dict], cost) -> list[str]:
@@ -96,7 +95,7 @@ def profile_lines(set_name: str, rows: list[dict], cost) -> list[str]:
     so each goal turns into the MAT it would take at DReSD's measured cost per call.
     """
     greedy, dresd = _row(rows, "greedy"), _row(rows, "dresd")
-    if not greedy or not dresd or not greedy.get("target_calls") or "model_s" not in dresd:
+    if not greedy or not dresd or not greedy.get("target_calls") or "other_s" not in dresd:
         return []
     plain = (greedy["wall_s"] - greedy["prefill_s"]) / greedy["target_calls"]
     lines = [f"### {set_name}", "",

@@ -245,8 +245,8 @@ def test_write_report_without_results(tmp_path):
 def timed_row(method: str, calls: int, tokens: int, wall: float, prefill: float, model: float,
               retrieval: float = 0.0, verified: float = 1.0) -> dict:
     return {"method": method, "target_calls": calls, "mean_accepted_tokens": tokens / calls, "wall_s": wall,
-            "prefill_s": prefill, "model_s": model, "retrieval_s": retrieval, "verified_per_call": verified,
-            "observable": True}
+            "prefill_s": prefill, "model_s": model, "retrieval_s": retrieval,
+            "other_s": max(wall - prefill - model - retrieval, 0.0), "verified_per_call": verified, "observable": True}
 
 
 def test_profile_lines_split_calls_and_turn_goals_into_mat():
