@@ -1,4 +1,4 @@
-"""Batched greedy decoding (dresd.batch_decoding.generate_batch) vs one-at-a-time greedy.
+"""Batched greedy decoding (dresd.decoding.batch.generate_batch) vs one-at-a-time greedy.
 
     .venv/bin/python benchmarks/batch_decode_bench.py [--prompts 16] [--max-new-tokens 64] \
         [--batch-sizes 4,8,16] [--threads 1,2] [--model PATH]
@@ -29,11 +29,11 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402
 
-from dresd.batch_decoding import BatchStats, generate_batch  # noqa: E402
+from dresd.decoding.batch import BatchStats, generate_batch  # noqa: E402
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
-from dresd.corpus import mtbench_first_turns  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.models import load_model  # noqa: E402
+from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.model.loading import load_model  # noqa: E402
 
 
 def _clock() -> tuple[float, float]:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/budget_replay.py --methods dresd,suffix,hybrid-sfx --prompts 20
 
 Timed runs of the decoding loop move by several percent with the machine's mood, which
-hides most changes to the planner (dresd/budget.py). This script takes the noise out:
+hides most changes to the planner (dresd/decoding/budget.py). This script takes the noise out:
 
 1. log: each method decodes the prompts with the budget off, verifying every proposed
    node (up to --max-verify), and every step's whole draft tree, the node path the target
@@ -38,7 +38,7 @@ import sys
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli/main.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
@@ -46,9 +46,10 @@ import pickle  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dresd.budget import CostModel, DraftPlanner, cached_cost_model  # noqa: E402
+from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
+from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
-from dresd.tree import TokenTree, build_tree  # noqa: E402
+from dresd.decoding.tree import TokenTree, build_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; --policy keeps the budget)
@@ -168,7 +169,7 @@ def record_texts(engine, prompts: list[str], max_new_tokens: int) -> list[dict]:
     import numpy as np
 
     from dresd.config import SpeculativeConfig
-    from dresd.decoding import SpeculativeDecoder
+    from dresd.decoding.loop import SpeculativeDecoder
 
     lm, recorder = engine.lm, _Recorder()
     decoder = SpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context,
@@ -239,7 +240,7 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel) -> floa
     import numpy as np
 
     from dresd.config import SpeculativeConfig
-    from dresd.drafters.factory import make_drafter
+    from dresd.drafters.registry import make_drafter
 
     plain = median(t["plain_s"] for t in texts)
     cost = cost.scaled(plain / cost.cost(1), 1.0)
@@ -270,9 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.spec_bench import eval_sets
     from dresd.config import ModelConfig
-    from dresd.datastore import Datastore
-    from dresd.engine import Engine
-    from dresd.models import load_model
+    from dresd.datastore.store import Datastore
+    from dresd.decoding.engine import Engine
+    from dresd.model.loading import load_model
 
     store = Path(args.store) if os.sep in args.store else Path(args.workdir) / "stores" / args.store
     lm = load_model(ModelConfig())

@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 
 from dresd.config import BuildConfig, CorpusConfig, ModelConfig
-from dresd.corpus import sharegpt_first_turns
-from dresd.formatting import record_ids, shared_prefix_len
-from dresd.corpus import Example, RecordError
-from dresd.models import load_model
+from dresd.datastore.corpus import sharegpt_first_turns
+from dresd.datastore.formatting import record_ids, shared_prefix_len
+from dresd.datastore.corpus import Example, RecordError
+from dresd.model.loading import load_model
 
 
 class PeakMemory:
@@ -76,7 +76,7 @@ def write_corpus(path: Path, tokenizer, eos: int, target_tokens: int, offset: in
 def plain_loop_tokens_per_s(corpus: Path, batch_size: int) -> float:
     """The same forwards as the embed stage (length-sorted padded batches), no Ray."""
     from pipelines.embed import Embed
-    from dresd.models import load_model as _load
+    from dresd.model.loading import load_model as _load
 
     lm = _load(ModelConfig(dual_layout=False))
     emb = Embed(str(lm.model.name_or_path), "cpu", 0, "/tmp/unused", batch_size)

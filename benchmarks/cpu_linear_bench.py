@@ -1,10 +1,10 @@
-"""What the packed weight copies (dresd.cpu_linear) buy on this machine, in one run.
+"""What the packed weight copies (dresd.model.fastpath.cpu_linear) buy on this machine, in one run.
 
     .venv/bin/python benchmarks/cpu_linear_bench.py [--prompts 4] [--max-new-tokens 64]
 
 Prints (and writes to --out) two tables comparing the stock HF model with the same weights
 converted by `use_dual_layout`, packed as float32 and as exact integer codes (the default
-for GGUF-derived weights, dresd.weight_codes), measurements interleaved so machine noise
+for GGUF-derived weights, dresd.model.fastpath.weight_codes), measurements interleaved so machine noise
 hits all:
 1. one verification step over k new positions after a 256-token cache: stock (LM head
    over every position) and both packed layouts (lazy greedy head, in-place KV cache);
@@ -32,14 +32,14 @@ import torch  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
-from dresd.corpus import mtbench_first_turns  # noqa: E402
-from dresd.cpu_linear import packed_bytes, packed_formats  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.hf_reference import hf_generate  # noqa: E402
-from dresd.kv_cache import GrowingCache  # noqa: E402
-from dresd.models import load_model  # noqa: E402
-from dresd.tree import build_tree  # noqa: E402
-from dresd.verify import forward, verify_token_tree  # noqa: E402
+from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
+from dresd.model.fastpath.cpu_linear import packed_bytes, packed_formats  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.hf_reference import hf_generate  # noqa: E402
+from dresd.decoding.kv_cache import GrowingCache  # noqa: E402
+from dresd.model.loading import load_model  # noqa: E402
+from dresd.decoding.tree import build_tree  # noqa: E402
+from dresd.decoding.verify import forward, verify_token_tree  # noqa: E402
 
 POSITIONS = (1, 2, 3, 4, 6, 8, 12, 16, 32)
 

@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.evaluate import markdown_table, run_methods, summarize  # noqa: E402
-from dresd.hf_reference import hf_generate  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.compare import markdown_table, run_methods, summarize  # noqa: E402
+from dresd.evaluation.hf_reference import hf_generate  # noqa: E402
 
 S = SpeculativeConfig
 METHODS = {

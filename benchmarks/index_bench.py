@@ -9,12 +9,12 @@ A script, never imported by the library. It scales a real datastore up to ~1M ke
   own token (key_positions / record_offsets / sources are consistent with the keys);
 * queries: fresh perturbations of randomly chosen real keys (never a stored vector).
 
-The index is built through dresd.index (choose_index_params with IndexConfig defaults ->
+The index is built through dresd.datastore.index (choose_index_params with IndexConfig defaults ->
 IVF{nlist},PQ32x4fs,RFlat; trained on a sample), then single-query top-50 search is timed
 with one faiss thread over a sweep of nprobe x refine k_factor, plus the compact variant
 (the same IVF-PQ index without the refine stage). Recall@50 = overlap with the exact top-50
 (faiss.IndexFlatIP). Both variants are then written as full datastore versions with
-dresd.datastore.publish and every file is counted to get bytes per datastore token.
+dresd.datastore.store.publish and every file is counted to get bytes per datastore token.
 
     .venv/bin/python benchmarks/index_bench.py            # writes runs/bench/index_bench.md
 """
@@ -36,9 +36,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dresd import index as dindex
+from dresd.datastore.store import index as dindex
 from dresd.config import IndexConfig
-from dresd.datastore import Datastore, DatastoreParts, publish
+from dresd.datastore.store import Datastore, DatastoreParts, publish
 
 K = 50
 P50_GOAL_MS = 1.0
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigma", type=float, default=0.03, help="per-dimension std of the perturbation (unit-norm keys)")
     p.add_argument("--n-queries", type=int, default=500)
     p.add_argument("--train-size", type=int, default=200_000, help="training sample for IVF k-means + PQ")
-    p.add_argument("--kmeans-niter", type=int, default=0, help="cap k-means iterations (0 = faiss default via dresd.index.train_index)")
+    p.add_argument("--kmeans-niter", type=int, default=0, help="cap k-means iterations (0 = faiss default via dresd.datastore.index.train_index)")
     p.add_argument("--nprobe", default="16,32,64,128", help="nprobe sweep (the IndexConfig default rule's value is added)")
     p.add_argument("--k-factor", default="2,5", help="refine k_factor sweep")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per setting (interleaved; spread = noise)")
@@ -149,7 +149,7 @@ def synth_store(ds: Datastore, keys: np.ndarray, target: int, sigma: float, rng:
 
 
 def build_index(params: dindex.IndexParams, sample: np.ndarray, seed: int, niter: int) -> faiss.Index:
-    """dresd.index.train_index, or the same steps with k-means iterations capped."""
+    """dresd.datastore.index.train_index, or the same steps with k-means iterations capped."""
     if not niter:
         return dindex.train_index(params, sample, seed=seed)
     index = dindex.new_index(params)
@@ -197,7 +197,7 @@ class Setting:
 
 
 def timed_pass(s: Setting, queries: np.ndarray) -> np.ndarray:
-    """Single-query searches through dresd.index.search; returns ids, records latencies."""
+    """Single-query searches through dresd.datastore.index.search; returns ids, records latencies."""
     s.apply()
     for q in queries[:20]:  # warm-up
         dindex.search(s.index, q[None, :], K)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
       f"dimension, re-normalised: median cos(copy, original) = {pert_cos:.3f}; for scale, the median cos between a real key "
       f"and its nearest other real key is {real_nn_cos:.3f}.")
     w(f"- Queries: {args.n_queries} fresh perturbations (same sigma, other noise) of randomly chosen real keys; none is a stored vector.")
-    w(f"- Index via `dresd.index` with `IndexConfig()` defaults: `{params.factory}` (nlist={params.nlist}, default "
+    w(f"- Index via `dresd.datastore.index` with `IndexConfig()` defaults: `{params.factory}` (nlist={params.nlist}, default "
       f"nprobe={params.nprobe} from min(nlist, max(32, nlist//32)), refine k_factor={default_kf:g}), trained on "
       f"{min(args.train_size, n_keys):,} sampled keys, k-means niter={args.kmeans_niter or 'faiss default (25)'}. "
       "Compact = the same IVF-PQ fast-scan index without the RFlat stage.")
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if disk:
         w("## Bytes on disk per datastore token\n")
-        w(f"Both variants written as full datastore versions with `dresd.datastore.publish` ({n_keys:,} keys, "
+        w(f"Both variants written as full datastore versions with `dresd.datastore.store.publish` ({n_keys:,} keys, "
           f"{n_tokens:,} tokens); every file of the version folder counted (the root's 23-byte CURRENT pointer is not).\n")
         names = sorted(set(disk["compact"]) | set(disk["refine"]))
         w("| file | compact bytes | B/token | refine bytes | B/token |")

@@ -26,7 +26,7 @@ import sys
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli/main.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # spec_bench's evaluation sets
 
@@ -39,11 +39,11 @@ import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
-from dresd.corpus import mtbench_first_turns  # noqa: E402
-from dresd.datastore import Datastore  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.evaluate import MethodRun, markdown_table, summarize  # noqa: E402
-from dresd.models import load_model  # noqa: E402
+from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
+from dresd.datastore.store import Datastore  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.compare import MethodRun, markdown_table, summarize  # noqa: E402
+from dresd.model.loading import load_model  # noqa: E402
 
 
 def exact_keys(store: Datastore):

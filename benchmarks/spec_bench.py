@@ -13,7 +13,7 @@ prompt equals an evaluation prompt).
 
 Methods share our decoding loop and tree verifier (greedy acceptance, lossless) except the
 external HF `generate()` references (on the stock HF model, as users load it; hf-greedy-dual
-runs HF's loop on our dual-layout model, see dresd.cpu_linear); REST, SuffixDecoding and DReSD draft from the same
+runs HF's loop on our dual-layout model, see dresd.model.fastpath.cpu_linear); REST, SuffixDecoding and DReSD draft from the same
 corpus token streams. Methods are interleaved per prompt so machine noise hits all alike;
 results go to results.jsonl (one line per prompt x method: rerun to resume) and the report
 (report.md, summary.json, PNG plots) is rewritten from all results at the end.
@@ -27,7 +27,7 @@ import sys
 if __name__ == "__main__":
     # Before torch loads OpenMP: spinning threads on a shared 2-core machine cost ~3x.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli/main.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
@@ -40,14 +40,14 @@ from pathlib import Path  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
-from dresd.budget import cached_cost_model  # noqa: E402
+from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig  # noqa: E402
-from dresd.corpus import Example, RecordError, mtbench_first_turns, sharegpt_first_turns  # noqa: E402
-from dresd.datastore import Datastore, reusable_store  # noqa: E402
-from dresd.decoding import Generation  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.formatting import record_ids  # noqa: E402
-from dresd.models import load_model  # noqa: E402
+from dresd.datastore.corpus import Example, RecordError, mtbench_first_turns, sharegpt_first_turns  # noqa: E402
+from dresd.datastore.store import Datastore, reusable_store  # noqa: E402
+from dresd.decoding.loop import Generation  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.datastore.formatting import record_ids  # noqa: E402
+from dresd.model.loading import load_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HELD_OUT = 40  # first deduplicated ShareGPT turns, kept out of every corpus
@@ -108,7 +108,7 @@ def chosen_methods(names: str) -> list[Method]:
     A name outside the benchmark's list that is a registered method (a plugin, or one a
     --import module registers) runs on the ID store with the budget on; `name@ood` on the
     OOD store. Any other name is an error: a typo must not shrink a run silently."""
-    from dresd.drafters.factory import available_methods, method_entry
+    from dresd.drafters.registry import available_methods, method_entry
 
     known = methods()
     if not names:
@@ -256,7 +256,7 @@ def run(args) -> Path | None:
     def generate(m: Method, prompt: str, n: int) -> Generation:
         engine = engines[m.store]
         if m.spec is None:
-            from dresd.hf_reference import hf_generate
+            from dresd.evaluation.hf_reference import hf_generate
 
             model = stock if m.hf_stock else lm.model
             return hf_generate(model, engine.prompt_ids(prompt), n, lm.eos_token_id, m.hf_lookup)
@@ -279,7 +279,7 @@ def run(args) -> Path | None:
                     fh.write(json.dumps(rec) + "\n")
                     fh.flush()
                     done[(set_name, m.name, i)] = rec
-    from dresd.report import write_report
+    from dresd.evaluation.report import write_report
 
     return write_report(out_dir, done, [m.name for m in chosen], args, cost,
                         {k: Datastore(r).manifest for k, r in roots.items()})

@@ -36,12 +36,12 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dresd.config import BuildConfig, ModelConfig, SpeculativeConfig, from_dict  # noqa: E402
-from dresd.corpus import mtbench_first_turns  # noqa: E402
-from dresd.datastore import Datastore, resolve_version_dir  # noqa: E402
-from dresd.engine import Engine  # noqa: E402
-from dresd.evaluate import MethodRun, markdown_table, summarize  # noqa: E402
-from dresd.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
-from dresd.models import load_model  # noqa: E402
+from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
+from dresd.datastore.store import Datastore, resolve_version_dir  # noqa: E402
+from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.compare import MethodRun, markdown_table, summarize  # noqa: E402
+from dresd.datastore.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
+from dresd.model.loading import load_model  # noqa: E402
 from pipelines.build import build_datastore, build_key, work_folder  # noqa: E402
 from pipelines.index_fill import fill_and_merge, save_trained  # noqa: E402
 from pipelines.runtime import ensure_ray  # noqa: E402

@@ -1,10 +1,10 @@
 """Ray job: build (or add a version to) a DReSD datastore from a YAML BuildConfig.
 
-    python jobs/build.py --config jobs/configs/build_sharegpt.yaml \
+    python -m jobs.build --config jobs/configs/build_sharegpt.yaml \
         [--address ADDR] [--output PATH] [--set corpus.max_records=500 ...]
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/build.py --config jobs/configs/build_sharegpt.yaml --output /home/ubuntu/stores/sharegpt
+        python -m jobs.build --config jobs/configs/build_sharegpt.yaml --output /home/ubuntu/stores/sharegpt
 
 Ray address: --address, else RAY_ADDRESS (`ray job submit` sets it for the job's driver),
 else the config's `ray_address`, else a fresh local Ray. Prints the build summary and exits
@@ -15,16 +15,13 @@ from __future__ import annotations
 
 import sys
 
-if __package__ in (None, ""):
-    import _bootstrap  # noqa: F401  (run as a script: puts the repository root first on sys.path)
-
-from dresd.config import BuildConfig  # noqa: E402
-from jobs.common import ConfigError, parse_job_config, run_job  # noqa: E402
+from dresd.config import BuildConfig
+from jobs.common import ConfigError, parse_job_config, run_job
 
 
 def parse(argv: list[str]) -> BuildConfig:
     """Command line -> the BuildConfig to run (no Ray, no model loading)."""
-    cfg, args = parse_job_config(BuildConfig, "jobs/build.py",
+    cfg, args = parse_job_config(BuildConfig, "python -m jobs.build",
                                  "Build a DReSD datastore (corpus -> Ray Data embed -> faiss index).", "datastore root", argv)
     if not cfg.corpus.paths:
         raise ConfigError(f"{args.config}: corpus.paths is empty (give files, folders or 'sharegpt')")

@@ -27,15 +27,15 @@ import numpy as np
 import ray
 from tqdm import tqdm
 
-from dresd.compression import compress, fit_compressor, reconstruction_error
+from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
-from dresd.corpus import list_corpus_files, sharegpt_path, SHAREGPT
-from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish, read_current
-from dresd.formatting import format_fingerprint, shared_prefix_len
-from dresd.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
-from dresd.models import load_model
-from dresd.sampling import Reservoir
-from dresd.storage import file_stamp
+from dresd.datastore.corpus import list_corpus_files, sharegpt_path, SHAREGPT
+from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, publish, read_current
+from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
+from dresd.datastore.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
+from dresd.model.loading import load_model
+from dresd.datastore.reservoir import Reservoir
+from dresd.storage.files import file_stamp
 from pipelines.embed import Embed
 from pipelines.index_fill import fill_and_merge, fill_names, save_trained
 from pipelines.read import read_shards

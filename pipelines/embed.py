@@ -16,7 +16,7 @@ import ray
 import torch
 
 from dresd.config import ModelConfig
-from dresd.models import load_model
+from dresd.model.loading import load_model
 from pipelines.scratch import Scratch
 from pipelines.shards import META, ShardData, write_shard
 

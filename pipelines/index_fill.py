@@ -17,8 +17,8 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dresd.compression import Compressor, compress, load_compressor, save_compressor
-from dresd.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
+from dresd.datastore.compression import Compressor, compress, load_compressor, save_compressor
+from dresd.datastore.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
 from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
 

@@ -12,7 +12,7 @@ import pickle
 import ray
 
 from dresd.config import CorpusConfig
-from dresd.corpus import CorpusError, list_corpus_files, read_rows
+from dresd.datastore.corpus import CorpusError, list_corpus_files, read_rows
 from pipelines.shards import shard_id
 from pipelines.tokenize import Tokenize
 

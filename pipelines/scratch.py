@@ -20,7 +20,8 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import ray
 
-from dresd import storage
+from dresd.storage.cache import cache_dir
+from dresd.storage.files import Location, is_uri, resolve
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Scratch:
 
     @property
     def remote(self) -> bool:
-        return storage.is_uri(self.location)
+        return is_uri(self.location)
 
     @property
     def path(self) -> Path:
@@ -39,10 +40,10 @@ class Scratch:
             return Path(self.location)
         # Per node, so that nodes sharing one machine (tests) still exchange files for real.
         node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
-        return storage.cache_dir() / "scratch" / node / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        return cache_dir() / "scratch" / node / hashlib.sha256(self.location.encode()).hexdigest()[:16]
 
-    def _remote(self, rel: str) -> storage.Location:
-        return storage.resolve(self.location).child(rel)
+    def _remote(self, rel: str) -> Location:
+        return resolve(self.location).child(rel)
 
     def push(self, rel: str, last: str | None = None) -> None:
         """Publish the local file or folder `rel` to the scratch URI (no-op when local);
@@ -73,7 +74,7 @@ class Scratch:
         return local
 
     @staticmethod
-    def _refresh(src: storage.Location, local: Path, size: int) -> None:
+    def _refresh(src: Location, local: Path, size: int) -> None:
         if not (local.is_file() and local.stat().st_size == size):
             src.download(local)
 
@@ -91,6 +92,6 @@ class Scratch:
         """Delete the scratch folder (and this node's mirror of it)."""
         shutil.rmtree(self.path, ignore_errors=True)
         if self.remote:
-            loc = storage.resolve(self.location)
+            loc = resolve(self.location)
             if loc.exists():
                 loc.fs.delete_dir(loc.path)

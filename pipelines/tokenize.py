@@ -13,8 +13,8 @@ import numpy as np
 from transformers import AutoTokenizer
 
 from dresd.config import CorpusConfig
-from dresd.corpus import RawRow, RecordError, extract_examples
-from dresd.formatting import record_ids
+from dresd.datastore.corpus import RawRow, RecordError, extract_examples
+from dresd.datastore.formatting import record_ids
 
 
 class Tokenize:

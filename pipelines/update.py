@@ -16,12 +16,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dresd.compression import reconstruction_error
+from dresd.datastore.compression import reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
-from dresd.datastore import Datastore, DatastoreError, DatastoreParts, publish
-from dresd.formatting import format_fingerprint, shared_prefix_len
-from dresd.index import IndexParams, add_keys, empty_copy, set_search_params
-from dresd.models import load_model
+from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, publish
+from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
+from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
+from dresd.model.loading import load_model
 from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
 from pipelines.index_fill import fill_and_merge, save_trained
 from pipelines.shards import first_key_ids

@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 store=${1:-runs/demo/datastore}
-gguf=$(.venv/bin/python -c "from dresd.models import packaged_default_dir, DEFAULT_GGUF_FILE; print(packaged_default_dir() / DEFAULT_GGUF_FILE)")
+gguf=$(.venv/bin/python -c "from dresd.model.loading import packaged_default_dir, DEFAULT_GGUF_FILE; print(packaged_default_dir() / DEFAULT_GGUF_FILE)")
 # .gpu/ is in .gitignore: Ray job submissions (which upload the working dir) leave it out.
 rm -rf .gpu && mkdir -p .gpu/a .gpu/b .gpu/c
 head -c 62000000 "$gguf" > .gpu/a/part1

@@ -9,7 +9,7 @@ import os
 # (measured: a batch-4 step 2.5 s spinning vs 0.1 s passive). Set before torch loads;
 # Ray workers started by the tests inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli.py)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli/main.py)
 
 import pytest
 
@@ -41,7 +41,7 @@ def ray_session():
 def packaged_lm():
     """The real packaged SmolLM2-135M-Instruct, converted once and cached."""
     from dresd.config import ModelConfig
-    from dresd.models import load_model
+    from dresd.model.loading import load_model
 
     return load_model(ModelConfig())
 
@@ -49,6 +49,6 @@ def packaged_lm():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer, saved as an HF folder."""
-    from dresd.models import make_tiny_llama
+    from tiny_models import make_tiny_llama
 
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab_size=272, init_std=0.3)

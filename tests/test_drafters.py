@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dresd.config import SpeculativeConfig
-from dresd.datastore import Datastore, publish
+from dresd.datastore.store import Datastore, publish
 from dresd.drafters import Drafter, DraftRequest
 from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter, drafts_from_values
 from tests_support import identity_compressor, make_manifest, make_parts
@@ -231,7 +231,7 @@ def test_context_drafter_keeps_keys_across_calls_and_resets_per_request():
 
 
 def test_request_compresses_the_query_once_for_every_dense_drafter(store, monkeypatch):
-    import dresd.compression as compression
+    import dresd.datastore.compression as compression
 
     store = store[0]
     calls = []

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig
-from dresd.corpus import mtbench_first_turns, sharegpt_first_turns
-from dresd.engine import Engine
-from dresd.datastore import Datastore
+from dresd.datastore.corpus import mtbench_first_turns, sharegpt_first_turns
+from dresd.decoding.engine import Engine
+from dresd.datastore.store import Datastore
 from pipelines.build import build_datastore
 
 pytestmark = pytest.mark.real_model
@@ -107,7 +107,7 @@ def test_every_drafter_is_lossless_on_the_real_model(packaged_lm, greedy_run, st
 
 def test_context_keys_draft_the_models_own_repeats(packaged_lm, store):
     """The request's own keys alone (no datastore): a reply that repeats itself gets drafted."""
-    from dresd.decoding import SpeculativeDecoder
+    from dresd.decoding.loop import SpeculativeDecoder
     from dresd.drafters.dense import ContextDenseDrafter
 
     engine = Engine(packaged_lm, store)

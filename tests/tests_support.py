@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dresd.compression import Compressor, compress, fit_compressor
-from dresd.datastore import DatastoreParts
-from dresd.index import IndexParams, add_keys, train_index
-from dresd.weight_codes import CODE_RANGES, GROUP, WeightCodes, decode
+from dresd.datastore.compression import Compressor, compress, fit_compressor
+from dresd.datastore.store import DatastoreParts
+from dresd.datastore.index import IndexParams, add_keys, train_index
+from dresd.model.fastpath.weight_codes import CODE_RANGES, GROUP, WeightCodes, decode
 
 
 def identity_compressor(dim: int) -> Compressor:
@@ -53,9 +53,10 @@ def one_torch_thread():
 
 
 def tiny_llama_lm(tmp_path_factory, vocab_size: int = 272):
-    """A loaded tiny random Llama (dresd.models.make_tiny_llama) in a fresh temp folder."""
+    """A loaded tiny random Llama (dresd.model.loading.make_tiny_llama) in a fresh temp folder."""
     from dresd.config import ModelConfig
-    from dresd.models import load_model, make_tiny_llama
+    from dresd.model.loading import load_model
+    from tiny_models import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=vocab_size, init_std=0.5)
     return load_model(ModelConfig(path=str(folder), device="cpu"))

@@ -36,7 +36,7 @@ class DraftRequest:
     def compressed(self, compressor) -> np.ndarray | None:
         """`new_keys` (or `query` alone without them) compressed with `compressor`; the last row
         is the query's key. None when there is no query."""
-        from dresd.compression import compress
+        from dresd.datastore.compression import compress
 
         if self.query is None:
             return None

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from dresd.compression import Compressor
+from dresd.datastore.compression import Compressor
 from dresd.config import SpeculativeConfig
-from dresd.datastore import Datastore
+from dresd.datastore.store import Datastore
 from dresd.drafters import Candidates, DraftRequest, truncate_at
-from dresd.index import search, set_search_params, IndexParams
+from dresd.datastore.index import search, set_search_params, IndexParams
 
 
 def drafts_from_values(values: np.ndarray, last_token: int, num_drafts: int, len_drafts: int, eos_id: int,

@@ -9,7 +9,7 @@ node and verify the 64 most frequent nodes with tree attention.
 
 This module is our numpy implementation of that retriever (PyPI's `draftretriever` 0.1.1,
 wrapped by dresd.drafters.rest, is ADED's trigram fork instead). The drafter returns every
-distinct continuation weighted by its number of occurrences; dresd.tree.build_tree sums
+distinct continuation weighted by its number of occurrences; dresd.decoding.tree.build_tree sums
 those weights into the trie counts and the planner keeps the top nodes (REST's top-64).
 
 Differences from the reference, all deliberate: records are joined with a separator token
@@ -148,9 +148,7 @@ class SuffixArrayIndex:
     @classmethod
     def from_datastore(cls, store: Any) -> SuffixArrayIndex:
         """Index a dresd Datastore's records (the same token streams every method drafts from)."""
-        from dresd.drafters.factory import store_records
-
-        return cls.from_records(store_records(store))
+        return cls.from_records(store.records())
 
     def save(self, path: str | Path) -> Path:
         """Write the index to `path` (.npz) atomically: the file appears only when complete."""

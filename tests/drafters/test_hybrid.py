@@ -6,7 +6,7 @@ import pytest
 
 from dresd.drafters import Candidates, DraftRequest
 from dresd.drafters.hybrid import HybridDrafter
-from dresd.tree import build_tree
+from dresd.decoding.tree import build_tree
 
 
 class FakeDrafter:

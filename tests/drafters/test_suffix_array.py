@@ -17,7 +17,7 @@ from dresd.drafters.suffix_array import (
     build_suffix_array,
     find_range,
 )
-from dresd.tree import build_tree
+from dresd.decoding.tree import build_tree
 
 EOS = 2
 
@@ -134,8 +134,7 @@ def test_load_refuses_other_npz(tmp_path: Path):
 
 
 def test_from_datastore_reads_records():
-    tokens = np.array([10, 11, 12, 20, 21], dtype=np.uint16)
-    store = SimpleNamespace(tokens=tokens, record_offsets=np.array([0, 3, 5], dtype=np.int64))
+    store = SimpleNamespace(records=lambda: iter([[10, 11, 12], [20, 21]]))  # as Datastore.records() gives them
     index = SuffixArrayIndex.from_datastore(store)
     assert index.tokens.tolist() == [10, 11, 12, SEPARATOR, 20, 21, SEPARATOR]
     assert index.n_records == 2

@@ -22,7 +22,8 @@ import pytest
 import yaml
 
 from dresd.config import BuildConfig, CorpusConfig, load_yaml
-from jobs.common import ConfigError, apply_overrides, load_config, resolve_address
+from dresd.config.loader import load_config
+from jobs.common import resolve_address
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # .venv/bin when run as `.venv/bin/python -m pytest`
@@ -31,7 +32,7 @@ BIN = Path(sys.executable).parent  # .venv/bin when run as `.venv/bin/python -m 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny model folder and a 20-record prompt/response corpus."""
-    from dresd.models import make_tiny_llama
+    from tiny_models import make_tiny_llama
 
     tmp = tmp_path_factory.mktemp("job")
     model = make_tiny_llama(tmp / "tiny", vocab_size=272)
@@ -68,7 +69,7 @@ def _env(**extra) -> dict:
 
 
 def _run_job(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "jobs/build.py", *args], cwd=ROOT, env=_env(),
+    return subprocess.run([sys.executable, "-m", "jobs.build", *args], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -216,10 +217,10 @@ def ray_head():
 
 
 def _submit(address: str, env: dict, *job_args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`ray job submit ... -- python jobs/build.py ...` from the repo root; retried while the
+    """`ray job submit ... -- python -m jobs.build ...` from the repo root; retried while the
     head's job agent is still starting."""
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-           "python", "jobs/build.py", *job_args]
+           "python", "-m", "jobs.build", *job_args]
     deadline = time.monotonic() + 60
     while True:
         r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -253,41 +254,6 @@ def test_ray_job_submit_with_token_auth(tiny, ray_head):
 
 
 # ----------------------------------------------------------------------------- jobs.common
-
-
-def test_overrides_convert_by_field_type():
-    cfg = BuildConfig()
-    out = apply_overrides(cfg, [
-        "corpus.max_records=100", "corpus.max_tokens=none", "corpus.paths=a.jsonl, b.jsonl",
-        "index.refine=false", "index.refine_k_factor=2.5", "embed_gpus=1", "model.path=/m",
-        "corpus.kind=conversations", "output=x=y",
-    ])
-    assert out.corpus.max_records == 100 and out.corpus.max_tokens is None
-    assert out.corpus.paths == ["a.jsonl", "b.jsonl"]
-    assert out.index.refine is False and out.index.refine_k_factor == 2.5
-    assert out.embed_gpus == 1.0 and isinstance(out.embed_gpus, float)
-    assert out.model.path == "/m" and out.corpus.kind == "conversations"
-    assert out.output == "x=y"  # only the first '=' splits
-    assert cfg.corpus.max_records is None  # the input is not modified
-    assert apply_overrides(cfg, ["corpus.paths=[sharegpt, 'c d.jsonl']"]).corpus.paths == ["sharegpt", "c d.jsonl"]
-
-
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("corpus.bogus=1", r"unknown key 'bogus' in corpus"),
-        ("bogus.x=1", r"unknown key 'bogus' in BuildConfig"),
-        ("corpus=1", r"corpus is a section"),
-        ("value_len.x=1", r"value_len is a value, not a section"),
-        ("batch_size=8.5", r"batch_size: '8.5' is not an integer"),
-        ("index.refine=maybe", r"not a boolean"),
-        ("corpus.on_error=ignore", r"not one of \['skip', 'fail'\]"),
-        ("no_equals_sign", r"expected KEY=VALUE"),
-    ],
-)
-def test_bad_overrides_raise_config_error(override, message):
-    with pytest.raises(ConfigError, match=message):
-        apply_overrides(BuildConfig(), [override])
 
 
 def test_address_precedence(monkeypatch):

@@ -1,4 +1,4 @@
-"""jobs/decode.py on a tiny model: every prompt decoded once, a deleted part recomputed
+"""The decode job (jobs/decode.py, pipelines/decode.py) on a tiny model: every prompt decoded once, a deleted part recomputed
 alone on rerun, parts kept across a reinstall of the model's files, and the id-corpus
 jsonl that a datastore build reads."""
 
@@ -13,12 +13,13 @@ import pytest
 import yaml
 
 from dresd.config import CorpusConfig, ModelConfig, SpeculativeConfig
-from dresd.corpus import extract_examples, read_rows
-from dresd.decoding import SpeculativeDecoder
-from dresd.formatting import format_prompt_ids
-from dresd.models import load_model
+from dresd.datastore.corpus import extract_examples, read_rows
+from dresd.decoding.loop import SpeculativeDecoder
+from dresd.datastore.formatting import format_prompt_ids
+from dresd.model.loading import load_model
 from jobs.common import run_job
-from jobs.decode import main, parse, run_decode
+from jobs.decode import main, parse
+from pipelines.decode import run_decode
 
 N_PROMPTS, CHUNK = 12, 4
 

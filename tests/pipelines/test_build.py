@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
-from dresd.corpus import CorpusError
-from dresd.datastore import Datastore, DatastoreError
+from dresd.datastore.corpus import CorpusError
+from dresd.datastore.store import Datastore, DatastoreError
 from pipelines.build import build_datastore
 from tests_support import write_small_corpus
 
@@ -40,9 +40,9 @@ def test_counts_add_up(built):
 
 def test_store_layout_and_values(built, tiny_model_dir):
     cfg, report, good = built
-    from dresd.formatting import record_ids, shared_prefix_len
-    from dresd.corpus import Example
-    from dresd.models import load_model
+    from dresd.datastore.formatting import record_ids, shared_prefix_len
+    from dresd.datastore.corpus import Example
+    from dresd.model.loading import load_model
 
     store = Datastore(cfg.output)
     store.verify()
@@ -60,7 +60,7 @@ def test_store_layout_and_values(built, tiny_model_dir):
 
 
 def test_refuses_other_models_root(built, tmp_path):
-    from dresd.models import make_tiny_llama
+    from tiny_models import make_tiny_llama
 
     cfg, _, _ = built
     other = make_tiny_llama(tmp_path / "other", vocab_size=272, seed=1)
@@ -68,7 +68,7 @@ def test_refuses_other_models_root(built, tmp_path):
     with pytest.raises(DatastoreError, match="built for model"):
         build_datastore(cfg2)
     # ... and decoding with that model refuses the store too.
-    from dresd.engine import Engine
+    from dresd.decoding.engine import Engine
 
     with pytest.raises(DatastoreError, match="built for model"):
         Engine.open(ModelConfig(path=str(other)), cfg.output)
@@ -90,7 +90,7 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
     import shutil
 
     import pipelines.build as build_mod
-    from dresd.index import search
+    from dresd.datastore.index import search
 
     cfg, first, _ = built
     out = tmp_path / "resumed"
@@ -129,7 +129,7 @@ def test_build_and_update_with_uri_corpus_and_uri_output(built, tmp_path):
     fsspec store without renames): the same datastore as a local build, then an update."""
     import uuid
 
-    from dresd.datastore import list_versions
+    from dresd.datastore.store import list_versions
     from pipelines.update import update_datastore
 
     cfg, first, _ = built
@@ -158,7 +158,7 @@ def test_build_and_update_with_uri_corpus_and_uri_output(built, tmp_path):
 def test_on_disk_index_build_and_update(built, tmp_path):
     """index.on_disk: shard fills merged into index.ivfdata (never all in RAM), published
     next to index.faiss; an update writes a new file and leaves the parent's intact."""
-    from dresd.index import is_on_disk, search
+    from dresd.datastore.index import is_on_disk, search
     from pipelines.update import update_datastore
 
     cfg, first, _ = built

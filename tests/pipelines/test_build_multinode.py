@@ -11,8 +11,8 @@ import textwrap
 import numpy as np
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
-from dresd.datastore import Datastore
-from dresd.index import search
+from dresd.datastore.store import Datastore
+from dresd.datastore.index import search
 from pipelines.build import build_datastore
 from tests_support import write_small_corpus
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig, SpeculativeConfig
-from dresd.datastore import Datastore, DatastoreError, list_versions
+from dresd.datastore.store import Datastore, DatastoreError, list_versions
 from dresd.drafters.dense import DenseDrafter
-from dresd.index import search
+from dresd.datastore.index import search
 from pipelines.build import build_datastore
 from pipelines.update import compact, delete_sources, update_datastore
 

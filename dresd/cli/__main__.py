@@ -1,0 +1,5 @@
+import sys
+
+from dresd.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,235 @@
+"""The `dresd` command line: build, update, generate, datastore list|show|verify, demo.
+
+Every command loads its config the same way (dresd.config.loader): the dataclass defaults,
+then `--config FILE.yaml`, then its flags, then `--set key.sub=value`. A bad value is a
+one-line error naming the key, before Ray starts or a model loads (exit code 2).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before numpy and faiss load OpenBLAS: a multi-threaded OpenBLAS product leaves its threads
+# spinning for a while, and drafting runs small numpy/faiss products at every step, so on a
+# CPU those threads compete with the model's forward for the cores (docs/speed-study.md).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from dresd.config import (BuildConfig, ConfigError, DatastoreCommandConfig, DemoConfig,  # noqa: E402
+                          GenerateConfig, SpeculativeConfig, UpdateConfig)
+from dresd.config.loader import add_config_arguments, add_flag, config_from_args  # noqa: E402
+
+
+def _build(cfg: BuildConfig, args: argparse.Namespace) -> int:
+    from pipelines.build import build_datastore
+
+    if not cfg.corpus.paths:
+        raise ConfigError("no corpus given (--corpus PATH, or corpus.paths in --config or --set)")
+    print("\n".join(build_datastore(cfg).lines()))
+    return 0
+
+
+def _update(cfg: UpdateConfig, args: argparse.Namespace) -> int:
+    from pipelines.update import compact, delete_sources, update_datastore
+
+    if args.action == "add":
+        if not cfg.corpus.paths:
+            raise ConfigError("update add: no corpus given (--corpus PATH)")
+        print("\n".join(update_datastore(cfg).lines()))
+    elif args.action == "delete":
+        if not cfg.sources:
+            raise ConfigError("update delete: no source ids given (--source ID)")
+        print(f"published {delete_sources(cfg.output, cfg.sources)}")
+    else:
+        print(f"published {compact(cfg.output)}")
+    return 0
+
+
+def read_prompts(cfg: GenerateConfig) -> list[str]:
+    """The prompts a generate config names: its texts, then its prompts file's."""
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        path = Path(cfg.prompts_file)
+        for i, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            if path.suffix == ".jsonl":
+                row = json.loads(line)
+                if cfg.prompt_field not in row:
+                    raise ConfigError(f"{path}: row {i}: field {cfg.prompt_field!r} is missing")
+                prompts.append(row[cfg.prompt_field])
+            else:
+                prompts.append(line)
+    if not prompts:
+        raise ConfigError("no prompts (--prompt TEXT or --prompts FILE)")
+    return prompts
+
+
+def generate_specs(cfg: GenerateConfig) -> dict[str, SpeculativeConfig]:
+    """The methods (x verifiers for dresd) a generate config compares, as named SpeculativeConfigs."""
+    import dataclasses
+
+    specs = {}
+    for method in cfg.methods or [cfg.speculative.method]:
+        for verify in (cfg.verifiers or [cfg.speculative.verify]) if method == "dresd" else ["tree"]:
+            name = method if method == "greedy" else f"{method}-{verify}"
+            specs[name] = dataclasses.replace(cfg.speculative, method=method, verify=verify)
+    return specs
+
+
+def _generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
+    prompts = read_prompts(cfg)
+    specs = generate_specs(cfg)
+    from dresd.decoding.engine import Engine
+    from dresd.evaluation.compare import markdown_table, run_methods, summarize
+
+    engine = Engine.open(cfg.model, cfg.datastore, cfg.prompt_format)
+    runs = run_methods(engine, prompts, specs, cfg.max_new_tokens, warmup=len(specs) > 1, sampling=cfg.sampling())
+    if cfg.out:
+        with open(cfg.out, "w") as fh:
+            for name, run in runs.items():
+                for prompt, gen in zip(prompts, run.generations):
+                    fh.write(json.dumps({"method": name, "prompt": prompt, "text": gen.text,
+                                         "token_ids": gen.token_ids, "metrics": gen.metrics.summary()}) + "\n")
+    if len(prompts) == 1 and len(runs) == 1:
+        print(next(iter(runs.values())).generations[0].text)
+    print(markdown_table(summarize(runs)))
+    return 0
+
+
+def _datastore(cfg: DatastoreCommandConfig, args: argparse.Namespace) -> int:
+    from dresd.datastore.store import Datastore, DatastoreError, list_versions, read_current, version_manifest
+
+    root = cfg.root
+    try:
+        if args.action == "list":
+            versions = list_versions(root)
+            if not versions:
+                print(f"{root}: no datastore versions", file=sys.stderr)
+                return 1
+            current = read_current(root)
+            for v in versions:
+                ds = version_manifest(root, v)
+                mark = "*" if v == current else " "
+                print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
+            return 0
+        store = Datastore(root, version=cfg.version)
+        if args.action == "show":
+            print(json.dumps(store.manifest, indent=2, sort_keys=True))
+        else:
+            store.verify()
+            print(f"{store.path}: all {len(store.manifest['files'])} files match their checksums")
+    except DatastoreError as err:
+        print(f"dresd datastore {args.action}: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(cfg: DemoConfig, args: argparse.Namespace) -> int:
+    from dresd.cli.demo import run_demo
+
+    return run_demo(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `dresd` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args.config_cls, args)
+        return args.fn(cfg, args)
+    except ConfigError as exc:
+        print(f"dresd {args.cmd}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _command(sub, name: str, cls: type, fn, help: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    add_config_arguments(p, cls)
+    p.set_defaults(fn=fn, config_cls=cls)
+    return p
+
+
+def _corpus_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """The corpus flags build and update add share."""
+    add_flag(p, "--corpus", cls, "corpus.paths", "corpus file/folder/URI, or 'sharegpt' (repeatable)", append=True)
+    add_flag(p, "--kind", cls, "corpus.kind", "record shape")
+    add_flag(p, "--prompt-field", cls, "corpus.prompt_field")
+    add_flag(p, "--response-field", cls, "corpus.response_field")
+    add_flag(p, "--text-field", cls, "corpus.text_field")
+    add_flag(p, "--id-field", cls, "corpus.id_field", "field holding a stable source id per record (what delete takes)")
+    add_flag(p, "--on-error", cls, "corpus.on_error", "bad rows: skip (counted by reason) or fail")
+    add_flag(p, "--model", cls, "model.path", "HF folder or .gguf (default: packaged SmolLM2-135M-Instruct)")
+    add_flag(p, "--address", cls, "ray_address", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `dresd` command line: one sub-command per job, each over one config dataclass."""
+    p = argparse.ArgumentParser(prog="dresd", description="Dense-retrieval speculative decoding")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    b = _command(sub, "build", BuildConfig, _build, "corpus -> datastore (Ray Data pipeline)")
+    _corpus_flags(b, BuildConfig)
+    add_flag(b, "--prompt-format", BuildConfig, "corpus.prompt_format")
+    add_flag(b, "--max-records", BuildConfig, "corpus.max_records", "read at most this many rows of each file")
+    add_flag(b, "--max-tokens", BuildConfig, "corpus.max_tokens")
+    add_flag(b, "--output", BuildConfig, "output", "datastore root (versions are published under it)")
+    add_flag(b, "--index-kind", BuildConfig, "index.kind")
+    add_flag(b, "--dim", BuildConfig, "index.dim", "PCA dimension of the keys")
+    add_flag(b, "--value-len", BuildConfig, "value_len")
+    add_flag(b, "--embed-actors", BuildConfig, "embed_actors")
+
+    u = _command(sub, "update", UpdateConfig, _update,
+                 "add a corpus, delete sources, or compact: each publishes a new version")
+    u.add_argument("action", choices=["add", "delete", "compact"])
+    add_flag(u, "--datastore", UpdateConfig, "output", "datastore root")
+    _corpus_flags(u, UpdateConfig)
+    add_flag(u, "--source", UpdateConfig, "sources", "delete: a source id (repeatable)", append=True)
+
+    g = _command(sub, "generate", GenerateConfig, _generate, "prompts -> text plus metrics")
+    add_flag(g, "--prompt", GenerateConfig, "prompts", "a prompt (repeatable)", append=True)
+    add_flag(g, "--prompts", GenerateConfig, "prompts_file", "a .txt (one prompt per line) or .jsonl file")
+    add_flag(g, "--prompt-field", GenerateConfig, "prompt_field")
+    add_flag(g, "--datastore", GenerateConfig, "datastore", "datastore root or version folder")
+    add_flag(g, "--model", GenerateConfig, "model.path", "HF folder or .gguf (default: packaged model)")
+    add_flag(g, "--method", GenerateConfig, "methods",
+             "greedy, dresd, hybrid, pld, rest, rest-dr, suffix, a registered method, or a comma list (greedy,dresd,pld)")
+    add_flag(g, "--budget", GenerateConfig, "speculative.budget",
+             "auto: verify only what pays on this machine (measured); off: verify every draft")
+    add_flag(g, "--temperature", GenerateConfig, "temperature", "> 0: speculative sampling (lossless)")
+    add_flag(g, "--top-p", GenerateConfig, "top_p")
+    add_flag(g, "--seed", GenerateConfig, "seed")
+    add_flag(g, "--verify", GenerateConfig, "verifiers", "tree, batch, or both: tree,batch")
+    add_flag(g, "--prompt-format", GenerateConfig, "prompt_format", "without a datastore only")
+    add_flag(g, "--max-new-tokens", GenerateConfig, "max_new_tokens")
+    add_flag(g, "--top-k", GenerateConfig, "speculative.top_k")
+    add_flag(g, "--num-drafts", GenerateConfig, "speculative.num_drafts")
+    add_flag(g, "--len-drafts", GenerateConfig, "speculative.len_drafts")
+    add_flag(g, "--no-context-keys", GenerateConfig, "speculative.context_keys",
+             "dresd/hybrid: retrieve from the datastore only, not from the request's own keys", negate=True)
+    add_flag(g, "--hybrid-exact", GenerateConfig, "speculative.hybrid_exact",
+             "hybrid: the exact-match source (prompt lookup or SuffixDecoding)")
+    add_flag(g, "--threads", GenerateConfig, "model.threads")
+    add_flag(g, "--out", GenerateConfig, "out", "write per-request results as jsonl")
+
+    d = _command(sub, "datastore", DatastoreCommandConfig, _datastore, "inspect published datastores")
+    d.add_argument("action", choices=["list", "show", "verify"])
+    # Positional: its dest is the config key it sets, as add_flag's flags are.
+    d.add_argument("config:root", nargs="?", default=None, metavar="root", help="datastore root")
+    add_flag(d, "--version", DatastoreCommandConfig, "version", "a version id (default: CURRENT)")
+
+    m = _command(sub, "demo", DemoConfig, _demo,
+                 "build a ShareGPT datastore with the packaged model, then compare methods")
+    add_flag(m, "--workdir", DemoConfig, "workdir")
+    add_flag(m, "--prompts", DemoConfig, "prompts", "held-out prompts to decode")
+    add_flag(m, "--records", DemoConfig, "records", "ShareGPT records in the datastore")
+    add_flag(m, "--max-new-tokens", DemoConfig, "max_new_tokens")
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""One config per command and job, built from the shared sections in dresd.config.schema:
+`dresd build|update|generate|datastore|demo`, jobs/build.py and jobs/decode.py all load theirs
+with dresd.config.loader (defaults, YAML, flags, `--set`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dresd.config.schema import (CorpusConfig, IndexConfig, ModelConfig, SamplingParams, SpeculativeConfig,
+                                 sampling_problems)
+
+# Prompt sets the decode job reads from the installed packages by name.
+PACKAGED_PROMPTS = ("mtbench", "sharegpt")
+
+
+@dataclass
+class BuildConfig:
+    """A datastore build: corpus -> embeddings -> compressed keys -> index + token stream."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    # Output datastore root: a local folder or a pyarrow filesystem URI (s3://, gs://,
+    # hdfs://, file://...) that every node of the cluster can reach.
+    output: str = "datastore"
+    # Value length N: tokens after each key that the store returns as draft material.
+    value_len: int = 20
+    # Records per embedding forward (length-sorted within a shard, padded within a batch).
+    batch_size: int = 8
+    # Corpus rows per shard: the unit of parallel embedding, of index filling and of resumption.
+    shard_rows: int = 500
+    # Keep the build's work folder (`<work_dir>/<key>/`: shard files) after publishing.
+    keep_work: bool = False
+    # Scratch folder for embedded shards and fill outputs: what makes a build resumable.
+    # Every Ray node must reach it: a local folder (one machine or a shared mount) or a URI
+    # (mirrored per node, see pipelines/scratch.py). None = `<output>/.build`.
+    work_dir: str | None = None
+    # Embedding actors (each loads the model once).
+    embed_actors: int = 1
+    # CPUs each embedding actor reserves in Ray's accounting. Below the thread count on a
+    # small machine, so the read/tokenize stages still get scheduled beside it.
+    embed_cpus: float = 1.0
+    # torch threads inside each embedding actor (0 = this node's cores / embed_actors).
+    embed_threads: int = 0
+    # GPUs each embedding actor requests: -1 = one when the cluster has GPUs, else none;
+    # 0 = CPU only; a fraction shares a GPU between actors.
+    embed_gpus: float = -1.0
+    # Ray address (None = RAY_ADDRESS or a fresh local Ray).
+    ray_address: str | None = None
+    # Keys scored by the intrinsic check (recall@50 vs exact, self-retrieval MRR).
+    check_sample: int = 500
+
+
+@dataclass
+class UpdateConfig(BuildConfig):
+    """`dresd update add|delete|compact`: a build's settings for the corpus added (`output` is
+    the datastore root; the index and compression are the store's own), plus the sources a
+    delete removes."""
+
+    # The datastore root to update (`--datastore`); required.
+    output: str = ""
+    # delete: source ids to remove (the `id_field` values the records were built with).
+    sources: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        return [] if self.output else ["output is empty (give the datastore root: --datastore ROOT)"]
+
+
+@dataclass
+class GenerateConfig:
+    """A decoding run over a set of prompts."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # Datastore folder (required for method "dresd").
+    datastore: str | None = None
+    # New tokens per prompt at most (generation also stops at EOS).
+    max_new_tokens: int = 128
+    # Prompts to decode, as text (the CLI's repeatable --prompt).
+    prompts: list[str] = field(default_factory=list)
+    # A file of more prompts: .txt (one a line) or .jsonl (`prompt_field` of each row).
+    prompts_file: str | None = None
+    # The prompt field of a .jsonl prompts file.
+    prompt_field: str = "prompt"
+    # Prompt layout when there is no datastore (a datastore decodes with its own format).
+    prompt_format: Literal["chat", "qa"] = "chat"
+    # Methods decoded side by side, each with `speculative`'s other settings (empty = just
+    # speculative.method); a table compares them.
+    methods: list[str] = field(default_factory=list)
+    # Verifiers compared for method "dresd" (empty = just speculative.verify).
+    verifiers: list[Literal["tree", "batch"]] = field(default_factory=list)
+    # 0 = greedy; > 0 = speculative sampling at this temperature (lossless).
+    temperature: float = 0.0
+    # Nucleus sampling mass (1.0 = plain temperature sampling). Ignored when greedy.
+    top_p: float = 1.0
+    # Sampling seed (None = a fresh random seed per run).
+    seed: int | None = None
+    # Write each request's text, token ids and metrics here as jsonl (None = only the table).
+    out: str | None = None
+
+    def problems(self) -> list[str]:
+        return sampling_problems(self.temperature, self.top_p)
+
+    def sampling(self) -> SamplingParams | None:
+        """The sampling parameters, or None for greedy decoding."""
+        return SamplingParams(self.temperature, self.top_p, self.seed) if self.temperature > 0 else None
+
+
+
+
+@dataclass
+class DecodeConfig:
+    """Prompts dataset -> Ray Data decode stage -> parquet part files (and optionally a corpus)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Prompt source: a .jsonl / .json / .parquet file, a `datasets.save_to_disk` folder,
+    # or "mtbench" (80 MT-Bench first turns) / "sharegpt" (deduplicated ShareGPT first turns).
+    prompts: str = "mtbench"
+    # Field holding the prompt text in a file source (ignored for the packaged sets).
+    prompt_field: str = "prompt"
+    # Field holding a stable row id in a file source (None = "<file name>:<row>").
+    id_field: str | None = None
+    # Skip this many rows of the source first (after which `limit` counts).
+    skip: int = 0
+    # Decode at most this many rows (None = all the rest).
+    limit: int | None = None
+    # Prompt layout: the tokenizer's chat template or "Question: ...\nAnswer:\n".
+    prompt_format: Literal["chat", "qa"] = "chat"
+    # Prompts longer than this many tokens (formatted) are rejected as "too_long"
+    # (None = only those that leave no room in the model's context).
+    max_prompt_tokens: int | None = 1024
+    # New tokens per row at most (a row also stops at EOS).
+    max_new_tokens: int = 128
+    # 0 = greedy; > 0 = temperature sampling (with top_p), seeded per batch from `seed`.
+    temperature: float = 0.0
+    # Nucleus sampling mass (1.0 = plain temperature sampling). Ignored when greedy.
+    top_p: float = 1.0
+    # Sampling seed: batch b of chunk c draws from a generator seeded by (seed, c, b).
+    seed: int = 0
+    # Sequences per forward inside an actor (rows of a chunk are length-sorted first).
+    batch_size: int = 8
+    # Rows per chunk: one chunk = one parquet part = the unit of scheduling and resumption.
+    chunk_rows: int = 64
+    # Output folder of the part files (part-<chunk>.parquet).
+    output: str = "runs/decode/mtbench"
+    # Decoding actors (each loads the model once).
+    actors: int = 1
+    # CPUs each actor reserves in Ray's accounting (below its thread count on small machines).
+    actor_cpus: float = 1.0
+    # torch threads per actor (0 = this node's cores / actors).
+    threads: int = 0
+    # GPUs per actor (0 = CPU only).
+    gpus: float = 0.0
+    # OMP_WAIT_POLICY in the actors' environment (None = the OpenMP default, spin-waiting).
+    # PASSIVE: with spinning, 2 torch threads on a 2-core node that other processes share
+    # made batched decode steps ~25x slower (benchmarks/batch_decode_bench.py docstring).
+    omp_wait_policy: str | None = "PASSIVE"
+    # Ray address (None = RAY_ADDRESS or a fresh local Ray).
+    ray_address: str | None = None
+    # Also write an in-distribution corpus: jsonl of {"id", "prompt", "response"} records
+    # (the model's own replies), ready for `dresd build --corpus FILE`.
+    id_corpus: bool = False
+    # Where the corpus goes (None = "<output>.jsonl", next to the output folder).
+    corpus_file: str | None = None
+
+    def problems(self) -> list[str]:
+        out = sampling_problems(self.temperature, self.top_p)
+        if self.max_new_tokens < 0:
+            out.append("max_new_tokens must be >= 0")
+        if self.batch_size < 1 or self.chunk_rows < 1 or self.actors < 1:
+            out.append("batch_size, chunk_rows, actors must be >= 1")
+        if self.skip < 0 or (self.limit is not None and self.limit < 0):
+            out.append("skip and limit must be >= 0")
+        return out
+
+
+@dataclass
+class DatastoreCommandConfig:
+    """`dresd datastore list|show|verify`: which published datastore to inspect."""
+
+    # Datastore root (the folder or URI that holds versions/ and CURRENT).
+    root: str = ""
+    # A version id (None = the one CURRENT names).
+    version: str | None = None
+
+    def problems(self) -> list[str]:
+        return [] if self.root else ["root is empty (give the datastore root)"]
+
+
+@dataclass
+class DemoConfig:
+    """`dresd demo`: a ShareGPT datastore from the packaged model, then methods compared."""
+
+    # Folder for the corpus, the datastore and the results (reused by a second run).
+    workdir: str = "runs/demo"
+    # Held-out ShareGPT prompts to decode.
+    prompts: int = 8
+    # ShareGPT records in the datastore.
+    records: int = 200
+    # New tokens per prompt at most.
+    max_new_tokens: int = 48

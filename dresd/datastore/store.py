@@ -1,0 +1,361 @@
+"""The datastore format: the contract between build and decode.
+
+A datastore root holds immutable versions and a pointer to the current one:
+
+    <root>/CURRENT                  text: the id of the published version
+    <root>/versions/<id>/manifest.json
+                         compressor.npz     z-score + PCA (no pickle)
+                         index.faiss        faiss index over compressed keys (id i = key i)
+                         index.ivfdata      (on-disk indexes only) its inverted lists, memory-mapped
+                         tokens.npy         every record's tokens, concatenated (uint16 when the
+                                            vocabulary fits, else uint32)
+                         record_offsets.npy int64, start of each record in tokens (+ end)
+                         key_starts.npy     per record: offset of its first key; its keys are every
+                                            position from there to the record's second-last token,
+                                            so key positions cost ~0 bytes on disk (format 2)
+                         key_positions.npy  (only when keys are not that layout, and in format 1)
+                                            stream position of each key's token
+                         sources.json       source id of each record
+                         deleted.npy        (optional) bool per key: deleted, not yet compacted
+
+The value of key i is tokens[p+1 : p+1+N] (p = key_positions[i]), cut at the end of its
+record and padded with EOS, so values cost nothing beyond the token stream. A version is
+written into a temporary folder, checksummed, renamed into place, and only then does
+CURRENT move (atomic rename), so a reader never sees a half-written version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from dresd.storage.cache import cache_dir, fetch
+from dresd.storage.files import is_uri, resolve, sha256_file
+from dresd.datastore.compression import Compressor, load_compressor, save_compressor
+from dresd.datastore.index import IVFDATA, is_on_disk, on_disk_file, read_index
+
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 always stored key_positions.npy
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+
+
+class DatastoreError(RuntimeError):
+    """A datastore is missing, corrupt, or does not fit the model / prompt format."""
+
+
+@dataclass
+class DatastoreParts:
+    """Everything a build produces, ready to be written as one version."""
+
+    tokens: np.ndarray  # int32 token stream
+    record_offsets: np.ndarray  # int64 (n_records + 1,)
+    key_positions: np.ndarray  # int64 (n_keys,)
+    sources: list[str]  # one source id per record
+    compressor: Compressor
+    index: faiss.Index
+    deleted: np.ndarray | None = None  # bool per key: tombstoned by a delete, until compaction
+
+
+def _narrow(max_value: int) -> type:
+    """uint16 / uint32 / int64: the smallest dtype holding 0..max_value."""
+    if max_value < 2**16:
+        return np.uint16
+    return np.uint32 if max_value < 2**32 else np.int64
+
+
+def derive_key_positions(record_offsets: np.ndarray, key_starts: np.ndarray) -> np.ndarray:
+    """Key positions of records whose keys run from `offset + key_start` to their last-but-one token."""
+    lo = np.asarray(record_offsets[:-1], dtype=np.int64) + np.asarray(key_starts, dtype=np.int64)
+    counts = np.maximum(0, np.asarray(record_offsets[1:], dtype=np.int64) - 1 - lo)
+    first = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    return np.arange(total, dtype=np.int64) - np.repeat(first, counts) + np.repeat(lo, counts)
+
+
+def key_starts_of(record_offsets: np.ndarray, key_positions: np.ndarray) -> np.ndarray | None:
+    """Per-record key starts that reproduce `key_positions` exactly, or None if none do."""
+    offsets = np.asarray(record_offsets, dtype=np.int64)
+    pos = np.asarray(key_positions, dtype=np.int64)
+    starts = np.maximum(0, np.diff(offsets) - 1)  # records without keys: an empty range
+    if len(pos):
+        rec = np.searchsorted(offsets, pos, side="right") - 1
+        recs, first = np.unique(rec, return_index=True)
+        starts[recs] = pos[first] - offsets[recs]
+    return starts if np.array_equal(derive_key_positions(offsets, starts), pos) else None
+
+
+def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None) -> Path | str:
+    """Write `parts` as a new immutable version under `root` and make it current.
+
+    `manifest` carries the model identity, prompt format, build parameters and stats; file
+    checksums, counts and the format version are added here. Returns the version folder
+    (its URI for a URI root).
+    """
+    if is_uri(root):
+        return _publish_remote(str(root), parts, manifest, version)
+    root = Path(root)
+    (root / "versions").mkdir(parents=True, exist_ok=True)
+    version = version or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    final = root / "versions" / version
+    if final.exists():
+        raise DatastoreError(f"version {version} already exists under {root}; versions are immutable")
+    tmp = root / "versions" / f".tmp-{version}"
+    tmp.mkdir()
+    try:
+        # The narrowest integer types that hold the values: bytes per token is a product goal.
+        np.save(tmp / "tokens.npy", np.asarray(parts.tokens).astype(_narrow(int(np.max(parts.tokens, initial=0)))))
+        np.save(tmp / "record_offsets.npy", np.asarray(parts.record_offsets, dtype=np.int64))
+        starts = key_starts_of(parts.record_offsets, parts.key_positions)
+        if starts is not None:
+            np.save(tmp / "key_starts.npy", starts.astype(_narrow(int(np.max(starts, initial=0)))))
+        else:
+            np.save(tmp / "key_positions.npy", np.asarray(parts.key_positions).astype(_narrow(len(parts.tokens))))
+        (tmp / "sources.json").write_text(json.dumps(parts.sources))
+        if parts.deleted is not None and parts.deleted.any():
+            np.save(tmp / "deleted.npy", np.asarray(parts.deleted, dtype=bool))
+        save_compressor(parts.compressor, tmp / "compressor.npz")
+        if is_on_disk(parts.index):  # its lists' file travels with it (found by read_index)
+            try:  # the merge wrote it once and never again: a hard link saves copying it
+                os.link(on_disk_file(parts.index), tmp / IVFDATA)
+            except OSError:  # another filesystem
+                shutil.copyfile(on_disk_file(parts.index), tmp / IVFDATA)
+        faiss.write_index(parts.index, str(tmp / "index.faiss"))
+        files = sorted(p.name for p in tmp.iterdir())
+        full = dict(manifest)
+        full.update(
+            format_version=FORMAT_VERSION,
+            version=version,
+            created_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            counts={
+                "records": int(len(parts.record_offsets) - 1),
+                "tokens": int(len(parts.tokens)),
+                "keys": int(len(parts.key_positions)),
+                **manifest.get("counts", {}),
+            },
+            files={name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in files},
+        )
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    set_current(root, version)
+    return final
+
+
+def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], version: str | None) -> str:
+    """Publish into a local staging root, upload the version (manifest last: a version
+    without its manifest is never readable), then move CURRENT."""
+    loc = resolve(root)
+    staging = cache_dir() / "staging" / uuid.uuid4().hex
+    try:
+        vdir = publish(staging, parts, manifest, version)
+        target = loc.child("versions", vdir.name)
+        if target.exists():
+            raise DatastoreError(f"version {vdir.name} already exists under {root}; versions are immutable")
+        target.upload(vdir, last=MANIFEST)
+        _cache_version(root, vdir)  # the publisher's own copy: no download on first open
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    set_current(root, vdir.name)
+    return target.uri
+
+
+def _cache_folder(root: str) -> Path:
+    return cache_dir() / "datastores" / hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
+
+
+def _cache_version(root: str, vdir: Path) -> None:
+    dst = _cache_folder(root) / vdir.name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.parent / f".tmp-{vdir.name}-{uuid.uuid4().hex[:6]}"
+        shutil.copytree(vdir, tmp)
+        os.replace(tmp, dst)
+
+
+def read_current(root: str | Path) -> str | None:
+    """The version id CURRENT points at, or None when `root` has no pointer."""
+    loc = resolve(root).child(CURRENT)
+    try:
+        return loc.read_text().strip() or None
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def version_manifest(root: str | Path, version: str) -> dict[str, Any]:
+    """The manifest of one version under `root` (no data files are read or fetched)."""
+    return json.loads(resolve(root).child("versions", version, MANIFEST).read_text())
+
+
+def set_current(root: str | Path, version: str) -> None:
+    """Point CURRENT at an existing version (atomic; used to publish, pin or roll back)."""
+    if is_uri(root):
+        loc = resolve(root)
+        if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+            raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
+        loc.child(CURRENT).write_bytes((version + "\n").encode())
+        return
+    root = Path(root)
+    resolve_version_dir(root, version)  # raises unless a complete, published version
+    tmp = root / f".{CURRENT}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(version + "\n")
+    os.replace(tmp, root / CURRENT)
+
+
+def list_versions(root: str | Path) -> list[str]:
+    """Complete versions under `root`, oldest first."""
+    if is_uri(root):
+        vloc = resolve(root).child("versions")
+        return [v for v in vloc.children() if not v.startswith(".") and vloc.child(v, MANIFEST).is_file()]
+    vdir = Path(root) / "versions"
+    if not vdir.is_dir():
+        return []
+    return sorted(p.name for p in vdir.iterdir() if (p / MANIFEST).is_file() and not p.name.startswith("."))
+
+
+def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
+    """The version folder that `path` designates: a version folder itself, or a root's
+    CURRENT (or `version` when given). A URI's version is fetched into the local cache
+    (versions are immutable, so a cached copy stays valid)."""
+    if is_uri(path):
+        return _fetch_version(str(path), version)
+    path = Path(path)
+    if version is None and (path / MANIFEST).is_file():
+        return path
+    if version is None:
+        cur = path / CURRENT
+        if not cur.is_file():
+            raise DatastoreError(f"{path} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
+        version = cur.read_text().strip()
+    vdir = path / "versions" / version
+    # Dot-folders are publishes in progress (or crashed ones): never readable as versions.
+    if version.startswith(".") or "/" in version or not (vdir / MANIFEST).is_file():
+        raise DatastoreError(f"{path}: version {version!r} is missing or incomplete")
+    return vdir
+
+
+def _fetch_version(root: str, version: str | None) -> Path:
+    loc = resolve(root)
+    if version is None and loc.child(MANIFEST).is_file():  # a version folder's URI
+        root, version = root.rstrip("/").rsplit("/versions/", 1)[0], loc.path.rstrip("/").rsplit("/", 1)[1]
+        loc = resolve(root)
+    if version is None:
+        version = read_current(root)
+        if version is None:
+            raise DatastoreError(f"{root} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
+    if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+        raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
+    local = _cache_folder(root) / version
+    if not (local / MANIFEST).is_file():
+        fetch(loc.child("versions", version).uri, into=local)
+    return local
+
+
+class Datastore:
+    """An opened, read-only datastore version: index, compressor, token stream, manifest."""
+
+    def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
+        self.path = resolve_version_dir(path, version)
+        self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
+        if self.manifest.get("format_version") not in READABLE_FORMATS:
+            raise DatastoreError(
+                f"{self.path}: format version {self.manifest.get('format_version')} is not supported "
+                f"(this DReSD reads versions {READABLE_FORMATS})"
+            )
+        self._check_files(full=verify)
+        mode = "r" if mmap else None
+        self.tokens = np.load(self.path / "tokens.npy", mmap_mode=mode)
+        self.record_offsets = np.load(self.path / "record_offsets.npy")
+        if (self.path / "key_positions.npy").is_file():
+            self.key_positions = np.load(self.path / "key_positions.npy", mmap_mode=mode)
+        else:
+            derived = derive_key_positions(self.record_offsets, np.load(self.path / "key_starts.npy"))
+            self.key_positions = derived.astype(_narrow(len(self.tokens)))
+        self.compressor = load_compressor(self.path / "compressor.npz")
+        self.index = read_index(self.path / "index.faiss")
+        self.sources: list[str] = json.loads((self.path / "sources.json").read_text())
+        deleted = self.path / "deleted.npy"
+        self.deleted: np.ndarray | None = np.load(deleted) if deleted.is_file() else None
+        self.eos_id = int(self.manifest["eos_id"])
+        self.value_len = int(self.manifest["value_len"])
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest["version"])
+
+    @property
+    def num_keys(self) -> int:
+        return int(len(self.key_positions))
+
+    def _check_files(self, full: bool) -> None:
+        for name, meta in self.manifest["files"].items():
+            p = self.path / name
+            if not p.is_file():
+                raise DatastoreError(f"{self.path}: file {name} listed in the manifest is missing")
+            if p.stat().st_size != meta["bytes"]:
+                raise DatastoreError(f"{self.path}: {name} has {p.stat().st_size} bytes, manifest says {meta['bytes']}")
+            if full and sha256_file(p) != meta["sha256"]:
+                raise DatastoreError(f"{self.path}: {name} checksum mismatch (corrupt file)")
+
+    def verify(self) -> None:
+        """Re-check every file's size and sha256 against the manifest."""
+        self._check_files(full=True)
+
+    def check_compatible(self, identity: dict[str, Any], format_fingerprint: str | None = None) -> None:
+        """Refuse a store built for another model or prompt format, saying which differs."""
+        built = self.manifest["model"]
+        for key in ("name", "architecture", "vocab_size", "hidden_size", "num_layers", "fingerprint"):
+            if built.get(key) != identity.get(key):
+                raise DatastoreError(
+                    f"datastore {self.path} was built for model {built.get('name')!r} "
+                    f"({key}={built.get(key)!r}) but the loaded model is {identity.get('name')!r} "
+                    f"({key}={identity.get(key)!r}); rebuild the datastore for this model"
+                )
+        if format_fingerprint is not None and self.manifest["prompt_format"]["fingerprint"] != format_fingerprint:
+            raise DatastoreError(
+                f"datastore {self.path} was built with prompt format "
+                f"{self.manifest['prompt_format']['name']!r} whose token layout differs from this run's; "
+                "decode with the datastore's prompt format or rebuild"
+            )
+
+    def records(self):
+        """Every record of the datastore as a list of token ids, in order."""
+        offsets = self.record_offsets
+        for i in range(len(offsets) - 1):
+            yield self.tokens[offsets[i] : offsets[i + 1]].tolist()
+
+    def values(self, key_ids: np.ndarray, n: int | None = None) -> np.ndarray:
+        """(len(key_ids), n) token ids following each key, EOS-padded past its record's end."""
+        n = n or self.value_len
+        ids = np.asarray(key_ids, dtype=np.int64)
+        pos = np.asarray(self.key_positions[ids], dtype=np.int64)
+        rec = np.searchsorted(self.record_offsets, pos, side="right") - 1
+        end = self.record_offsets[rec + 1]
+        idx = pos[:, None] + 1 + np.arange(n)[None, :]
+        inside = idx < end[:, None]
+        vals = np.asarray(self.tokens[np.minimum(idx, len(self.tokens) - 1)], dtype=np.int64)
+        return np.where(inside, vals, self.eos_id)
+
+
+def reusable_store(root: str | Path, build_config: Any) -> bool:
+    """True when `root`'s current version was built with exactly this BuildConfig (fields
+    added to the config since that build count as their defaults)."""
+    from dresd.config import from_dict
+
+    try:
+        built = Datastore(root).manifest.get("build_config")
+        return from_dict(type(build_config), built, "build_config") == build_config
+    except (DatastoreError, ValueError, TypeError):
+        return False

@@ -1,0 +1,233 @@
+"""The draft budget: how many positions one verification should spend.
+
+On a CPU a forward over many new positions costs far more than one (SmolLM2-135M, 2 cores,
+packed integer-code weights: k=2 ~1.2x, k=4 ~1.45x, k=6 ~1.7x, k=8 ~2.1x, k=16 ~3x a
+one-token step, each row paying its own arithmetic; float32 packed weights hid up to six
+rows behind the memory stream: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x), so every verified
+position must earn its cost.
+Per step the planner:
+
+1. estimates each draft node's probability of being accepted: the product, down its path,
+   of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
+   share of its parent's evidence: neighbour counts, suffix frequencies);
+2. keeps the k most probable nodes (p never grows along a path, so the top k form a
+   subtree) for the k that maximises expected tokens per second
+   (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
+3. k = 0 means drafting does not pay right now: plain decoding. Where consulting the
+   drafter costs a noticeable share of a step, it is consulted again after a back-off that
+   doubles while drafts keep failing; the retry verifies a small probe so the estimates can
+   recover when the text changes.
+
+The forward cost comes in as a CostModel (measured by dresd.decoding.calibration); the
+planner scales it by what its own verification steps measure. Nothing here runs the model.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from dresd.decoding.tree import TokenTree, subtree
+
+@dataclass
+class CostModel:
+    """Measured seconds of one verification forward over k positions (piecewise linear)."""
+
+    positions: list[int]  # k values measured, ascending, starting at 1
+    seconds: list[float]  # median forward time for each k
+    context: int = 256  # cached tokens the forwards ran over
+    key: str = ""  # what was measured (model, device, threads)
+
+    def cost(self, k: int) -> float:
+        """Seconds for a forward over k positions (linear between and beyond the measurements)."""
+        ks, ts = self.positions, self.seconds
+        if k <= ks[0]:
+            return ts[0]
+        for i in range(1, len(ks)):
+            if k <= ks[i]:
+                f = (k - ks[i - 1]) / (ks[i] - ks[i - 1])
+                return ts[i - 1] + f * (ts[i] - ts[i - 1])
+        slope = (ts[-1] - ts[-2]) / (ks[-1] - ks[-2]) if len(ks) > 1 else 0.0
+        return ts[-1] + slope * (k - ks[-1])
+
+    def relative(self) -> dict[int, float]:
+        """Cost of each measured k as a multiple of a one-token forward."""
+        return {k: t / self.seconds[0] for k, t in zip(self.positions, self.seconds)}
+
+    def scaled(self, one: float, many: float) -> CostModel:
+        """This model with the one-position cost times `one` and every larger k's times `many`."""
+        seconds = [t * (one if k == 1 else many) for k, t in zip(self.positions, self.seconds)]
+        return CostModel(self.positions, seconds, self.context, self.key)
+
+
+# A verified tree that accepts nothing backs the drafter off only when drafting itself
+# (retrieval) took at least this share of a plain step. The tree's own cost does not count:
+# the budget chose it knowing the risk, and its estimates learn from the miss. Backing off
+# after costly misses too (trees costing >= 1.3x a plain step, this project's rule until the
+# integer-code kernel made k = 4 cost 1.45x) left DReSD at 54.1 / 59.4 tok/s where never
+# backing off after a verified miss made 56.6 / 68.8 (8 MT-Bench / ShareGPT prompts).
+COSTLY_DRAFT = 0.3
+# A consult that leaves nothing worth verifying (no drafts, or none that pay) backs the
+# drafter off only when the consult cost at least this share of a plain step. Skipping a
+# cheap consult saves next to nothing and misses the drafts that come back: on 20 MT-Bench
+# prompts (demo store, replayed), SuffixDecoding's consults (~0.2 ms, 2% of a step) backed
+# off for 790 of 1689 steps, which would have accepted 293 tokens.
+CHEAP_CONSULT = 0.05
+# The calibration times forwards back to back over one context; decoding's own steps cost
+# somewhat more or less (other contexts, accepted paths asking the lazy LM head for more
+# rows, caches cooling between steps): on the demo's store, verifying 3 positions took
+# 1.28-1.35x a plain step where the calibration said 1.25x, and at ~0.2 acceptance per
+# position that decides whether drafting pays. The planner scales the calibrated costs by
+# what its steps measure, one factor for one-position steps and one for larger trees.
+STEP_SCALE_RATE = 0.05  # weight of each measured step in the running factor
+STEP_SCALE_CLIP = (0.5, 2.0)  # a single step's measured/calibrated ratio is clipped to this (preemption, GC)
+SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
+MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
+
+
+def support_bin(conditional_support: float) -> int:
+    """Which bin a node's support relative to its parent falls in (0 = weakest)."""
+    return sum(conditional_support > edge for edge in SUPPORT_BINS)
+
+
+@dataclass
+class AcceptanceModel:
+    """Online estimate of P(node accepted | its parent accepted), per calibration cell.
+
+    A cell is (drafter source, depth bucket, bin of the node's support relative to its
+    parent's). p(node) is the product of these conditionals down the path, so it never
+    exceeds its parent's. Counts decay so the estimate follows the text being generated.
+    """
+
+    prior_rate: float = 0.7  # before evidence: optimistic, so the drafter gets verified and measured
+    prior_weight: float = 2.0  # pseudo-observations behind the prior
+    decay: float = 0.995  # per recorded step
+    offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
+    accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
+
+    @staticmethod
+    def cell(tree: TokenTree, node: int) -> tuple:
+        parent = tree.parents[node]
+        cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
+        return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
+
+    def rate(self, cell: tuple) -> float:
+        """P(accepted | parent accepted) in this cell."""
+        return (self.accepted[cell] + self.prior_rate * self.prior_weight) / (self.offered[cell] + self.prior_weight)
+
+    def node_probs(self, tree: TokenTree) -> list[float]:
+        """Estimated probability that each node is accepted (1.0 for the root)."""
+        probs = [1.0] * len(tree)
+        for i in range(1, len(tree)):
+            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i))
+        return probs
+
+    def update(self, tree: TokenTree, path: list[int]) -> None:
+        """Learn from one verified tree and the node path the target accepted."""
+        for key in self.offered:
+            self.offered[key] *= self.decay
+            self.accepted[key] *= self.decay
+        on_path = set(path)
+        for i in range(1, len(tree)):
+            # Only nodes whose parent was accepted had a chance: the others say nothing.
+            if tree.parents[i] in on_path:
+                cell = self.cell(tree, i)
+                self.offered[cell] += 1.0
+                self.accepted[cell] += 1.0 if i in on_path else 0.0
+
+
+def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,
+                 overhead_s: float = 0.0) -> tuple[list[int], float]:
+    """Nodes to verify (root excluded) maximising expected tokens per second, and that rate.
+
+    Candidates are taken in order of probability (shallower first on ties), which keeps
+    every prefix of the order a subtree because a child is never likelier than its parent.
+    """
+    order = sorted(range(1, len(probs)), key=lambda i: (-probs[i], depths[i], i))[: max(0, max_nodes - 1)]
+    best_k, best_rate = 0, 1.0 / (cost.cost(1) + overhead_s)
+    expected = 1.0
+    for k, node in enumerate(order, start=1):
+        expected += probs[node]
+        rate = expected / (cost.cost(k + 1) + overhead_s)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return order[:best_k], best_rate
+
+
+class DraftPlanner:
+    """Per-decoder state of the budget: the cost model, acceptance calibration and back-off."""
+
+    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 32, probe_nodes: int = 3):
+        self.cost = cost  # None = no budget: verify every proposed node up to max_nodes
+        self.max_nodes = max_nodes
+        self.max_backoff = max_backoff
+        self.acceptance = AcceptanceModel()
+        self.probe_nodes = probe_nodes  # after a back-off, verify at least this many nodes: a retry that measures
+        self._failures = 0
+        self._skip = 0
+        self._probe = False
+        self._probing = False
+        self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
+        # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
+        self.step_scale = [1.0, 1.0]
+
+    def should_draft(self) -> bool:
+        """False while backing off after drafts that did not pay."""
+        if self._skip > 0:
+            self._skip -= 1
+            self._probe = self._skip == 0
+            return False
+        return True
+
+    def plan(self, tree: TokenTree) -> TokenTree:
+        """The part of `tree` worth verifying (the root alone when nothing pays)."""
+        if len(tree) <= 1:
+            return tree
+        if self.cost is None:
+            # No budget: the max_nodes - 1 best-supported nodes (REST's top-64 tree). Support
+            # never grows along a path, so these always form a subtree.
+            order = sorted(range(1, len(tree)), key=lambda i: (-tree.weight[i], tree.depths[i], i))
+            return subtree(tree, order[: self.max_nodes - 1])
+        probs = self.acceptance.node_probs(tree)
+        cost = self.cost.scaled(*self.step_scale)
+        keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
+        self._probing = self._probe and len(keep) < self.probe_nodes
+        if self._probing:
+            # Retrying after a back-off: without verifying something the estimates that
+            # stopped drafting could never change. The probe is the likeliest few nodes.
+            keep = sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))[: self.probe_nodes]
+        self._probe = False
+        return subtree(tree, keep)
+
+    def observe_step(self, positions: int, seconds: float) -> None:
+        """Correct the calibrated cost with one measured verification over `positions` positions."""
+        if self.cost is None or seconds <= 0:
+            return
+        lo, hi = STEP_SCALE_CLIP
+        ratio = min(max(seconds / self.cost.cost(positions), lo), hi)
+        i = int(positions > 1)
+        self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])
+
+    def record(self, tree: TokenTree, path: list[int], drafted: bool, retrieval_s: float) -> None:
+        """Account for one step: calibration, retrieval cost and the back-off."""
+        if not drafted:
+            return
+        self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
+        if len(tree) > 1:
+            self.acceptance.update(tree, path)
+        step = self.cost.cost(1) if self.cost is not None else 0.0
+        if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
+            self._failures = 0
+        elif len(path) > 1:
+            # A probe that paid off: let the updated estimates decide at the next step,
+            # without resetting the back-off (the budget itself still chose not to draft).
+            self._skip = 0
+        elif not self._probing and retrieval_s < (COSTLY_DRAFT if len(tree) > 1 else CHEAP_CONSULT) * step:
+            # A miss of a tree the budget chose (its estimates price misses in), or a cheap
+            # consult with nothing worth verifying.
+            self._failures = 0
+        else:
+            # A probe that missed, or drafting that costs a good part of a step for
+            # nothing: wait 0, 1, 3, 7, ... steps.
+            self._failures += 1
+            self._skip = min(2 ** (self._failures - 1) - 1, self.max_backoff)

@@ -1,0 +1,349 @@
+"""Batch offline decoding as a Ray Data stage: a prompts dataset into parquet part files.
+
+Prompts (jsonl / json / parquet / a `datasets` folder, or "mtbench" / "sharegpt") are cut
+into chunks of `chunk_rows` rows by their position in the source. Each chunk is decoded by
+a Ray Data actor (model loaded once per actor; rows length-sorted, `batch_size` sequences
+per forward with dresd.decoding.batch.generate_batch) and written as ONE part file
+`<output>/part-<chunk>.parquet`, atomically (tmp + rename). The part records a key over
+the chunk's rows and the decode settings: a rerun skips every part whose key matches and
+recomputes the rest (missing, crashed or stale), so the folder ends with each row exactly
+once. Columns: row, id, prompt, response, token_ids, prompt_tokens, new_tokens, stop,
+wall_s. With `id_corpus: true` the parts are also gathered into a jsonl corpus of
+{"id", "prompt", "response"} records for `dresd build --corpus FILE`. The job entry point
+is jobs/decode.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dresd.storage.files import sha256_file
+from dresd.config import ModelConfig, to_dict
+from dresd.config import DecodeConfig
+
+META_KEY = b"dresd_chunk"
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _source_rows(cfg: DecodeConfig):
+    """(id, prompt or None, reject reason or None) for every row of the source, in order."""
+    from dresd.datastore.corpus import list_corpus_files, mtbench_first_turns, read_rows, sharegpt_first_turns
+
+    if cfg.prompts == "mtbench":
+        yield from ((f"mtbench:{i + 1}", q, None) for i, q in enumerate(mtbench_first_turns()))
+        return
+    if cfg.prompts == "sharegpt":
+        yield from ((sid, prompt, None) for sid, prompt, _ in sharegpt_first_turns())
+        return
+    for path in list_corpus_files([cfg.prompts]):
+        for raw in read_rows(path, on_error="skip"):
+            rid = f"{os.path.basename(raw.file)}:{raw.row}"
+            if raw.data is None:
+                yield rid, None, raw.error or "unreadable"
+                continue
+            if cfg.id_field and raw.data.get(cfg.id_field) is not None:
+                rid = str(raw.data[cfg.id_field])
+            value = raw.data.get(cfg.prompt_field)
+            reason = ("missing_field" if value is None else "not_string" if not isinstance(value, str)
+                      else "empty_prompt" if not value.strip() else None)
+            yield rid, (value if reason is None else None), reason
+
+
+def read_prompts(cfg: DecodeConfig) -> list[dict]:
+    """The rows to decode (after skip/limit): {row: index in the source, id, prompt, reject}."""
+    stop = None if cfg.limit is None else cfg.skip + cfg.limit
+    rows = itertools.islice(enumerate(_source_rows(cfg)), cfg.skip, stop)
+    return [{"row": i, "id": rid, "prompt": prompt, "reject": reason} for i, (rid, prompt, reason) in rows]
+
+
+def _model_tag(m: ModelConfig) -> list:
+    """Names the model's files by content (sha256; ~2 s a GB) without loading it. Not by
+    mtime: a reinstall of the model's package rewrites its files, and every finished part
+    would be decoded again."""
+    if m.path is None:
+        from dresd.model.loading import DEFAULT_GGUF_FILE, packaged_default_dir
+
+        path = packaged_default_dir() / DEFAULT_GGUF_FILE
+    else:
+        path = Path(m.path).expanduser().resolve()
+    files = sorted(path.iterdir()) if path.is_dir() else [path]
+    return [[f.name, sha256_file(f)] for f in files if f.is_file()]
+
+
+def settings(cfg: DecodeConfig) -> dict:
+    """Everything that changes a row's output; part keys hash it."""
+    out = {k: getattr(cfg, k) for k in ("prompt_format", "max_prompt_tokens", "max_new_tokens", "temperature")}
+    out["model"] = _model_tag(cfg.model)
+    if cfg.temperature > 0:  # sampled tokens depend on the seed and on how rows are batched
+        out.update(top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+    return out
+
+
+def plan_chunks(cfg: DecodeConfig, rows: list[dict]) -> list[dict]:
+    """Chunk c holds the rows with row // chunk_rows == c; its key covers rows and settings."""
+    common = json.dumps(settings(cfg), sort_keys=True)
+    chunks = []
+    for c, group in itertools.groupby(rows, key=lambda r: r["row"] // cfg.chunk_rows):
+        group = list(group)
+        blob = common + json.dumps([[r["row"], r["id"], r["prompt"], r["reject"]] for r in group])
+        chunks.append({"chunk": c, "key": hashlib.sha256(blob.encode()).hexdigest()[:20], "rows": group})
+    return chunks
+
+
+def part_path(output: Path, chunk: int) -> Path:
+    return output / f"part-{chunk:06d}.parquet"
+
+
+def part_meta(path: Path) -> dict | None:
+    """The chunk record stored in a part's parquet metadata (None if missing or unreadable)."""
+    import pyarrow.parquet as pq
+
+    try:
+        return json.loads(pq.read_schema(path).metadata[META_KEY])
+    except Exception:  # noqa: BLE001 - a torn or foreign file is simply "not done"
+        return None
+
+
+# ----------------------------------------------------------------------------- actor
+
+
+def _batch_seed(seed: int, chunk: int, batch: int) -> int:
+    return int(hashlib.sha256(f"{seed}:{chunk}:{batch}".encode()).hexdigest()[:15], 16)
+
+
+class DecodeChunks:
+    """Callable class for `map_batches(compute=ActorPoolStrategy(...))`: one chunk -> one part."""
+
+    def __init__(self, cfg: dict, output: str):
+        import torch
+
+        from dresd.config import from_dict
+        from dresd.model.loading import load_model
+
+        self.cfg = from_dict(DecodeConfig, cfg)
+        m = self.cfg.model
+        # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
+        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.actors)
+        self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads))
+        torch.set_num_threads(threads)
+        self.output = Path(output)
+        print(f"decode actor: {self.lm.identity['name']} on {self.lm.device}, {torch.get_num_threads()} torch threads, "
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}", flush=True)
+
+    def decode_chunk(self, chunk: int, key: str, rows: list[dict]) -> dict:
+        from dresd.decoding.batch import BatchStats, generate_batch
+        from dresd.datastore.formatting import format_prompt_ids
+
+        cfg, lm = self.cfg, self.lm
+        limit = min(lm.max_context - 1, cfg.max_prompt_tokens or lm.max_context)
+        rejects, failed, todo = Counter(), Counter(), []
+        for r in rows:
+            if r["reject"] is None:
+                r["ids"] = format_prompt_ids(lm.tokenizer, r["prompt"], cfg.prompt_format)
+                r["reject"] = "too_long" if len(r["ids"]) > limit else None
+            if r["reject"] is None:
+                todo.append(r)
+            else:
+                rejects[r["reject"]] += 1
+        todo.sort(key=lambda r: len(r["ids"]))
+        out, gen_s, new_tokens = [], 0.0, 0
+        for b in range(0, len(todo), cfg.batch_size):
+            group, st = todo[b : b + cfg.batch_size], BatchStats()
+            try:
+                gens = generate_batch(lm, [r["ids"] for r in group], cfg.max_new_tokens, cfg.temperature,
+                                      cfg.top_p, _batch_seed(cfg.seed, chunk, b // cfg.batch_size), stats=st)
+            except Exception as exc:  # noqa: BLE001 - counted by reason; the chunk stays unfinished
+                failed[f"error:{type(exc).__name__}"] += len(group)
+                print(f"chunk {chunk}: batch {b // cfg.batch_size} failed: {exc!r}", file=sys.stderr)
+                continue
+            gen_s, new_tokens = gen_s + st.wall_s, new_tokens + st.new_tokens
+            for r, toks in zip(group, gens):
+                eos = bool(toks) and toks[-1] == lm.eos_token_id
+                text = lm.tokenizer.decode(toks[:-1] if eos else toks, skip_special_tokens=True)
+                out.append(dict(row=r["row"], id=r["id"], prompt=r["prompt"], response=text, token_ids=toks,
+                                prompt_tokens=len(r["ids"]), new_tokens=len(toks), stop="eos" if eos else "length",
+                                wall_s=st.wall_s))
+        receipt = {"chunk": chunk, "written": False, "done": len(out), "new_tokens": new_tokens, "gen_s": gen_s,
+                   "rejects": json.dumps(rejects), "failed": json.dumps(failed)}
+        if not failed:
+            meta = {"chunk": chunk, "key": key, "rows": len(rows), "done": len(out), "rejects": rejects}
+            self._write_part(chunk, sorted(out, key=lambda r: r["row"]), meta)
+            receipt["written"] = True
+        return receipt
+
+    def _write_part(self, chunk: int, records: list[dict], meta: dict) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
+                            ("response", pa.string()), ("token_ids", pa.list_(pa.int32())),
+                            ("prompt_tokens", pa.int32()), ("new_tokens", pa.int32()), ("stop", pa.string()),
+                            ("wall_s", pa.float64())], metadata={META_KEY: json.dumps(meta).encode()})
+        table = pa.Table.from_pylist(records, schema=schema)
+        final = part_path(self.output, chunk)
+        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, final)  # readers see the old part or the whole new one, never half
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def __call__(self, batch: dict) -> dict:
+        receipts = [self.decode_chunk(int(c), k, json.loads(p))
+                    for c, k, p in zip(batch["chunk"], batch["key"], batch["payload"])]
+        return {name: [r[name] for r in receipts] for name in receipts[0]} if receipts else {}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+@dataclass
+class DecodeReport:
+    """What one run did; `lines()` is the summary table."""
+
+    output: str
+    rows_in: int = 0
+    decoded: int = 0  # rows decoded by this run
+    skipped: int = 0  # rows decoded by an earlier run (their part was reused)
+    rejected: Counter = field(default_factory=Counter)  # by reason (this run's and reused parts')
+    failed: Counter = field(default_factory=Counter)  # by reason; their chunks stay unfinished
+    chunks: int = 0
+    computed: list[int] = field(default_factory=list)  # chunk ids written by this run
+    reused: int = 0
+    replaced: int = 0  # parts found with another key (other rows or settings), recomputed
+    new_tokens: int = 0
+    gen_s: float = 0.0  # actor seconds in generate_batch, summed
+    stage_s: float = 0.0  # wall seconds of the Ray stage
+    corpus: str | None = None
+    corpus_records: int = 0
+    corpus_empty: int = 0
+
+    def lines(self) -> list[str]:
+        rej, fail = sum(self.rejected.values()), sum(self.failed.values())
+        out = [f"decode summary: {self.output} ({self.chunks} chunks: {len(self.computed)} computed, "
+               f"{self.reused} reused, {self.replaced} replaced as stale, "
+               f"{self.chunks - len(self.computed) - self.reused} failed)"]
+        table = [("rows in", self.rows_in), ("decoded now", self.decoded),
+                 ("skipped (already finished)", self.skipped), ("rejected", rej)]
+        table += [(f"  {k}", v) for k, v in sorted(self.rejected.items())]
+        table += [("failed", fail)] + [(f"  {k}", v) for k, v in sorted(self.failed.items())]
+        out += [f"  {name:<30}{value:>9}" for name, value in table]
+        ok = "ok" if self.rows_in == self.decoded + self.skipped + rej + fail else "MISMATCH"
+        out.append(f"  in = decoded + skipped + rejected + failed: {self.rows_in} = {self.decoded} + "
+                   f"{self.skipped} + {rej} + {fail} ({ok})")
+        tps = self.new_tokens / self.gen_s if self.gen_s else 0.0
+        wall_tps = self.new_tokens / self.stage_s if self.stage_s else 0.0
+        out.append(f"  new tokens {self.new_tokens}: {tps:.1f} tokens/s over {self.gen_s:.1f} s of decoding, "
+                   f"{wall_tps:.1f} tokens/s over the stage's {self.stage_s:.1f} s wall")
+        if self.corpus:
+            out.append(f"  id corpus: {self.corpus} ({self.corpus_records} records, "
+                       f"{self.corpus_empty} empty responses left out)")
+        return out
+
+
+def _run_stage(cfg: DecodeConfig, output: Path, pending: list[dict], report: DecodeReport) -> None:
+    import ray
+
+    from pipelines.runtime import ensure_ray
+
+    ensure_ray(cfg.ray_address)
+    ctx = ray.data.DataContext.get_current()
+    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
+    ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = 1  # one chunk per block: chunks spread over the actors
+    t0 = time.perf_counter()
+    try:
+        items = [{"chunk": c["chunk"], "key": c["key"], "payload": json.dumps(c["rows"])} for c in pending]
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            DecodeChunks,
+            fn_constructor_kwargs=dict(cfg=to_dict(cfg), output=str(output)),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(items)), max_tasks_in_flight_per_actor=1),
+            num_cpus=cfg.actor_cpus,
+            num_gpus=cfg.gpus,
+            # Read when torch loads OpenMP: it must be in the worker's environment from the start.
+            **({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy}}} if cfg.omp_wait_policy else {}),
+        )
+        for r in ds.iter_rows():
+            done, written = int(r["done"]), bool(r["written"])
+            report.decoded += done if written else 0
+            report.new_tokens += int(r["new_tokens"])
+            report.gen_s += float(r["gen_s"])
+            report.rejected.update(json.loads(r["rejects"]))
+            failed = Counter(json.loads(r["failed"]))
+            if failed:  # the chunk's decoded rows are thrown away too: they are redone on rerun
+                failed["unfinished_chunk"] += done
+            report.failed.update(failed)
+            if written:
+                report.computed.append(int(r["chunk"]))
+            print(f"chunk {r['chunk']}: {done} rows, {r['new_tokens']} tokens in {r['gen_s']:.1f} s"
+                  + ("" if written else f" NOT written ({dict(failed)})"), flush=True)
+    finally:
+        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+    report.stage_s = time.perf_counter() - t0
+
+
+def write_corpus(output: Path, chunks: list[dict], path: Path, report: DecodeReport) -> None:
+    """Gather every planned part, in row order, into a jsonl corpus (tmp + rename)."""
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            for c in chunks:
+                for rec in pq.read_table(part_path(output, c["chunk"]), columns=["id", "prompt", "response"]).to_pylist():
+                    if not rec["response"].strip():
+                        report.corpus_empty += 1
+                        continue
+                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    report.corpus_records += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    report.corpus = str(path)
+
+
+def run_decode(cfg: DecodeConfig) -> DecodeReport:
+    """Decode every unfinished chunk; returns the report (nothing is raised for failed rows)."""
+    output = Path(cfg.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(".part-*.parquet.tmp-*"):  # left by a crashed writer
+        stale.unlink(missing_ok=True)
+    rows = read_prompts(cfg)
+    chunks = plan_chunks(cfg, rows)
+    report = DecodeReport(output=str(output), rows_in=len(rows), chunks=len(chunks))
+    pending = []
+    for c in chunks:
+        path = part_path(output, c["chunk"])
+        meta = part_meta(path) if path.exists() else None
+        if meta is not None and meta.get("key") == c["key"]:
+            report.reused += 1
+            report.skipped += meta["done"]
+            report.rejected.update(meta["rejects"])
+        else:
+            report.replaced += path.exists()
+            pending.append(c)
+    print(f"decoding {len(rows)} rows of {cfg.prompts!r} into {output}: {len(chunks)} chunks, "
+          f"{len(pending)} to compute (ray: {cfg.ray_address or 'local'})", flush=True)
+    if pending:
+        _run_stage(cfg, output, pending, report)
+    if cfg.id_corpus:
+        if report.failed:
+            print("id corpus not written: some chunks failed (rerun to finish them)", file=sys.stderr)
+        else:
+            write_corpus(output, chunks, Path(cfg.corpus_file or f"{str(output).rstrip('/')}.jsonl"), report)
+    return report

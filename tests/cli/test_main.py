@@ -1,0 +1,108 @@
+"""The `dresd` command line: datastore list|show|verify on a local root and a URI root, and
+every command loading its config through --config, flags and --set."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from dresd.cli.main import main
+from dresd.datastore.store import publish
+from tests_support import make_manifest, make_parts
+
+
+@pytest.fixture(params=["local", "memory"])
+def root(request, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    r = str(tmp_path / "store") if request.param == "local" else f"memory://cli-{uuid.uuid4().hex}/store"
+    publish(r, make_parts(), make_manifest(), version="v1")
+    publish(r, make_parts(seed=1), make_manifest(), version="v2")
+    return r
+
+
+def test_list_marks_current_and_show_prints_the_manifest(root, capsys):
+    assert main(["datastore", "list", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in lines] == [["v1", "keys=9"], ["*", "v2"]]
+    assert main(["datastore", "show", root, "--version", "v1"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    assert manifest["version"] == "v1" and manifest["counts"]["keys"] == 9 and "sha256" in manifest["files"]["tokens.npy"]
+
+
+def test_verify_passes_then_names_a_corrupt_file(tmp_path, capsys):
+    root = tmp_path / "store"
+    vdir = publish(root, make_parts(), make_manifest(), version="v1")
+    assert main(["datastore", "verify", str(root)]) == 0
+    assert "all 6 files match" in capsys.readouterr().out
+    data = bytearray((vdir / "tokens.npy").read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes
+    (vdir / "tokens.npy").write_bytes(bytes(data))
+    assert main(["datastore", "verify", str(root)]) == 1
+    assert "tokens.npy checksum mismatch" in capsys.readouterr().err
+
+
+def test_list_of_a_folder_without_versions_says_so(tmp_path, capsys):
+    assert main(["datastore", "list", str(tmp_path)]) == 1
+    assert "no datastore versions" in capsys.readouterr().err
+
+
+def _config(argv):
+    from dresd.cli.main import build_parser
+    from dresd.config.loader import config_from_args
+
+    args = build_parser().parse_args(argv)
+    return config_from_args(args.config_cls, args)
+
+
+def test_generate_flags_reach_the_speculative_configs():
+    from dresd.cli.main import generate_specs
+
+    specs = generate_specs(_config(["generate", "--prompt", "hi", "--method", "greedy,dresd,hybrid",
+                                    "--verify", "tree,batch", "--top-k", "7", "--budget", "off"]))
+    assert list(specs) == ["greedy", "dresd-tree", "dresd-batch", "hybrid-tree"]
+    assert specs["dresd-batch"].verify == "batch" and specs["dresd-tree"].top_k == 7
+    assert all(s.budget == "off" and s.context_keys and s.hybrid_exact == "pld" for s in specs.values())
+    (spec,) = generate_specs(_config(["generate", "--prompt", "hi", "--method", "hybrid", "--no-context-keys",
+                                      "--hybrid-exact", "suffix"])).values()
+    assert not spec.context_keys and spec.hybrid_exact == "suffix"
+    # No --method: the config's own speculative.method, under its own name.
+    assert list(generate_specs(_config(["generate", "--set", "speculative.method=pld"]))) == ["pld-tree"]
+
+
+def test_every_command_takes_config_then_flags_then_set(tmp_path):
+    path = tmp_path / "gen.yaml"
+    path.write_text("max_new_tokens: 5\nspeculative:\n  top_k: 3\n  num_drafts: 4\nprompts: [a]\n")
+    cfg = _config(["generate", "--config", str(path), "--top-k", "9", "--set", "speculative.num_drafts=2"])
+    assert (cfg.max_new_tokens, cfg.speculative.top_k, cfg.speculative.num_drafts, cfg.prompts) == (5, 9, 2, ["a"])
+    # A flag's value is overridden by --set, whatever their order on the line.
+    assert _config(["build", "--set", "index.dim=16", "--dim", "32"]).index.dim == 16
+    assert _config(["build", "--corpus", "a.jsonl", "--corpus", "b", "--kind", "text"]).corpus.paths == ["a.jsonl", "b"]
+    up = _config(["update", "delete", "--datastore", "s", "--source", "x", "--source", "y"])
+    assert up.output == "s" and up.sources == ["x", "y"]
+    assert _config(["datastore", "show", "r", "--version", "v2"]).version == "v2"
+    assert _config(["datastore", "list", "--set", "root=r2"]).root == "r2"
+    assert _config(["demo", "--prompts", "3", "--set", "records=10"]).records == 10
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["build", "--set", "corpus.kind=tsv"], "corpus.kind: 'tsv' is not one of ['prompt_response', 'text', 'conversations']"),
+    (["generate", "--prompt", "x", "--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["generate", "--top-k", "many"], "speculative.top_k: 'many' is not an integer"),
+    (["update", "compact", "--set", "bogus=1"], "unknown key 'bogus' in UpdateConfig"),
+    (["datastore", "list"], "root is empty"),
+    (["update", "compact"], "output is empty (give the datastore root: --datastore ROOT)"),
+    (["demo", "--set", "prompts=lots"], "prompts: 'lots' is not an integer"),
+])
+def test_bad_config_is_one_line_before_any_work(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith(f"dresd {argv[0]}: error:")
+
+
+def test_a_yaml_value_of_the_wrong_type_names_file_and_key(tmp_path, capsys):
+    path = tmp_path / "b.yaml"
+    path.write_text("corpus:\n  paths: [x.jsonl]\n  max_records: ten\n")
+    assert main(["build", "--config", str(path)]) == 2
+    assert f"{path}: corpus.max_records: 'ten' is not an integer or null" in capsys.readouterr().err

@@ -1,0 +1,532 @@
+"""Tests for dresd.decoding.budget: the forward-cost model, acceptance calibration, node selection,
+the planner's back-off, and budgeted decoding on a tiny model
+staying token-identical to greedy."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+import dresd.decoding.budget as budget
+from dresd.decoding.budget import AcceptanceModel, CostModel, DraftPlanner, select_nodes, support_bin
+from dresd.config import SpeculativeConfig
+from dresd.decoding.loop import SpeculativeDecoder
+from dresd.drafters import Candidates
+from dresd.decoding.tree import TokenTree, build_tree, subtree
+from tests_support import greedy_reference, one_torch_thread, tiny_llama_lm
+
+VOCAB = 272
+BUDGET = 40
+
+
+def smol_cpu_cost() -> CostModel:
+    """Roughly SmolLM2-135M on 2 CPU cores, stock layout: k=1 0.11 s, k=2 1.16x, k=4 1.47x ... k=64 0.55 s."""
+    return CostModel([1, 8, 16, 32, 64], [0.11, 0.23, 0.29, 0.40, 0.55])
+
+
+def is_subtree(tree: TokenTree, keep: list[int]) -> bool:
+    """Every kept node's parent is the root or kept too."""
+    kept = set(keep) | {0}
+    return all(tree.parents[i] in kept for i in keep)
+
+
+def chain(probs: list[float]) -> tuple[list[float], list[int]]:
+    """probs/depths of a single chain root -> 1 -> 2 ... (root probability 1)."""
+    return [1.0, *probs], list(range(len(probs) + 1))
+
+
+# ------------------------------------------------------------------------- CostModel
+
+
+def test_cost_interpolates_and_extrapolates():
+    c = smol_cpu_cost()
+    # Exact at the measurements.
+    for k, t in zip(c.positions, c.seconds):
+        assert c.cost(k) == pytest.approx(t)
+    # Below the first measurement: the first cost.
+    assert c.cost(0) == pytest.approx(0.11)
+    assert c.cost(-3) == pytest.approx(0.11)
+    # Linear in between: k=12 is half-way from 8 (0.23) to 16 (0.29).
+    assert c.cost(12) == pytest.approx(0.26)
+    assert c.cost(2) == pytest.approx(0.11 + 0.12 / 7)
+    assert c.cost(48) == pytest.approx(0.475)
+    # Beyond the last: the last segment's slope (0.15 s per 32 positions).
+    assert c.cost(96) == pytest.approx(0.55 + 0.15)
+    assert c.cost(100) == pytest.approx(0.55 + 0.15 * 36 / 32)
+    # One measurement: constant.
+    one = CostModel([1], [0.2])
+    assert one.cost(1) == one.cost(50) == pytest.approx(0.2)
+    # Relative to a one-token forward.
+    rel = c.relative()
+    assert list(rel) == c.positions
+    assert rel[1] == pytest.approx(1.0) and rel[64] == pytest.approx(5.0)
+
+
+def test_cost_is_monotone():
+    for c in (smol_cpu_cost(), CostModel([1, 2, 64], [0.1, 1.0, 30.0]), CostModel([1, 64], [0.1, 0.1])):
+        costs = [c.cost(k) for k in range(0, 200)]
+        assert all(b >= a - 1e-12 for a, b in zip(costs, costs[1:]))
+
+
+# ---------------------------------------------------------------------- select_nodes
+
+
+def test_select_confident_chain_stops_where_positions_stop_paying():
+    cost = smol_cpu_cost()
+    probs, depths = chain([0.9, 0.8, 0.7, 0.3, 0.1])
+    # By hand, cost(k) = 0.11 + (k - 1) * 0.12 / 7 for k <= 8, rate(k) = (1 + sum p) / cost(k + 1):
+    #   k=0: 1.0 / 0.11      =  9.09
+    #   k=1: 1.9 / 0.12714   = 14.94
+    #   k=2: 2.7 / 0.14429   = 18.71
+    #   k=3: 3.4 / 0.16143   = 21.06   <- best
+    #   k=4: 3.7 / 0.17857   = 20.72
+    #   k=5: 3.8 / 0.19571   = 19.42
+    keep, rate = select_nodes(probs, depths, cost, max_nodes=64)
+    assert keep == [1, 2, 3]
+    assert rate == pytest.approx(3.4 / (0.11 + 3 * 0.12 / 7))
+    # The same by brute force over every prefix of the chain.
+    rates = [(1 + sum(probs[1 : k + 1])) / cost.cost(k + 1) for k in range(len(probs))]
+    assert int(np.argmax(rates)) == 3
+    # A large fixed overhead per step (e.g. slow retrieval) makes extra positions relatively
+    # cheap: all five pay (3.8 / 1.1957 = 3.18 > 3.7 / 1.1786 = 3.14).
+    keep, rate = select_nodes(probs, depths, cost, max_nodes=64, overhead_s=1.0)
+    assert keep == [1, 2, 3, 4, 5]
+    assert rate == pytest.approx(3.8 / (cost.cost(6) + 1.0))
+
+
+def test_select_nothing_when_probabilities_are_low():
+    cost = smol_cpu_cost()
+    probs, depths = chain([0.05, 0.04, 0.03, 0.02])
+    keep, rate = select_nodes(probs, depths, cost, max_nodes=64)
+    assert keep == []
+    assert rate == pytest.approx(1 / 0.11)
+    # A root-only tree: nothing to select.
+    assert select_nodes([1.0], [0], cost, 64) == ([], pytest.approx(1 / 0.11))
+    # Steep costs: even certain drafts do not pay.
+    steep = CostModel([1, 2, 64], [0.1, 1.0, 30.0])
+    assert select_nodes(*chain([1.0, 1.0]), steep, 64)[0] == []
+
+
+def test_select_respects_max_nodes():
+    flat = CostModel([1, 64], [0.1, 0.1])  # every positive-probability node pays
+    probs, depths = chain([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    assert select_nodes(probs, depths, flat, 64)[0] == [1, 2, 3, 4, 5, 6]
+    for max_nodes in (0, 1, 2, 4, 7, 8):
+        keep, _ = select_nodes(probs, depths, flat, max_nodes)
+        assert len(keep) + 1 <= max(max_nodes, 1)  # the root counts towards max_nodes
+        assert keep == [1, 2, 3, 4, 5, 6][: max(0, max_nodes - 1)]
+
+
+def test_select_orders_by_probability_then_depth():
+    # root -> 1 (0.9) -> 2 (0.5); root -> 3 (0.5) -> 4 (0.5); root -> 5 (0.6)
+    probs = [1.0, 0.9, 0.5, 0.5, 0.5, 0.6]
+    depths = [0, 1, 2, 1, 2, 1]
+    flat = CostModel([1, 64], [0.1, 0.1])
+    keep, _ = select_nodes(probs, depths, flat, max_nodes=4)
+    assert keep == [1, 5, 3]  # the 0.5 tie goes to the shallower node 3
+    keep, _ = select_nodes(probs, depths, flat, max_nodes=5)
+    assert keep == [1, 5, 3, 2] and is_subtree_parents(keep, [-1, 0, 1, 0, 3, 0])
+
+
+def is_subtree_parents(keep: list[int], parents: list[int]) -> bool:
+    kept = set(keep) | {0}
+    return all(parents[i] in kept for i in keep)
+
+
+def random_tree(rng: random.Random) -> TokenTree:
+    n = rng.randint(0, 12)
+    drafts = [[rng.randint(0, 3) for _ in range(rng.randint(1, 6))] for _ in range(n)]
+    weights = [rng.uniform(0.1, 5.0) for _ in drafts]
+    sources = [rng.choice(["a", "b"]) for _ in drafts]
+    total = sum(weights) * rng.choice([1.0, 1.5]) if drafts else None
+    return build_tree(rng.randint(0, 3), drafts, None, weights, sources, total)
+
+
+def random_path(tree: TokenTree, rng: random.Random) -> list[int]:
+    """A root path the target 'accepted' (random walk that stops at random)."""
+    path = [0]
+    while tree.children[path[-1]] and rng.random() < 0.6:
+        path.append(rng.choice(list(tree.children[path[-1]].values())))
+    return path
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_is_always_a_subtree(seed):
+    rng = random.Random(seed)
+    acc = AcceptanceModel()
+    costs = [smol_cpu_cost(), CostModel([1, 64], [0.1, 0.1]), CostModel([1, 4, 64], [0.1, 0.12, 0.5])]
+    for _ in range(60):
+        tree = random_tree(rng)
+        probs = acc.node_probs(tree)
+        for i in range(1, len(tree)):
+            assert 0.0 <= probs[i] <= probs[tree.parents[i]] <= 1.0
+        max_nodes = rng.randint(1, 20)
+        keep, rate = select_nodes(probs, tree.depths, rng.choice(costs), max_nodes, rng.choice([0.0, 0.05]))
+        assert len(set(keep)) == len(keep) and 0 not in keep
+        assert len(keep) + 1 <= max_nodes
+        assert is_subtree(tree, keep)
+        assert rate > 0
+        sub = subtree(tree, keep)  # does not raise
+        assert len(sub) == len(keep) + 1
+        acc.update(tree, random_path(tree, rng))
+
+
+# ------------------------------------------------------------------- AcceptanceModel
+
+
+def test_support_bins():
+    assert [support_bin(x) for x in (0.0, 0.1, 0.11, 0.25, 0.3, 0.5, 0.6, 0.75, 0.9, 1.0)] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+
+
+def test_acceptance_priors_and_cells():
+    acc = AcceptanceModel()
+    tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
+    # node 1: depth 1, share 0.75 of the root -> bin 3; node 2: share 1.0 of node 1 -> bin 4;
+    # node 3: share 0.25 -> bin 1.
+    assert acc.cell(tree, 1) == ("s", 1, 3)
+    assert acc.cell(tree, 2) == ("s", 2, 4)
+    assert acc.cell(tree, 3) == ("s", 1, 1)
+    assert acc.rate(("any", 1, 0)) == pytest.approx(0.7)  # the optimistic prior
+    assert acc.node_probs(tree) == pytest.approx([1.0, 0.7, 0.49, 0.7])
+    deep = build_tree(0, [list(range(1, 13))], sources=["d"])
+    assert acc.cell(deep, 12)[1] == 8  # deep nodes share a depth bucket
+
+
+def test_acceptance_update_moves_rates_toward_observed():
+    tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
+    acc = AcceptanceModel()
+    acc.update(tree, [0, 1])  # node 1 accepted, node 2 (its child) and node 3 rejected
+    assert acc.rate(("s", 1, 3)) == pytest.approx((1 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 2, 4)) == pytest.approx((0 + 1.4) / (1 + 2))
+    assert acc.rate(("s", 1, 1)) == pytest.approx(1.4 / 3)
+    assert acc.rate(("other", 1, 3)) == pytest.approx(0.7)  # other sources untouched
+    full = build_tree(0, [[1, 2, 3]], sources=["c"])
+    acc = AcceptanceModel()
+    for _ in range(300):
+        acc.update(full, [0, 1, 2, 3])
+    assert acc.node_probs(full)[3] == pytest.approx(1.0, abs=0.02)
+    acc = AcceptanceModel()
+    for _ in range(300):
+        acc.update(full, [0])
+    assert acc.node_probs(full)[1] < 0.05
+
+
+def test_acceptance_only_counts_nodes_whose_parent_was_accepted():
+    tree = build_tree(0, [[1, 2, 3]], sources=["s"])
+    acc = AcceptanceModel()
+    acc.update(tree, [0])  # the first node rejected: deeper nodes had no chance
+    assert acc.offered[("s", 1, 4)] == pytest.approx(1.0) and acc.accepted[("s", 1, 4)] == 0.0
+    assert acc.offered.get(("s", 2, 4), 0.0) == 0.0 and acc.offered.get(("s", 3, 4), 0.0) == 0.0
+    acc.update(tree, [0, 1])  # second node rejected: depth 3 says nothing
+    assert acc.offered[("s", 2, 4)] == pytest.approx(1.0) and acc.accepted[("s", 2, 4)] == 0.0
+    assert acc.offered.get(("s", 3, 4), 0.0) == 0.0
+    # Decay: older evidence weighs less.
+    assert acc.offered[("s", 1, 4)] == pytest.approx(acc.decay * 1.0 + 1.0)
+    assert acc.accepted[("s", 1, 4)] == pytest.approx(1.0)
+
+
+def test_node_probs_are_products_down_the_path():
+    acc = AcceptanceModel()
+    tree = build_tree(0, [[5, 6, 7]], sources=["x"])
+    for _ in range(100):
+        acc.update(tree, [0, 1])  # depth 1 always accepted, depth 2 never
+    probs = acc.node_probs(tree)
+    assert probs[1] > 0.95 and probs[2] < 0.05 * probs[1] + 1e-9
+    assert probs[3] <= probs[2] <= probs[1] <= 1.0
+
+
+# ---------------------------------------------------------------------- DraftPlanner
+
+
+def test_planner_without_budget_verifies_everything_up_to_max_nodes():
+    tree = build_tree(0, [[1, 2, 3], [4, 5], [6]])
+    planner = DraftPlanner(None, max_nodes=64)
+    out = planner.plan(tree)
+    assert out.tokens == tree.tokens and out.parents == tree.parents
+    # A cap keeps the best-supported nodes (shallower first on ties): a top-k tree.
+    small = DraftPlanner(None, max_nodes=4).plan(tree)
+    assert small.tokens == [0, 1, 4, 6] and small.parents == [-1, 0, 0, 0]
+    weighted = build_tree(0, [[1, 2, 3], [4, 5], [6]], weights=[1.0, 5.0, 0.5])
+    top = DraftPlanner(None, max_nodes=4).plan(weighted)
+    assert top.tokens == [0, 1, 4, 5] and top.parents == [-1, 0, 0, 2]  # nodes keep their order
+    # Root-only trees pass through.
+    root = build_tree(7, [])
+    assert DraftPlanner(smol_cpu_cost()).plan(root) is root
+    # No budget never backs off.
+    for _ in range(5):
+        assert planner.should_draft()
+        planner.record(tree, [0], True, 0.01)
+
+
+def consult_steps(planner: DraftPlanner, steps: int, tree: TokenTree, success_at: set[int] = frozenset(),
+                  retrieval_share: float = 0.1) -> list[int]:
+    """The steps at which the planner lets the drafter run; every draft fails unless listed.
+    Each consult costs `retrieval_share` of a plain step (default: enough to back off after)."""
+    out = []
+    for step in range(steps):
+        if planner.should_draft():
+            out.append(step)
+            planner.record(tree, [0, 1] if step in success_at else [0], True, retrieval_share * planner.cost.cost(1))
+    return out
+
+
+def test_planner_backoff_doubles_and_caps():
+    declined = build_tree(0, [])  # the budget found nothing worth verifying: a failure
+    planner = DraftPlanner(smol_cpu_cost(), max_backoff=16)
+    # Skips after consecutive failures: 0, 1, 3, 7, 15, then capped at 16.
+    steps = consult_steps(planner, 70, declined)
+    assert steps == [0, 1, 3, 7, 15, 31, 48, 65]
+    gaps = [b - a - 1 for a, b in zip(steps, steps[1:])]
+    assert gaps == [0, 1, 3, 7, 15, 16, 16]
+    planner = DraftPlanner(smol_cpu_cost(), max_backoff=4)
+    assert consult_steps(planner, 20, declined) == [0, 1, 3, 7, 12, 17]
+
+
+def test_planner_keeps_drafting_after_misses_of_trees_it_chose():
+    tree = build_tree(0, [[1, 2, 3]])
+    # The budget chose these trees knowing their cost and learns from each miss: neither a
+    # GPU's flat cost curve nor the CPU's (4 positions: 1.47x a plain step) stops drafting.
+    assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 20, tree) == list(range(20))
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 20, tree) == list(range(20))
+    # ... unless drafting itself (retrieval) costs a good part of a step for nothing.
+    slow = DraftPlanner(CostModel([1, 64], [0.030, 0.0303]))
+    for _ in range(3):
+        slow.record(tree, [0], True, 0.01)
+    assert not slow.should_draft()
+    # Nothing worth verifying (root only) is a failure when the consult cost something ...
+    assert consult_steps(DraftPlanner(CostModel([1, 64], [0.030, 0.0303])), 8, build_tree(0, [])) == [0, 1, 3, 7]
+    # ... but a cheap consult (under CHEAP_CONSULT of a step) is repeated at every step.
+    cheap = budget.CHEAP_CONSULT / 2
+    assert consult_steps(DraftPlanner(smol_cpu_cost()), 8, build_tree(0, []), retrieval_share=cheap) == list(range(8))
+
+
+def test_a_probe_that_misses_keeps_backing_off():
+    probs_low = build_tree(0, [[1, 2, 3]], weights=[1.0])
+    planner = DraftPlanner(smol_cpu_cost())
+    planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: the budget declines
+    declined = planner.plan(probs_low)
+    assert len(declined) == 1
+    for step in range(2):  # failures at steps 0 and 1 (consults costing 10% of a step): skip one step
+        assert planner.should_draft()
+        planner.record(declined, [0], True, 0.011)
+    assert not planner.should_draft()
+    assert planner.should_draft()  # the retry after the back-off ...
+    probe = planner.plan(probs_low)
+    assert len(probe) == 1 + planner.probe_nodes  # ... verifies a probe anyway
+    planner.record(probe, [0], True, 0.0)  # which missed (however cheap): the back-off goes on (3 steps)
+    assert [planner.should_draft() for _ in range(4)] == [False, False, False, True]
+
+
+def test_planner_success_resets_backoff():
+    declined = build_tree(0, [])
+    planner = DraftPlanner(smol_cpu_cost())
+    # Fail at 0, 1, 3, succeed at 7: the next failure starts the sequence again.
+    steps = consult_steps(planner, 20, declined, success_at={7})
+    assert steps[:5] == [0, 1, 3, 7, 8]
+    assert steps[5:] == [9, 11, 15]
+    # A step that did not draft changes nothing.
+    tree = build_tree(0, [[1, 2, 3]])
+    planner = DraftPlanner(smol_cpu_cost())
+    planner.record(tree, [0], False, 5.0)
+    assert planner.retrieval_ema == 0.0 and planner.should_draft()
+    planner.record(tree, [0], True, 0.2)
+    assert planner.retrieval_ema == pytest.approx(0.2)
+    planner.record(tree, [0], True, 0.0)  # EMA: 0.9 * 0.2
+    assert planner.retrieval_ema == pytest.approx(0.18)
+
+
+def test_plan_returns_valid_subtree():
+    rng = random.Random(3)
+    for cost in (smol_cpu_cost(), CostModel([1, 64], [0.1, 0.1])):
+        planner = DraftPlanner(cost, max_nodes=10)
+        for _ in range(40):
+            tree = random_tree(rng)
+            out = planner.plan(tree)
+            assert 1 <= len(out) <= 10
+            assert out.tokens[0] == tree.tokens[0] and out.parents[0] == -1
+            for i in range(1, len(out)):
+                p = out.parents[i]
+                assert 0 <= p < i and out.depths[i] == out.depths[p] + 1
+                assert out.children[p][out.tokens[i]] == i
+            # Every kept path is a path of the original tree, with the same weight.
+            for i in range(len(out)):
+                node = 0
+                for n in out.path_to(i)[1:]:
+                    node = tree.children[node][out.tokens[n]]
+                assert out.weight[i] == pytest.approx(tree.weight[node])
+                assert out.source[i] == tree.source[node]
+            planner.record(out, random_path(out, rng), True, 0.001)
+    # Confident drafts are kept on a flat cost, nothing is kept on a steep one.
+    tree = build_tree(0, [[1, 2, 3]], sources=["s"])
+    assert len(DraftPlanner(CostModel([1, 64], [0.1, 0.1])).plan(tree)) == 4
+    assert len(DraftPlanner(CostModel([1, 2, 64], [0.1, 1.0, 30.0])).plan(tree)) == 1
+
+
+def test_measured_steps_correct_the_calibrated_cost():
+    tree = build_tree(0, [[1, 2, 3]], sources=["s"])
+    planner = DraftPlanner(CostModel([1, 2, 4], [0.1, 0.11, 0.13]))
+    assert len(planner.plan(tree)) == 4  # as calibrated, the whole chain pays (prior 0.7 per node)
+    # Trees measure twice their calibrated cost (3x is clipped to 2x): drafting stops paying.
+    for _ in range(100):
+        planner.observe_step(3, 0.12 * 3)
+    assert planner.step_scale[1] == pytest.approx(2.0, rel=0.01) and planner.step_scale[0] == 1.0
+    assert len(planner.plan(tree)) == 1
+    # Plain steps turn out slow as well: relative to them, trees pay again.
+    for _ in range(100):
+        planner.observe_step(1, 0.2)
+    assert planner.step_scale[0] == pytest.approx(2.0, rel=0.01)
+    assert len(planner.plan(tree)) == 4
+    # One outlier moves the factor by at most STEP_SCALE_RATE x the clip.
+    planner.observe_step(1, 100.0)
+    assert planner.step_scale[0] <= 2.0 + budget.STEP_SCALE_RATE * 2.0
+    # Without a budget there is nothing to correct.
+    free = DraftPlanner(None)
+    free.observe_step(3, 1.0)
+    assert free.step_scale == [1.0, 1.0]
+
+
+# --------------------------------------------------------- tiny model
+
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    return tiny_llama_lm(tmp_path_factory, VOCAB)
+
+
+@pytest.fixture(scope="module")
+def case(lm):
+    prompt = np.random.default_rng(0).integers(3, 259, 8).tolist()
+    ref = greedy_reference(lm.model, prompt, BUDGET)
+    never = next(t for t in range(3, VOCAB) if t not in prompt + ref)
+    return {"prompt": prompt, "ref": ref, "seq": prompt + ref, "no_eos": never}
+
+
+# ------------------------------------------------------------ budgeted decoding loop
+
+
+class ContinuationOracle:
+    """Proposes the true greedy continuation after the context (length `length`)."""
+
+    name = "oracle"
+
+    def __init__(self, seq: list[int], length: int = 6, delay_s: float = 0.0):
+        self.seq, self.length = seq, length
+        self.delay_s = delay_s  # how long each consult takes (a costly drafter)
+        self.calls = 0
+
+    def begin(self, prompt_ids):
+        pass
+
+    def end(self, generated):
+        pass
+
+    def propose(self, request):
+        self.calls += 1
+        time.sleep(self.delay_s)
+        n = len(request.context)
+        assert list(request.context) == self.seq[:n], "decoder diverged from greedy"
+        out = Candidates()
+        out.add(self.seq[n : n + min(self.length, request.max_len)], 1.0, self.name)
+        return out
+
+
+class RandomDrafter:
+    """Several branches of random tokens (rarely right, sometimes sharing prefixes)."""
+
+    name = "random"
+
+    def __init__(self, seed: int, seq: list[int] | None = None):
+        self.rng = np.random.default_rng(seed)
+        self.seq = seq
+        self.calls = 0
+
+    def begin(self, prompt_ids):
+        pass
+
+    def end(self, generated):
+        pass
+
+    def propose(self, request):
+        self.calls += 1
+        out = Candidates()
+        n = len(request.context)
+        for b in range(3):
+            length = min(int(self.rng.integers(1, 6)), request.max_len)
+            path = self.rng.integers(3, 20, length).tolist()
+            if self.seq is not None and b == 0 and self.rng.random() < 0.5:
+                # Sometimes a partly right draft: the true next tokens, then noise.
+                path = self.seq[n : n + 2] + path
+                path = path[: request.max_len]
+            out.add(path, float(self.rng.integers(1, 5)), f"random:{b}")
+        return out
+
+
+def auto_decoder(lm, drafter, cost, eos, max_verify=64):
+    spec = SpeculativeConfig(method="dresd", verify="tree", budget="auto", max_verify=max_verify)
+    return SpeculativeDecoder(lm.model, eos, lm.max_context, spec, drafter, cost=cost)
+
+
+def test_auto_budget_needs_cost_model(lm, case):
+    with pytest.raises(ValueError, match="cost model"):
+        auto_decoder(lm, ContinuationOracle(case["seq"]), None, case["no_eos"])
+
+
+def test_auto_budget_when_drafting_pays(lm, case):
+    oracle = ContinuationOracle(case["seq"])
+    dec = auto_decoder(lm, oracle, CostModel([1, 64], [0.1, 0.1]), case["no_eos"])
+    gen = dec.generate_ids(case["prompt"], BUDGET)
+    assert gen.token_ids == case["ref"]
+    m = gen.metrics
+    assert m.new_tokens == BUDGET
+    # Every proposed token is right: 7 tokens per call (6 drafted + bonus).
+    assert m.target_calls == -(-BUDGET // 7)
+    assert m.drafted > 0 and m.accepted == m.drafted
+    assert m.verified_positions == m.drafted + m.target_calls
+    # The calibration learnt that the oracle is always right.
+    assert dec.planner.acceptance.node_probs(build_tree(0, [[1]], sources=["oracle"]))[1] > 0.7
+    # The loop reports each verification's time: the tiny model's trees take far less
+    # than the 0.1 s this cost model claims.
+    assert dec.planner.step_scale[1] < 0.9
+
+
+def test_auto_budget_when_drafting_never_pays(lm, case):
+    # Consults costing 20 ms of a 100 ms step: worth backing off from.
+    oracle = ContinuationOracle(case["seq"], delay_s=0.02)
+    dec = auto_decoder(lm, oracle, CostModel([1, 2, 64], [0.1, 1.0, 30.0]), case["no_eos"])
+    gen = dec.generate_ids(case["prompt"], BUDGET)
+    assert gen.token_ids == case["ref"]
+    m = gen.metrics
+    # Only the probes after each back-off verify drafts (at most probe_nodes positions each).
+    assert 0 < m.drafted_steps < oracle.calls < m.target_calls
+    assert m.drafted <= dec.planner.probe_nodes * m.drafted_steps
+    assert m.verified_positions == m.drafted + m.target_calls
+    # A consult that costs next to nothing is asked at every step, and never verified.
+    cheap = ContinuationOracle(case["seq"])
+    dec = auto_decoder(lm, cheap, CostModel([1, 2, 64], [0.1, 1.0, 30.0]), case["no_eos"])
+    gen = dec.generate_ids(case["prompt"], BUDGET)
+    assert gen.token_ids == case["ref"]
+    assert cheap.calls == gen.metrics.target_calls - 1 and gen.metrics.drafted_steps == 0
+
+
+@pytest.mark.parametrize("cost", [CostModel([1, 64], [0.1, 0.1]), smol_cpu_cost()], ids=["flat", "smol"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_auto_budget_random_drafts_stay_greedy(lm, case, cost, seed):
+    drafter = RandomDrafter(seed, case["seq"])
+    dec = auto_decoder(lm, drafter, cost, case["no_eos"], max_verify=8)
+    gen = dec.generate_ids(case["prompt"], BUDGET)
+    assert gen.token_ids == case["ref"]
+    m = gen.metrics
+    assert m.new_tokens == BUDGET == m.accepted + m.target_calls
+    assert m.verified_positions == m.drafted + m.target_calls
+    assert m.verified_positions <= 8 * m.target_calls  # max_verify caps every forward
+    if cost.cost(64) == cost.cost(1):
+        assert m.drafted > 0 and m.accepted > 0  # on a flat cost every draft is worth verifying
+    # The decoder keeps its calibration across requests: a second request is still greedy.
+    again = dec.generate_ids(case["prompt"], 12)
+    assert again.token_ids == case["ref"][:12]
