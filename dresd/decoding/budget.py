@@ -1,10 +1,8 @@
 """The draft budget: how many positions one verification should spend.
 
-On a CPU a forward over many new positions costs far more than one (SmolLM2-135M, 2 cores,
-packed integer-code weights: k=2 ~1.2x, k=4 ~1.45x, k=6 ~1.7x, k=8 ~2.1x, k=16 ~3x a
-one-token step, each row paying its own arithmetic; float32 packed weights hid up to six
-rows behind the memory stream: k=2-4 ~1.05x, k=6 ~1.15x, k=8 ~1.45x), so every verified
-position must earn its cost.
+A forward over k new positions costs more than one, by a factor that depends on the device,
+the model and the batch (on a small CPU each row pays its own arithmetic; the measured curves
+are in docs/speed-study.md), so every verified position must earn its cost.
 Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
@@ -62,10 +60,9 @@ class CostModel:
 
 # A verified tree that accepts nothing backs the drafter off only when drafting itself
 # (retrieval) took at least this share of a plain step. The tree's own cost does not count:
-# the budget chose it knowing the risk, and its estimates learn from the miss. Backing off
-# after costly misses too (trees costing >= 1.3x a plain step, this project's rule until the
-# integer-code kernel made k = 4 cost 1.45x) left DReSD at 54.1 / 59.4 tok/s where never
-# backing off after a verified miss made 56.6 / 68.8 (8 MT-Bench / ShareGPT prompts).
+# the budget chose it knowing the risk, and its estimates learn from the miss. Trades retries
+# of a cheap drafter against time lost to a costly one (docs/speed-study.md, "Replaying the
+# budget").
 COSTLY_DRAFT = 0.3
 # A consult that leaves nothing worth verifying (no drafts, or none that pay) backs the
 # drafter off only when the consult cost at least this share of a plain step. Skipping a
