@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -71,8 +72,6 @@ def read_prompts(cfg: GenerateConfig) -> list[str]:
 
 def generate_specs(cfg: GenerateConfig) -> dict[str, SpeculativeConfig]:
     """The methods (x verifiers for dresd) a generate config compares, as named SpeculativeConfigs."""
-    import dataclasses
-
     specs = {}
     for method in cfg.methods or [cfg.speculative.method]:
         for verify in (cfg.verifiers or [cfg.speculative.verify]) if method == "dresd" else ["tree"]:

@@ -229,13 +229,11 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
 
 def check_config(cfg: Any, where: str = "config") -> None:
     """Run the `problems()` of `cfg` and of every section in it; raise them as one ConfigError."""
-    problems = []
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
             check_config(value, f"{where}.{f.name}")
-    if hasattr(cfg, "problems"):
-        problems = cfg.problems()
+    problems = cfg.problems() if hasattr(cfg, "problems") else []
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems))
 
