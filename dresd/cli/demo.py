@@ -33,18 +33,18 @@ def run_demo(cfg: DemoConfig) -> int:
             fh.write(json.dumps({"id": sid, "prompt": prompt, "response": reply}) + "\n")
     (workdir / "eval_prompts.jsonl").write_text("".join(json.dumps({"id": s, "prompt": p}) + "\n" for s, p, _ in eval_turns))
 
-    cfg = BuildConfig(
+    build = BuildConfig(
         corpus=CorpusConfig(paths=[str(corpus)], id_field="id", max_tokens=512),
         output=str(workdir / "datastore"),
     )
-    root = Path(cfg.output)
-    if reusable_store(root, cfg):
+    root = Path(build.output)
+    if reusable_store(root, build):
         print(f"reusing datastore {Datastore(root).path}")
     else:
         from pipelines.build import build_datastore
 
         print(f"building a datastore from {len(store_turns)} ShareGPT records (held out: {len(eval_turns)} prompts)")
-        print("\n".join(build_datastore(cfg).lines()))
+        print("\n".join(build_datastore(build).lines()))
 
     engine = Engine.open(ModelConfig(), str(root))
     specs = {
