@@ -6,20 +6,25 @@ STAMP   := $(VENV)/.installed-$(shell cat pyproject.toml scripts/setup.sh | sha2
 
 .PHONY: setup demo test test-fast clean
 
+# Creates .venv and installs the project (scripts/setup.sh), again when either file changes.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	PY=$(PY) VENV=$(VENV) bash scripts/setup.sh
 	touch $(STAMP)
 
+# The README demo: `dresd demo` (packaged ShareGPT datastore, then greedy vs DReSD).
 demo: setup
 	$(BIN)/dresd demo
 
+# The whole suite, every tier included (the CI command).
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Everything but the slow tiers (markers in pyproject.toml): no real model, no Ray, no child processes.
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not real_model"
+	$(BIN)/python -m pytest -q -m "not real_model and not ray and not subprocess and not cluster"
 
+# Removes .venv and runs/.
 clean:
 	rm -rf $(VENV) runs

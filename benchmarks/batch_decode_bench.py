@@ -10,9 +10,9 @@ tokens/s counts new tokens over the whole wall time, prefill included. CPU-s cou
 process's CPU time: on a shared machine it moves less than wall time with other jobs' load.
 
 OMP_WAIT_POLICY defaults to PASSIVE here (set before torch loads OpenMP): with the default
-spin-waiting, 2 torch threads on a 2-core machine that other processes also use made a
-batch-4 decode step ~25x slower than with PASSIVE (threads spin at barriers while their
-partner is descheduled); one-row steps suffered ~5x. Pass --omp-wait-policy "" to keep it.
+spin-waiting, torch threads on a machine that other processes also use spin at barriers
+while their partner is descheduled, and decode steps, batched ones most, run many times
+slower (docs/speed-study.md#openmp-and-openblas-threads). Pass --omp-wait-policy "" to keep it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from dresd.decoding.batch import BatchStats, generate_batch  # noqa: E402
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY ('' = leave it)")
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: packaged SmolLM2-135M)")
     p.add_argument("--no-sort", action="store_true", help="group prompts in file order")
+    p.add_argument("--out", default="runs/bench", help="folder for batch_decode_bench.json")
     args = p.parse_args()
 
     lm = load_model(ModelConfig(path=args.model, device="cpu"))
@@ -60,12 +62,16 @@ def main() -> None:
           f"{sum(map(len, ids))} prompt tokens (min {min(map(len, ids))}, max {max(map(len, ids))}), "
           f"{args.max_new_tokens} new tokens, greedy", flush=True)
     default_threads = torch.get_num_threads()
+    report = ["# Batched greedy decoding against one at a time", "",
+              f"{lm.identity['name']}, {os.cpu_count()} cores, {len(ids)} MT-Bench prompts, "
+              f"{args.max_new_tokens} new tokens, greedy.", ""]
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads or default_threads)
-        run(lm, engine, prompts, ids, args)
+        report += run(lm, engine, prompts, ids, args)
+    print(f"wrote {save_run('batch_decode_bench', chr(10).join(report), args.out)}")
 
 
-def run(lm, engine, prompts, ids, args) -> None:
+def run(lm, engine, prompts, ids, args) -> list[str]:
     n_new = args.max_new_tokens
     print(f"\ntorch threads {torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -107,13 +113,14 @@ def run(lm, engine, prompts, ids, args) -> None:
 
     base_wall = rows[0][2] / rows[0][3]
     base_cpu = rows[0][2] / rows[0][4]
-    print()
-    print(f"torch threads {torch.get_num_threads()}:")
-    print("| run | tokens | wall s | prefill s | tok/s | x | tok/CPU-s | x | same as 1-by-1 | prefill pad | dead slots |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    table = [f"## torch threads {torch.get_num_threads()}", "",
+             "| run | tokens | wall s | prefill s | tok/s | x | tok/CPU-s | x | same as 1-by-1 | prefill pad | dead slots |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, _, tokens, wall, cpu, pre, same, pad, dead in rows:
-        print(f"| {name} | {tokens} | {wall:.1f} | {pre:.1f} | {tokens / wall:.2f} | {tokens / wall / base_wall:.2f} "
-              f"| {tokens / cpu:.2f} | {tokens / cpu / base_cpu:.2f} | {same}/{len(ids)} | {pad} | {dead} |")
+        table.append(f"| {name} | {tokens} | {wall:.1f} | {pre:.1f} | {tokens / wall:.2f} | {tokens / wall / base_wall:.2f} "
+                     f"| {tokens / cpu:.2f} | {tokens / cpu / base_cpu:.2f} | {same}/{len(ids)} | {pad} | {dead} |")
+    print("\n" + "\n".join(table), flush=True)
+    return table + [""]
 
 
 if __name__ == "__main__":

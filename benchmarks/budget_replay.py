@@ -20,15 +20,15 @@ part of the true path that pays best. It models the loop: prefill and per-step o
 outside the forward and the drafting are left out, and a replayed step starts where the
 logged one did, whatever the previous replayed step accepted.
 
-That last simplification misjudged two changes that drafted more often (2026-11-27:
-replayed +1.4-2.3%, timed -1% to +0.5%). `--policy` removes it: each prompt's greedy text
-and the target's hidden state at every position are recorded once (one decode without
-drafts, through the same loop, so the hidden states are the ones decoding hands the
-drafters), then the planner walks the text on its own: at each step the real drafter is
-consulted at the position the planner's previous steps reached (after a sweep that leaves
-the caches as cold as a forward would), its tree planned, the part of the kept tree the
-greedy text confirms accepted, and the step charged the calibrated forward over the kept
-positions plus the measured drafting time.
+That last simplification misjudges changes that make the planner draft more often (the
+logged replay favours them where timed runs do not: docs/speed-study.md#replaying-the-budget).
+`--policy` removes it: each prompt's greedy text and the target's hidden state at every
+position are recorded once (one decode without drafts, through the same loop, so the
+hidden states are the ones decoding hands the drafters), then the planner walks the text
+on its own: at each step the real drafter is consulted at the position the planner's
+previous steps reached (after a sweep that leaves the caches as cold as a forward would),
+its tree planned, the part of the kept tree the greedy text confirms accepted, and the step
+charged the calibrated forward over the kept positions plus the measured drafting time.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import pickle  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
-from dresd.decoding.tree import TokenTree, build_tree  # noqa: E402
+from dresd.decoding.tree import TokenTree  # noqa: E402
+from dresd.evaluation.replay import accepted_in, walk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; --policy keeps the budget)
@@ -106,17 +106,6 @@ def to_tree(step: dict) -> TokenTree:
         node = tree.add_child(step["parents"][i], step["tokens"][i], step["source"][i])
         tree.weight[node] = step["weight"][i]
     return tree
-
-
-def accepted_in(tree: TokenTree, true_tokens: list[int]) -> list[int]:
-    """The node path greedy acceptance takes in `tree` when the target's tokens are `true_tokens`."""
-    path = [0]
-    for token in true_tokens:
-        child = tree.children[path[-1]].get(token)
-        if child is None:
-            break
-        path.append(child)
-    return path
 
 
 def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
@@ -190,49 +179,17 @@ def record_texts(engine, prompts: list[str], max_new_tokens: int) -> list[dict]:
     return texts
 
 
-# Swept through the caches before each consult, uncharged: in decoding a forward streams
-# ~110 MB of packed weights between two consults, and drafting then runs from cold caches.
-# Without the sweep DReSD's drafting took 0.50 s over 20 MT-Bench prompts walked, with it
-# 0.90 s; decoding them for real measured 1.13 s. Twice this machine's 32 MB L3.
+# Swept before each consult (past the L3); trades walk time against cold caches; docs/speed-study.md#on-policy-replay.
 EVICT_BYTES = 64 * 2**20
-
-
-def walk(drafter, planner: DraftPlanner, cost: CostModel, text: dict, evict=None) -> tuple[int, float]:
-    """The planner decoding one recorded text on its own: (tokens, seconds). `evict` (an
-    array) is read through before each consult, as a forward would flush the caches."""
-    tokens, hidden, t = text["tokens"], text["hidden"], text["prompt_len"] - 1
-    drafter.begin(tokens[: t + 1])
-    handed, emitted, seconds = 0, 0, 0.0
-    while t < len(tokens) - 1:
-        remaining = len(tokens) - 1 - t
-        if remaining > 1 and planner.should_draft():
-            if evict is not None:
-                evict.sum()
-            start = time.perf_counter()
-            request = DraftRequest(tokens[: t + 1], remaining - 1, hidden[t - 1], hidden[handed:t])
-            handed = t
-            cands = drafter.propose(request)
-            kept = planner.plan(build_tree(tokens[t], cands.paths, None, cands.weights, cands.sources, cands.total))
-            drafting = time.perf_counter() - start
-            path = accepted_in(kept, tokens[t + 1 :])
-            planner.record(kept, path, True, drafting)
-            seconds += cost.cost(len(kept)) + drafting
-        else:
-            path = [0]
-            seconds += cost.cost(1)
-        t += len(path)
-        emitted += len(path)
-    drafter.end(tokens[text["prompt_len"] :])
-    return emitted, seconds
 
 
 def policy_rate(engine, method: str, texts: list[dict], cost: CostModel) -> float:
     """Tokens per unit time relative to plain decoding when the planner walks the texts itself.
 
     The calibration's one-token forward runs over a fixed 256-token context and costs more
-    than decoding's plain steps (13.0 against 11.3 ms here), while its trees match decoding's
-    within a few percent; decoding's planner corrects this as it measures its own steps
-    (DraftPlanner.observe_step). The walk starts from that correction: plain steps cost what
+    than decoding's plain steps, while its trees match decoding's within a few percent
+    (docs/speed-study.md#budget-constants); decoding's planner corrects this as it measures
+    its own steps (DraftPlanner.observe_step). The walk starts from that correction: plain steps cost what
     the recorded ones did, trees what the calibration says.
     """
     from statistics import median

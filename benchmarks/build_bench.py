@@ -25,6 +25,7 @@ from dresd.datastore.corpus import sharegpt_first_turns
 from dresd.datastore.formatting import record_ids, shared_prefix_len
 from dresd.datastore.corpus import Example, RecordError
 from dresd.model.loading import load_model
+from dresd.evaluation.results import save_run
 
 
 class PeakMemory:
@@ -138,6 +139,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (out / "build_bench.md").write_text(text)
     print(text)
+    print(f"wrote {save_run('build_bench', text, out)}")
 
 
 if __name__ == "__main__":

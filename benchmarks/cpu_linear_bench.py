@@ -36,6 +36,7 @@ from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.model.fastpath.cpu_linear import packed_bytes, packed_formats  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.evaluation.hf_reference import hf_generate  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.decoding.kv_cache import GrowingCache  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
 from dresd.decoding.tree import build_tree  # noqa: E402
@@ -128,6 +129,7 @@ def main() -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(text)
+    print(f"wrote {save_run('cpu_linear_bench', text, Path(args.out).parent)}")
     return 0 if same == len(prompts) else 1
 
 

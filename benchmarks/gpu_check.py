@@ -3,9 +3,10 @@
 Runs greedy, prompt lookup, DReSD (budgeted, as published, and with the paper's settings)
 and the hybrid on the same prompts, interleaved, and writes the usual comparison table per
 prompt set plus the verification cost curve the budget measured on this device. Every
-method matching our greedy loop proves nothing if that loop itself decodes wrongly (as it
-did on the device image's transformers 5.17, benchmarks/results/gpu_check_2026-11-27.md),
-so our greedy output is also compared with HF `generate()` greedy on the same model.
+method matching our greedy loop proves nothing if that loop itself decodes wrongly (a
+transformers release that takes the KV cache under another keyword makes every method
+decode the same wrong text), so our greedy output is also compared with HF `generate()`
+greedy on the same model.
 
     python benchmarks/gpu_check.py --datastore runs/demo/datastore --prompts prompts.json --out gpu_check.md
 
@@ -29,6 +30,7 @@ from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.evaluation.compare import markdown_table, run_methods, summarize  # noqa: E402
 from dresd.evaluation.hf_reference import hf_generate  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 
 S = SpeculativeConfig
 METHODS = {
@@ -68,6 +70,7 @@ def main() -> int:
                   f"Our greedy loop's output equals HF generate() greedy's on {agree}/{len(prompts)} prompts.", ""]
         print("\n".join(lines[-3:]), flush=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
+    print(f"wrote {save_run('gpu_check', chr(10).join(lines), Path(args.out).parent)}")
     return 0
 
 

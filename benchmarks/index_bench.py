@@ -36,9 +36,10 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dresd.datastore.store import index as dindex
+from dresd.datastore import index as dindex
 from dresd.config import IndexConfig
 from dresd.datastore.store import Datastore, DatastoreParts, publish
+from dresd.evaluation.results import save_run
 
 K = 50
 P50_GOAL_MS = 1.0
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         w(f"- Reference format, same scale: fp16 keys {2 * params.dim} B/key + pickled dict of 20 ids per key "
           f"(measured on the real store: {ref_value_b:.1f} B/key) = {(2 * params.dim + ref_value_b) * keys_per_token:.1f} "
           f"B/token at this store's {keys_per_token:.3f} keys/token (ScaNN's own index not counted). draftretriever "
-          "(REST) measured 4.8 B/token.\n")
+          "(REST): docs/speed-study.md#index-defaults-and-size.\n")
 
     w("## Recommendation\n")
     rec = _recommend(settings, params, default_kf)
@@ -446,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     report = Path(args.report)
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(out) + "\n")
+    save_run("index_bench", "\n".join(out), report.parent)
     print()
     if disk:
         for v in ("compact", "refine"):

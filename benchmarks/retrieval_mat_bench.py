@@ -41,6 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.evaluation.compare import MethodRun, markdown_table, summarize  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
@@ -124,13 +125,19 @@ def search_study(lm, store: Datastore, args) -> None:
     """Exact vs refine vs compact index on MT-Bench prompts."""
     prompts = mtbench_first_turns()[: args.prompts]
     rows = compare(lm, variants(store), prompts, args.max_new_tokens, SpeculativeConfig(method="dresd", budget="off"))
-    print(f"{store.num_keys} keys; {len(prompts)} MT-Bench prompts x {args.max_new_tokens} tokens; DReSD, no budget\n")
-    print(markdown_table(rows))
+    lines = ["# Does approximate search cost accepted tokens?", "",
+             f"{store.num_keys} keys; {len(prompts)} MT-Bench prompts x {args.max_new_tokens} tokens; "
+             "DReSD, no budget", "", markdown_table(rows), ""]
     exact = next(r for r in rows if r["method"] == "exact")["mean_accepted_tokens"]
     for r in rows:
         if r["method"] in ("refine", "compact"):
-            print(f"{r['method']}: MAT {r['mean_accepted_tokens']:.3f} vs exact {exact:.3f}: "
-                  f"{(r['mean_accepted_tokens'] / exact - 1):+.1%} (goal: within 2%)")
+            lines.append(f"- {r['method']}: MAT {r['mean_accepted_tokens']:.3f} vs exact {exact:.3f}: "
+                         f"{(r['mean_accepted_tokens'] / exact - 1):+.1%} (goal: within 2%)")
+    print("\n".join(lines))
+    out = Path(args.out or "runs/bench/retrieval_mat.md")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {save_run('retrieval_mat_bench', chr(10).join(lines), out.parent)}")
 
 
 def size_study(lm, store: Datastore, args) -> None:
@@ -152,13 +159,14 @@ def size_study(lm, store: Datastore, args) -> None:
         lines += [f"## {set_name}", "", markdown_table(rows), "",
                   "Trends (least squares over the sizes above), if they held beyond them:",
                   *fits(sizes, mats[set_name], args.goal_mat), ""]
+    out = Path(args.out or "runs/bench/store_size.md")
+    lines += [f"![MAT against keys]({out.with_suffix('.png').name})", ""]
     report = "\n".join(lines)
     print(report)
-    if args.out:
-        out = Path(args.out)
-        out.write_text(report)
-        plot_sizes(out.with_suffix(".png"), sizes, mats)
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    plot_sizes(out.with_suffix(".png"), sizes, mats)
+    print(f"wrote {out}, {out.with_suffix('.png')} and {save_run('store_size', report, out.parent)}")
 
 
 def plot_sizes(path: Path, sizes: list[int], mats: dict[str, list[float]]) -> None:
@@ -189,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--fractions", default="0.0625,0.125,0.25,0.5,1", help="--study size: shares of the keys")
     p.add_argument("--goal-mat", type=float, default=4.0, help="--study size: the MAT the fit is solved for")
-    p.add_argument("--out", help="--study size: write the markdown report here (and a .png beside it)")
+    p.add_argument("--out", help="the markdown report (default runs/bench/<study>.md; --study size writes a .png "
+                                 "beside it); its json goes in the same folder")
     args = p.parse_args(argv)
     lm = load_model(ModelConfig())
     store = Datastore(args.datastore)

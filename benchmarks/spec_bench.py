@@ -25,7 +25,7 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Before torch loads OpenMP: spinning threads on a shared 2-core machine cost ~3x.
+    # Before torch loads OpenMP: spinning threads slow a shared machine; docs/speed-study.md#openmp-and-openblas-threads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the dresd command line sets it (dresd/cli/main.py)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,17 +35,17 @@ import importlib  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
 
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
-from dresd.config import BuildConfig, CorpusConfig, ModelConfig, SpeculativeConfig  # noqa: E402
+from dresd.config import BuildConfig, CorpusConfig, ModelConfig  # noqa: E402
 from dresd.datastore.corpus import Example, RecordError, mtbench_first_turns, sharegpt_first_turns  # noqa: E402
 from dresd.datastore.store import Datastore, reusable_store  # noqa: E402
 from dresd.decoding.loop import Generation  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.evaluation.methods import Method, chosen_methods  # noqa: E402
 from dresd.datastore.formatting import record_ids  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
 
@@ -54,80 +54,6 @@ HELD_OUT = 40  # first deduplicated ShareGPT turns, kept out of every corpus
 ID_ROWS = 1100  # ShareGPT turns answered by the model (some are rejected as too long)
 MIN_ID_RECORDS = 1000
 RECORD_MAX_TOKENS = 512
-
-
-@dataclass
-class Method:
-    """One row of the report: a decoding method and the datastore it drafts from."""
-
-    name: str
-    store: str | None  # "id" / "ood" / None (no datastore)
-    spec: SpeculativeConfig | None  # None = an HF generate() reference
-    hf_lookup: int | None = None  # HF prompt_lookup_num_tokens
-    hf_stock: bool = True  # HF reference on the stock model (False: on our dual-layout model)
-
-
-def methods() -> list[Method]:
-    """Every compared method; "+budget" = our draft budget applied to a published method."""
-    S = SpeculativeConfig
-    out = [
-        Method("greedy", None, S(method="greedy")),
-        Method("hf-greedy", None, None),
-        Method("hf-pld", None, None, hf_lookup=10),
-        # Diagnostic: HF's loop on our dual-layout weights separates loop cost from layout gain.
-        Method("hf-greedy-dual", None, None, hf_stock=False),
-        Method("pld", None, S(method="pld", budget="off")),
-        Method("pld+budget", None, S(method="pld")),
-    ]
-    for store in ("id", "ood"):
-        tag = "" if store == "id" else "@ood"
-        out += [
-            Method(f"rest{tag}", store, S(method="rest", budget="off")),
-            Method(f"rest-dr{tag}", store, S(method="rest-dr", budget="off")),
-            Method(f"suffix{tag}", store, S(method="suffix", budget="off")),
-            Method(f"dresd{tag}", store, S(method="dresd")),
-            Method(f"hybrid{tag}", store, S(method="hybrid")),
-            Method(f"hybrid-sfx{tag}", store, S(method="hybrid", hybrid_exact="suffix")),
-        ]
-        if store == "id":
-            out += [
-                Method("rest+budget", store, S(method="rest")),
-                Method("rest-dr+budget", store, S(method="rest-dr")),
-                Method("suffix+budget", store, S(method="suffix")),
-                # Ablation: the datastore alone, without the request's own keys.
-                Method("dresd-store", store, S(method="dresd", context_keys=False)),
-                # The paper's settings: the datastore alone, everything verified.
-                Method("dresd-ref", store, S(method="dresd", budget="off", context_keys=False)),
-            ]
-    return out
-
-
-def chosen_methods(names: str) -> list[Method]:
-    """The methods a comma list names (every benchmark method when empty), greedy always first.
-
-    A name outside the benchmark's list that is a registered method (a plugin, or one a
-    --import module registers) runs on the ID store with the budget on; `name@ood` on the
-    OOD store. Any other name is an error: a typo must not shrink a run silently."""
-    from dresd.drafters.registry import available_methods, method_entry
-
-    known = methods()
-    if not names:
-        return known
-    by_name = {m.name: m for m in known}
-    out = [by_name["greedy"]]
-    for name in dict.fromkeys(n.strip() for n in names.split(",") if n.strip()):
-        if name == "greedy":
-            continue
-        if name in by_name:
-            out.append(by_name[name])
-            continue
-        method, _, store = name.partition("@")
-        if method not in available_methods() or store not in ("", "ood"):
-            raise ValueError(f"--methods: unknown method {name!r}; benchmark methods: {', '.join(by_name)}; "
-                             f"registered methods (on the ID store, or name@ood): {', '.join(available_methods())}")
-        needs = method_entry(method).needs_datastore
-        out.append(Method(name, (store or "id") if needs else None, SpeculativeConfig(method=method)))
-    return out
 
 
 # ----------------------------------------------------------------------------- data

@@ -23,6 +23,7 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dresd.datastore.store import Datastore, DatastoreParts, publish  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 
 GOAL = 32.0
 
@@ -39,6 +40,7 @@ def publish_bytes(store: Datastore, index: faiss.Index, root: Path) -> dict[str,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datastore", default="runs/bench/stores/id")
+    p.add_argument("--out", default="runs/bench", help="folder for store_bytes_bench.json")
     args = p.parse_args(argv)
     store = Datastore(args.datastore)
     if not isinstance(faiss.downcast_index(store.index), faiss.IndexRefine):
@@ -48,16 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {"compact": publish_bytes(store, compact, Path(tmp) / "compact"),
                  "refine": publish_bytes(store, store.index, Path(tmp) / "refine")}
     n_tok, n_keys = len(store.tokens), store.num_keys
-    print(f"{store.path}: {n_tok:,} tokens, {n_keys:,} keys ({n_keys / n_tok:.3f} keys/token), "
-          f"index {store.manifest['index']['factory']}\n")
-    print("| file | compact bytes | B/token | refine bytes | B/token |\n|---|---|---|---|---|")
+    out = [f"{store.path}: {n_tok:,} tokens, {n_keys:,} keys ({n_keys / n_tok:.3f} keys/token), "
+           f"index {store.manifest['index']['factory']}", "",
+           "| file | compact bytes | B/token | refine bytes | B/token |", "|---|---|---|---|---|"]
     for name in sorted(set(sizes["compact"]) | set(sizes["refine"])):
         c, r = sizes["compact"].get(name, 0), sizes["refine"].get(name, 0)
-        print(f"| {name} | {c:,} | {c / n_tok:.2f} | {r:,} | {r / n_tok:.2f} |")
+        out.append(f"| {name} | {c:,} | {c / n_tok:.2f} | {r:,} | {r / n_tok:.2f} |")
     tc, tr = (sum(sizes[v].values()) for v in ("compact", "refine"))
-    print(f"| **total** | {tc:,} | **{tc / n_tok:.2f}** | {tr:,} | **{tr / n_tok:.2f}** |\n")
+    out += [f"| **total** | {tc:,} | **{tc / n_tok:.2f}** | {tr:,} | **{tr / n_tok:.2f}** |", ""]
     verdict = "met" if tc / n_tok <= GOAL else f"missed by {tc / n_tok - GOAL:.2f}"
-    print(f"compact: {tc / n_tok:.2f} B/token (goal <= {GOAL:g}: {verdict}); refine: {tr / n_tok:.2f} B/token")
+    out.append(f"compact: {tc / n_tok:.2f} B/token (goal <= {GOAL:g}: {verdict}); refine: {tr / n_tok:.2f} B/token")
+    print("\n".join(out))
+    print(f"wrote {save_run('store_bytes_bench', chr(10).join(out), args.out)}")
     return 0
 
 

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 from dresd.config import BuildConfig, ModelConfig, SpeculativeConfig, from_dict  # noqa: E402
 from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.datastore.store import Datastore, resolve_version_dir  # noqa: E402
+from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.evaluation.compare import MethodRun, markdown_table, summarize  # noqa: E402
 from dresd.datastore.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print("\n" + text)
     (out / "update_bench.md").write_text(text + "\n")
+    print(f"wrote {save_run('update_bench', text, out)}")
     return 0
 
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.datastore.corpus import list_corpus_files, sharegpt_path, SHAREGPT
-from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, publish, read_current
+from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish, read_current
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.model.loading import load_model
@@ -200,7 +200,10 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
     del lm  # the driver needs the tokenizer facts only; actors load their own model
     root = cfg.output
-    if read_current(root) is not None:
+    # The version this build replaces: publishing checks CURRENT still names it, so an update
+    # that lands while the build runs is not silently replaced (PublishConflict instead).
+    parent = read_current(root)
+    if parent is not None:
         # Refuse to add a version to a root that holds another model's datastore.
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
@@ -247,7 +250,11 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         "build_config": to_dict(cfg),
     }
     parts = DatastoreParts(np.concatenate(tokens), np.asarray(offsets, dtype=np.int64), key_positions, sources, comp, index)
-    version_dir = publish(root, parts, manifest)
+    try:
+        version_dir = publish(root, parts, manifest, expect_current=parent)
+    except PublishConflict as err:
+        err.add_note(f"the embedded shards stay in {work.path}: running the build again reuses them")
+        raise
     if not cfg.keep_work:
         work.remove()
     t_end = time.perf_counter()

@@ -68,7 +68,7 @@ def read_prompts(cfg: DecodeConfig) -> list[dict]:
 
 
 def _model_tag(m: ModelConfig) -> list:
-    """Names the model's files by content (sha256; ~2 s a GB) without loading it. Not by
+    """Names the model's files by content (sha256, cheap next to decoding) without loading it. Not by
     mtime: a reinstall of the model's package rewrites its files, and every finished part
     would be decoded again."""
     if m.path is None:

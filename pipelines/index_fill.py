@@ -9,12 +9,14 @@ the same compressor and training produced them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 
 import faiss
 import numpy as np
 import ray
+from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dresd.datastore.compression import Compressor, compress, load_compressor, save_compressor
@@ -23,6 +25,10 @@ from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
 
 CHUNK = 65536
+# The longest the driver waits for all shard fills: far above what a fill takes, so only a
+# stuck task (a lost node, CPUs that never free up) reaches it, and the build then fails
+# naming the unfinished shards instead of hanging. A rerun keeps the fills that finished.
+FILL_TIMEOUT_S = 3600.0
 
 
 def fill_names(sid: str, tag: str, first_id: int = 0) -> tuple[str, str]:
@@ -80,8 +86,19 @@ def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: lis
     in this node's scratch folder without loading them (the returned index reads that file).
     """
     places = node_round_robin(len(shard_ids))
-    nodes = ray.get([fill_shard.options(scheduling_strategy=place).remote(work, sid, tag, first)
-                     for sid, first, place in zip(shard_ids, first_ids, places)])
+    refs = [fill_shard.options(scheduling_strategy=place).remote(work, sid, tag, first)
+            for sid, first, place in zip(shard_ids, first_ids, places)]
+    try:
+        nodes = ray.get(refs, timeout=FILL_TIMEOUT_S)
+    except GetTimeoutError:
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        late = [sid for sid, ref in zip(shard_ids, refs) if ref not in done]
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        raise TimeoutError(f"index fill: {len(late)} shard(s) not filled within {FILL_TIMEOUT_S:g} s "
+                           f"(pipelines.index_fill.FILL_TIMEOUT_S), e.g. {late[:3]}; a rerun keeps the "
+                           f"finished ones") from None
     trained = faiss.read_index(str(work.pull(f"trained-{tag}.faiss")))
     shard_files = [str(work.pull(fill_names(sid, tag, first)[0])) for sid, first in zip(shard_ids, first_ids)]
     if on_disk:

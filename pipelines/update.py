@@ -5,10 +5,17 @@ records by source id (tombstones), and compact (drop tombstoned keys and records
 Adding reuses the build's stages (read/tokenize -> embed -> shard fill) and appends the new
 keys to a copy of the current index, so ids stay equal to key numbers. A drift report
 compares how well the frozen compressor fits the new data with how it fit its own sample.
+
+Each change publishes with its parent as the expected CURRENT (dresd.datastore.store.publish),
+so two changes racing on one root never lose either. A delete or a compact is a pure function
+of its parent and cheap to make again, so one that loses the race is made again from the new
+CURRENT; an add embedded its corpus against the old parent and fails with PublishConflict
+instead (its embedded shards stay in the work folder, so running it again reuses them).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +25,19 @@ import numpy as np
 
 from dresd.datastore.compression import reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
-from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, publish
+from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.model.loading import load_model
 from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
 from pipelines.index_fill import fill_and_merge, save_trained
 from pipelines.shards import first_key_ids
+
+log = logging.getLogger(__name__)
+
+# Tries a delete or compact makes in all when other publishers keep moving CURRENT under it:
+# each retry redoes the change on the new parent, so a few suffice unless the root is very busy.
+PUBLISH_ATTEMPTS = 3
 
 # New data whose PCA reconstruction error exceeds the fit sample's by this factor is
 # reported as drifted: the frozen compressor loses noticeably more of it.
@@ -121,11 +134,31 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     )
     change = {"kind": "add", "corpus": to_dict(cfg.corpus), "rows_read": rows_read, "rejected": dict(rejected),
               "keys_added": int(len(key_pos)), "drift": drift}
-    version_dir = publish(root, parts, _child_manifest(store, change))
+    try:
+        version_dir = publish(root, parts, _child_manifest(store, change), expect_current=store.version)
+    except PublishConflict as err:
+        err.add_note(f"the embedded shards stay in {work.path}: running the update again reuses them")
+        raise
     if not cfg.keep_work:
         work.remove()
     return UpdateReport(version_dir, store.version, rows_read, len(sources), dict(rejected), int(len(key_pos)),
                         drift, time.perf_counter() - t0)
+
+
+def _publish_change(root: str | Path, make, what: str) -> Path:
+    """Publish `make(current store)` -> (parts, manifest) from CURRENT; when another publisher
+    moves CURRENT first, make it again from the new one (PUBLISH_ATTEMPTS in all)."""
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        store = Datastore(root)
+        parts, manifest = make(store)
+        try:
+            return publish(root, parts, manifest, expect_current=store.version)
+        except PublishConflict as err:
+            if attempt == PUBLISH_ATTEMPTS or err.after_write:
+                raise
+            log.warning("%s: CURRENT moved from %s to %s during this %s; making it again from %s",
+                        root, err.expected, err.found, what, err.found)
+    raise AssertionError("unreachable")
 
 
 def delete_sources(root: str | Path, source_ids: list[str]) -> Path:
@@ -133,7 +166,10 @@ def delete_sources(root: str | Path, source_ids: list[str]) -> Path:
 
     Unknown ids raise (a typo must not silently delete nothing).
     """
-    store = Datastore(root)
+    return _publish_change(root, lambda store: _delete_change(store, source_ids), "delete")
+
+
+def _delete_change(store: Datastore, source_ids: list[str]) -> tuple[DatastoreParts, dict]:
     wanted = set(source_ids)
     records = [i for i, s in enumerate(store.sources) if s in wanted]
     missing = wanted - {store.sources[i] for i in records}
@@ -146,7 +182,7 @@ def delete_sources(root: str | Path, source_ids: list[str]) -> Path:
         deleted[(pos >= lo) & (pos < hi)] = True
     change = {"kind": "delete", "sources": sorted(wanted), "records": len(records),
               "keys_deleted": int(deleted.sum() - (store.deleted.sum() if store.deleted is not None else 0))}
-    return publish(root, _parts_from(store, deleted=deleted), _child_manifest(store, change))
+    return _parts_from(store, deleted=deleted), _child_manifest(store, change)
 
 
 def compact(root: str | Path) -> Path:
@@ -155,7 +191,10 @@ def compact(root: str | Path) -> Path:
     Needs the exact compressed vectors (flat or refine indexes); a compact PQ-only index
     cannot give them back and must be rebuilt instead.
     """
-    store = Datastore(root)
+    return _publish_change(root, _compact_change, "compact")
+
+
+def _compact_change(store: Datastore) -> tuple[DatastoreParts, dict]:
     if store.deleted is None or not store.deleted.any():
         raise DatastoreError(f"{store.path}: nothing to compact (no deleted keys)")
     params = IndexParams(**store.manifest["index"]["params"])
@@ -181,4 +220,4 @@ def compact(root: str | Path) -> Path:
     change = {"kind": "compact", "records_dropped": len(dead_records), "keys_dropped": int((~keep_key).sum())}
     parts = _parts_from(store, tokens=np.concatenate(tokens), record_offsets=np.asarray(offsets, dtype=np.int64),
                         key_positions=new_pos, sources=[store.sources[r] for r in keep_rec], index=index, deleted=None)
-    return publish(root, parts, _child_manifest(store, change))
+    return parts, _child_manifest(store, change)

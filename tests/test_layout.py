@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dresd", "pipelines", "jobs")
 
@@ -135,3 +136,29 @@ def test_library_imports_no_ray():
     assert out.returncode == 0, out.stderr
     count, loaded = out.stdout.split(" ", 1)
     assert int(count) > 30 and loaded.strip() == "[]"
+
+
+# Modules whose tests live under another name, and why.
+TESTED_ELSEWHERE = {
+    "dresd/cli/__main__.py": "two lines that call main(); tests/cli/test_main.py",
+    "jobs/build.py": "tests/jobs/test_build_job.py (test_build.py is the pipeline's)",
+    "jobs/decode.py": "tests/jobs/test_decode_job.py (test_decode.py is the pipeline's)",
+    "jobs/common.py": "the job command line, run by both job tests",
+    "pipelines/runtime.py": "connecting to Ray, run by every Ray test of pipelines/",
+}
+
+
+def test_every_module_has_its_mirrored_test_module():
+    """dresd/<pkg>/<mod>.py is tested in tests/<pkg>/test_<mod>.py (pipelines/, jobs/ likewise)."""
+    missing = []
+    for top in ("dresd", "pipelines", "jobs"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if path.name == "__init__.py" or rel in TESTED_ELSEWHERE:
+                continue
+            folder = path.parent.relative_to(ROOT / "dresd") if top == "dresd" else path.parent.relative_to(ROOT)
+            if not (ROOT / "tests" / folder / f"test_{path.name}").is_file():
+                missing.append(f"{rel} -> tests/{folder.as_posix()}/test_{path.name}")
+    assert not missing, "modules without a mirrored test module:\n" + "\n".join(missing)
+    for rel in TESTED_ELSEWHERE:
+        assert (ROOT / rel).is_file(), f"TESTED_ELSEWHERE names {rel}, which no longer exists"

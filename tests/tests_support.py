@@ -14,6 +14,10 @@ from dresd.datastore.index import IndexParams, add_keys, train_index
 from dresd.model.fastpath.weight_codes import CODE_RANGES, GROUP, WeightCodes, decode
 
 
+TINY_VOCAB = 272  # ids of the tiny test models: the byte tokenizer's 259 (tests/tiny_models.py) and spare ones
+CASE_TOKENS = 40  # greedy tokens of the conftest's `tiny_case`
+
+
 def identity_compressor(dim: int) -> Compressor:
     """A compressor that keeps hidden states as they are (then L2-normalises): keys = hidden."""
     return Compressor(np.zeros(dim, np.float32), np.ones(dim, np.float32), np.eye(dim, dtype=np.float32),
@@ -52,7 +56,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
-def tiny_llama_lm(tmp_path_factory, vocab_size: int = 272):
+def tiny_llama_lm(tmp_path_factory, vocab_size: int = TINY_VOCAB):
     """A loaded tiny random Llama (dresd.model.loading.make_tiny_llama) in a fresh temp folder."""
     from dresd.config import ModelConfig
     from dresd.model.loading import load_model
@@ -129,6 +133,22 @@ def make_manifest(identity=IDENTITY, fmt_fingerprint="fmt-1", eos=EOS, value_len
         "value_len": value_len,
         "index": {"params": params.to_dict(), "factory": params.factory},
     }
+
+
+def publish_for_model(root, lm, version: str | None = None, prompt_format: str = "chat", value_len: int = 12,
+                      seed: int = 0, **identity_changes):
+    """Publish a small random store that a loaded model `lm` accepts (its identity, prompt
+    format fingerprint and EOS; `identity_changes` make one it refuses). Returns the version."""
+    from dresd.datastore.formatting import format_fingerprint
+    from dresd.datastore.store import publish
+
+    rng = np.random.default_rng(seed)
+    records = [rng.integers(3, 259, n).tolist() for n in (30, 20, 25)]
+    parts = make_parts(records, hidden_dim=lm.identity["hidden_size"], seed=seed)
+    manifest = make_manifest({**lm.identity, **identity_changes}, format_fingerprint(lm.tokenizer, prompt_format),
+                             lm.eos_token_id, value_len)
+    manifest["prompt_format"]["name"] = prompt_format
+    return Path(publish(root, parts, manifest, version)).name
 
 
 def coded_weight(out: int, inn: int, bits: int, seed: int = 0) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dresd.datastore.store import Datastore, reusable_store
 from dresd.decoding.engine import Engine
 from dresd.evaluation.compare import markdown_table, run_methods, summarize
 
-# ShareGPT first turns longer than this are left out (about 10% run past ~2,900 chars).
+# ShareGPT first turns longer than this are left out; trades prompt variety against the demo's run time.
 MAX_CHARS = 1500
 
 

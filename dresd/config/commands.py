@@ -153,8 +153,8 @@ class DecodeConfig:
     # GPUs per actor (0 = CPU only).
     gpus: float = 0.0
     # OMP_WAIT_POLICY in the actors' environment (None = the OpenMP default, spin-waiting).
-    # PASSIVE: with spinning, 2 torch threads on a 2-core node that other processes share
-    # made batched decode steps ~25x slower (benchmarks/batch_decode_bench.py docstring).
+    # PASSIVE: spinning threads on a node that other processes share wait at barriers while
+    # their partner is descheduled; docs/speed-study.md#openmp-and-openblas-threads.
     omp_wait_policy: str | None = "PASSIVE"
     # Ray address (None = RAY_ADDRESS or a fresh local Ray).
     ray_address: str | None = None

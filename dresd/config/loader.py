@@ -275,6 +275,8 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, cls: type, key: str, he
     base = arms[0] if len(arms) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
     if typing.get_origin(base) is Literal:
         kwargs.setdefault("choices", list(typing.get_args(base)))
+    else:  # the help shows the flag's own name, not the internal dest that carries the key
+        kwargs.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
     parser.add_argument(flag, dest=dest, action="append" if append else "store", default=None, help=help, **kwargs)
 
 

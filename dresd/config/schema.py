@@ -22,15 +22,17 @@ class ModelConfig:
     device: str = "auto"
     # Torch threads for this process (0 = leave torch's default). On CPU, fp32 is used.
     threads: int = 0
-    # CPU only: keep a packed copy of every linear weight for forwards over <= 16 positions
-    # (decode steps, draft trees), multiplied by a small C++ kernel built on first use
-    # (dresd.model.fastpath.cpu_linear): linear layers ~2x faster for one token, and 2-6 positions at about
-    # the cost of one. Costs a second copy of the weights in memory (less with
-    # weight_codes). Off for builds, which only run long forwards.
+    # CPU only: keep a packed copy of every linear weight for short forwards (decode steps,
+    # draft trees), multiplied by a small C++ kernel built on first use
+    # (dresd.model.fastpath.cpu_linear) that reads the weights once per product, where torch's
+    # kernels stream them slowly. Costs a second copy of the weights in memory (less with
+    # weight_codes). Off for builds, which only run long forwards. Timings:
+    # docs/cpu-fast-path.md#packed-weight-copies.
     dual_layout: bool = True
     # With dual_layout: where a weight is exactly 4- or 8-bit integer codes times a per-32
     # scale plus offset (a GGUF Q4_1 / Q8_0 model's are), pack those codes instead of float32
-    # (dresd.model.fastpath.weight_codes): the same output bits from 5-6x less memory to read and hold.
+    # (dresd.model.fastpath.weight_codes): the same output bits from 6 or 10 bits a weight instead of
+    # 32, to read and to hold. Timings: docs/cpu-fast-path.md#exact-integer-codes.
     weight_codes: bool = True
 
 
@@ -117,11 +119,11 @@ class SpeculativeConfig:
     budget: Literal["auto", "off"] = "auto"
     # Most positions one verification forward may hold (root included).
     max_verify: int = 64
-    # Neighbours retrieved per step.
+    # Neighbours retrieved per step; trades evidence against search time; docs/speed-study.md#on-policy-replay.
     top_k: int = 50
-    # Drafts kept after filtering on the token just emitted.
+    # Drafts kept after filtering on the token just emitted; trades coverage against tree size (same section).
     num_drafts: int = 10
-    # Tokens per draft (<= the datastore's value length - 1).
+    # Tokens per draft (<= the datastore's value length - 1); trades reach against tree size (same section).
     len_drafts: int = 10
     # Partitions searched (0 = the datastore's default).
     nprobe: int = 0
@@ -134,7 +136,8 @@ class SpeculativeConfig:
     # corpus in suffix trees).
     hybrid_exact: Literal["pld", "suffix"] = "pld"
     # Neighbour evidence weight exp((cosine - best) / sim_temperature): closer neighbours
-    # count more in a draft node's support (0 = every neighbour counts 1).
+    # count more in a draft node's support (0 = every neighbour counts 1). Trades trusting the
+    # closest neighbours against pooling many; docs/speed-study.md#on-policy-replay.
     sim_temperature: float = 0.05
     # Prompt lookup: longest and shortest n-gram matched (tried longest first).
     pld_max_ngram: int = 2

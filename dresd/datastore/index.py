@@ -63,8 +63,7 @@ def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     train_n = min(n_keys, cfg.sample_size)
     nlist = cfg.nlist or int(5 * math.sqrt(max(n_keys, 1)))
     nlist = max(1, min(nlist, train_n // _MIN_POINTS_PER_CENTROID))
-    # ~1/32 of the partitions (at least 32). benchmarks/index_bench.py at 1M keys: recall@50
-    # with refine (k_factor 5) is flat from nprobe 16 up (0.937), p50 0.12-0.43 ms on one core.
+    # ~1/32 of partitions, at least 32; trades search time against recall; docs/speed-study.md#index-defaults-and-size
     nprobe = cfg.nprobe or min(nlist, max(32, nlist // 32))
     refine = cfg.refine and not cfg.on_disk  # exact vectors in RAM would defeat on-disk lists
     return IndexParams("ivfpq", cfg.dim, nlist, nprobe, cfg.pq_m, refine, cfg.refine_k_factor, cfg.on_disk)

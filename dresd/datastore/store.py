@@ -21,7 +21,9 @@ A datastore root holds immutable versions and a pointer to the current one:
 The value of key i is tokens[p+1 : p+1+N] (p = key_positions[i]), cut at the end of its
 record and padded with EOS, so values cost nothing beyond the token stream. A version is
 written into a temporary folder, checksummed, renamed into place, and only then does
-CURRENT move (atomic rename), so a reader never sees a half-written version.
+CURRENT move (atomic rename, by compare-and-swap: dresd.storage.pointer), so a reader never
+sees a half-written version and a publisher never replaces a change it did not start from.
+Version ids, manifest file names and symlinks are checked as untrusted (docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import numpy as np
 
 from dresd.storage.cache import cache_dir, fetch
 from dresd.storage.files import is_uri, resolve, sha256_file
+from dresd.storage.names import escape_problem, name_problem
+from dresd.storage.pointer import ANY, PointerConflict, swap_pointer
 from dresd.datastore.compression import Compressor, load_compressor, save_compressor
 from dresd.datastore.index import IVFDATA, is_on_disk, on_disk_file, read_index
 
@@ -52,6 +56,30 @@ CURRENT = "CURRENT"
 
 class DatastoreError(RuntimeError):
     """A datastore is missing, corrupt, or does not fit the model / prompt format."""
+
+
+class PublishConflict(DatastoreError):
+    """CURRENT moved on since the change being published was made from it (`expected`);
+    `found` is what it names now. `after_write`: seen only after this publisher's own write."""
+
+    def __init__(self, root, new: str | None, expected: str | None, found: str | None, after_write: bool = False):
+        self.new, self.expected, self.found, self.after_write = new, expected, found, after_write
+        made_from = f"version {expected}" if expected else "an empty root"
+        super().__init__(
+            f"{root}: publish of {f'version {new}' if new else 'this change'} refused: it was made from "
+            f"{made_from}, but CURRENT now names {found} (another publisher's change, kept whole); this "
+            f"version is discarded. Run the command again to apply its change on top of {found}."
+            if not after_write else f"{root}: CURRENT names {found} right after this publisher wrote {new}: "
+            f"a publisher on another machine swapped at the same moment; check `dresd datastore list` "
+            f"and rerun whichever change is missing")
+
+
+def check_version_id(version: object, where: str, what: str = "version id") -> str:
+    """`version` when it is one plain folder name; DatastoreError naming the problem otherwise."""
+    problem = name_problem(version)
+    if problem:
+        raise DatastoreError(f"{where}: {what} {version!r}, which {problem}; a version id is one plain folder name")
+    return str(version)
 
 
 @dataclass
@@ -95,15 +123,22 @@ def key_starts_of(record_offsets: np.ndarray, key_positions: np.ndarray) -> np.n
     return starts if np.array_equal(derive_key_positions(offsets, starts), pos) else None
 
 
-def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None) -> Path | str:
+def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], version: str | None = None,
+            expect_current: Any = ANY) -> Path | str:
     """Write `parts` as a new immutable version under `root` and make it current.
 
     `manifest` carries the model identity, prompt format, build parameters and stats; file
     checksums, counts and the format version are added here. Returns the version folder
-    (its URI for a URI root).
+    (its URI for a URI root). `expect_current` is the version the change was made from
+    (None: an empty root): CURRENT moves only if it still names it, else PublishConflict and
+    the new version is removed. ANY (the default) replaces whatever is current.
     """
+    if version is not None:
+        check_version_id(version, f"publish to {root}")
+    if expect_current is not ANY and (found := read_current(root)) != expect_current:
+        raise PublishConflict(root, version, expect_current, found)  # stale already: write nothing
     if is_uri(root):
-        return _publish_remote(str(root), parts, manifest, version)
+        return _publish_remote(str(root), parts, manifest, version, expect_current)
     root = Path(root)
     (root / "versions").mkdir(parents=True, exist_ok=True)
     version = version or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
@@ -150,11 +185,12 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    set_current(root, version)
+    _make_current(root, version, expect_current, lambda: shutil.rmtree(final, ignore_errors=True))
     return final
 
 
-def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], version: str | None) -> str:
+def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], version: str | None,
+                    expect_current: Any) -> str:
     """Publish into a local staging root, upload the version (manifest last: a version
     without its manifest is never readable), then move CURRENT."""
     loc = resolve(root)
@@ -168,8 +204,18 @@ def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], 
         _cache_version(root, vdir)  # the publisher's own copy: no download on first open
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    set_current(root, vdir.name)
+    _make_current(root, vdir.name, expect_current, lambda: target.fs.delete_dir(target.path))
     return target.uri
+
+
+def _make_current(root, version: str, expect_current: Any, discard) -> None:
+    """set_current; on a conflict, `discard()` the new version first (never current: unread)."""
+    try:
+        set_current(root, version, expect_current)
+    except PublishConflict as err:
+        if not err.after_write:
+            discard()
+        raise
 
 
 def _cache_folder(root: str) -> Path:
@@ -196,22 +242,23 @@ def read_current(root: str | Path) -> str | None:
 
 def version_manifest(root: str | Path, version: str) -> dict[str, Any]:
     """The manifest of one version under `root` (no data files are read or fetched)."""
-    return json.loads(resolve(root).child("versions", version, MANIFEST).read_text())
+    return json.loads(resolve(root).child("versions", check_version_id(version, str(root)), MANIFEST).read_text())
 
 
-def set_current(root: str | Path, version: str) -> None:
-    """Point CURRENT at an existing version (atomic; used to publish, pin or roll back)."""
+def set_current(root: str | Path, version: str, expect_current: Any = ANY) -> None:
+    """Point CURRENT at an existing version (atomic; used to publish, pin or roll back):
+    only while CURRENT names `expect_current` (PublishConflict otherwise), or whatever it
+    names with ANY. The swap's guarantees on paths and URIs: dresd.storage.pointer."""
+    check_version_id(version, str(root))
     if is_uri(root):
-        loc = resolve(root)
-        if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+        if version.startswith(".") or not resolve(root).child("versions", version, MANIFEST).is_file():
             raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
-        loc.child(CURRENT).write_bytes((version + "\n").encode())
-        return
-    root = Path(root)
-    resolve_version_dir(root, version)  # raises unless a complete, published version
-    tmp = root / f".{CURRENT}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(version + "\n")
-    os.replace(tmp, root / CURRENT)
+    else:
+        resolve_version_dir(root, version)  # raises unless a complete, published version
+    try:
+        swap_pointer(root, version, expect_current, CURRENT)
+    except PointerConflict as err:
+        raise PublishConflict(root, version, err.expected, err.found, err.after_write) from err
 
 
 def list_versions(root: str | Path) -> list[str]:
@@ -234,15 +281,18 @@ def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
     path = Path(path)
     if version is None and (path / MANIFEST).is_file():
         return path
+    what = "version id"
     if version is None:
         cur = path / CURRENT
         if not cur.is_file():
             raise DatastoreError(f"{path} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
-        version = cur.read_text().strip()
-    vdir = path / "versions" / version
+        version, what = cur.read_text().strip(), f"{CURRENT} names version id"
+    vdir = path / "versions" / check_version_id(version, str(path), what)
     # Dot-folders are publishes in progress (or crashed ones): never readable as versions.
-    if version.startswith(".") or "/" in version or not (vdir / MANIFEST).is_file():
+    if version.startswith(".") or not (vdir / MANIFEST).is_file():
         raise DatastoreError(f"{path}: version {version!r} is missing or incomplete")
+    if problem := escape_problem(vdir, path):
+        raise DatastoreError(f"{path}: version folder {version} {problem}")
     return vdir
 
 
@@ -251,11 +301,13 @@ def _fetch_version(root: str, version: str | None) -> Path:
     if version is None and loc.child(MANIFEST).is_file():  # a version folder's URI
         root, version = root.rstrip("/").rsplit("/versions/", 1)[0], loc.path.rstrip("/").rsplit("/", 1)[1]
         loc = resolve(root)
+    what = "version id"
     if version is None:
-        version = read_current(root)
+        version, what = read_current(root), f"{CURRENT} names version id"
         if version is None:
             raise DatastoreError(f"{root} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
-    if version.startswith(".") or "/" in version or not loc.child("versions", version, MANIFEST).is_file():
+    check_version_id(version, root, what)
+    if version.startswith(".") or not loc.child("versions", version, MANIFEST).is_file():
         raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
     local = _cache_folder(root) / version
     if not (local / MANIFEST).is_file():
@@ -269,6 +321,9 @@ class Datastore:
     def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
         self.path = resolve_version_dir(path, version)
         self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
+        if self.manifest.get("version") != self.path.name:
+            raise DatastoreError(f"{self.path}: its manifest says version {self.manifest.get('version')!r}, "
+                                 f"not its folder's name {self.path.name!r}; a version is read under its own id only")
         if self.manifest.get("format_version") not in READABLE_FORMATS:
             raise DatastoreError(
                 f"{self.path}: format version {self.manifest.get('format_version')} is not supported "
@@ -300,8 +355,14 @@ class Datastore:
         return int(len(self.key_positions))
 
     def _check_files(self, full: bool) -> None:
+        # Symlinks may stay inside the root (the folder above versions/), never leave it.
+        root = self.path.parent.parent if self.path.parent.name == "versions" else self.path
         for name, meta in self.manifest["files"].items():
+            if problem := name_problem(name):
+                raise DatastoreError(f"{self.path}: the manifest lists file {name!r}, whose name {problem}")
             p = self.path / name
+            if problem := escape_problem(p, root):
+                raise DatastoreError(f"{self.path}: file {name} {problem}")
             if not p.is_file():
                 raise DatastoreError(f"{self.path}: file {name} listed in the manifest is missing")
             if p.stat().st_size != meta["bytes"]:

@@ -5,10 +5,10 @@ column. Position ids come from the attention mask (a row's first real token is p
 so a padded row computes what it would alone. On a GPU one batched prefill gives each row's
 first-token logits in that column; on a CPU, where a padded position costs as much
 arithmetic as a real one, each prompt is prefilled on its own and the rows' keys and values
-are laid into one left-padded cache (64 ShareGPT prompts, batch 16: the padded prefill took
-18 of 46 s). Then one-token decode steps run over the shared KV cache. A row stops
-at EOS or at its token budget; a finished row keeps being fed a pad token (its outputs are
-frozen, its slot wasted) until every row is done.
+are laid into one left-padded cache (timings: docs/cpu-fast-path.md#batched-prefill). Then
+one-token decode steps run over the shared KV cache. A row stops at EOS or at its token
+budget; a finished row keeps being fed a pad token (its outputs are frozen, its slot
+wasted) until every row is done.
 
 Greedy (temperature 0) matches `SpeculativeDecoder` with method "greedy" token for token,
 up to fp32 near-ties (batched matmuls round differently from single-row ones). Sampling

@@ -12,12 +12,20 @@ Per step the planner:
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
 3. k = 0 means drafting does not pay right now: plain decoding. Where consulting the
-   drafter costs a noticeable share of a step, it is consulted again after a back-off that
-   doubles while drafts keep failing; the retry verifies a small probe so the estimates can
-   recover when the text changes.
+   drafter costs a noticeable share of a step (CHEAP_CONSULT), it is consulted again after a
+   back-off that doubles while drafts keep failing; the retry verifies a small probe so the
+   estimates can recover when the text changes. A cheaper consult runs at every step:
+   skipping it saves next to nothing and misses the drafts that come back. A verified tree
+   that accepts nothing backs off only when drafting itself is costly (COSTLY_DRAFT): the
+   budget chose the tree knowing the risk, and its estimates learn from the miss.
 
-The forward cost comes in as a CostModel (measured by dresd.decoding.calibration); the
-planner scales it by what its own verification steps measure. Nothing here runs the model.
+The forward cost comes in as a CostModel (measured by dresd.decoding.calibration), timed
+back to back over one context. Decoding's own steps cost somewhat more or less (other
+contexts, accepted paths asking the lazy LM head for more rows, caches cooling between
+steps), and at a low acceptance per position that decides whether drafting pays, so the
+planner scales the calibrated costs by what its own verification steps measure: one running
+factor for one-position steps and one for larger trees. Nothing here runs the model.
+What each constant below trades, and the runs behind its value: docs/speed-study.md#budget-constants.
 """
 
 from __future__ import annotations
@@ -58,28 +66,18 @@ class CostModel:
         return CostModel(self.positions, seconds, self.context, self.key)
 
 
-# A verified tree that accepts nothing backs the drafter off only when drafting itself
-# (retrieval) took at least this share of a plain step. The tree's own cost does not count:
-# the budget chose it knowing the risk, and its estimates learn from the miss. Trades retries
-# of a cheap drafter against time lost to a costly one (docs/speed-study.md, "Replaying the
-# budget").
+# Drafting's share of a step; trades costly drafters' wasted retries against missed drafts; docs/speed-study.md#budget-constants.
 COSTLY_DRAFT = 0.3
-# A consult that leaves nothing worth verifying (no drafts, or none that pay) backs the
-# drafter off only when the consult cost at least this share of a plain step. Skipping a
-# cheap consult saves next to nothing and misses the drafts that come back: on 20 MT-Bench
-# prompts (demo store, replayed), SuffixDecoding's consults (~0.2 ms, 2% of a step) backed
-# off for 790 of 1689 steps, which would have accepted 293 tokens.
+# A consult's share of a step; trades time on empty consults against missed drafts; docs/speed-study.md#budget-constants.
 CHEAP_CONSULT = 0.05
-# The calibration times forwards back to back over one context; decoding's own steps cost
-# somewhat more or less (other contexts, accepted paths asking the lazy LM head for more
-# rows, caches cooling between steps): on the demo's store, verifying 3 positions took
-# 1.28-1.35x a plain step where the calibration said 1.25x, and at ~0.2 acceptance per
-# position that decides whether drafting pays. The planner scales the calibrated costs by
-# what its steps measure, one factor for one-position steps and one for larger trees.
-STEP_SCALE_RATE = 0.05  # weight of each measured step in the running factor
-STEP_SCALE_CLIP = (0.5, 2.0)  # a single step's measured/calibrated ratio is clipped to this (preemption, GC)
-SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)  # edges of the conditional-support bins
-MAX_DEPTH_BUCKET = 8  # depths from here on share one calibration cell
+# Weight of each step in the running factors; trades following the machine against noise; docs/speed-study.md#budget-constants.
+STEP_SCALE_RATE = 0.05
+# Clip on one step's ratio; trades ignoring preempted steps (GC) against real shifts; docs/speed-study.md#budget-constants.
+STEP_SCALE_CLIP = (0.5, 2.0)
+# Bin edges; trades cells that tell nodes apart against cells that learn fast; docs/speed-study.md#budget-constants.
+SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)
+# Depths from here share a cell; trades per-depth estimates against evidence per cell; docs/speed-study.md#budget-constants.
+MAX_DEPTH_BUCKET = 8
 
 
 def support_bin(conditional_support: float) -> int:
@@ -96,9 +94,12 @@ class AcceptanceModel:
     exceeds its parent's. Counts decay so the estimate follows the text being generated.
     """
 
-    prior_rate: float = 0.7  # before evidence: optimistic, so the drafter gets verified and measured
-    prior_weight: float = 2.0  # pseudo-observations behind the prior
-    decay: float = 0.995  # per recorded step
+    # Optimistic; trades exploring new cells against wasted positions; docs/speed-study.md#budget-constants.
+    prior_rate: float = 0.7
+    # Weight of the prior; trades a steady start against a fast one; docs/speed-study.md#budget-constants.
+    prior_weight: float = 2.0
+    # Per recorded step; trades following the text against noise; docs/speed-study.md#budget-constants.
+    decay: float = 0.995
     offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
     accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -159,7 +160,7 @@ class DraftPlanner:
         self.max_nodes = max_nodes
         self.max_backoff = max_backoff
         self.acceptance = AcceptanceModel()
-        self.probe_nodes = probe_nodes  # after a back-off, verify at least this many nodes: a retry that measures
+        self.probe_nodes = probe_nodes  # after a back-off, verify at least this many nodes: a retry that yields evidence
         self._failures = 0
         self._skip = 0
         self._probe = False

@@ -28,8 +28,8 @@ def _cost_key(model, device: torch.device) -> str:
     name = getattr(cfg, "_name_or_path", "") or cfg.model_type
     shape = f"{cfg.model_type}-{cfg.num_hidden_layers}x{cfg.hidden_size}-v{cfg.vocab_size}-{model.dtype}"
     layout = f"|packed-{kernel_tag()}-bits{packed_formats(model)}" if has_dual_layout(model) else ""
-    # step-v2: the in-place KV cache and the lean forward changed what steps cost (dresd.decoding.kv_cache,
-    # dresd.model.fastpath.lean_forward); bump it whenever the decode step changes.
+    # step-v2 names the decode step the costs were timed with (dresd.decoding.kv_cache,
+    # dresd.model.fastpath.lean_forward): bump it whenever the decode step changes, so cached costs are re-timed.
     return f"{name}|{shape}|{device}|threads={torch.get_num_threads()}{layout}|step-v2"
 
 

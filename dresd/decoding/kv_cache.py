@@ -1,11 +1,11 @@
 """A KV cache that grows in place: the decode loop's cache without a copy per step.
 
 transformers' DynamicLayer appends each step's keys and values with torch.cat, which copies
-the layer's whole cache: for SmolLM2-135M at a 256-token context on this project's CPU that
-is ~12 MB and 2.5-3.5 ms of a ~37 ms one-token step, and it grows with the context. Here each
-layer keeps a buffer with spare room (the capacity doubles when it runs out): a step writes
-its new entries in place and the layer's keys and values are views of the filled part, so a
-crop copies nothing and a cut to an accepted tree path copies only the moved entries.
+the layer's whole cache at every step, a cost that grows with the context (measured in
+docs/cpu-fast-path.md#lean-forward-and-in-place-kv-cache). Here each layer keeps a buffer
+with spare room (the capacity doubles when it runs out): a step writes its new entries in
+place and the layer's keys and values are views of the filled part, so a crop copies
+nothing and a cut to an accepted tree path copies only the moved entries.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import transformers
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-# Smallest buffer (entries per head): most prompts and their answers fit without a regrow.
+# Smallest buffer (entries per head); trades idle memory against regrow copies: most prompts and answers fit.
 MIN_CAPACITY = 256
 
 

@@ -66,7 +66,7 @@ class LazyGreedyTokens:
     On a CPU the LM head over a 49k vocabulary costs about as much per position as several
     decoder layers, and greedy acceptance reads only the accepted path's positions plus the
     one that yields the bonus token: usually a few of a tree's k positions. A packed head
-    (dresd.model.fastpath.cpu_linear) serves up to ROWS_PER_PASS rows at about one row's cost and gives each
+    (dresd.model.fastpath.cpu_linear) serves up to ROWS_PER_PASS rows in one pass over its weight and gives each
     row the same bits whatever rows share its product, so a node asked for is computed
     with the next nodes below it, the ones acceptance may ask for next.
     """

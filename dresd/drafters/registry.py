@@ -20,7 +20,8 @@ from dresd.config import SpeculativeConfig
 from dresd.datastore.store import Datastore
 from dresd.drafters import Drafter
 from dresd.datastore.formatting import response_header, shared_prefix_len, split_record
-from dresd.storage.cache import cache_root
+from dresd.storage.cache import cache_root, inside_cache
+from dresd.storage.names import name_problem
 
 # ----------------------------------------------------------------------------- the registry
 
@@ -93,10 +94,13 @@ def method_entry(name: str) -> MethodEntry:
 
 
 def derived_dir(store: Datastore) -> Path:
-    """Cache folder for artifacts derived from one datastore version (keyed by its token stream)."""
-    base = cache_root()
+    """Cache folder for artifacts derived from one datastore version (keyed by its token stream).
+    Its name comes from the store's manifest, which is untrusted: it must stay one plain name."""
     digest = store.manifest.get("files", {}).get("tokens.npy", {}).get("sha256") or store.version
-    return base / "derived" / f"{store.version}-{str(digest)[:12]}"
+    name = f"{store.version}-{str(digest)[:12]}"
+    if problem := name_problem(name):
+        raise ValueError(f"datastore {store.path}: derived cache folder name {name!r}, which {problem}")
+    return inside_cache(cache_root() / "derived" / name, f"datastore {store.path}")
 
 
 def store_pairs(store: Datastore, tokenizer):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dresd.decoding.loop import Generation
 from dresd.evaluation.compare import MethodRun, markdown_table, summarize
+from dresd.evaluation.results import save_run
 from dresd.decoding.metrics import DecodeMetrics
 
 # The goals of the benchmark issue (2-core CPU, packaged model, greedy, 128 new tokens).
@@ -133,9 +134,9 @@ def profile_lines(set_name: str, rows: list[dict], cost) -> list[str]:
                 speed = r["mean_accepted_tokens"] / sum(_call_split(r, plain))
                 lines.append(f"- {GOAL_OVER_PEERS:.2f}x {name} (decode speedup {speed:.2f}x) needs MAT "
                              f"{GOAL_OVER_PEERS * speed * total:.2f} at DReSD's call cost.")
-    lines.append("- What moves these: accepted drafts per verified position (the store: MAT grows by "
-                 "+0.06-0.09 per doubling of the ID store here) and the cost of a verified position (cores, "
-                 "a GPU: there k = 2-8 positions cost 1.06x a step). See docs/speed-study.md.")
+    lines.append("- What moves these: accepted drafts per verified position (the store's size and fit) and the "
+                 "cost of a verified position (cores, a GPU). Measured in docs/speed-study.md#the-goals-one-by-one "
+                 "and docs/benchmarks.md#gpu-check.")
     return lines + [""]
 
 
@@ -187,7 +188,7 @@ def _machine() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    # Spinning or sleeping OpenMP threads move every method's tok/s by 10-20% here: say which.
+    # Spinning or sleeping OpenMP threads move every method's tok/s (docs/speed-study.md#openmp-and-openblas-threads): say which.
     omp = os.environ.get("OMP_WAIT_POLICY", "default")
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads, "
             f"OMP_WAIT_POLICY {omp})")
@@ -227,10 +228,11 @@ def write_report(out_dir: Path, results: dict, names: list[str], args, cost, man
               "(the study behind it: docs/speed-study.md).", ""]
     for set_name, rows in tables.items():
         lines += profile_lines(set_name, rows, cost)
-    lines += ["Plots: speedup.png, acceptance.png", ""]
+    lines += ["![speedup](speedup.png)", "", "![acceptance](acceptance.png)", ""]
     if tables:
         plot(out_dir, tables)
     report = out_dir / "report.md"
     report.write_text("\n".join(lines))
     (out_dir / "summary.json").write_text(json.dumps(tables, indent=1))
+    save_run("spec_bench", "\n".join(lines), out_dir)
     return report

@@ -107,10 +107,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
 
 
 def gguf_cache_dir(gguf_path: Path) -> Path:
-    """Cache folder for a GGUF file, keyed by its content (sha256, ~0.2 s for 100 MB).
+    """Cache folder for a GGUF file, keyed by its content (sha256, cheap next to a conversion).
 
     Not by path or mtime: every reinstall of a model package rewrites the file, and each
-    would otherwise leave another ~0.5 GB fp32 conversion behind.
+    would otherwise leave another fp32 conversion (several times the GGUF's size) behind.
     """
     p = Path(gguf_path).resolve()
     key = hashlib.sha256(f"{sha256_file(p)}|{CONVERSION_FORMAT}".encode()).hexdigest()[:16]

@@ -5,6 +5,7 @@ request whose actor died, so every submitted request gets a response.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -13,13 +14,22 @@ import threading
 import uuid
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.datastore.store import DatastoreError, set_current
 from dresd.serving.decoder import MAX_TASK_RETRIES, DecodeRequest, DecodeResponse, Decoder
 
 log = logging.getLogger(__name__)
+
+# How long the pool waits for its actors to start (be placed, load the model and datastore):
+# a longer wait means a stuck load or a cluster without room for them, and failing says so
+# where waiting would hang the caller.
+START_TIMEOUT_S = 900.0
+# How long a client waits with no request finishing (generate), or for every actor to answer
+# a control call (infos, pin, refresh wait for the request in progress): above the slowest
+# request a pool serves, so only a wedged actor hits it, and its clients fail instead of hanging.
+REQUEST_TIMEOUT_S = 600.0
 
 
 @functools.cache
@@ -42,12 +52,15 @@ class DecoderPool:
     from scratch (greedy output is deterministic, so the text is the same; a re-run may
     use a newer datastore version, and its response says which). `submit` alone only has
     Ray's re-runs: its ref raises RayActorError once those are exhausted.
-    Pins are remembered by the pool and re-applied to restarted actors.
+    Pins are remembered by the pool and re-applied to restarted actors. Nothing waits
+    forever: starting waits at most `start_timeout_s`, control calls `timeout_s` (then
+    TimeoutError naming the silent actors), and `generate` answers ok=False for the requests
+    still pending once none has finished for `timeout_s`.
     """
 
     def __init__(self, model: ModelConfig, datastore_root: str | None, size: int, num_cpus: float = 1.0,
                  threads: int = 1, speculative: SpeculativeConfig | None = None, num_gpus: float = 0.0,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, timeout_s: float = REQUEST_TIMEOUT_S, start_timeout_s: float = START_TIMEOUT_S):
         if size < 1:
             raise ValueError(f"pool size must be >= 1, got {size}")
         if not ray.is_initialized():
@@ -60,6 +73,7 @@ class DecoderPool:
         self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus,
                              runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1"}})
         self.max_attempts = max_attempts
+        self.timeout_s = timeout_s
         self.names = [f"dresd-decoder-{self.pool_id}-{i}" for i in range(size)]
         self.actors = [self._start(i) for i in range(size)]
         self._inflight: list[list[ray.ObjectRef]] = [[] for _ in range(size)]
@@ -67,10 +81,21 @@ class DecoderPool:
         self._next = 0
         self._pinned: str | None = None
         try:  # wait for the models to load, so a bad model or datastore fails here
-            ray.get([a.info.remote() for a in self.actors])
+            self._get([a.info.remote() for a in self.actors], "start (load the model and datastore)", start_timeout_s)
         except Exception:
             self.shutdown()
             raise
+
+    def _get(self, refs: list, what: str, timeout_s: float | None = None) -> list:
+        """ray.get of one ref per actor, bounded: TimeoutError naming `what` and the silent actors."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+            silent = [name for name, ref in zip(self.names, refs) if ref not in done]
+            raise TimeoutError(f"decoder pool {self.pool_id}: {', '.join(silent)} did not {what} "
+                               f"within {timeout:g} s") from None
 
     def _start(self, i: int):
         return decoder_actor().options(name=self.names[i], **self._options).remote(self.names[i], *self._args)
@@ -117,12 +142,20 @@ class DecoderPool:
             ref, i = self._submit(req)
             pending[ref] = (k, i)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.timeout_s)
+            if not ready:  # none finished for timeout_s: the rest fail rather than hang the client
+                for ref, (k, i) in pending.items():
+                    with contextlib.suppress(Exception):
+                        ray.cancel(ref)  # drops it from the actor's queue if it has not started
+                    out[k] = DecodeResponse(getattr(requests[k], "request_id", ""), False,
+                                            f"timed out: no request finished within {self.timeout_s:g} s "
+                                            f"(this one was on {self.names[i]})")
+                break
             for ref in ready:
                 k, i = pending.pop(ref)
                 rid = getattr(requests[k], "request_id", "")
                 try:
-                    out[k] = ray.get(ref)
+                    out[k] = ray.get(ref, timeout=self.timeout_s)  # ready: returns at once
                 except RayActorError as exc:
                     if attempts[k] >= self.max_attempts:
                         out[k] = DecodeResponse(rid, False, f"gave up after {attempts[k]} attempts: {exc}")
@@ -137,7 +170,7 @@ class DecoderPool:
         return out  # type: ignore[return-value]
 
     def infos(self) -> list[dict]:
-        return ray.get([a.info.remote() for a in self.actors])
+        return self._get([a.info.remote() for a in self.actors], "answer info")
 
     def versions(self) -> dict[str, str | None]:
         """{actor name: datastore version it has open}."""
@@ -146,7 +179,7 @@ class DecoderPool:
     def pin(self, version: str | None) -> dict[str, str | None]:
         """Pin every actor to `version` (None = follow CURRENT); returns once all switched."""
         self._pinned = version
-        return dict(zip(self.names, ray.get([a.pin.remote(version) for a in self.actors])))
+        return dict(zip(self.names, self._get([a.pin.remote(version) for a in self.actors], f"pin {version}")))
 
     def unpin(self) -> dict[str, str | None]:
         return self.pin(None)
@@ -154,7 +187,7 @@ class DecoderPool:
     def refresh(self) -> dict[str, str | None]:
         """Make unpinned actors follow CURRENT now (after their request in progress) rather
         than at their next request; returns {actor name: version}."""
-        return dict(zip(self.names, ray.get([a.refresh.remote() for a in self.actors])))
+        return dict(zip(self.names, self._get([a.refresh.remote() for a in self.actors], "refresh")))
 
     def rollback(self, version: str) -> dict[str, str | None]:
         """Point the root's CURRENT at an older `version` and make unpinned actors follow now

@@ -18,6 +18,7 @@ from typing import Callable
 import pyarrow.fs as pafs
 
 from dresd.storage.files import is_uri, resolve, sha256_file
+from dresd.storage.names import escape_problem, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,14 @@ def cache_root() -> Path:
     """Root of DReSD's on-disk cache: $DRESD_CACHE_DIR, else ~/.cache/dresd."""
     env = os.environ.get("DRESD_CACHE_DIR")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "dresd"
+
+
+def inside_cache(path: Path, what: str) -> Path:
+    """`path` once checked to lie inside cache_root(): cache folders are named after
+    datastore versions and URIs, which are untrusted, and one must never point elsewhere."""
+    if problem := escape_problem(path, cache_root()):
+        raise ValueError(f"{what}: cache folder {path} {problem}")
+    return Path(path)
 
 
 def cached_measurement(path: Path, key: str, measure: Callable[[], dict], refresh: bool = False) -> dict:
@@ -154,7 +163,10 @@ def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
         raise FileNotFoundError(f"{loc.uri}: not found")
     stamp = f"{loc.uri}|{info.size}|{info.mtime_ns}" if info.type == pafs.FileType.File else loc.uri
     key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
-    target = into or cache_dir() / key / (loc.path.rstrip("/").rsplit("/", 1)[-1] or "root")
+    name = loc.path.rstrip("/").rsplit("/", 1)[-1] or "root"
+    if into is None and (problem := name_problem(name)):
+        raise ValueError(f"{loc.uri}: its last part {name!r}, which {problem}, cannot name a cache folder")
+    target = into or inside_cache(cache_dir() / key / name, loc.uri)
     if target.exists() and info.type == pafs.FileType.File:
         return target
     return loc.download(target)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dresd.config import BuildConfig, DecodeConfig, GenerateConfig, SamplingParams
+from dresd.config import BuildConfig, DecodeConfig, GenerateConfig
 from dresd.config.loader import ConfigError, apply_overrides, check_value, from_dict, load_config, load_yaml
 
 
@@ -93,12 +93,3 @@ def test_config_checks_run_when_loaded(cls, overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config(cls, None, overrides)
     assert message in str(err.value)
-
-
-def test_sampling_values_are_checked_in_one_place():
-    assert SamplingParams(0.7, 0.9, 1).greedy is False and SamplingParams().greedy
-    for bad in ({"temperature": -1.0}, {"top_p": 1.5}, {"top_p": 0.0}, {"temperature": float("inf")}):
-        with pytest.raises(ValueError):
-            SamplingParams(**bad)
-    assert load_config(GenerateConfig, None, ["temperature=0.7", "seed=3"]).sampling() == SamplingParams(0.7, 1.0, 3)
-    assert load_config(GenerateConfig).sampling() is None

@@ -274,3 +274,21 @@ def test_mtbench_first_turns():
     assert len(qs) == 80
     assert all(isinstance(q, str) and q.strip() for q in qs)
     assert len(set(qs)) == 80
+
+
+def test_corpus_folder_and_rows_through_uris(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\nnot json\n')
+    (folder / "notes.txt").write_text("ignored")
+    uri = f"file://{folder}"
+    files = list_corpus_files([uri])
+    assert files == [f"{uri}/a.jsonl"]
+    rows = list(read_rows(files[0], on_error="skip"))
+    assert [r.row for r in rows] == [1, 2] and rows[1].error == "bad_json"
+    assert all(r.file == files[0] for r in rows)  # rows name the URI, not the cached copy
+    with pytest.raises(CorpusError, match=rf"{uri}/a.jsonl.*row 2"):
+        list(read_rows(files[0], on_error="fail"))
+    with pytest.raises(CorpusError, match="corpus path not found"):
+        list_corpus_files([f"file://{tmp_path}/nope"])

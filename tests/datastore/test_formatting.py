@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from dresd.datastore.corpus import Example, RecordError
@@ -113,20 +115,27 @@ def test_shared_prefix_len(smol_tokenizer, fmt):
 def test_fingerprint(smol_tokenizer):
     chat = format_fingerprint(smol_tokenizer, "chat")
     qa = format_fingerprint(smol_tokenizer, "qa")
-    assert len(chat) == 64 and int(chat, 16) >= 0
+    assert re.fullmatch("[0-9a-f]{64}", chat) and re.fullmatch("[0-9a-f]{64}", qa)  # sha256 hex
     assert chat != qa
     assert format_fingerprint(smol_tokenizer, "chat") == chat  # stable
 
 
-# ------------------------------------------------------------ response header / records
-
-
-@pytest.fixture(scope="module")
-def byte_tokenizer():
-    """The tiny test models' byte-level tokenizer (ChatML template)."""
+def test_fingerprint_changes_with_the_chat_template_only_for_chat(byte_tokenizer):
     from tiny_models import make_byte_tokenizer
 
-    return make_byte_tokenizer()
+    edited = make_byte_tokenizer()
+    assert format_fingerprint(edited, "chat") == format_fingerprint(byte_tokenizer, "chat")  # same layout
+    # A template that lays out the same ids for the probe but reads differently still counts.
+    edited.chat_template = byte_tokenizer.chat_template + "{# edited #}"
+    assert format_fingerprint(edited, "chat") != format_fingerprint(byte_tokenizer, "chat")
+    # A template that lays the prompt out differently changes it too; "qa" uses no template.
+    edited.chat_template = byte_tokenizer.chat_template.replace("'\\n'", "'\\n\\n'")
+    assert format_prompt_ids(edited, "x", "chat") != format_prompt_ids(byte_tokenizer, "x", "chat")
+    assert format_fingerprint(edited, "chat") != format_fingerprint(byte_tokenizer, "chat")
+    assert format_fingerprint(edited, "qa") == format_fingerprint(byte_tokenizer, "qa")
+
+
+# ------------------------------------------------------------ response header / records
 
 
 @pytest.fixture(params=["smol", "byte"])

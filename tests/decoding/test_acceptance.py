@@ -19,6 +19,8 @@ import torch
 from dresd.config import SamplingParams
 from dresd.decoding.acceptance import _nucleus, _nucleus_of_row, sample_accept, seeded_generator, target_probs
 from dresd.decoding.tree import TokenTree, build_tree, greedy_accept
+from dresd.drafters import Candidates
+from fake_drafters import FakeDrafter
 
 # Chi-square critical values at p = 0.001, degrees of freedom 1..50 (no scipy in the venv;
 # computed once with mpmath's regularised incomplete gamma).
@@ -35,16 +37,7 @@ N = 20_000
 Acceptor = Callable[[TokenTree, torch.Tensor, SamplingParams, torch.Generator], tuple[list[int], int]]
 
 
-# --- SamplingParams / target_probs ---------------------------------------------------
-
-
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")),
-                                    dict(temperature=float("inf")), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(top_p=float("nan"))])
-def test_sampling_params_are_validated(kwargs):
-    with pytest.raises(ValueError):
-        SamplingParams(**kwargs)
-    assert SamplingParams().greedy and not SamplingParams(temperature=0.5).greedy
+# --- target_probs ---------------------------------------------------
 
 
 def test_target_probs_temperature():
@@ -320,42 +313,30 @@ def _next_logits(model, contexts: list[list[int]]) -> torch.Tensor:
     return model(torch.tensor(contexts)).logits[:, -1].float()
 
 
-class _TopKDrafter:
-    """Drafts that are often right and sometimes not: the model's top-3 next tokens, each
-    followed by its argmax continuation; the top token followed by its second-best
-    continuation (two children at depth 2); one random path."""
+def _top_k_drafts(model, seed: int):
+    """A draft function whose drafts are often right and sometimes not: the model's top-3
+    next tokens, each followed by its argmax continuation; the top token followed by its
+    second-best continuation (two children at depth 2); one random path."""
+    gen = torch.Generator().manual_seed(seed)
+    memo: dict[tuple[int, ...], list[int]] = {}
 
-    name = "topk"
-
-    def __init__(self, model, seed: int):
-        self.model = model
-        self.gen = torch.Generator().manual_seed(seed)
-        self.memo: dict[tuple[int, ...], list[int]] = {}
-
-    def _ranked(self, context: list[int]) -> list[int]:
+    def ranked(context: list[int]) -> list[int]:
         key = tuple(context)
-        if key not in self.memo:
-            self.memo[key] = _next_logits(self.model, [context])[0].argsort(descending=True)[:3].tolist()
-        return self.memo[key]
+        if key not in memo:
+            memo[key] = _next_logits(model, [context])[0].argsort(descending=True)[:3].tolist()
+        return memo[key]
 
-    def begin(self, prompt_ids):
-        pass
-
-    def end(self, generated):
-        pass
-
-    def propose(self, request):
-        from dresd.drafters import Candidates
-
+    def draft(request):
         cands = Candidates()
         ctx, n = request.context, request.max_len
-        top = self._ranked(ctx)
+        top = ranked(ctx)
         for rank, tok in enumerate(top):
-            cands.add([tok, self._ranked(ctx + [tok])[0]][:n], 3 - rank, self.name)
-        cands.add([top[0], self._ranked(ctx + [top[0]])[1]][:n], 1, self.name)
-        vocab = self.model.config.vocab_size
-        cands.add(torch.randint(0, vocab, (n,), generator=self.gen).tolist(), 1, self.name)
+            cands.add([tok, ranked(ctx + [tok])[0]][:n], 3 - rank, "topk")
+        cands.add([top[0], ranked(ctx + [top[0]])[1]][:n], 1, "topk")
+        cands.add(torch.randint(0, model.config.vocab_size, (n,), generator=gen).tolist(), 1, "topk")
         return cands
+
+    return draft
 
 
 def _exact_first_two(model, params: SamplingParams, eos: int) -> dict[tuple[int, ...], float]:
@@ -385,7 +366,7 @@ def _loop_samples(model, method: str, params: SamplingParams, n: int, seed0: int
     from dresd.decoding.loop import SpeculativeDecoder
 
     eos = _loop_eos(model)
-    drafter = _TopKDrafter(model, seed0) if method == "dresd" else None
+    drafter = FakeDrafter(_top_k_drafts(model, seed0), "topk") if method == "dresd" else None
     spec = SpeculativeConfig(method=method, budget="off", verify="tree")
     decoder = SpeculativeDecoder(model, eos, 2048, spec, drafter)
     counts, accepted = Counter(), 0

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from dresd.decoding.batch import BatchStats, generate_batch
-from dresd.config import ModelConfig, SpeculativeConfig
+from dresd.config import SpeculativeConfig
 from dresd.decoding.loop import SpeculativeDecoder
-from dresd.model.loading import LoadedModel, load_model
+from dresd.model.loading import LoadedModel
+from tests_support import one_torch_thread
 
 
 @dataclass
@@ -25,14 +26,9 @@ class _EosLM(LoadedModel):
         return self.eos
 
 
-@pytest.fixture(scope="module")
-def lm(tiny_model_dir):
-    # One thread: a tiny model gains nothing from two, and on a busy 2-core machine
-    # OpenMP's spinning threads make batched forwards many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield load_model(ModelConfig(path=str(tiny_model_dir), device="cpu"))
-    torch.set_num_threads(threads)
+# One thread: a tiny model gains nothing from two, and on a busy 2-core machine OpenMP's
+# spinning threads make batched forwards many times slower.
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -48,38 +44,38 @@ def _greedy_alone(lm, prompts, max_new, eos=None):
     return [dec.generate_ids(p, max_new).token_ids for p in prompts]
 
 
-def test_batched_greedy_equals_one_at_a_time(lm, prompts):
-    alone = _greedy_alone(lm, prompts, 12)
+def test_batched_greedy_equals_one_at_a_time(tiny_lm, prompts):
+    alone = _greedy_alone(tiny_lm, prompts, 12)
     stats = BatchStats()
-    batched = generate_batch(lm, prompts, 12, stats=stats)
+    batched = generate_batch(tiny_lm, prompts, 12, stats=stats)
     assert batched == alone
     assert stats.rows == 5 and stats.width == 23 and stats.prompt_tokens == sum(map(len, prompts))
     assert stats.new_tokens == sum(map(len, batched))
     # Another grouping of the same prompts gives the same tokens.
-    assert generate_batch(lm, prompts[2:4], 12) == alone[2:4]
-    assert generate_batch(lm, prompts[1:2], 12) == alone[1:2]
+    assert generate_batch(tiny_lm, prompts[2:4], 12) == alone[2:4]
+    assert generate_batch(tiny_lm, prompts[1:2], 12) == alone[1:2]
 
 
-def test_padded_batched_prefill_gives_the_same_tokens(lm, prompts, monkeypatch):
+def test_padded_batched_prefill_gives_the_same_tokens(tiny_lm, prompts, monkeypatch):
     import dresd.decoding.batch as bd
 
     per_row = BatchStats()
-    alone = generate_batch(lm, prompts, 12, stats=per_row)
+    alone = generate_batch(tiny_lm, prompts, 12, stats=per_row)
     monkeypatch.setattr(bd, "PADDED_PREFILL_DEVICES", ("cpu", "cuda"))  # the GPU path, here
     padded = BatchStats()
-    assert generate_batch(lm, prompts, 12, stats=padded) == alone
+    assert generate_batch(tiny_lm, prompts, 12, stats=padded) == alone
     assert padded.steps == per_row.steps and padded.width == per_row.width == 23
 
 
-def test_max_new_tokens_is_exact(lm, prompts):
+def test_max_new_tokens_is_exact(tiny_lm, prompts):
     for n in (0, 1, 5):
-        out = generate_batch(lm, prompts, n)
+        out = generate_batch(tiny_lm, prompts, n)
         assert [len(o) for o in out] == [n] * len(prompts)  # the real EOS never wins here
-    assert generate_batch(lm, [], 5) == []
+    assert generate_batch(tiny_lm, [], 5) == []
 
 
-def test_per_row_eos_stops_each_row_and_freezes_it(lm, prompts):
-    alone = _greedy_alone(lm, prompts, 12)
+def test_per_row_eos_stops_each_row_and_freezes_it(tiny_lm, prompts):
+    alone = _greedy_alone(tiny_lm, prompts, 12)
     # Pick as "EOS" a token the greedy outputs emit at different depths: rows then stop at
     # different steps while the others continue.
     first_seen: dict[int, set[int]] = {}
@@ -87,10 +83,10 @@ def test_per_row_eos_stops_each_row_and_freezes_it(lm, prompts):
         for t in row:
             first_seen.setdefault(t, set()).add(row.index(t))
     eos = max(first_seen, key=lambda t: (len(first_seen[t]), -min(first_seen[t])))
-    expect = _greedy_alone(lm, prompts, 12, eos=eos)
+    expect = _greedy_alone(tiny_lm, prompts, 12, eos=eos)
     assert len({len(e) for e in expect}) > 1, "the chosen EOS should end rows at different steps"
     assert any(e and e[-1] == eos for e in expect)
-    eos_lm = _EosLM(lm.model, lm.tokenizer, lm.device, lm.identity, eos=eos)
+    eos_lm = _EosLM(tiny_lm.model, tiny_lm.tokenizer, tiny_lm.device, tiny_lm.identity, eos=eos)
     stats = BatchStats()
     got = generate_batch(eos_lm, prompts, 12, stats=stats)
     assert got == expect
@@ -99,21 +95,21 @@ def test_per_row_eos_stops_each_row_and_freezes_it(lm, prompts):
     assert stats.steps == max(map(len, got)) - 1
 
 
-def test_budget_is_capped_by_the_context(lm):
-    prompt = [5] * (lm.max_context - 3)
-    assert [len(o) for o in generate_batch(lm, [prompt, [5, 6]], 10)] == [3, 10]
+def test_budget_is_capped_by_the_context(tiny_lm):
+    prompt = [5] * (tiny_lm.max_context - 3)
+    assert [len(o) for o in generate_batch(tiny_lm, [prompt, [5, 6]], 10)] == [3, 10]
     with pytest.raises(ValueError, match="context"):
-        generate_batch(lm, [[5] * lm.max_context], 4)
+        generate_batch(tiny_lm, [[5] * tiny_lm.max_context], 4)
     with pytest.raises(ValueError, match="empty"):
-        generate_batch(lm, [[5], []], 4)
+        generate_batch(tiny_lm, [[5], []], 4)
 
 
-def test_sampling_is_reproducible_for_a_seed(lm, prompts):
-    a = generate_batch(lm, prompts, 10, temperature=0.9, top_p=0.95, seed=3)
-    b = generate_batch(lm, prompts, 10, temperature=0.9, top_p=0.95, seed=3)
-    c = generate_batch(lm, prompts, 10, temperature=0.9, top_p=0.95, seed=4)
+def test_sampling_is_reproducible_for_a_seed(tiny_lm, prompts):
+    a = generate_batch(tiny_lm, prompts, 10, temperature=0.9, top_p=0.95, seed=3)
+    b = generate_batch(tiny_lm, prompts, 10, temperature=0.9, top_p=0.95, seed=3)
+    c = generate_batch(tiny_lm, prompts, 10, temperature=0.9, top_p=0.95, seed=4)
     assert a == b
     assert a != c
     assert [len(x) for x in a] == [10] * len(prompts)
     # A nucleus this small keeps only the top token: sampling collapses to greedy.
-    assert generate_batch(lm, prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == generate_batch(lm, prompts, 10)
+    assert generate_batch(tiny_lm, prompts, 10, temperature=1.0, top_p=1e-6, seed=5) == generate_batch(tiny_lm, prompts, 10)

@@ -11,20 +11,14 @@ import torch
 import dresd.decoding.calibration as calibration
 from dresd.decoding.budget import CostModel
 from dresd.decoding.calibration import cached_cost_model, calibrate_cost
-from tests_support import one_torch_thread, tiny_llama_lm
+from tests_support import one_torch_thread
 
-VOCAB = 272
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
 
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return tiny_llama_lm(tmp_path_factory, VOCAB)
-
-
-def test_calibrate_cost_on_tiny_model(lm):
-    cost = calibrate_cost(lm.model, context=16, positions=(1, 2, 4, 8), reps=1)
+def test_calibrate_cost_on_tiny_model(tiny_lm):
+    cost = calibrate_cost(tiny_lm.model, context=16, positions=(1, 2, 4, 8), reps=1)
     assert cost.positions == [1, 2, 4, 8]
     assert len(cost.seconds) == 4 and all(t > 0 for t in cost.seconds)
     assert all(b >= a for a, b in zip(cost.seconds, cost.seconds[1:]))
@@ -44,37 +38,37 @@ def fake_calibration(monkeypatch) -> list:
     return calls
 
 
-def test_cached_cost_model_measures_once(lm, tmp_path, monkeypatch):
+def test_cached_cost_model_measures_once(tiny_lm, tmp_path, monkeypatch):
     calls = fake_calibration(monkeypatch)
-    first = cached_cost_model(lm.model, tmp_path)
+    first = cached_cost_model(tiny_lm.model, tmp_path)
     assert len(calls) == 1
     files = list((tmp_path / "cost").glob("*.json"))
     assert len(files) == 1
     assert json.loads(files[0].read_text())["key"] == first.key
-    second = cached_cost_model(lm.model, tmp_path)
+    second = cached_cost_model(tiny_lm.model, tmp_path)
     assert len(calls) == 1  # read back, not measured again
     assert second == first
     # refresh=True measures again and rewrites the cache.
-    third = cached_cost_model(lm.model, tmp_path, refresh=True)
+    third = cached_cost_model(tiny_lm.model, tmp_path, refresh=True)
     assert len(calls) == 2 and third.seconds != first.seconds
-    assert cached_cost_model(lm.model, tmp_path) == third and len(calls) == 2
+    assert cached_cost_model(tiny_lm.model, tmp_path) == third and len(calls) == 2
     # An unreadable cache file is measured again.
     files[0].write_text("{not json")
-    cached_cost_model(lm.model, tmp_path)
+    cached_cost_model(tiny_lm.model, tmp_path)
     assert len(calls) == 3
     assert list((tmp_path / "cost").glob("*.tmp*")) == []  # no temp files left behind
 
 
-def test_cached_cost_model_uses_env_dir_and_keys_threads(lm, tmp_path, monkeypatch):
+def test_cached_cost_model_uses_env_dir_and_keys_threads(tiny_lm, tmp_path, monkeypatch):
     calls = fake_calibration(monkeypatch)
     monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path))
-    cached_cost_model(lm.model)
-    cached_cost_model(lm.model)
+    cached_cost_model(tiny_lm.model)
+    cached_cost_model(tiny_lm.model)
     assert len(calls) == 1 and len(list((tmp_path / "cost").glob("*.json"))) == 1
     # Another thread count is another measurement (another file).
     torch.set_num_threads(2)
     try:
-        other = cached_cost_model(lm.model)
+        other = cached_cost_model(tiny_lm.model)
     finally:
         torch.set_num_threads(1)
     assert len(calls) == 2 and "threads=2" in other.key

@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from dresd.drafters import Candidates, DraftRequest
+from dresd.drafters import DraftRequest
 from dresd.drafters.hybrid import HybridDrafter
 from dresd.decoding.tree import build_tree
+from fake_drafters import FakeDrafter, candidates
 
 
-class FakeDrafter:
-    """Returns fixed candidates and records the calls it gets."""
-
-    def __init__(self, name, paths=(), weights=(), sources=None, total=None):
-        self.name = name
-        self.candidates = Candidates(list(map(list, paths)), list(weights),
-                                     list(sources) if sources is not None else [name] * len(paths), total)
-        self.requests, self.begun, self.ended = [], [], []
-
-    def begin(self, prompt_ids):
-        self.begun.append(list(prompt_ids))
-
-    def end(self, generated):
-        self.ended.append(list(generated))
-
-    def propose(self, request):
-        self.requests.append(request)
-        return self.candidates
+def fake(name, paths=(), weights=(), sources=None, total=None) -> FakeDrafter:
+    """A drafter proposing these candidates at every call (sources default to its name)."""
+    return FakeDrafter(candidates(paths, weights, name if sources is None else sources, total), name)
 
 
 def request():
@@ -34,8 +20,8 @@ def request():
 
 
 def test_weights_normalised_per_source():
-    a = FakeDrafter("a", [[1, 2], [3]], [3.0, 1.0])  # total None: the sum of weights (4)
-    b = FakeDrafter("b", [[1, 5]], [2.0], total=4.0)  # half its evidence backs no path
+    a = fake("a", [[1, 2], [3]], [3.0, 1.0])  # total None: the sum of weights (4)
+    b = fake("b", [[1, 5]], [2.0], total=4.0)  # half its evidence backs no path
     out = HybridDrafter([a, b]).propose(request())
     assert out.paths == [[1, 2], [3], [1, 5]]
     assert out.weights == pytest.approx([0.75, 0.25, 0.5])
@@ -44,17 +30,17 @@ def test_weights_normalised_per_source():
 
 
 def test_sources_preserved_and_defaulted_to_drafter_name():
-    pld = FakeDrafter("pld", [[1], [2]], [2.0, 1.0], sources=["pld:2", "pld:1"])
-    anon = FakeDrafter("dense", [[3]], [5.0], sources=[""])
+    pld = fake("pld", [[1], [2]], [2.0, 1.0], sources=["pld:2", "pld:1"])
+    anon = fake("dense", [[3]], [5.0], sources=[""])
     out = HybridDrafter([pld, anon]).propose(request())
     assert out.sources == ["pld:2", "pld:1", "dense"]
     assert out.weights == pytest.approx([2 / 3, 1 / 3, 1.0])
 
 
 def test_empty_results_skipped():
-    empty = FakeDrafter("empty")
-    zero = FakeDrafter("zero", [[9]], [0.0])  # no evidence at all
-    b = FakeDrafter("b", [[1, 2]], [7.0])
+    empty = fake("empty")
+    zero = fake("zero", [[9]], [0.0])  # no evidence at all
+    b = fake("b", [[1, 2]], [7.0])
     hybrid = HybridDrafter([empty, zero, b])
     out = hybrid.propose(request())
     assert out.paths == [[1, 2]] and out.weights == pytest.approx([1.0]) and out.sources == ["b"]
@@ -63,11 +49,11 @@ def test_empty_results_skipped():
     hybrid.propose(req)
     assert all(d.requests[-1] is req for d in (empty, zero, b))
     # Nothing from anyone: no candidates.
-    assert len(HybridDrafter([FakeDrafter("x"), FakeDrafter("y")]).propose(request())) == 0
+    assert len(HybridDrafter([fake("x"), fake("y")]).propose(request())) == 0
 
 
 def test_begin_and_end_forwarded():
-    a, b = FakeDrafter("a"), FakeDrafter("b")
+    a, b = fake("a"), fake("b")
     hybrid = HybridDrafter([a, b], name="mix")
     assert hybrid.name == "mix"
     hybrid.begin([1, 2, 3])
@@ -79,12 +65,12 @@ def test_begin_and_end_forwarded():
 
 
 def test_shared_node_support_is_sum_of_sources():
-    a = FakeDrafter("a", [[1, 2], [3]], [3.0, 1.0])
-    b = FakeDrafter("b", [[1, 5], [3, 7]], [2.0, 1.0], total=4.0)
+    a = fake("a", [[1, 2], [3]], [3.0, 1.0])
+    b = fake("b", [[1, 5], [3, 7]], [2.0, 1.0], total=4.0)
     merged = HybridDrafter([a, b]).propose(request())
     tree = build_tree(6, merged.paths, None, merged.weights, merged.sources, merged.total)
-    alone = {d.name: build_tree(6, d.candidates.paths, None, d.candidates.weights, d.candidates.sources,
-                                d.candidates.total) for d in (a, b)}
+    alone = {d.name: build_tree(6, d.draft.paths, None, d.draft.weights, d.draft.sources, d.draft.total)
+             for d in (a, b)}
 
     def support(t, tokens):
         node = 0

@@ -13,7 +13,7 @@ from dresd.drafters import registry as registry_mod
 from dresd.drafters.registry import (available_methods, derived_dir, make_drafter, method_entry, register_method,
                                      store_pairs)
 from dresd.datastore.formatting import format_prompt_ids
-from tiny_models import make_byte_tokenizer
+from fake_drafters import FakeDrafter, continuation
 from tests_support import make_manifest, make_parts
 
 HIDDEN = 32
@@ -29,30 +29,25 @@ PAIRS = [
 TRUNCATED = ("Tell me a story.", "Once upon a time there")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_byte_tokenizer()
-
-
-def text_ids(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False).input_ids
+def text_ids(byte_tokenizer, text: str) -> list[int]:
+    return byte_tokenizer(text, add_special_tokens=False).input_ids
 
 
 @pytest.fixture(scope="module")
-def records(tok) -> list[list[int]]:
-    eos = tok.eos_token_id
-    recs = [format_prompt_ids(tok, p, "chat") + text_ids(tok, r) + [eos] for p, r in PAIRS]
+def records(byte_tokenizer) -> list[list[int]]:
+    eos = byte_tokenizer.eos_token_id
+    recs = [format_prompt_ids(byte_tokenizer, p, "chat") + text_ids(byte_tokenizer, r) + [eos] for p, r in PAIRS]
     p, r = TRUNCATED
-    recs.append(format_prompt_ids(tok, p, "chat") + text_ids(tok, r))
+    recs.append(format_prompt_ids(byte_tokenizer, p, "chat") + text_ids(byte_tokenizer, r))
     return recs
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, tok, records) -> Datastore:
+def store(tmp_path_factory, byte_tokenizer, records) -> Datastore:
     """A small published chat-format store over `records` with random 32-d keys."""
     parts = make_parts(records, hidden_dim=HIDDEN, dim=16)
     root = tmp_path_factory.mktemp("ds")
-    publish(root, parts, make_manifest(eos=tok.eos_token_id, value_len=VALUE_LEN, dim=16), version="v1")
+    publish(root, parts, make_manifest(eos=byte_tokenizer.eos_token_id, value_len=VALUE_LEN, dim=16), version="v1")
     return Datastore(root)
 
 
@@ -63,83 +58,84 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def make(method: str, store, tok, **kw):
-    return make_drafter(SpeculativeConfig(method=method, **kw), store, tok, tok.eos_token_id)
+def make(method: str, store, byte_tokenizer, **kw):
+    return make_drafter(SpeculativeConfig(method=method, **kw), store, byte_tokenizer, byte_tokenizer.eos_token_id)
 
 
 # ------------------------------------------------------------------ method -> drafter
 
 
-def test_greedy_has_no_drafter(store, tok):
-    assert make("greedy", None, tok) is None
-    assert make("greedy", store, tok) is None
+def test_greedy_has_no_drafter(store, byte_tokenizer):
+    assert make("greedy", None, byte_tokenizer) is None
+    assert make("greedy", store, byte_tokenizer) is None
 
 
-def test_pld(tok):
+def test_pld(byte_tokenizer):
     from dresd.drafters.prompt_lookup import PromptLookupDrafter
 
-    d = make("pld", None, tok, pld_max_ngram=3, pld_min_ngram=2, pld_tokens=7, pld_matches=2)
+    d = make("pld", None, byte_tokenizer, pld_max_ngram=3, pld_min_ngram=2, pld_tokens=7, pld_matches=2)
     assert type(d) is PromptLookupDrafter  # no datastore needed
-    assert (d.max_ngram, d.min_ngram, d.num_tokens, d.max_matches, d.eos_id) == (3, 2, 7, 2, tok.eos_token_id)
+    eos = byte_tokenizer.eos_token_id
+    assert (d.max_ngram, d.min_ngram, d.num_tokens, d.max_matches, d.eos_id) == (3, 2, 7, 2, eos)
 
 
-def test_dresd(store, tok):
+def test_dresd(store, byte_tokenizer):
     from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
     from dresd.drafters.hybrid import HybridDrafter
 
     spec = SpeculativeConfig(method="dresd", top_k=7, context_keys=False)
-    d = make_drafter(spec, store, tok, tok.eos_token_id)
+    d = make_drafter(spec, store, byte_tokenizer, byte_tokenizer.eos_token_id)
     assert type(d) is DenseDrafter and d.store is store and d.spec is spec
     # By default the request's own keys are a second dense source.
-    d = make("dresd", store, tok)
+    d = make("dresd", store, byte_tokenizer)
     assert type(d) is HybridDrafter and d.name == "dresd"
     assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter]
     assert d.drafters[1].compressor is store.compressor
     # The store's value length limits the drafts.
     with pytest.raises(ValueError, match="len_drafts"):
-        make("dresd", store, tok, len_drafts=VALUE_LEN)
+        make("dresd", store, byte_tokenizer, len_drafts=VALUE_LEN)
 
 
 @pytest.mark.parametrize("matches, want", [(1, 3), (5, 5)])
-def test_hybrid_is_dense_plus_pld(store, tok, matches, want):
+def test_hybrid_is_dense_plus_pld(store, byte_tokenizer, matches, want):
     from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
     from dresd.drafters.hybrid import HybridDrafter
     from dresd.drafters.prompt_lookup import PromptLookupDrafter
 
-    d = make("hybrid", store, tok, pld_matches=matches, pld_tokens=6)
+    d = make("hybrid", store, byte_tokenizer, pld_matches=matches, pld_tokens=6)
     assert type(d) is HybridDrafter and d.name == "hybrid"
     assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter, PromptLookupDrafter]
     dense, _, pld = d.drafters
     assert dense.store is store
-    d = make("hybrid", store, tok, context_keys=False)
+    d = make("hybrid", store, byte_tokenizer, context_keys=False)
     assert [type(x) for x in d.drafters] == [DenseDrafter, PromptLookupDrafter]
-    assert pld.max_matches == want and pld.num_tokens == 6 and pld.eos_id == tok.eos_token_id
+    assert pld.max_matches == want and pld.num_tokens == 6 and pld.eos_id == byte_tokenizer.eos_token_id
 
 
-def test_hybrid_with_suffix_decoding(store, tok):
+def test_hybrid_with_suffix_decoding(store, byte_tokenizer):
     from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter
     from dresd.drafters.suffix import SuffixDrafter
 
-    d = make("hybrid", store, tok, hybrid_exact="suffix", suffix_min_prob=0.2)
+    d = make("hybrid", store, byte_tokenizer, hybrid_exact="suffix", suffix_min_prob=0.2)
     assert [type(x) for x in d.drafters] == [DenseDrafter, ContextDenseDrafter, SuffixDrafter]
     sfx = d.drafters[2]
-    assert sfx.min_token_prob == 0.2 and sfx.eos_id == tok.eos_token_id
+    assert sfx.min_token_prob == 0.2 and sfx.eos_id == byte_tokenizer.eos_token_id
     # Its global tree holds the datastore's responses: a request starting like one of them
     # gets that response's continuation drafted.
-    prompt = format_prompt_ids(tok, "Unrelated question?", "chat")
+    prompt = format_prompt_ids(byte_tokenizer, "Unrelated question?", "chat")
     d.begin(prompt)
-    said = text_ids(tok, "The capital of France")
+    said = text_ids(byte_tokenizer, "The capital of France")
     c = sfx.propose(DraftRequest(context=prompt + said, max_len=8))
-    assert any(p == text_ids(tok, " is Paris")[: len(p)] and p for p in c.paths)
+    assert any(p == text_ids(byte_tokenizer, " is Paris")[: len(p)] and p for p in c.paths)
 
 
 RETRIEVAL_METHODS = ("dresd", "rest", "rest-dr", "suffix", "hybrid")
 
 
 @pytest.mark.parametrize("method", RETRIEVAL_METHODS)
-def test_methods_needing_a_datastore_refuse_none(tok, method, cache_dir):
+def test_methods_needing_a_datastore_refuse_none(byte_tokenizer, method, cache_dir):
     with pytest.raises(ValueError, match="needs a datastore"):
-        make(method, None, tok)
+        make(method, None, byte_tokenizer)
     assert not cache_dir.exists()  # nothing was built
 
 
@@ -149,9 +145,9 @@ def test_builtin_methods_and_which_need_a_datastore():
     assert {m for m in builtin if method_entry(m).needs_datastore} == set(RETRIEVAL_METHODS)
 
 
-def test_unknown_method_names_the_known_ones(store, tok):
+def test_unknown_method_names_the_known_ones(store, byte_tokenizer):
     with pytest.raises(ValueError, match=r"unknown method 'medusa'; known: greedy, pld, dresd, hybrid, rest"):
-        make("medusa", store, tok)
+        make("medusa", store, byte_tokenizer)
 
 
 # ------------------------------------------------------------------ derived indexes
@@ -163,13 +159,13 @@ def test_derived_dir_is_under_the_cache_and_keyed_by_version_and_tokens(store, c
     assert d == cache_dir / "derived" / f"v1-{sha[:12]}"
 
 
-def test_rest_suffix_array_cached_once(store, tok, records, monkeypatch):
+def test_rest_suffix_array_cached_once(store, byte_tokenizer, records, monkeypatch):
     from dresd.drafters.suffix_array import RestSuffixDrafter, SuffixArrayIndex
 
     spec = SpeculativeConfig(method="rest", max_verify=16)
-    d = make_drafter(spec, store, tok, tok.eos_token_id)
+    d = make_drafter(spec, store, byte_tokenizer, byte_tokenizer.eos_token_id)
     assert type(d) is RestSuffixDrafter
-    assert d.eos_id == tok.eos_token_id and d.max_nodes == 4 * 16
+    assert d.eos_id == byte_tokenizer.eos_token_id and d.max_nodes == 4 * 16
     path = derived_dir(store) / "rest_sa.npz"
     assert path.is_file()
     assert d.index.n_records == len(records)
@@ -181,59 +177,60 @@ def test_rest_suffix_array_cached_once(store, tok, records, monkeypatch):
         raise AssertionError("the suffix array was built again")
 
     monkeypatch.setattr(SuffixArrayIndex, "from_records", classmethod(no_build))
-    again = make_drafter(spec, store, tok, tok.eos_token_id)
+    again = make_drafter(spec, store, byte_tokenizer, byte_tokenizer.eos_token_id)
     assert type(again) is RestSuffixDrafter
     assert np.array_equal(again.index.sa, d.index.sa) and np.array_equal(again.index.tokens, d.index.tokens)
     assert path.stat().st_mtime_ns == stamp
     assert sorted(p.name for p in path.parent.iterdir()) == ["rest_sa.npz"]  # no temp file left
 
 
-def test_rest_drafts_a_stored_response(store, tok):
-    d = make("rest", store, tok)
-    prompt = format_prompt_ids(tok, "Anything", "chat")
-    response = text_ids(tok, PAIRS[4][1])
+def test_rest_drafts_a_stored_response(store, byte_tokenizer):
+    d = make("rest", store, byte_tokenizer)
+    prompt = format_prompt_ids(byte_tokenizer, "Anything", "chat")
+    response = text_ids(byte_tokenizer, PAIRS[4][1])
     d.begin(prompt)
     cands = d.propose(DraftRequest(prompt + response[:12], max_len=8))
     assert response[12:20] in cands.paths
 
 
-def test_rest_dr_builds_its_index_file(store, tok, monkeypatch):
+def test_rest_dr_builds_its_index_file(store, byte_tokenizer, monkeypatch):
     from dresd.drafters import rest as rest_mod
     from dresd.drafters.rest import RestDrafter
 
-    d = make("rest-dr", store, tok, rest_choices=8)
+    d = make("rest-dr", store, byte_tokenizer, rest_choices=8)
     path = derived_dir(store) / "rest.idx"
     assert path.is_file() and path.stat().st_size > 8
     assert type(d) is RestDrafter and d.name == "rest-dr" and d.choices == 8 and d.path == path
-    assert d.eos_id == tok.eos_token_id
+    assert d.eos_id == byte_tokenizer.eos_token_id
     # An existing file is reused.
     monkeypatch.setattr(rest_mod, "rest_index_from_datastore",
                         lambda *a, **k: pytest.fail("the REST index was built again"))
-    assert make("rest-dr", store, tok).path == path
+    assert make("rest-dr", store, byte_tokenizer).path == path
 
 
-def test_rest_dr_explicit_index_path(store, tok, tmp_path):
+def test_rest_dr_explicit_index_path(store, byte_tokenizer, tmp_path):
     target = tmp_path / "elsewhere" / "my.idx"
-    d = make("rest-dr", store, tok, rest_index=str(target))
+    d = make("rest-dr", store, byte_tokenizer, rest_index=str(target))
     assert target.is_file() and d.path == target
     assert not (derived_dir(store) / "rest.idx").exists()
 
 
-def test_suffix_is_warmed_on_the_store_responses(store, tok):
+def test_suffix_is_warmed_on_the_store_responses(store, byte_tokenizer):
     from dresd.drafters.suffix import SuffixDrafter
 
-    d = make("suffix", store, tok, suffix_max_depth=32, suffix_spec_factor=2.0, suffix_min_prob=0.2)
+    d = make("suffix", store, byte_tokenizer, suffix_max_depth=32, suffix_spec_factor=2.0, suffix_min_prob=0.2)
     assert type(d) is SuffixDrafter
-    assert (d.max_tree_depth, d.max_spec_factor, d.min_token_prob, d.eos_id) == (32, 2.0, 0.2, tok.eos_token_id)
+    eos = byte_tokenizer.eos_token_id
+    assert (d.max_tree_depth, d.max_spec_factor, d.min_token_prob, d.eos_id) == (32, 2.0, 0.2, eos)
     # A new request that starts quoting a stored response gets its continuation drafted.
-    prompt = format_prompt_ids(tok, "Anything", "chat")
-    response = text_ids(tok, PAIRS[0][1])
+    prompt = format_prompt_ids(byte_tokenizer, "Anything", "chat")
+    response = text_ids(byte_tokenizer, PAIRS[0][1])
     d.begin(prompt)
     cands = d.propose(DraftRequest(prompt + response[:10], max_len=10))
     assert cands.paths and cands.paths[0] == response[10:20]
     d.end(response[:10])
     # A cold drafter on the same request does not find it: the draft came from the warm-up.
-    cold = SuffixDrafter(max_tree_depth=32, max_spec_factor=2.0, min_token_prob=0.2, eos_id=tok.eos_token_id)
+    cold = SuffixDrafter(max_tree_depth=32, max_spec_factor=2.0, min_token_prob=0.2, eos_id=byte_tokenizer.eos_token_id)
     cold.begin(prompt)
     assert response[10:20] not in cold.propose(DraftRequest(prompt + response[:10], max_len=10)).paths
 
@@ -247,19 +244,19 @@ def test_store_records_are_the_stored_records(store, records):
     assert all(type(t) is int for t in got[0])
 
 
-def test_store_pairs_split_after_the_response_header(store, tok):
-    pairs = list(store_pairs(store, tok))
+def test_store_pairs_split_after_the_response_header(store, byte_tokenizer):
+    pairs = list(store_pairs(store, byte_tokenizer))
     assert len(pairs) == len(PAIRS) + 1
     for (prompt, response), (p, r) in zip(pairs, PAIRS):
-        assert prompt == format_prompt_ids(tok, p, "chat")
-        assert tok.decode(prompt).endswith("<|im_start|>assistant\n")
+        assert prompt == format_prompt_ids(byte_tokenizer, p, "chat")
+        assert byte_tokenizer.decode(prompt).endswith("<|im_start|>assistant\n")
         # The final EOS is dropped; the response is exactly the response text.
-        assert response == text_ids(tok, r)
-        assert tok.eos_token_id not in response
+        assert response == text_ids(byte_tokenizer, r)
+        assert byte_tokenizer.eos_token_id not in response
     # A record without a final EOS (cut at max_tokens) keeps its whole response.
     prompt, response = pairs[-1]
-    assert prompt == format_prompt_ids(tok, TRUNCATED[0], "chat")
-    assert response == text_ids(tok, TRUNCATED[1])
+    assert prompt == format_prompt_ids(byte_tokenizer, TRUNCATED[0], "chat")
+    assert response == text_ids(byte_tokenizer, TRUNCATED[1])
 
 
 
@@ -274,36 +271,11 @@ def registry(monkeypatch):
     return registry_mod._METHODS
 
 
-class ListDrafter:
-    """Drafts the next tokens of a known text wherever the context is a prefix of it."""
-
-    name = "listed"
-
-    def __init__(self, text: list[int], length: int):
-        self.text, self.length = text, length
-
-    def begin(self, prompt_ids):
-        pass
-
-    def end(self, generated):
-        pass
-
-    def propose(self, request):
-        from dresd.drafters import Candidates
-
-        out, n = Candidates(), len(request.context)
-        if list(request.context) == self.text[:n]:
-            out.add(self.text[n : n + min(self.length, request.max_len)], 1.0, self.name)
-        return out
-
-
-def test_a_registered_method_decodes_losslessly_with_its_drafts(registry, tiny_model_dir):
-    from dresd.config import ModelConfig
+def test_a_registered_method_decodes_losslessly_with_its_drafts(registry, tiny_lm):
     from dresd.decoding.engine import Engine
-    from dresd.model.loading import load_model
     from dresd.serving.decoder import DecodeRequest, check_request
 
-    engine = Engine(load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=False)))
+    engine = Engine(tiny_lm)
     prompt = "Say something."
     greedy = engine.generate(prompt, SpeculativeConfig(method="greedy"), 24)
     text = engine.prompt_ids(prompt) + greedy.token_ids
@@ -311,7 +283,8 @@ def test_a_registered_method_decodes_losslessly_with_its_drafts(registry, tiny_m
 
     def build(spec, store, tokenizer, eos_id):
         built.append((spec.method, store, eos_id))
-        return ListDrafter(text, spec.len_drafts)
+        # Drafts the next tokens of the greedy text wherever the context is a prefix of it.
+        return FakeDrafter(continuation(text, spec.len_drafts, strict=False), "listed")
 
     assert check_request(DecodeRequest(prompt, method="listed")) == (
         f"unknown method 'listed'; expected one of {available_methods()}")
@@ -331,10 +304,10 @@ def test_a_registered_method_decodes_losslessly_with_its_drafts(registry, tiny_m
         register_method("a,b", build)
 
 
-def test_a_registered_method_can_require_a_datastore(registry, tok):
+def test_a_registered_method_can_require_a_datastore(registry, byte_tokenizer):
     register_method("needs-store", lambda spec, store, tokenizer, eos_id: None, needs_datastore=True)
     with pytest.raises(ValueError, match="method 'needs-store' needs a datastore"):
-        make("needs-store", None, tok)
+        make("needs-store", None, byte_tokenizer)
 
 
 def write_plugin(folder, module: str, body: str, entry: str) -> None:
@@ -346,7 +319,7 @@ def write_plugin(folder, module: str, body: str, entry: str) -> None:
     (folder / f"{module}.py").write_text(body)
 
 
-def test_installed_plugins_register_through_the_entry_point_group(registry, tmp_path, monkeypatch, tok):
+def test_installed_plugins_register_through_the_entry_point_group(registry, tmp_path, monkeypatch, byte_tokenizer):
     write_plugin(tmp_path, "dresd_plugin_ok", (
         "from dresd.drafters.registry import MethodEntry\n"
         "from dresd.drafters.prompt_lookup import PromptLookupDrafter\n"
@@ -359,7 +332,7 @@ def test_installed_plugins_register_through_the_entry_point_group(registry, tmp_
                  "broken = dresd_plugin_broken:build")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(UserWarning) as warned:
-        d = make("plugged", None, tok)
+        d = make("plugged", None, byte_tokenizer)
     messages = sorted(str(w.message) for w in warned)
     assert len(messages) == 2
     assert "drafter plugin 'broken'" in messages[0] and "missing dependency" in messages[0]
@@ -367,4 +340,4 @@ def test_installed_plugins_register_through_the_entry_point_group(registry, tmp_
     assert (d.max_ngram, d.min_ngram, d.num_tokens, d.max_matches) == (3, 1, 4, 2)
     assert "plugged" in available_methods() and not {"broken", "number"} & set(available_methods())
     # A plugin never shadows a built-in method of the same name.
-    assert make("pld", None, tok).num_tokens == SpeculativeConfig().pld_tokens
+    assert make("pld", None, byte_tokenizer).num_tokens == SpeculativeConfig().pld_tokens

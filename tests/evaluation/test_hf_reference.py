@@ -9,18 +9,13 @@ import pytest
 from dresd.config import SpeculativeConfig
 from dresd.decoding.loop import SpeculativeDecoder
 from dresd.evaluation.hf_reference import hf_generate
-from tests_support import one_torch_thread, tiny_llama_lm
+from tests_support import TINY_VOCAB, one_torch_thread
 
-VOCAB = 272
+VOCAB = TINY_VOCAB
 BUDGET = 24
 
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
-
-
-@pytest.fixture(scope="module")
-def lm(tmp_path_factory):
-    return tiny_llama_lm(tmp_path_factory, VOCAB)
 
 
 def ours(lm, prompt: list[int], eos: int, n: int = BUDGET) -> list[int]:
@@ -29,16 +24,16 @@ def ours(lm, prompt: list[int], eos: int, n: int = BUDGET) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def case(lm):
+def case(tiny_lm):
     """A prompt that repeats itself (prompt lookup finds matches), our greedy continuation
     and an EOS id that greedy never emits."""
     rng = np.random.default_rng(1)
     head = rng.integers(3, 259, 6).tolist()
     prompt = head + rng.integers(3, 259, 3).tolist() + head
     never = next(t for t in range(3, VOCAB) if t not in prompt)
-    ref = ours(lm, prompt, never)
+    ref = ours(tiny_lm, prompt, never)
     never = next(t for t in range(3, VOCAB) if t not in prompt + ref)
-    assert ours(lm, prompt, never) == ref
+    assert ours(tiny_lm, prompt, never) == ref
     return {"prompt": prompt, "ref": ref, "no_eos": never}
 
 
@@ -48,8 +43,8 @@ def test_reference_is_not_trivial(case):
 
 
 @pytest.mark.parametrize("lookup", [None, 3])
-def test_same_tokens_as_our_greedy_loop(lm, case, lookup):
-    gen = hf_generate(lm.model, case["prompt"], BUDGET, case["no_eos"], prompt_lookup_num_tokens=lookup)
+def test_same_tokens_as_our_greedy_loop(tiny_lm, case, lookup):
+    gen = hf_generate(tiny_lm.model, case["prompt"], BUDGET, case["no_eos"], prompt_lookup_num_tokens=lookup)
     assert gen.token_ids == case["ref"]
     assert all(type(t) is int for t in gen.token_ids)
     m = gen.metrics
@@ -65,50 +60,50 @@ def first_new_token(ref: list[int], start: int) -> int:
 
 
 @pytest.mark.parametrize("lookup", [None, 3])
-def test_stops_at_eos(lm, case, lookup):
+def test_stops_at_eos(tiny_lm, case, lookup):
     ref = case["ref"]
     k = first_new_token(ref, 3)
     eos = ref[k]  # the model emits it early, and not before position k
-    want = ours(lm, case["prompt"], eos)
+    want = ours(tiny_lm, case["prompt"], eos)
     assert want == ref[: k + 1]  # our loop stops on it, EOS included
-    gen = hf_generate(lm.model, case["prompt"], BUDGET, eos, prompt_lookup_num_tokens=lookup)
+    gen = hf_generate(tiny_lm.model, case["prompt"], BUDGET, eos, prompt_lookup_num_tokens=lookup)
     assert gen.token_ids == want
     assert gen.token_ids[-1] == eos and eos not in gen.token_ids[:-1]
     assert gen.metrics.new_tokens == k + 1 < BUDGET
     assert gen.metrics.wall_s > 0 and gen.metrics.target_calls == 0
 
 
-def test_max_new_tokens_is_respected(lm, case):
-    gen = hf_generate(lm.model, case["prompt"], 5, case["no_eos"])
+def test_max_new_tokens_is_respected(tiny_lm, case):
+    gen = hf_generate(tiny_lm.model, case["prompt"], 5, case["no_eos"])
     assert gen.token_ids == case["ref"][:5] and gen.metrics.new_tokens == 5
 
 
-def test_model_generation_config_is_left_greedy(lm, case):
+def test_model_generation_config_is_left_greedy(tiny_lm, case):
     """Sampling defaults in the model's generation_config must not turn the reference into sampling."""
-    cfg = lm.model.generation_config
+    cfg = tiny_lm.model.generation_config
     saved = (cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k)
     cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = True, 1.5, 0.9, 20
     try:
         for _ in range(2):
-            assert hf_generate(lm.model, case["prompt"], 10, case["no_eos"]).token_ids == case["ref"][:10]
+            assert hf_generate(tiny_lm.model, case["prompt"], 10, case["no_eos"]).token_ids == case["ref"][:10]
     finally:
         cfg.do_sample, cfg.temperature, cfg.top_p, cfg.top_k = saved
 
 
 @pytest.mark.parametrize("lookup", [None, 3])
-def test_prompt_lookup_really_verifies_drafts(lm, case, lookup, monkeypatch):
+def test_prompt_lookup_really_verifies_drafts(tiny_lm, case, lookup, monkeypatch):
     """With prompt_lookup_num_tokens some forward after the prefill covers several positions
     (drafted tokens are verified); plain greedy runs one position per forward."""
     widths = []
-    inner = lm.model.forward
+    inner = tiny_lm.model.forward
 
     def spy(*args, **kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         widths.append(int(ids.shape[1]))
         return inner(*args, **kwargs)
 
-    monkeypatch.setattr(lm.model, "forward", spy)
-    gen = hf_generate(lm.model, case["prompt"], BUDGET, case["no_eos"], prompt_lookup_num_tokens=lookup)
+    monkeypatch.setattr(tiny_lm.model, "forward", spy)
+    gen = hf_generate(tiny_lm.model, case["prompt"], BUDGET, case["no_eos"], prompt_lookup_num_tokens=lookup)
     assert gen.token_ids == case["ref"]
     # Positions each forward adds after the prompt (the first forward may carry drafts already).
     new = [widths[0] - len(case["prompt"]) + 1] + widths[1:]

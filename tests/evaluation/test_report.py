@@ -11,6 +11,7 @@ import pytest
 from dresd.decoding.budget import CostModel
 from dresd.decoding.metrics import DecodeMetrics
 from dresd.evaluation.report import FULL_PROMPTS, goal_lines, profile_lines, summarize_results, write_report
+from dresd.evaluation.results import add_result, from_json, render_sections
 
 GREEDY_TOKENS = {0: [5, 6, 7, 2], 1: [8, 9, 2], 2: [10, 11, 12, 13]}
 
@@ -191,7 +192,12 @@ COST = CostModel([1, 8, 16], [0.1, 0.2, 0.25])
 def test_write_report_files(tmp_path, results):
     path = write_report(tmp_path, results, NAMES, args(prompts=3), COST, MANIFESTS)
     assert path == tmp_path / "report.md"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["acceptance.png", "report.md", "speedup.png", "summary.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acceptance.png", "report.md", "spec_bench.json", "speedup.png",
+                                                          "summary.json"]
+    # The json is the same report, ready for benchmarks/make_docs.py --add (images beside it).
+    saved = from_json((tmp_path / "spec_bench.json").read_text())
+    assert render_sections(saved.sections).splitlines()[0] == path.read_text().splitlines()[0]
+    assert add_result(tmp_path / "spec_bench.json", tmp_path / "results").is_file()
     for png in ("speedup.png", "acceptance.png"):
         data = (tmp_path / png).read_bytes()
         assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000

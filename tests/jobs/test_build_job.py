@@ -87,6 +87,8 @@ def _check_store(stdout: str, output: Path, max_records: int) -> None:
 # ----------------------------------------------------------------------------- subprocess
 
 
+@pytest.mark.subprocess
+@pytest.mark.ray  # the job starts its own local Ray
 def test_build_job_subprocess(tiny):
     tmp, model, corpus = tiny
     cfg = _config(tmp / "build.yaml", model, corpus, tmp / "unused")
@@ -100,6 +102,7 @@ def test_build_job_subprocess(tiny):
     print(f"build job subprocess: {time.perf_counter() - t0:.1f}s")
 
 
+@pytest.mark.subprocess  # exits before Ray starts
 @pytest.mark.parametrize(
     "yaml_extra, args, named",
     [
@@ -121,6 +124,7 @@ def test_bad_config_exits_1_naming_the_problem(tiny, yaml_extra, args, named):
     assert not (tmp / "never").exists()
 
 
+@pytest.mark.subprocess
 def test_missing_config_file_exits_1(tmp_path):
     r = _run_job("--config", str(tmp_path / "nope.yaml"), timeout=60)
     assert r.returncode == 1 and "config file not found" in r.stderr
@@ -229,6 +233,8 @@ def _submit(address: str, env: dict, *job_args: str, timeout: float = 300) -> su
         time.sleep(2)
 
 
+@pytest.mark.subprocess
+@pytest.mark.ray  # ray_head: a Ray head process
 def test_ray_job_submit_with_token_auth(tiny, ray_head):
     address, env = ray_head
     tmp, model, corpus = tiny

@@ -1,16 +1,11 @@
-"""Tests for dresd.model.loading: loading, identity, the GGUF conversion cache and its locking."""
+"""Tests for dresd.model.loading: loading, identity, and GGUF files converted once into the cache."""
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
-import json
 import logging
-import multiprocessing as mp
-import os
 import re
-import time
 from pathlib import Path
 
 import gguf
@@ -21,7 +16,7 @@ from tokenizers import pre_tokenizers
 
 from dresd.config import ModelConfig
 from dresd.model.loading import gguf_cache_dir, load_model, resolve_device
-from dresd.storage.cache import MARKER_FILE, cache_problem, cache_root, ensure_cached
+from dresd.storage.cache import cache_problem
 from tiny_models import make_tiny_llama
 
 # The packaged default model is a CI requirement: its test fails (never skips) without it.
@@ -78,26 +73,6 @@ def write_tiny_gguf(path: Path, seed: int = 0, hidden: int = 64, layers: int = 2
     w.write_tensors_to_file()
     w.close()
     return embed
-
-
-def fake_builder(counter: Path, delay: float, out: Path) -> None:
-    """Builder for ensure_cached tests: records each run, writes a 'weights' and a json file."""
-    with open(counter, "a") as fh:
-        fh.write(f"{os.getpid()}\n")
-    time.sleep(delay)
-    (out / "config.json").write_text(json.dumps({"a": 1}))
-    (out / "sub").mkdir()
-    (out / "sub" / "model.safetensors").write_bytes(os.urandom(4096))
-
-
-def _runs(counter: Path) -> int:
-    return len(counter.read_text().splitlines()) if counter.exists() else 0
-
-
-def _concurrent_worker(target: str, counter: str, barrier) -> None:
-    barrier.wait()
-    out = ensure_cached(Path(target), functools.partial(fake_builder, Path(counter), 2.0))
-    assert cache_problem(out) is None
 
 
 # --- loading -----------------------------------------------------------------------------
@@ -157,89 +132,6 @@ def test_threads_setting(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-
-
-# --- cache -------------------------------------------------------------------------------
-
-
-def test_cache_root_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "c"))
-    assert cache_root() == tmp_path / "c"
-    monkeypatch.delenv("DRESD_CACHE_DIR")
-    assert cache_root() == Path.home() / ".cache" / "dresd"
-
-
-def _delete_weights(d: Path):
-    (d / "sub" / "model.safetensors").unlink()
-
-
-def _truncate_weights(d: Path):
-    with open(d / "sub" / "model.safetensors", "r+b") as fh:
-        fh.truncate(100)
-
-
-def _remove_marker(d: Path):
-    (d / MARKER_FILE).unlink()
-
-
-def _garble_marker(d: Path):
-    (d / MARKER_FILE).write_text("{not json")
-
-
-def _edit_json_same_size(d: Path):
-    (d / "config.json").write_text(json.dumps({"a": 2}))
-
-
-def _extra_file(d: Path):
-    (d / "stray.bin").write_bytes(b"x")
-
-
-@pytest.mark.parametrize(
-    "corrupt", [_delete_weights, _truncate_weights, _remove_marker, _garble_marker, _edit_json_same_size, _extra_file]
-)
-def test_corrupt_cache_is_rebuilt(tmp_path, caplog, corrupt):
-    target, counter = tmp_path / "entry", tmp_path / "runs.txt"
-    build = functools.partial(fake_builder, counter, 0.0)
-    assert ensure_cached(target, build) == target
-    assert cache_problem(target) is None and _runs(counter) == 1
-    ensure_cached(target, build)
-    assert _runs(counter) == 1  # a valid entry is reused
-    corrupt(target)
-    assert cache_problem(target) is not None
-    with caplog.at_level(logging.WARNING, logger="dresd.model.loading"):
-        ensure_cached(target, build)
-    assert _runs(counter) == 2
-    assert cache_problem(target) is None
-    assert any("rebuilding" in r.getMessage() for r in caplog.records)
-
-
-def test_failed_build_leaves_nothing(tmp_path):
-    target = tmp_path / "entry"
-
-    def broken(out: Path):
-        (out / "half.bin").write_bytes(b"partial")
-        raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        ensure_cached(target, broken)
-    assert not target.exists()
-    assert not list(tmp_path.glob(".entry.tmp-*"))
-    ensure_cached(target, functools.partial(fake_builder, tmp_path / "runs.txt", 0.0))
-    assert cache_problem(target) is None
-
-
-def test_two_processes_build_once(tmp_path):
-    target, counter = tmp_path / "entry", tmp_path / "runs.txt"
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_concurrent_worker, args=(str(target), str(counter), barrier)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-    assert [p.exitcode for p in procs] == [0, 0]
-    assert _runs(counter) == 1
-    assert cache_problem(target) is None
 
 
 def test_tiny_gguf_converts_and_recovers_from_corruption(tmp_path, monkeypatch, caplog):

@@ -9,12 +9,15 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig
 from dresd.datastore.store import Datastore
 from dresd.datastore.index import search
 from pipelines.build import build_datastore
 from tests_support import write_small_corpus
+
+pytestmark = [pytest.mark.cluster, pytest.mark.subprocess]  # ray: from ray_session (conftest.py)
 
 TWO_NODE_SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys

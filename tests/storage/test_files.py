@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import pyarrow.fs as pafs
 import pytest
 
-from dresd.storage.cache import fetch
 from dresd.storage.files import is_uri, resolve
-from dresd.datastore.corpus import CorpusError, list_corpus_files, read_rows
 
 
 @pytest.fixture(autouse=True)
@@ -41,36 +38,3 @@ def test_write_read_list_atomically(tmp_path, kind):
     assert loc.child("d").children() == ["f.txt", "g.txt"]  # no temporary leftovers
     assert loc.child("d").is_dir() and loc.child("d", "f.txt").is_file() and not loc.child("nope").exists()
     assert loc.child("nope").children() == []
-
-
-def test_fetch_caches_and_refetches_changed_files(tmp_path):
-    src = tmp_path / "c.jsonl"
-    src.write_text('{"a": 1}\n')
-    uri = f"file://{src}"
-    first = fetch(uri)
-    assert first.read_text() == '{"a": 1}\n' and first != src and str(first).startswith(str(tmp_path / "cache"))
-    assert fetch(uri) == first  # unchanged: the cached copy
-    src.write_text('{"a": 2}\n{"a": 3}\n')
-    os.utime(src, ns=(1, 1))
-    again = fetch(uri)
-    assert again != first and again.read_text().count("\n") == 2
-    assert fetch(tmp_path / "c.jsonl") == src  # local paths are used in place
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
-        fetch(f"file://{tmp_path}/missing.jsonl")
-
-
-def test_corpus_folder_and_rows_through_uris(tmp_path):
-    folder = tmp_path / "corpus"
-    folder.mkdir()
-    (folder / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\nnot json\n')
-    (folder / "notes.txt").write_text("ignored")
-    uri = f"file://{folder}"
-    files = list_corpus_files([uri])
-    assert files == [f"{uri}/a.jsonl"]
-    rows = list(read_rows(files[0], on_error="skip"))
-    assert [r.row for r in rows] == [1, 2] and rows[1].error == "bad_json"
-    assert all(r.file == files[0] for r in rows)  # rows name the URI, not the cached copy
-    with pytest.raises(CorpusError, match=rf"{uri}/a.jsonl.*row 2"):
-        list(read_rows(files[0], on_error="fail"))
-    with pytest.raises(CorpusError, match="corpus path not found"):
-        list_corpus_files([f"file://{tmp_path}/nope"])

@@ -10,12 +10,10 @@ Here each linear also keeps its weight packed in 64-column blocks, each block on
 contiguous [in, 64] stream, and a small C++ kernel (`csrc/packed_linear.cpp`, built once
 per machine by torch's extension builder and cached) multiplies up to MAX_PACKED_ROWS
 rows by it (MAX_CODED_ROWS for integer codes, below), reading every weight once per
-product. Measured on this project's 2-core machine over all of SmolLM2-135M's weights
-(`benchmarks/cpu_linear_bench.py` times whole steps), float32 copies: 1-5 rows take ~21 ms
-where MKL takes 45-63 ms, 6 rows 24 ms, 8 rows 36 ms, 12 rows 47 ms, 16 rows 58 ms (MKL
-68 ms); at 32 rows MKL is faster. Six rows share one pass over
-the weights from memory; each further six cost about as much again in arithmetic. Longer
-forwards (prefill, builds) use the original layout.
+product. Six rows share one pass over the weights from memory; each further six cost
+about as much again in arithmetic, so past a few dozen rows MKL's product is as fast and
+longer forwards (prefill, builds) use the original layout. The timings are in
+docs/cpu-fast-path.md#packed-weight-copies (`benchmarks/cpu_linear_bench.py` times whole steps).
 
 The kernel sums every output element in one fixed order, whatever the row count, so a
 position's linear outputs are the same bits whether it is verified alone or in a tree.
@@ -28,12 +26,12 @@ runs one wider product and hands the others their slices (fewer, larger products
 A weight that is exactly 4- or 8-bit integer codes times a per-32-input float16 scale plus
 an offset (a GGUF model's Q4_1 / Q8_0 weights, dequantized) is packed as those codes
 (dresd.model.fastpath.weight_codes): the kernel decodes them in registers into the same float bits and
-multiplies as before, reading 6 or 10 bits a weight instead of 32. For SmolLM2-135M
-(Q4_1 linears, a Q8_0 tied head) a one-token step's linears drop from ~21 ms to ~8 ms;
-each further row costs its arithmetic (~2.3 ms), no longer hidden behind the memory
-stream. Identical bits either way, so plain and speculative decoding stay exact.
-The cost is one more copy of the linear weights in memory: 110 MiB with codes for the
-135M model, 513 MiB as float32.
+multiplies as before, reading 6 or 10 bits a weight instead of 32 (SmolLM2-135M: Q4_1
+linears, a Q8_0 tied head). A one-token step then reads a fraction of the bytes, and each
+further row pays its own arithmetic, which the memory stream no longer hides
+(docs/cpu-fast-path.md#exact-integer-codes). Identical bits either way, so plain and
+speculative decoding stay exact. The cost is one more copy of the linear weights in
+memory, much smaller with codes than as float32.
 """
 
 from __future__ import annotations
@@ -51,25 +49,31 @@ import torch
 from torch import nn
 
 from dresd.model.fastpath.weight_codes import find_codes
+from dresd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
 
 # Columns per packed block (four 16-float vectors; must match COLS in the kernel).
 PACK_COLUMNS = 64
-# Rows the kernel multiplies per pass over a weight (ROWS in csrc/packed_linear.cpp): with
-# float32 weights up to this many cost about what one row does (memory bound).
+# Rows per weight pass (the kernel's ROWS); trades registers against weight reads; docs/cpu-fast-path.md#packed-weight-copies.
 ROWS_PER_PASS = 6
-# Most rows a product runs on a float32 packed copy: from about 24 rows MKL's product is as fast.
+# Float32 copies' row limit; trades one weight read against MKL's arithmetic; docs/cpu-fast-path.md#packed-weight-copies.
 MAX_PACKED_ROWS = 16
-# ... and on integer codes, which read far less: measured over whole verification steps of
-# SmolLM2-135M, 24 / 32 rows take 82 / 104 ms packed against 111 / 119 ms on MKL, 48 rows
-# the same, 64 rows 206 against 184 ms.
+# Coded copies' row limit (they read far less); the same trade; docs/cpu-fast-path.md#exact-integer-codes.
 MAX_CODED_ROWS = 40
 # Children of one module that consume the same input in this order (Llama, Mistral, Qwen2).
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 KERNEL_SOURCE = Path(__file__).parent / "csrc" / "packed_linear.cpp"
 # -march=native: the build is for this CPU, so the cache name includes the CPU model.
 KERNEL_FLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+# How long a process waits for another's build of the kernel before running stock linears
+# instead: a build ends well within it, so a longer wait means a hung builder, and slower
+# decoding beats none.
+KERNEL_BUILD_WAIT_S = 300.0
+# dresd's build lock in the extension's build folder: an flock (dresd.storage.locks).
+BUILD_LOCK = "dresd-build.lock"
+# torch's own build lock there (torch.utils.file_baton): a plain file that outlives its builder.
+TORCH_LOCK = "lock"
 
 
 def _cpu_name() -> str:
@@ -91,22 +95,41 @@ def kernel_tag() -> str:
 @functools.cache
 def packed_kernel():
     """The compiled kernel module, or None where it cannot be built here (no C++ compiler):
-    linears then stay stock. Built on first use (~25 s) into torch's extension cache
+    linears then stay stock. Built on first use into torch's extension cache
     ($TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), where every later process on
-    this machine finds it; concurrent first uses wait on torch's build lock."""
+    this machine finds it; concurrent first uses take turns on a build lock (load_kernel)."""
     from torch.utils import cpp_extension
 
     if shutil.which("ninja") is None:  # the venv's ninja, when the venv is not activated
         os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     name = f"dresd_packed_linear_{kernel_tag()}"
     try:
-        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
-            # A first load on a fresh machine would otherwise sit silent through the build.
-            log.warning("dresd: building the packed CPU linear kernel for this machine (once, ~25 s)")
-        return cpp_extension.load(name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS, verbose=False)
-    except Exception as exc:  # a missing compiler or ninja: slower, never wrong
+        build_dir = Path(cpp_extension._get_build_directory(name, False))
+        return load_kernel(build_dir, name, KERNEL_BUILD_WAIT_S, lambda: cpp_extension.load(
+            name=name, sources=[str(KERNEL_SOURCE)], extra_cflags=KERNEL_FLAGS, verbose=False))
+    except Exception as exc:  # no compiler or ninja, or a hung builder: slower, never wrong
         log.warning("dresd: packed CPU linear kernel unavailable (%s); decoding uses torch's linear layers", exc)
         return None
+
+
+def load_kernel(build_dir: Path, name: str, wait_s: float, load):
+    """`load()` (torch's build-and-import of extension `name`) under dresd's build lock in
+    `build_dir`; LockTimeout when another process holds that lock for over `wait_s` seconds.
+
+    Every dresd process builds or loads the kernel holding this lock, and the kernel drops
+    it when its holder dies. So torch's own lock file, found while holding it, belongs to no
+    live build: a build killed midway left it, and torch would wait on it forever. It is
+    removed, with a warning, and the build runs again.
+    """
+    with file_lock(build_dir / BUILD_LOCK, wait_s, f"building the packed CPU linear kernel {name}"):
+        stale = build_dir / TORCH_LOCK
+        if stale.exists():
+            log.warning("dresd: removing %s, left by a kernel build that did not finish; building again", stale)
+            stale.unlink(missing_ok=True)
+        if not (build_dir / f"{name}.so").exists():
+            # A first load on a fresh machine would otherwise sit silent through the build.
+            log.warning("dresd: building the packed CPU linear kernel for this machine (once, ~25 s)")
+        return load()
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

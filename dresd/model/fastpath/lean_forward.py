@@ -1,19 +1,18 @@
 """A lean decoder forward for CPU decode steps: the Llama forward without HF's layers of Python.
 
-A decode step multiplies a few rows by every weight; once the packed kernel made that cheap
-(dresd.model.fastpath.cpu_linear), a third of a one-token step of SmolLM2-135M was spent around it: module
-calls, keyword plumbing and mask building across 30 layers. HF's attention also copies every
-layer's cached keys and values per step whenever more than one position is verified
-(`repeat_kv` for grouped-query attention under a mask), so a tree of drafts paid for the
-whole cache three times over.
+A decode step multiplies a few rows by every weight; with the packed kernel making that cheap
+(dresd.model.fastpath.cpu_linear), a large share of a one-token step goes to what surrounds it in HF's
+forward: module calls, keyword plumbing and mask building in every layer. HF's attention also
+copies every layer's cached keys and values per step whenever more than one position is
+verified (`repeat_kv` for grouped-query attention under a mask), so a tree of drafts pays for
+the whole cache three times over.
 
 This runs the same computation, op for op where it matters (RMSNorm in float32, rotary
 embeddings from the model's own rotary module, the model's activation), as plain calls,
 and lets SDPA read the grouped key/value heads in place (`enable_gqa`) under a boolean mask.
-On the packaged model its outputs equal HF's bit for bit (measured for a prefill, one
-position, a chain and a tree; tests/model/fastpath/test_lean_forward.py). Measured on this project's 2-core
-CPU after a 256-token cache: one position 36-37 -> 33-34 ms, a 5-node tree 40-44 -> 35 ms,
-an 11-node tree 62-63 -> 53-54 ms.
+On the packaged model its outputs equal HF's bit for bit (checked for a prefill, one
+position, a chain and a tree; tests/model/fastpath/test_lean_forward.py). What it saves per
+step: docs/cpu-fast-path.md#lean-forward-and-in-place-kv-cache.
 
 It applies to models the CPU fast path converted (dresd.model.fastpath.cpu_linear) of the families listed
 in MODEL_TYPES with SDPA attention and no sliding-window layers; everything else keeps HF's

@@ -24,7 +24,8 @@ import torch
 GROUP = 32
 # Code width -> the code range it holds, tried narrowest first.
 CODE_RANGES = {4: (0, 15), 8: (-127, 127)}
-SCREEN_ROWS = 16  # rows a code width is tried on before the whole weight
+# Rows screened first; trades a wasted screen against coding a failing weight; docs/cpu-fast-path.md#exact-integer-codes.
+SCREEN_ROWS = 16
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,35 @@
+"""Tests for dresd.config.schema: the sampling values are checked in one place, for
+SamplingParams and for the configs that hold them flat."""
+
+from __future__ import annotations
+
+import pytest
+
+from dresd.config import SamplingParams
+from dresd.config.schema import sampling_problems
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=-1.0), dict(temperature=float("nan")),
+                                    dict(temperature=float("inf")), dict(top_p=0.0), dict(top_p=1.5),
+                                    dict(top_p=float("nan"))])
+def test_bad_sampling_params_raise(kwargs):
+    with pytest.raises(ValueError):
+        SamplingParams(**kwargs)
+
+
+def test_sampling_params_are_greedy_at_temperature_zero_only():
+    assert SamplingParams().greedy and SamplingParams(0, 0.5).greedy
+    assert not SamplingParams(0.5).greedy and SamplingParams(0.7, 0.9, 1).greedy is False
+
+
+def test_sampling_problems_names_each_bad_value():
+    assert sampling_problems(0.0, 1.0) == [] and sampling_problems(2, 0.5) == []
+    both = sampling_problems(-1.0, 2.0)
+    assert both == ["temperature must be a finite number >= 0, got -1.0", "top_p must be in (0, 1], got 2.0"]
+    # A YAML `true` is a bool, which Python counts as an int: it is still no temperature.
+    assert sampling_problems(True, 1.0) == ["temperature must be a finite number >= 0, got True"]
+    assert sampling_problems(0.5, True) == ["top_p must be in (0, 1], got True"]
+    assert sampling_problems("0.5", 1.0) == ["temperature must be a finite number >= 0, got '0.5'"]
+    # SamplingParams raises with the same messages.
+    with pytest.raises(ValueError, match=r"^temperature must be a finite number >= 0, got -1.0; top_p must be in"):
+        SamplingParams(-1.0, 2.0)

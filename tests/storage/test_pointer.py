@@ -1,0 +1,31 @@
+"""A root's pointer file moved by compare-and-swap: a stale expectation never overwrites."""
+
+from __future__ import annotations
+
+import pytest
+
+from dresd.storage.pointer import ANY, PointerConflict, lock_path, read_pointer, swap_pointer
+
+
+def test_swap_moves_the_pointer_only_from_what_it_expected(tmp_path):
+    assert read_pointer(tmp_path) is None
+    assert swap_pointer(tmp_path, "v1", expected=None) is None
+    assert read_pointer(tmp_path) == "v1"
+    assert swap_pointer(tmp_path, "v2", expected="v1") == "v1"
+    with pytest.raises(PointerConflict, match=r"CURRENT names 'v2', not 'v1', which 'v3' was made from"):
+        swap_pointer(tmp_path, "v3", expected="v1")
+    assert read_pointer(tmp_path) == "v2"  # the loser changed nothing
+    with pytest.raises(PointerConflict, match="not None"):
+        swap_pointer(tmp_path, "v3", expected=None)  # "first publish" on a root that has one
+    assert swap_pointer(tmp_path, "v1", expected=ANY) == "v2"  # a deliberate rollback
+    assert (tmp_path / "CURRENT").read_text() == "v1\n"
+    assert not list(tmp_path.glob(".CURRENT.*.tmp"))  # the atomic write left no temporary
+
+
+def test_local_roots_lock_beside_the_pointer_and_uri_roots_in_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    assert lock_path(tmp_path / "root") == tmp_path / "root" / ".CURRENT.lock"
+    assert lock_path(f"file://{tmp_path}/root") == tmp_path / "root" / ".CURRENT.lock"
+    remote = lock_path("memory://bucket/stores/a")
+    assert remote.parent == tmp_path / "cache" / "locks"
+    assert remote != lock_path("memory://bucket/stores/b") and remote == lock_path("memory://bucket/stores/a/")
