@@ -1,7 +1,8 @@
-"""Batched greedy decoding (dresd.decoding.batch.generate_batch) vs one-at-a-time greedy.
+"""Batched greedy decoding (dresd.decoding.batch.generate_batch) vs one-at-a-time greedy, and
+with --method, the same method one at a time and batched (dresd.decoding.batch_spec).
 
     .venv/bin/python benchmarks/batch_decode_bench.py [--prompts 16] [--max-new-tokens 64] \
-        [--batch-sizes 4,8,16] [--threads 1,2] [--model PATH]
+        [--batch-sizes 4,8,16] [--threads 1,2] [--model PATH] [--method pld [--datastore ROOT]]
 
 Same MT-Bench first-turn prompts (chat template), same model, same process. One-at-a-time
 is `Engine.generate` with method "greedy" (SpeculativeDecoder, one token per forward).
@@ -33,6 +34,9 @@ from dresd.decoding.batch import BatchStats, generate_batch  # noqa: E402
 from dresd.config import ModelConfig, SpeculativeConfig  # noqa: E402
 from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
+from dresd.datastore.store import Datastore  # noqa: E402
+from dresd.decoding.batch_spec import BatchedSpeculativeDecoder, BatchRequest  # noqa: E402
+from dresd.drafters.registry import make_drafter  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
 
@@ -50,11 +54,14 @@ def main() -> None:
     p.add_argument("--omp-wait-policy", default="PASSIVE", help="OMP_WAIT_POLICY ('' = leave it)")
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: packaged SmolLM2-135M)")
     p.add_argument("--no-sort", action="store_true", help="group prompts in file order")
+    p.add_argument("--method", default=None, help="also run this drafting method one at a time and batched "
+                                                  "(dresd.decoding.batch_spec), e.g. pld, suffix, dresd")
+    p.add_argument("--datastore", default=None, help="datastore for --method dresd / hybrid / rest / suffix")
     p.add_argument("--out", default="runs/bench", help="folder for batch_decode_bench.json")
     args = p.parse_args()
 
     lm = load_model(ModelConfig(path=args.model, device="cpu"))
-    engine = Engine(lm)
+    engine = Engine(lm, Datastore(args.datastore) if args.datastore else None)
     prompts = mtbench_first_turns()[: args.prompts]
     ids = [engine.prompt_ids(q) for q in prompts]
     print(f"model {lm.identity['name']}, cores {os.cpu_count()}, OMP_WAIT_POLICY "
@@ -111,6 +118,9 @@ def run(lm, engine, prompts, ids, args) -> list[str]:
                      f"{pad_slots / all_slots:.0%}", f"{dead / slot_steps:.0%}"))
         print(f"batch {bs}: {tokens} tokens in {t1 - t0:.1f} s (load avg {os.getloadavg()[0]:.1f})", flush=True)
 
+    if args.method:
+        rows += _speculative_rows(lm, engine, prompts, ids, seq_out, args)
+
     base_wall = rows[0][2] / rows[0][3]
     base_cpu = rows[0][2] / rows[0][4]
     table = [f"## torch threads {torch.get_num_threads()}", "",
@@ -121,6 +131,35 @@ def run(lm, engine, prompts, ids, args) -> list[str]:
                      f"| {tokens / cpu:.2f} | {tokens / cpu / base_cpu:.2f} | {same}/{len(ids)} | {pad} | {dead} |")
     print("\n" + "\n".join(table), flush=True)
     return table + [""]
+
+
+def _speculative_rows(lm, engine, prompts, ids, seq_out, args) -> list[tuple]:
+    """--method one at a time (the decoding loop) and batched (every row's tree in one forward)."""
+    n_new, spec = args.max_new_tokens, SpeculativeConfig(method=args.method)
+    rows = []
+    t0, c0 = _clock()
+    alone = [engine.generate(q, spec, n_new) for q in prompts]
+    t1, c1 = _clock()
+    tokens = sum(len(g.token_ids) for g in alone)
+    same = sum(g.token_ids == seq_out[i] for i, g in enumerate(alone))
+    rows.append((f"{args.method} one-at-a-time", 1, tokens, t1 - t0, c1 - c0,
+                 sum(g.metrics.prefill_s for g in alone), same, "-", "-"))
+    print(f"{args.method} one-at-a-time: {tokens} tokens in {t1 - t0:.1f} s", flush=True)
+    cost = engine.cost_model() if spec.budget == "auto" else None
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        dec = BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
+                                        lambda: make_drafter(spec, engine.datastore, lm.tokenizer, lm.eos_token_id),
+                                        cost, max_batch=bs)
+        t0, c0 = _clock()
+        gens = dec.generate([BatchRequest(i, n_new) for i in ids])
+        t1, c1 = _clock()
+        tokens = sum(len(g.token_ids) for g in gens)
+        same = sum(g.token_ids == seq_out[i] for i, g in enumerate(gens))
+        mat = tokens / max(1, sum(g.metrics.target_calls for g in gens))
+        rows.append((f"{args.method} batch {bs} (MAT {mat:.2f})", bs, tokens, t1 - t0, c1 - c0,
+                     sum(g.metrics.prefill_s for g in gens), same, "-", "-"))
+        print(f"{args.method} batch {bs}: {tokens} tokens in {t1 - t0:.1f} s", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

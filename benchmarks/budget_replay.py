@@ -49,6 +49,7 @@ from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
 from dresd.decoding.tree import TokenTree  # noqa: E402
+from dresd.evaluation.methods import SUFFIX_AS_PUBLISHED  # noqa: E402
 from dresd.evaluation.replay import accepted_in, walk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +57,8 @@ SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; -
     "dresd": dict(method="dresd"),
     "dresd-store": dict(method="dresd", context_keys=False),
     "hybrid": dict(method="hybrid"),
-    "hybrid-sfx": dict(method="hybrid", hybrid_exact="suffix"),
-    "suffix": dict(method="suffix"),
+    "hybrid-sfx": dict(method="hybrid", hybrid_exact="suffix", **SUFFIX_AS_PUBLISHED),
+    "suffix": dict(method="suffix", **SUFFIX_AS_PUBLISHED),
     "pld": dict(method="pld"),
     "rest": dict(method="rest"),
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,17 +29,17 @@ import ray
 from tqdm import tqdm
 
 from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
-from dresd.config import BuildConfig, ModelConfig, to_dict
+from dresd.config import BuildConfig, CorpusConfig, ModelConfig, to_dict
 from dresd.datastore.corpus import list_corpus_files, sharegpt_path, SHAREGPT
 from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish, read_current
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
-from dresd.datastore.index import choose_index_params, exact_topk, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
+from dresd.datastore.index import choose_index_params, exact_topk, forced_ivfpq_keys, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.model.loading import load_model
 from dresd.datastore.reservoir import Reservoir
 from dresd.storage.files import file_stamp
 from pipelines.embed import Embed
 from pipelines.index_fill import fill_and_merge, fill_names, save_trained
-from pipelines.read import read_shards
+from pipelines.read import count_keys, read_shards
 from pipelines.runtime import ensure_ray
 from pipelines.scratch import Scratch
 from pipelines.shards import done_shards, first_key_ids, shard_hidden, shard_tokens
@@ -169,7 +170,15 @@ def reservoir_sample(work: Scratch, shard_ids: list[str], size: int, dim: int, s
     for sid in tqdm(shard_ids, desc="sample", unit="shard"):
         hidden = shard_hidden(work, sid)
         for s in range(0, len(hidden), 65536):
-            res.add(np.asarray(hidden[s : s + 65536], dtype=np.float32))
+            chunk = np.asarray(hidden[s : s + 65536], dtype=np.float32)
+            # Every key passes here before any fit or fill: a shard written before the embed
+            # stage checked its states (pipelines/embed.py) is caught too.
+            bad = np.flatnonzero(~np.isfinite(chunk).all(axis=1))
+            if len(bad):
+                raise DatastoreError(f"work shard {sid} ({work.path / 'shards' / sid}): hidden states at key rows "
+                                     f"{(bad[:5] + s).tolist()} ({len(bad)} in all) are NaN or infinite; delete the "
+                                     "shard folder and rerun to embed it again, or fix the model")
+            res.add(chunk)
     return res.sample.copy()
 
 
@@ -192,9 +201,65 @@ def _check(index: faiss.Index, work: Scratch, shard_ids: list[str], starts: list
     }
 
 
+def usable_summary(rows_read: int, rejected: Counter, messages: list[str]) -> str:
+    """Rows read and rejected by reason, with the first reject: why a corpus gave no keys."""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(rejected.items()))
+    out = f"{rows_read} rows read, {sum(rejected.values())} rejected" + (f" ({reasons})" if reasons else "")
+    return out + (f"; first reject: {messages[0]}" if messages else "")
+
+
+def _file_name(path: str) -> str:
+    """The file name a default source id ('<file name>:<row>') starts with."""
+    return os.path.basename((sharegpt_path() if path == SHAREGPT else path).rstrip("/"))
+
+
+def check_default_ids(corpus: CorpusConfig, store=None) -> None:
+    """Without `corpus.id_field`, source ids are '<file name>:<row>': refuse corpus files that
+    share a file name with each other (or, for an update, with ids `store` already holds),
+    before anything is embedded: a delete of one such id would remove records of both."""
+    if corpus.id_field:
+        return
+    names: dict[str, str] = {}
+    for path in list_corpus_files(corpus.paths):
+        name = _file_name(path)
+        if name in names:
+            raise DatastoreError(f"corpus files {names[name]} and {path} share the file name {name!r}, so their "
+                                 f"default source ids ('{name}:<row>') would clash and a delete of one would remove "
+                                 "both; rename one, or give every record an id (corpus.id_field, --id-field)")
+        names[name] = path
+    if store is not None:
+        prefixes = {name: (f"{name}:", f"{name}[") for name in names}
+        for name, path in names.items():
+            taken = next((s for s in store.sources if s.startswith(prefixes[name])), None)
+            if taken is not None:
+                raise DatastoreError(f"{store.path}: already holds source ids of a file named {name!r} (e.g. "
+                                     f"{taken!r}); adding {path} would reuse its default ids '{name}:<row>', so a "
+                                     "delete would remove records of both; rename the file, or give its records "
+                                     "ids (corpus.id_field, --id-field)")
+
+
+def check_forced_ivfpq(cfg: BuildConfig, tokenize: dict) -> None:
+    """A config that forces IVF-PQ on a corpus too small to train it fails here, before
+    anything is embedded: the keys are counted after tokenizing (the first point they are
+    known), and counting stops at the minimum, so a large corpus costs a few batches."""
+    need = forced_ivfpq_keys(cfg.index)
+    if not need:
+        return
+    what = f"index.kind {cfg.index.kind}" + (" with index.on_disk" if cfg.index.on_disk else "")
+    if cfg.index.sample_size < need:
+        raise DatastoreError(f"{what} trains IVF-PQ on index.sample_size = {cfg.index.sample_size} keys, "
+                             f"fewer than the {need} it needs")
+    found = count_keys(cfg.corpus, tokenize, need)
+    if found < need:
+        raise DatastoreError(f"corpus {cfg.corpus.paths}: {what} needs at least {need} keys to train its IVF-PQ "
+                             f"index, but the corpus gives {found} (counted after tokenizing, before embedding); "
+                             "use index.kind flat or auto for a corpus this small")
+
+
 def build_datastore(cfg: BuildConfig) -> BuildReport:
     """Run the whole build and publish a new datastore version under `cfg.output`."""
     t0 = time.perf_counter()
+    check_default_ids(cfg.corpus)
     lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
     model_dir, tok, eos, identity = str(lm.model.name_or_path), lm.tokenizer, lm.eos_token_id, lm.identity
     max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
@@ -208,6 +273,8 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
+    tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
+    check_forced_ivfpq(cfg, tokenize)
     work = work_folder(cfg, build_key(cfg, identity))
 
     metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
@@ -217,7 +284,8 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     key_counts = [metas[s]["keys"] for s in shard_ids]
     n_keys = int(sum(key_counts))
     if n_keys == 0:
-        raise DatastoreError(f"no usable records in {cfg.corpus.paths}: rejected {dict(rejected)}")
+        raise DatastoreError(f"corpus {cfg.corpus.paths}: no usable records, so nothing is published: "
+                             + usable_summary(rows_read, rejected, messages))
     starts = first_key_ids(metas, shard_ids)
 
     sample = reservoir_sample(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)

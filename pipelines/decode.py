@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dresd.storage.faults import fault_point
 from dresd.storage.files import sha256_file
 from dresd.config import ModelConfig, to_dict
 from dresd.config import DecodeConfig
@@ -38,7 +39,8 @@ META_KEY = b"dresd_chunk"
 
 def _source_rows(cfg: DecodeConfig):
     """(id, prompt or None, reject reason or None) for every row of the source, in order."""
-    from dresd.datastore.corpus import list_corpus_files, mtbench_first_turns, read_rows, sharegpt_first_turns
+    from dresd.datastore.corpus import (list_corpus_files, mtbench_first_turns, read_rows, sharegpt_first_turns,
+                                        unicode_problem)
 
     if cfg.prompts == "mtbench":
         yield from ((f"mtbench:{i + 1}", q, None) for i, q in enumerate(mtbench_first_turns()))
@@ -55,8 +57,9 @@ def _source_rows(cfg: DecodeConfig):
             if cfg.id_field and raw.data.get(cfg.id_field) is not None:
                 rid = str(raw.data[cfg.id_field])
             value = raw.data.get(cfg.prompt_field)
+            # A lone surrogate (from a \uD800 escape) would crash the tokenizer in the actor.
             reason = ("missing_field" if value is None else "not_string" if not isinstance(value, str)
-                      else "empty_prompt" if not value.strip() else None)
+                      else "empty_prompt" if not value.strip() else "bad_unicode" if unicode_problem(value) else None)
             yield rid, (value if reason is None else None), reason
 
 
@@ -85,8 +88,10 @@ def settings(cfg: DecodeConfig) -> dict:
     """Everything that changes a row's output; part keys hash it."""
     out = {k: getattr(cfg, k) for k in ("prompt_format", "max_prompt_tokens", "max_new_tokens", "temperature")}
     out["model"] = _model_tag(cfg.model)
-    if cfg.temperature > 0:  # sampled tokens depend on the seed and on how rows are batched
+    if cfg.temperature > 0:  # sampled tokens depend on the seed, on batching and on the drafts
         out.update(top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
+        if cfg.speculative.method != "greedy":
+            out.update(speculative=to_dict(cfg.speculative), datastore=cfg.datastore)
     return out
 
 
@@ -138,11 +143,57 @@ class DecodeChunks:
         self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads))
         torch.set_num_threads(threads)
         self.output = Path(output)
+        self.speculative = self._speculative_decoder() if self.cfg.speculative.method != "greedy" else None
         print(f"decode actor: {self.lm.identity['name']} on {self.lm.device}, {torch.get_num_threads()} torch threads, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}", flush=True)
 
+    def _speculative_decoder(self):
+        """The batched speculative decoder this actor's chunks run through (one per actor, so
+        each slot's drafter and planner keep what they learn across chunks)."""
+        from dresd.datastore.formatting import format_fingerprint
+        from dresd.datastore.store import Datastore
+        from dresd.decoding.batch_spec import BatchedSpeculativeDecoder
+        from dresd.decoding.calibration import cached_cost_model
+        from dresd.drafters.registry import make_drafter
+
+        cfg, lm, spec = self.cfg, self.lm, self.cfg.speculative
+        store = Datastore(cfg.datastore) if cfg.datastore else None
+        if store is not None:
+            fmt = store.manifest["prompt_format"]["name"]
+            if fmt != cfg.prompt_format:
+                raise ValueError(f"datastore {cfg.datastore} was built with prompt format {fmt!r}; "
+                                 f"this job lays prompts out as {cfg.prompt_format!r} (set prompt_format: {fmt})")
+            store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
+        cost = cached_cost_model(lm.model) if spec.budget == "auto" else None
+        return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
+                                         lambda: make_drafter(spec, store, lm.tokenizer, lm.eos_token_id),
+                                         cost, max_batch=cfg.batch_size)
+
+    def _generate(self, chunk: int, b: int, group: list[dict], st) -> tuple[list[list[int]], dict]:
+        """One batch's new tokens, plus its drafting counters (zero for plain batching)."""
+        from dresd.decoding.batch import generate_batch
+
+        cfg = self.cfg
+        if self.speculative is None:
+            gens = generate_batch(self.lm, [r["ids"] for r in group], cfg.max_new_tokens, cfg.temperature,
+                                  cfg.top_p, _batch_seed(cfg.seed, chunk, b), stats=st)
+            return gens, {"accepted": 0, "drafted": 0, "calls": st.new_tokens}
+        from dresd.config import SamplingParams
+        from dresd.decoding.batch_spec import BatchRequest
+
+        t0 = time.perf_counter()
+        requests = [BatchRequest(r["ids"], cfg.max_new_tokens,
+                                 SamplingParams(cfg.temperature, cfg.top_p, _batch_seed(cfg.seed, chunk, r["row"]))
+                                 if cfg.temperature > 0 else None) for r in group]
+        gens = self.speculative.generate(requests)
+        st.prefill_s, st.decode_s = 0.0, time.perf_counter() - t0
+        st.new_tokens = sum(len(g.token_ids) for g in gens)
+        counts = {"accepted": sum(g.metrics.accepted for g in gens), "drafted": sum(g.metrics.drafted for g in gens),
+                  "calls": sum(g.metrics.target_calls for g in gens)}
+        return [g.token_ids for g in gens], counts
+
     def decode_chunk(self, chunk: int, key: str, rows: list[dict]) -> dict:
-        from dresd.decoding.batch import BatchStats, generate_batch
+        from dresd.decoding.batch import BatchStats
         from dresd.datastore.formatting import format_prompt_ids
 
         cfg, lm = self.cfg, self.lm
@@ -158,11 +209,14 @@ class DecodeChunks:
                 rejects[r["reject"]] += 1
         todo.sort(key=lambda r: len(r["ids"]))
         out, gen_s, new_tokens = [], 0.0, 0
-        for b in range(0, len(todo), cfg.batch_size):
-            group, st = todo[b : b + cfg.batch_size], BatchStats()
+        drafting = Counter(accepted=0, drafted=0, calls=0)
+        # The speculative decoder refills its slots from a waiting list itself: one call per chunk.
+        step = cfg.batch_size if self.speculative is None else max(1, len(todo))
+        for b in range(0, len(todo), step):
+            group, st = todo[b : b + step], BatchStats()
             try:
-                gens = generate_batch(lm, [r["ids"] for r in group], cfg.max_new_tokens, cfg.temperature,
-                                      cfg.top_p, _batch_seed(cfg.seed, chunk, b // cfg.batch_size), stats=st)
+                gens, counts = self._generate(chunk, b // step, group, st)
+                drafting.update(counts)
             except Exception as exc:  # noqa: BLE001 - counted by reason; the chunk stays unfinished
                 failed[f"error:{type(exc).__name__}"] += len(group)
                 print(f"chunk {chunk}: batch {b // cfg.batch_size} failed: {exc!r}", file=sys.stderr)
@@ -175,7 +229,7 @@ class DecodeChunks:
                                 prompt_tokens=len(r["ids"]), new_tokens=len(toks), stop="eos" if eos else "length",
                                 wall_s=st.wall_s))
         receipt = {"chunk": chunk, "written": False, "done": len(out), "new_tokens": new_tokens, "gen_s": gen_s,
-                   "rejects": json.dumps(rejects), "failed": json.dumps(failed)}
+                   "rejects": json.dumps(rejects), "failed": json.dumps(failed), **drafting}
         if not failed:
             meta = {"chunk": chunk, "key": key, "rows": len(rows), "done": len(out), "rejects": rejects}
             self._write_part(chunk, sorted(out, key=lambda r: r["row"]), meta)
@@ -197,6 +251,7 @@ class DecodeChunks:
             pq.write_table(table, tmp)
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
+            fault_point("during_part_write")
             os.replace(tmp, final)  # readers see the old part or the whole new one, never half
         finally:
             tmp.unlink(missing_ok=True)
@@ -225,6 +280,9 @@ class DecodeReport:
     reused: int = 0
     replaced: int = 0  # parts found with another key (other rows or settings), recomputed
     new_tokens: int = 0
+    accepted: int = 0  # draft tokens accepted (speculative methods)
+    drafted: int = 0  # draft positions verified
+    calls: int = 0  # target forwards after prefill, summed over sequences
     gen_s: float = 0.0  # actor seconds in generate_batch, summed
     stage_s: float = 0.0  # wall seconds of the Ray stage
     corpus: str | None = None
@@ -248,6 +306,10 @@ class DecodeReport:
         wall_tps = self.new_tokens / self.stage_s if self.stage_s else 0.0
         out.append(f"  new tokens {self.new_tokens}: {tps:.1f} tokens/s over {self.gen_s:.1f} s of decoding, "
                    f"{wall_tps:.1f} tokens/s over the stage's {self.stage_s:.1f} s wall")
+        if self.drafted:
+            out.append(f"  drafting: acceptance {self.accepted / self.drafted:.3f} ({self.accepted} of "
+                       f"{self.drafted} drafted), mean accepted tokens per call per sequence "
+                       f"{self.new_tokens / max(1, self.calls):.2f}")
         if self.corpus:
             out.append(f"  id corpus: {self.corpus} ({self.corpus_records} records, "
                        f"{self.corpus_empty} empty responses left out)")
@@ -282,6 +344,9 @@ def _run_stage(cfg: DecodeConfig, output: Path, pending: list[dict], report: Dec
             report.decoded += done if written else 0
             report.new_tokens += int(r["new_tokens"])
             report.gen_s += float(r["gen_s"])
+            report.accepted += int(r["accepted"])
+            report.drafted += int(r["drafted"])
+            report.calls += int(r["calls"])
             report.rejected.update(json.loads(r["rejects"]))
             failed = Counter(json.loads(r["failed"]))
             if failed:  # the chunk's decoded rows are thrown away too: they are redone on rerun
@@ -323,6 +388,10 @@ def run_decode(cfg: DecodeConfig) -> DecodeReport:
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".part-*.parquet.tmp-*"):  # left by a crashed writer
         stale.unlink(missing_ok=True)
+    from dresd.drafters.registry import method_entry
+
+    if method_entry(cfg.speculative.method).needs_datastore and not cfg.datastore:
+        raise ValueError(f"speculative.method {cfg.speculative.method!r} drafts from a datastore: set datastore")
     rows = read_prompts(cfg)
     chunks = plan_chunks(cfg, rows)
     report = DecodeReport(output=str(output), rows_in=len(rows), chunks=len(chunks))

@@ -17,6 +17,7 @@ import torch
 
 from dresd.config import ModelConfig
 from dresd.model.loading import load_model
+from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 from pipelines.shards import META, ShardData, write_shard
 
@@ -63,7 +64,10 @@ class Embed:
         for sid, file, blob in zip(batch["shard"], batch["file"], batch["payload"]):
             p = pickle.loads(blob)
             seqs = p["seqs"]
-            hidden = self.embed_keys(seqs, p["key_starts"])
+            # Shard files hold fp16: a state beyond its range is as broken as a NaN (and refused).
+            with np.errstate(over="ignore"):
+                hidden = self.embed_keys(seqs, p["key_starts"]).astype(np.float16)
+            check_finite(hidden, sid, file, [len(s) - 1 - k for s, k in zip(seqs, p["key_starts"])], p["sources"])
             lengths = np.array([len(s) for s in seqs], dtype=np.int64)
             meta = {
                 "shard": sid, "file": file, "rows_read": p["rows_read"], "examples": len(seqs),
@@ -78,6 +82,25 @@ class Embed:
                 sources=p["sources"],
             )
             write_shard(self.work.path / "shards" / sid, data, meta)
+            fault_point("embed_after_shard_rename")
             self.work.push(f"shards/{sid}", last=META)
             metas.append(meta)
         return {"shard": [m["shard"] for m in metas], "keys": [m["keys"] for m in metas]}
+
+
+class NonFiniteStates(RuntimeError):
+    """Hidden states that are NaN or infinite: keys from them would break the whole index."""
+
+
+def check_finite(hidden: np.ndarray, shard: str, file: str, keys_per_record: list[int], sources: list[str]) -> None:
+    """Refuse a shard whose hidden states are not all finite, naming the shard, its file and
+    the records (source ids) whose keys are broken; nothing of the shard is written."""
+    bad = np.flatnonzero(~np.isfinite(hidden).all(axis=1))
+    if not len(bad):
+        return
+    record = np.searchsorted(np.cumsum(keys_per_record), bad, side="right")
+    names = [sources[r] for r in np.unique(record)]
+    raise NonFiniteStates(
+        f"work shard {shard} of {file}: {len(bad)} of {len(hidden)} hidden states are NaN or infinite "
+        f"(or beyond float16's range), in {len(names)} record(s) {names[:5]}, key rows {bad[:5].tolist()}; "
+        "the model's forward is broken on these inputs, so the shard is refused and nothing is written")

@@ -21,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dresd.datastore.compression import Compressor, compress, load_compressor, save_compressor
 from dresd.datastore.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
+from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
 
@@ -54,6 +55,7 @@ def fill_shard(work: Scratch, sid: str, tag: str, first_id: int) -> str:
         np.save(keys_path.with_suffix(".tmp.npy"), keys)
         keys_path.with_suffix(".tmp.npy").rename(keys_path)
         work.push(keys_rel)
+        fault_point("during_index_fill")
         # The index file is the completion marker, so it is written (and pushed) last.
         tmp = index_path.with_suffix(".tmp")
         faiss.write_index(index, str(tmp))
@@ -107,13 +109,16 @@ def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: lis
         out = work.path / f"merged-{tag}-{first_ids[0] if first_ids else 0}"
         shutil.rmtree(out, ignore_errors=True)  # a crashed merge leaves a partial file
         out.mkdir(parents=True)
+        fault_point("during_merge")
         merged = merge_on_disk(trained, ([base] if base is not None else []) + shards, str(out / IVFDATA))
         return merged, nodes
     merged = trained
     if base is not None:
         merge_into(merged, base)
-    for f in shard_files:
+    for i, f in enumerate(shard_files):
         merge_into(merged, faiss.read_index(f))
+        if i == 0:
+            fault_point("during_merge")
     return merged, nodes
 
 

@@ -22,8 +22,9 @@ def _raw(r) -> dict:
 
 
 def _file_shards(batch: dict, tokenize: dict, shard_rows: int, max_rows: int | None, skip: frozenset):
-    """Yield the shards of one file, one output block each; an unreadable file is one shard
-    holding one reject (skip mode).
+    """Yield the shards of one file, one output block each; in skip mode a file that cannot
+    be read on from some row is one reject in the shard of that row, after the shards of
+    the rows before it (an unreadable file: one shard holding one reject).
 
     A generator: every yielded batch becomes its own block, and blocks are what actors
     receive, so each embedding actor takes single shards rather than a file's worth.
@@ -31,7 +32,7 @@ def _file_shards(batch: dict, tokenize: dict, shard_rows: int, max_rows: int | N
     path, findex = str(batch["path"][0]), int(batch["index"][0])
     tok = Tokenize(**tokenize)
     on_error = tok.corpus.on_error
-    rows, chunk = [], 0
+    rows, chunk, last = [], 0, 0
 
     def shard():
         # The payload only travels between two stages of this pipeline, never to disk; one
@@ -44,6 +45,7 @@ def _file_shards(batch: dict, tokenize: dict, shard_rows: int, max_rows: int | N
             if max_rows is not None and r.row > max_rows:
                 break
             rows.append(_raw(r))
+            last = r.row
             if len(rows) == shard_rows:
                 if shard_id(findex, chunk) not in skip:
                     yield shard()
@@ -51,9 +53,43 @@ def _file_shards(batch: dict, tokenize: dict, shard_rows: int, max_rows: int | N
     except CorpusError as err:
         if on_error == "fail":
             raise
-        rows, chunk = [{"row": 0, "data": None, "error": "unreadable_file", "detail": str(err)}], 0
+        # Appended where the file broke: the shards already written keep their good rows.
+        rows.append({"row": last + 1, "data": None, "error": "unreadable_file", "detail": str(err)})
     if rows and shard_id(findex, chunk) not in skip:
         yield shard()
+
+
+def count_keys(cfg: CorpusConfig, tokenize: dict, stop_at: int, batch_rows: int = 256) -> int:
+    """The keys the corpus gives, tokenized here in the driver with nothing embedded; the
+    count stops once it reaches `stop_at`, so a large corpus costs a few batches of rows.
+
+    Lets a build refuse a corpus too small for its index before any embedding.
+    """
+    tok = Tokenize(**tokenize)
+    total = 0
+
+    def keys(rows: list[dict], path: str) -> int:
+        p = tok.tokenize_shard(path, rows)
+        return sum(len(s) - 1 - k for s, k in zip(p["seqs"], p["key_starts"]))
+
+    for path in list_corpus_files(cfg.paths):
+        rows = []
+        try:
+            for r in read_rows(path, cfg.on_error):
+                if cfg.max_records is not None and r.row > cfg.max_records:
+                    break
+                rows.append(_raw(r))
+                if len(rows) == batch_rows:
+                    total, rows = total + keys(rows, path), []
+                    if total >= stop_at:
+                        return total
+        except CorpusError:
+            if cfg.on_error == "fail":
+                raise
+        total += keys(rows, path)
+        if total >= stop_at:
+            return total
+    return total
 
 
 def read_shards(cfg: CorpusConfig, tokenize: dict, shard_rows: int, skip: frozenset = frozenset()) -> ray.data.Dataset:

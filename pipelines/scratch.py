@@ -89,9 +89,12 @@ class Scratch:
         return sorted(os.listdir(folder)) if folder.is_dir() else []
 
     def remove(self) -> None:
-        """Delete the scratch folder (and this node's mirror of it)."""
+        """Delete the scratch folder (and this machine's mirrors of it)."""
         shutil.rmtree(self.path, ignore_errors=True)
         if self.remote:
+            # Mirrors of earlier Ray nodes on this machine too: a killed run's node had another id.
+            for mirror in (cache_dir() / "scratch").glob(f"*/{self.path.name}"):
+                shutil.rmtree(mirror, ignore_errors=True)
             loc = resolve(self.location)
             if loc.exists():
                 loc.fs.delete_dir(loc.path)

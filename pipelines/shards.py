@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 
 META = "meta.json"
@@ -56,6 +57,7 @@ def write_shard(folder: Path, data: ShardData, meta: dict) -> None:
     np.save(tmp / "offsets.npy", data.offsets.astype(np.int64))
     np.save(tmp / "key_starts.npy", data.key_starts.astype(np.int32))
     np.save(tmp / "hidden.npy", data.hidden.astype(np.float16))
+    fault_point("embed_before_shard_rename")
     (tmp / "sources.json").write_text(json.dumps(data.sources))
     (tmp / META).write_text(json.dumps(meta))
     if folder.exists():  # a crashed earlier attempt left an incomplete copy

@@ -11,6 +11,9 @@ so two changes racing on one root never lose either. A delete or a compact is a 
 of its parent and cheap to make again, so one that loses the race is made again from the new
 CURRENT; an add embedded its corpus against the old parent and fails with PublishConflict
 instead (its embedded shards stay in the work folder, so running it again reuses them).
+
+Every change first verifies its parent in full (`_parent`), so a damaged parent is never
+copied into a child whose fresh checksums would then vouch for the damage.
 """
 
 from __future__ import annotations
@@ -25,11 +28,14 @@ import numpy as np
 
 from dresd.datastore.compression import reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
+from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.model.loading import load_model
-from pipelines.build import assemble_stream, build_key, embed_corpus, reservoir_sample, tally, work_folder
+from dresd.storage.faults import fault_point
+from pipelines.build import (assemble_stream, build_key, check_default_ids, embed_corpus, reservoir_sample, tally,
+                             usable_summary, work_folder)
 from pipelines.index_fill import fill_and_merge, save_trained
 from pipelines.shards import first_key_ids
 
@@ -91,7 +97,8 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     """Embed `cfg.corpus` with the model and append it to the CURRENT version of `cfg.output`."""
     t0 = time.perf_counter()
     root = cfg.output
-    store = Datastore(root)
+    store = _parent(root)
+    check_default_ids(cfg.corpus, store)
     lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
     fmt = store.manifest["prompt_format"]["name"]
     store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
@@ -103,7 +110,11 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     work = work_folder(cfg, "update-" + build_key(cfg, identity))
     metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
-    rows_read, rejected, _ = tally(metas)
+    rows_read, rejected, messages = tally(metas)
+    if sum(metas[s]["keys"] for s in shard_ids) == 0:
+        # A version with nothing added would only bury its parent under a copy of itself.
+        raise DatastoreError(f"update add: corpus {cfg.corpus.paths}: no usable records, so nothing is published "
+                             f"over version {store.version}: " + usable_summary(rows_read, rejected, messages))
 
     # Frozen compressor + the current index emptied (training kept) fill the new shards.
     params = IndexParams(**store.manifest["index"]["params"])
@@ -134,6 +145,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     )
     change = {"kind": "add", "corpus": to_dict(cfg.corpus), "rows_read": rows_read, "rejected": dict(rejected),
               "keys_added": int(len(key_pos)), "drift": drift}
+    fault_point("during_add")
     try:
         version_dir = publish(root, parts, _child_manifest(store, change), expect_current=store.version)
     except PublishConflict as err:
@@ -145,12 +157,21 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
                         drift, time.perf_counter() - t0)
 
 
+def _parent(root: str | Path) -> Datastore:
+    """CURRENT of `root`, every file's sha256 checked (once per node: the marker of
+    dresd.datastore.integrity.verify_once, shared with the decoders)."""
+    store = Datastore(root)
+    verify_once(store)
+    return store
+
+
 def _publish_change(root: str | Path, make, what: str) -> Path:
     """Publish `make(current store)` -> (parts, manifest) from CURRENT; when another publisher
     moves CURRENT first, make it again from the new one (PUBLISH_ATTEMPTS in all)."""
     for attempt in range(1, PUBLISH_ATTEMPTS + 1):
-        store = Datastore(root)
+        store = _parent(root)
         parts, manifest = make(store)
+        fault_point(f"during_{what}")
         try:
             return publish(root, parts, manifest, expect_current=store.version)
         except PublishConflict as err:
@@ -197,6 +218,11 @@ def compact(root: str | Path) -> Path:
 def _compact_change(store: Datastore) -> tuple[DatastoreParts, dict]:
     if store.deleted is None or not store.deleted.any():
         raise DatastoreError(f"{store.path}: nothing to compact (no deleted keys)")
+    if store.deleted.all():
+        # A version with no records is no datastore: a build refuses an empty corpus too.
+        raise DatastoreError(f"{store.path}: every one of its {len(store.sources)} records is deleted, and compacting "
+                             "would publish an empty datastore, which is refused; nothing is published. To drop "
+                             "the text, remove the datastore root (or `update add` records, then compact)")
     params = IndexParams(**store.manifest["index"]["params"])
     if params.kind != "flat" and not params.refine:
         raise DatastoreError(f"{store.path}: a PQ-only index keeps no exact vectors; rebuild instead of compacting")

@@ -1,4 +1,4 @@
-"""The `dresd` command line: build, update, generate, datastore list|show|verify, demo.
+"""The `dresd` command line: build, update, generate, datastore list|show|verify|prune, demo.
 
 Every command loads its config the same way (dresd.config.loader): the dataclass defaults,
 then `--config FILE.yaml`, then its flags, then `--set key.sub=value`. A bad value is a
@@ -83,6 +83,13 @@ def generate_specs(cfg: GenerateConfig) -> dict[str, SpeculativeConfig]:
 def _generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
     prompts = read_prompts(cfg)
     specs = generate_specs(cfg)
+    from dresd.drafters.registry import method_entry
+
+    for spec in specs.values():  # before the model loads: a typo costs no start-up
+        try:
+            method_entry(spec.method)
+        except ValueError as err:
+            raise ConfigError(f"--method (methods, speculative.method): {err}") from None
     from dresd.decoding.engine import Engine
     from dresd.evaluation.compare import markdown_table, run_methods, summarize
 
@@ -116,15 +123,48 @@ def _datastore(cfg: DatastoreCommandConfig, args: argparse.Namespace) -> int:
                 mark = "*" if v == current else " "
                 print(f"{mark} {v}  keys={ds['counts']['keys']}  tokens={ds['counts']['tokens']}  model={ds['model']['name']}")
             return 0
+        if args.action == "prune":
+            from dresd.datastore.prune import prune_versions
+
+            if cfg.keep is None:
+                raise ConfigError("datastore prune: give --keep N (versions kept up to CURRENT, CURRENT included)")
+            print("\n".join(prune_versions(root, cfg.keep).lines()))
+            return 0
+        if args.action == "verify":  # before opening: a damaged file is reported, not raised
+            return _verify(root, cfg.version)
         store = Datastore(root, version=cfg.version)
         if args.action == "show":
-            print(json.dumps(store.manifest, indent=2, sort_keys=True))
+            if cfg.json:
+                print(json.dumps(store.manifest, indent=2, sort_keys=True))
+            else:
+                from dresd.datastore.summary import describe
+
+                deleted = int(store.deleted.sum()) if store.deleted is not None else 0
+                print("\n".join(describe(store.manifest, deleted, read_current(root))))
         else:
             store.verify()
             print(f"{store.path}: all {len(store.manifest['files'])} files match their checksums")
     except DatastoreError as err:
         print(f"dresd datastore {args.action}: {err}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _verify(root: str, version: str | None) -> int:
+    """`dresd datastore verify`: every mismatch of the version on stderr, one line each (exit
+    1), or one line saying all is well. DatastoreError when there is no such version."""
+    from dresd.datastore.integrity import MANIFEST, find_damage
+    from dresd.datastore.store import locate_version
+
+    vdir, expected = locate_version(root, version)
+    damage = find_damage(vdir, expected)
+    for mismatch in damage:
+        print(f"dresd datastore verify: {vdir}: {mismatch}", file=sys.stderr)
+    if damage:
+        return 1
+    files = json.loads((vdir / MANIFEST).read_text())["files"]
+    signed = f", and {MANIFEST} matches the checksum in CURRENT" if expected else ""
+    print(f"{vdir}: all {len(files)} files match their checksums{signed}")
     return 0
 
 
@@ -138,12 +178,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dresd` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    from dresd.datastore.corpus import CorpusError
+    from dresd.datastore.errors import DatastoreError
+    from dresd.storage.locks import LockTimeout
+
     try:
         cfg = config_from_args(args.config_cls, args)
         return args.fn(cfg, args)
     except ConfigError as exc:
         print(f"dresd {args.cmd}: error: {exc}", file=sys.stderr)
         return 2
+    except (DatastoreError, CorpusError, LockTimeout) as exc:
+        # Errors about the user's data or a busy resource already say what and where: one
+        # line, not a traceback (DRESD_TRACEBACK=1 shows it).
+        if os.environ.get("DRESD_TRACEBACK"):
+            raise
+        notes = "".join(f" ({n})" for n in getattr(exc, "__notes__", ()))
+        print(f"dresd {args.cmd}: error: {exc}{notes}", file=sys.stderr)
+        return 1
 
 
 def _command(sub, name: str, cls: type, fn, help: str) -> argparse.ArgumentParser:
@@ -215,11 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--threads", GenerateConfig, "model.threads")
     add_flag(g, "--out", GenerateConfig, "out", "write per-request results as jsonl")
 
-    d = _command(sub, "datastore", DatastoreCommandConfig, _datastore, "inspect published datastores")
-    d.add_argument("action", choices=["list", "show", "verify"])
+    d = _command(sub, "datastore", DatastoreCommandConfig, _datastore,
+                 "inspect published datastores, or prune old versions")
+    d.add_argument("action", choices=["list", "show", "verify", "prune"])
     # Positional: its dest is the config key it sets, as add_flag's flags are.
     d.add_argument("config:root", nargs="?", default=None, metavar="root", help="datastore root")
     add_flag(d, "--version", DatastoreCommandConfig, "version", "a version id (default: CURRENT)")
+    add_flag(d, "--json", DatastoreCommandConfig, "json", "show: the manifest as json", switch=True)
+    add_flag(d, "--keep", DatastoreCommandConfig, "keep",
+             "prune: versions kept up to CURRENT, CURRENT included; older ones are removed")
 
     m = _command(sub, "demo", DemoConfig, _demo,
                  "build a ShareGPT datastore with the packaged model, then compare methods")

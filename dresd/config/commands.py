@@ -100,7 +100,10 @@ class GenerateConfig:
     out: str | None = None
 
     def problems(self) -> list[str]:
-        return sampling_problems(self.temperature, self.top_p)
+        out = sampling_problems(self.temperature, self.top_p)
+        if self.max_new_tokens < 0:
+            out.append(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        return out
 
     def sampling(self) -> SamplingParams | None:
         """The sampling parameters, or None for greedy decoding."""
@@ -138,6 +141,13 @@ class DecodeConfig:
     top_p: float = 1.0
     # Sampling seed: batch b of chunk c draws from a generator seeded by (seed, c, b).
     seed: int = 0
+    # Drafting for the batch: "greedy" = plain batched decoding (dresd.decoding.batch); any
+    # other method drafts per sequence and verifies every sequence's tree in one forward
+    # (dresd.decoding.batch_spec). Greedy output is the same whatever the method.
+    speculative: SpeculativeConfig = field(default_factory=lambda: SpeculativeConfig(method="greedy"))
+    # Datastore root or version folder the drafts come from (methods that need one); its
+    # prompt format must be `prompt_format`.
+    datastore: str | None = None
     # Sequences per forward inside an actor (rows of a chunk are length-sorted first).
     batch_size: int = 8
     # Rows per chunk: one chunk = one parquet part = the unit of scheduling and resumption.
@@ -177,15 +187,22 @@ class DecodeConfig:
 
 @dataclass
 class DatastoreCommandConfig:
-    """`dresd datastore list|show|verify`: which published datastore to inspect."""
+    """`dresd datastore list|show|verify|prune`: which published datastore to inspect or prune."""
 
     # Datastore root (the folder or URI that holds versions/ and CURRENT).
     root: str = ""
     # A version id (None = the one CURRENT names).
     version: str | None = None
+    # `show`: print the manifest as json instead of the readable summary.
+    json: bool = False
+    # `prune`: versions kept up to CURRENT, CURRENT included (required there; >= 1).
+    keep: int | None = None
 
     def problems(self) -> list[str]:
-        return [] if self.root else ["root is empty (give the datastore root)"]
+        out = [] if self.root else ["root is empty (give the datastore root)"]
+        if self.keep is not None and self.keep < 1:
+            out.append(f"keep must be >= 1 (CURRENT counts as one), got {self.keep}")
+        return out
 
 
 @dataclass

@@ -262,14 +262,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, required: b
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, cls: type, key: str, help: str = "",
-             append: bool = False, negate: bool = False, **kwargs: Any) -> None:
+             append: bool = False, negate: bool = False, switch: bool = False, **kwargs: Any) -> None:
     """A flag that sets config key `key` of `cls`: its choices come from the field's type, and
     its value is checked like any other (a list field takes a comma list, or one item per use
-    with `append`; `negate` makes a switch that sets a boolean field to False)."""
+    with `append`; `switch` / `negate` make a valueless flag that sets a boolean field to
+    True / False)."""
     _, _, hint = _field_of(cls(), key, "flag for")
     dest = _FLAG_PREFIX + key
-    if negate:
-        parser.add_argument(flag, dest=dest, action="store_const", const=False, default=None, help=help, **kwargs)
+    if negate or switch:
+        parser.add_argument(flag, dest=dest, action="store_const", const=switch, default=None, help=help, **kwargs)
         return
     arms = [a for a in typing.get_args(hint) if a is not type(None)]
     base = arms[0] if len(arms) == 1 and typing.get_origin(hint) in (typing.Union, types.UnionType) else hint

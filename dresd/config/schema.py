@@ -158,6 +158,18 @@ class SpeculativeConfig:
     suffix_spec_factor: float = 1.0
     # SuffixDecoding: candidates below this estimated probability are not drafted.
     suffix_min_prob: float = 0.1
+    # SuffixDecoding: let one request's response text draft for later requests (the paper's
+    # global cache of served responses). Off: a request's response drafts only for itself
+    # and is dropped at its end, so no request's text ever reaches another's drafts.
+    suffix_share_responses: bool = False
+    # SuffixDecoding, with suffix_share_responses: served responses kept for later requests,
+    # oldest dropped first (0 = none); bounds the memory and the private text one drafter holds.
+    suffix_cached_responses: int = 0
+
+    def problems(self) -> list[str]:
+        if isinstance(self.suffix_cached_responses, bool) or self.suffix_cached_responses < 0:
+            return [f"suffix_cached_responses must be an integer >= 0, got {self.suffix_cached_responses!r}"]
+        return []
 
 
 def sampling_problems(temperature: float, top_p: float) -> list[str]:

@@ -45,6 +45,11 @@ def fit_compressor(sample: np.ndarray, dim: int) -> Compressor:
         raise ValueError(f"PCA dim {dim} exceeds hidden size {d_in}")
     if n < 2:
         raise ValueError(f"need at least 2 sample vectors to fit the compressor, got {n}")
+    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    if len(bad):
+        # One NaN would turn every mean, axis and key into NaN: an index that finds nothing.
+        raise ValueError(f"compressor fit sample: {len(bad)} of {n} rows hold NaN or infinite values "
+                         f"(rows {bad[:5].tolist()}); the hidden states they came from are broken")
     mean = x.mean(axis=0)
     std = x.std(axis=0)
     std = np.where(std < _MIN_STD, 1.0, std)

@@ -12,6 +12,7 @@ import gzip
 import importlib.util
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -145,8 +146,25 @@ def _bad_json(file: str, row: int, err: Exception, on_error: str) -> RawRow:
 
 def _read_jsonl(path: str, on_error: str) -> Iterator[RawRow]:
     opener = gzip.open if path.endswith(".gz") else open
+    lineno = 0
     with opener(path, "rb") as fh:  # bytes, so one line of bad UTF-8 is one bad row
-        for lineno, raw in enumerate(fh, start=1):
+        lines = iter(fh)
+        while True:
+            try:
+                raw = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as err:
+                if lineno == 0:  # nothing readable at all: an unreadable file (read_rows)
+                    raise
+                # A file cut short (a .gz without its end, a failed copy): the lines before the
+                # break are good rows already handed on; the break itself is one reject.
+                detail = f"file breaks after line {lineno}: {type(err).__name__}: {err}"
+                if on_error == "fail":
+                    raise CorpusError(detail + " [truncated_file]", file=path, row=lineno + 1) from err
+                yield RawRow(path, lineno + 1, None, "truncated_file", detail)
+                return
+            lineno += 1
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 if not line.strip():
@@ -254,7 +272,7 @@ def read_rows(path: str, on_error: str = "skip") -> Iterator[RawRow]:
             raise CorpusError("unsupported file type", file=path)
     except CorpusError:
         raise
-    except (OSError, UnicodeDecodeError, EOFError) as err:
+    except (OSError, UnicodeDecodeError, EOFError, zlib.error) as err:
         raise CorpusError(f"cannot read file: {err}", file=path) from err
 
 
@@ -285,7 +303,19 @@ def _text(raw: RawRow, data: dict, field: str, label: str | None = None) -> str:
                           raw.file, raw.row, label)
     if not value.strip():
         raise RecordError("empty_text", "text is empty", raw.file, raw.row, label)
+    if problem := unicode_problem(value):
+        raise RecordError("bad_unicode", problem, raw.file, raw.row, label)
     return value
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not valid Unicode (a lone surrogate, which JSON's \\uD800 escapes can
+    produce and no tokenizer encodes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"text holds a lone surrogate {text[err.start]!r} at character {err.start + 1}, which is not Unicode"
+    return None
 
 
 def _conversation_pairs(raw: RawRow, cfg: CorpusConfig) -> list[tuple[int, str, str]]:

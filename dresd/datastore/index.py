@@ -45,15 +45,29 @@ class IndexParams:
         return asdict(self)
 
 
+def pq_train_keys(on_disk: bool) -> int:
+    """Fewest keys that train an IVF-PQ index: faiss's k-means needs one point per centroid
+    of each PQ codebook (16 for the 4-bit fast-scan codes, 256 for on-disk 8-bit codes)."""
+    return 2 ** (8 if on_disk else 4)
+
+
+def forced_ivfpq_keys(cfg: IndexConfig) -> int:
+    """The keys a corpus must give when the config forces IVF-PQ (kind ivfpq, or on_disk);
+    0 when the layout follows the store's size (auto then falls back to flat)."""
+    return pq_train_keys(cfg.on_disk) if cfg.kind == "ivfpq" or cfg.on_disk else 0
+
+
 def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     """Derive the index layout from the store size unless the config fixes it.
 
-    Flat below `cfg.flat_below` keys; otherwise IVF with about 5*sqrt(N) partitions (the
-    reference's rule), capped so k-means gets >= 39 training points per partition.
+    Flat below `cfg.flat_below` keys (or below what IVF-PQ trains on); otherwise IVF with
+    about 5*sqrt(N) partitions (the reference's rule), capped so k-means gets >= 39
+    training points per partition. A forced IVF-PQ with too few keys is a ValueError.
     """
     kind = cfg.kind
     if kind == "auto":
-        kind = "flat" if n_keys < cfg.flat_below and not cfg.on_disk else "ivfpq"
+        small = n_keys < max(cfg.flat_below, pq_train_keys(cfg.on_disk))
+        kind = "flat" if small and not cfg.on_disk else "ivfpq"
     if cfg.on_disk and kind != "ivfpq":
         raise ValueError("index.on_disk needs index.kind ivfpq (or auto)")
     if kind == "flat":
@@ -61,6 +75,11 @@ def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     if cfg.dim % cfg.pq_m != 0:
         raise ValueError(f"index.pq_m={cfg.pq_m} must divide index.dim={cfg.dim}")
     train_n = min(n_keys, cfg.sample_size)
+    need = pq_train_keys(cfg.on_disk)
+    if train_n < need:
+        short = f"index.sample_size is {cfg.sample_size}" if n_keys >= need else f"the corpus gives {n_keys} keys"
+        raise ValueError(f"an IVF-PQ index{' on disk' if cfg.on_disk else ''} needs at least {need} keys to train "
+                         f"its PQ codebooks, but {short}; use index.kind flat (or auto) for a store this small")
     nlist = cfg.nlist or int(5 * math.sqrt(max(n_keys, 1)))
     nlist = max(1, min(nlist, train_n // _MIN_POINTS_PER_CENTROID))
     # ~1/32 of partitions, at least 32; trades search time against recall; docs/speed-study.md#index-defaults-and-size
@@ -258,5 +277,6 @@ def empty_copy(index: faiss.Index) -> faiss.Index:
 
 
 def read_index(path: str) -> faiss.Index:
-    """Read a published index; on-disk lists are found next to it (index.ivfdata)."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    """Read a published index; on-disk lists are found next to it (index.ivfdata) and
+    memory-mapped read-only, so nothing that holds the index can write into a published file."""
+    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)

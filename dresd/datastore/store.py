@@ -2,7 +2,7 @@
 
 A datastore root holds immutable versions and a pointer to the current one:
 
-    <root>/CURRENT                  text: the id of the published version
+    <root>/CURRENT                  one line: the published version's id and its manifest's sha256
     <root>/versions/<id>/manifest.json
                          compressor.npz     z-score + PCA (no pickle)
                          index.faiss        faiss index over compressed keys (id i = key i)
@@ -23,7 +23,8 @@ record and padded with EOS, so values cost nothing beyond the token stream. A ve
 written into a temporary folder, checksummed, renamed into place, and only then does
 CURRENT move (atomic rename, by compare-and-swap: dresd.storage.pointer), so a reader never
 sees a half-written version and a publisher never replaces a change it did not start from.
-Version ids, manifest file names and symlinks are checked as untrusted (docs/reliability.md).
+Version ids, manifest file names and symlinks are checked as untrusted (docs/reliability.md);
+checksums, fetches and read-only opening: dresd.datastore.integrity.
 """
 
 from __future__ import annotations
@@ -41,21 +42,21 @@ from typing import Any
 import faiss
 import numpy as np
 
-from dresd.storage.cache import cache_dir, fetch
+from dresd.storage.cache import cache_dir
+from dresd.storage.faults import fault_point
 from dresd.storage.files import is_uri, resolve, sha256_file
 from dresd.storage.names import escape_problem, name_problem
 from dresd.storage.pointer import ANY, PointerConflict, swap_pointer
 from dresd.datastore.compression import Compressor, load_compressor, save_compressor
+from dresd.datastore.debris import (clean_remote, clean_root, publishing, staging_root, tmp_folder, upload_version,
+                                    uploading)
+from dresd.datastore.errors import DatastoreError  # defined there, imported from here by callers
 from dresd.datastore.index import IVFDATA, is_on_disk, on_disk_file, read_index
+from dresd.datastore.integrity import (CURRENT, MANIFEST, check_token_ids, current_id, fetch_checked,
+                                       file_mismatches, load_array, parse_current, read_manifest, reading)
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1 always stored key_positions.npy
-MANIFEST = "manifest.json"
-CURRENT = "CURRENT"
-
-
-class DatastoreError(RuntimeError):
-    """A datastore is missing, corrupt, or does not fit the model / prompt format."""
 
 
 class PublishConflict(DatastoreError):
@@ -77,6 +78,8 @@ class PublishConflict(DatastoreError):
 def check_version_id(version: object, where: str, what: str = "version id") -> str:
     """`version` when it is one plain folder name; DatastoreError naming the problem otherwise."""
     problem = name_problem(version)
+    if not problem and any(c.isspace() for c in str(version)):
+        problem = f"contains whitespace, which would end it early in {CURRENT}'s line"
     if problem:
         raise DatastoreError(f"{where}: {what} {version!r}, which {problem}; a version id is one plain folder name")
     return str(version)
@@ -141,11 +144,22 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
         return _publish_remote(str(root), parts, manifest, version, expect_current)
     root = Path(root)
     (root / "versions").mkdir(parents=True, exist_ok=True)
+    clean_root(root)  # what killed publishers left (dresd.datastore.debris), before this one writes
     version = version or time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    with publishing(root, version) as held:  # claimed until CURRENT names it, or it is discarded
+        final = _write_version(root, parts, manifest, version, held)
+        fault_point("after_version_rename")
+        _make_current(root, version, expect_current, lambda: shutil.rmtree(final, ignore_errors=True), held)
+    return final
+
+
+def _write_version(root: Path, parts: DatastoreParts, manifest: dict[str, Any], version: str, held) -> Path:
+    """`parts` as `<root>/versions/<version>`: written into a temporary folder, checksummed, renamed."""
     final = root / "versions" / version
     if final.exists():
+        held.settle()
         raise DatastoreError(f"version {version} already exists under {root}; versions are immutable")
-    tmp = root / "versions" / f".tmp-{version}"
+    tmp = tmp_folder(root, version)
     tmp.mkdir()
     try:
         # The narrowest integer types that hold the values: bytes per token is a product goal.
@@ -184,8 +198,8 @@ def publish(root: str | Path, parts: DatastoreParts, manifest: dict[str, Any], v
         os.rename(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        held.settle()
         raise
-    _make_current(root, version, expect_current, lambda: shutil.rmtree(final, ignore_errors=True))
     return final
 
 
@@ -194,28 +208,31 @@ def _publish_remote(root: str, parts: DatastoreParts, manifest: dict[str, Any], 
     """Publish into a local staging root, upload the version (manifest last: a version
     without its manifest is never readable), then move CURRENT."""
     loc = resolve(root)
-    staging = cache_dir() / "staging" / uuid.uuid4().hex
-    try:
+    clean_remote(root)  # this node's staging folders and uploads of killed publishers
+    with staging_root() as staging:
         vdir = publish(staging, parts, manifest, version)
         target = loc.child("versions", vdir.name)
         if target.exists():
             raise DatastoreError(f"version {vdir.name} already exists under {root}; versions are immutable")
-        target.upload(vdir, last=MANIFEST)
-        _cache_version(root, vdir)  # the publisher's own copy: no download on first open
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _make_current(root, vdir.name, expect_current, lambda: target.fs.delete_dir(target.path))
+        with uploading(root, vdir.name) as held:  # claimed until CURRENT names it, or it is discarded
+            upload_version(vdir, target, last=MANIFEST)
+            _cache_version(root, vdir)  # the publisher's own copy: no download on first open
+            _make_current(root, vdir.name, expect_current, lambda: target.fs.delete_dir(target.path), held)
     return target.uri
 
 
-def _make_current(root, version: str, expect_current: Any, discard) -> None:
-    """set_current; on a conflict, `discard()` the new version first (never current: unread)."""
+def _make_current(root, version: str, expect_current: Any, discard, held) -> None:
+    """set_current; on a conflict, `discard()` the new version first (never current: unread).
+    The publisher's claim `held` is settled then; after any other error it stays, and the next
+    publish removes the version unless CURRENT names it (dresd.datastore.debris)."""
     try:
         set_current(root, version, expect_current)
     except PublishConflict as err:
         if not err.after_write:
             discard()
+        held.settle()
         raise
+    held.settle()
 
 
 def _cache_folder(root: str) -> Path:
@@ -232,12 +249,35 @@ def _cache_version(root: str, vdir: Path) -> None:
 
 
 def read_current(root: str | Path) -> str | None:
-    """The version id CURRENT points at, or None when `root` has no pointer."""
+    """The version id CURRENT points at, or None when `root` has no readable pointer (the
+    manifest checksum beside it is checked by opening: locate_version)."""
     loc = resolve(root).child(CURRENT)
     try:
-        return loc.read_text().strip() or None
-    except (FileNotFoundError, OSError):
+        return current_id(loc.read_text())
+    except (OSError, ValueError):
         return None
+
+
+def _current_entry(root: str | Path) -> tuple[str | None, str | None]:
+    """CURRENT's version id and the manifest checksum it records ((None, None) when there
+    is no pointer); DatastoreError when it cannot be read or is not one such line."""
+    try:
+        text = resolve(root).child(CURRENT).read_text()
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as err:
+        raise DatastoreError(f"{root}: {CURRENT} is unreadable ({err})") from err
+    return parse_current(text, f"{root}: {CURRENT}")
+
+
+def _checksum_of(root: str | Path, version: str) -> str | None:
+    """The manifest checksum CURRENT records for `version`; None when CURRENT names another
+    version, records none, or is unreadable (such a version is checked through its files)."""
+    try:
+        named, sha = _current_entry(root)
+    except DatastoreError:
+        return None
+    return sha if named == version else None
 
 
 def version_manifest(root: str | Path, version: str) -> dict[str, Any]:
@@ -251,12 +291,14 @@ def set_current(root: str | Path, version: str, expect_current: Any = ANY) -> No
     names with ANY. The swap's guarantees on paths and URIs: dresd.storage.pointer."""
     check_version_id(version, str(root))
     if is_uri(root):
-        if version.startswith(".") or not resolve(root).child("versions", version, MANIFEST).is_file():
+        mloc = resolve(root).child("versions", version, MANIFEST)
+        if version.startswith(".") or not mloc.is_file():
             raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
-    else:
-        resolve_version_dir(root, version)  # raises unless a complete, published version
-    try:
-        swap_pointer(root, version, expect_current, CURRENT)
+        sha = hashlib.sha256(mloc.read_bytes()).hexdigest()
+    else:  # resolve_version_dir raises unless a complete, published version
+        sha = sha256_file(resolve_version_dir(root, version) / MANIFEST)
+    try:  # the manifest's checksum rides with the id: readers check the manifest they read first
+        swap_pointer(root, version, expect_current, CURRENT, note=sha)
     except PointerConflict as err:
         raise PublishConflict(root, version, err.expected, err.found, err.after_write) from err
 
@@ -276,51 +318,59 @@ def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
     """The version folder that `path` designates: a version folder itself, or a root's
     CURRENT (or `version` when given). A URI's version is fetched into the local cache
     (versions are immutable, so a cached copy stays valid)."""
+    return locate_version(path, version)[0]
+
+
+def locate_version(path: str | Path, version: str | None = None) -> tuple[Path, str | None]:
+    """resolve_version_dir, and the sha256 that version's manifest must have: the one CURRENT
+    records beside its id (None when CURRENT names another version or records none)."""
     if is_uri(path):
         return _fetch_version(str(path), version)
     path = Path(path)
     if version is None and (path / MANIFEST).is_file():
-        return path
-    what = "version id"
+        return path, (_checksum_of(path.parent.parent, path.name) if path.parent.name == "versions" else None)
+    what, sha = "version id", None
     if version is None:
-        cur = path / CURRENT
-        if not cur.is_file():
+        if not (path / CURRENT).is_file():
             raise DatastoreError(f"{path} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
-        version, what = cur.read_text().strip(), f"{CURRENT} names version id"
+        (version, sha), what = _current_entry(path), f"{CURRENT} names version id"
     vdir = path / "versions" / check_version_id(version, str(path), what)
     # Dot-folders are publishes in progress (or crashed ones): never readable as versions.
     if version.startswith(".") or not (vdir / MANIFEST).is_file():
         raise DatastoreError(f"{path}: version {version!r} is missing or incomplete")
     if problem := escape_problem(vdir, path):
         raise DatastoreError(f"{path}: version folder {version} {problem}")
-    return vdir
+    return vdir, (sha if what != "version id" else _checksum_of(path, version))
 
 
-def _fetch_version(root: str, version: str | None) -> Path:
+def _fetch_version(root: str, version: str | None) -> tuple[Path, str | None]:
     loc = resolve(root)
     if version is None and loc.child(MANIFEST).is_file():  # a version folder's URI
         root, version = root.rstrip("/").rsplit("/versions/", 1)[0], loc.path.rstrip("/").rsplit("/", 1)[1]
         loc = resolve(root)
-    what = "version id"
+    what, sha = "version id", None
     if version is None:
-        version, what = read_current(root), f"{CURRENT} names version id"
-        if version is None:
+        (version, sha), what = _current_entry(root), f"{CURRENT} names version id"
+        if not version:
             raise DatastoreError(f"{root} is not a datastore (no {MANIFEST} and no {CURRENT} pointer)")
     check_version_id(version, root, what)
     if version.startswith(".") or not loc.child("versions", version, MANIFEST).is_file():
         raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
+    if what == "version id":
+        sha = _checksum_of(root, version)
     local = _cache_folder(root) / version
-    if not (local / MANIFEST).is_file():
-        fetch(loc.child("versions", version).uri, into=local)
-    return local
+    if not (local / MANIFEST).is_file():  # every file checked against the manifest before it lands
+        fetch_checked(loc.child("versions", version).uri, local, sha)
+    return local, sha
 
 
 class Datastore:
     """An opened, read-only datastore version: index, compressor, token stream, manifest."""
 
     def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
-        self.path = resolve_version_dir(path, version)
-        self.manifest: dict[str, Any] = json.loads((self.path / MANIFEST).read_text())
+        self.path, expected_sha = locate_version(path, version)
+        # Checked against CURRENT's checksum before anything else trusts it (dresd.datastore.integrity).
+        self.manifest, self.manifest_sha256 = read_manifest(self.path, expected_sha)
         if self.manifest.get("version") != self.path.name:
             raise DatastoreError(f"{self.path}: its manifest says version {self.manifest.get('version')!r}, "
                                  f"not its folder's name {self.path.name!r}; a version is read under its own id only")
@@ -330,19 +380,29 @@ class Datastore:
                 f"(this DReSD reads versions {READABLE_FORMATS})"
             )
         self._check_files(full=verify)
-        mode = "r" if mmap else None
-        self.tokens = np.load(self.path / "tokens.npy", mmap_mode=mode)
-        self.record_offsets = np.load(self.path / "record_offsets.npy")
+        # Every array is read-only (memory-mapped, or in memory and frozen); a file that does not
+        # parse is a DatastoreError naming it.
+        self.tokens = load_array(self.path / "tokens.npy", mmap)
+        self.record_offsets = load_array(self.path / "record_offsets.npy", False)
         if (self.path / "key_positions.npy").is_file():
-            self.key_positions = np.load(self.path / "key_positions.npy", mmap_mode=mode)
+            self.key_positions = load_array(self.path / "key_positions.npy", mmap)
         else:
-            derived = derive_key_positions(self.record_offsets, np.load(self.path / "key_starts.npy"))
+            derived = derive_key_positions(self.record_offsets, load_array(self.path / "key_starts.npy", False))
             self.key_positions = derived.astype(_narrow(len(self.tokens)))
-        self.compressor = load_compressor(self.path / "compressor.npz")
-        self.index = read_index(self.path / "index.faiss")
-        self.sources: list[str] = json.loads((self.path / "sources.json").read_text())
+            self.key_positions.flags.writeable = False
+        with reading(self.path / "compressor.npz"):
+            self.compressor = load_compressor(self.path / "compressor.npz")
+        with reading(self.path / "index.faiss"):
+            self.index = read_index(self.path / "index.faiss")
+        with reading(self.path / "sources.json"):
+            self.sources: list[str] = json.loads((self.path / "sources.json").read_text())
         deleted = self.path / "deleted.npy"
-        self.deleted: np.ndarray | None = np.load(deleted) if deleted.is_file() else None
+        self.deleted: np.ndarray | None = load_array(deleted, False) if deleted.is_file() else None
+        if self.deleted is not None and (self.deleted.dtype != bool or self.deleted.shape != (self.num_keys,)):
+            # A mask of another length would tombstone the wrong keys or fail mid-decode.
+            raise DatastoreError(f"{deleted}: {self.deleted.size} tombstones (dtype {self.deleted.dtype}, shape "
+                                 f"{self.deleted.shape}), but the version has {self.num_keys} keys; it needs one bool "
+                                 "per key")
         self.eos_id = int(self.manifest["eos_id"])
         self.value_len = int(self.manifest["value_len"])
 
@@ -355,20 +415,8 @@ class Datastore:
         return int(len(self.key_positions))
 
     def _check_files(self, full: bool) -> None:
-        # Symlinks may stay inside the root (the folder above versions/), never leave it.
-        root = self.path.parent.parent if self.path.parent.name == "versions" else self.path
-        for name, meta in self.manifest["files"].items():
-            if problem := name_problem(name):
-                raise DatastoreError(f"{self.path}: the manifest lists file {name!r}, whose name {problem}")
-            p = self.path / name
-            if problem := escape_problem(p, root):
-                raise DatastoreError(f"{self.path}: file {name} {problem}")
-            if not p.is_file():
-                raise DatastoreError(f"{self.path}: file {name} listed in the manifest is missing")
-            if p.stat().st_size != meta["bytes"]:
-                raise DatastoreError(f"{self.path}: {name} has {p.stat().st_size} bytes, manifest says {meta['bytes']}")
-            if full and sha256_file(p) != meta["sha256"]:
-                raise DatastoreError(f"{self.path}: {name} checksum mismatch (corrupt file)")
+        if damage := file_mismatches(self.path, self.manifest["files"], full):
+            raise DatastoreError(f"{self.path}: " + "; ".join(map(str, damage)))
 
     def verify(self) -> None:
         """Re-check every file's size and sha256 against the manifest."""
@@ -390,11 +438,29 @@ class Datastore:
                 f"{self.manifest['prompt_format']['name']!r} whose token layout differs from this run's; "
                 "decode with the datastore's prompt format or rebuild"
             )
+        if isinstance(identity.get("vocab_size"), int):  # a drafted id past the embeddings fails in the model
+            check_token_ids(f"datastore {self.path}", self.tokens, self.eos_id, identity["vocab_size"])
 
     def records(self):
         """Every record of the datastore as a list of token ids, in order."""
         offsets = self.record_offsets
         for i in range(len(offsets) - 1):
+            yield self.tokens[offsets[i] : offsets[i + 1]].tolist()
+
+    def deleted_records(self) -> np.ndarray:
+        """Bool per record: True when a delete tombstoned its keys. A delete marks every key of
+        a record and compaction drops a record with any marked key, so one marked key decides."""
+        out = np.zeros(len(self.record_offsets) - 1, dtype=bool)
+        if self.deleted is not None and self.deleted.any():
+            pos = np.asarray(self.key_positions[np.flatnonzero(self.deleted)], dtype=np.int64)
+            out[np.searchsorted(self.record_offsets, pos, side="right") - 1] = True
+        return out
+
+    def live_records(self):
+        """The records no delete has reached, as lists of token ids, in order: what every
+        drafter that reads the token streams draws from, so a delete reaches it at once."""
+        offsets, dead = self.record_offsets, self.deleted_records()
+        for i in np.flatnonzero(~dead).tolist():
             yield self.tokens[offsets[i] : offsets[i + 1]].tolist()
 
     def values(self, key_ids: np.ndarray, n: int | None = None) -> np.ndarray:

@@ -31,6 +31,10 @@ class GrowingLayer(DynamicLayer):
 
     _key_buf: torch.Tensor | None = None
     _value_buf: torch.Tensor | None = None
+    # Whether spare room starts as zeros: a batch whose rows attend to different lengths keeps
+    # masked entries in the view, and attention multiplies them by zero, which a NaN left in
+    # uninitialised memory would survive.
+    _zero_room = False
 
     def _owns_keys(self) -> bool:
         return (self._key_buf is not None and self.keys.numel() > 0
@@ -47,8 +51,9 @@ class GrowingLayer(DynamicLayer):
             return
         start = self.get_seq_length()
         capacity = max(MIN_CAPACITY, end, 2 * self._key_buf.shape[-2] if owned else 0)
-        k_buf = like_k.new_empty(*like_k.shape[:-2], capacity, like_k.shape[-1])
-        v_buf = like_v.new_empty(*like_v.shape[:-2], capacity, like_v.shape[-1])
+        alloc_k, alloc_v = (like_k.new_zeros, like_v.new_zeros) if self._zero_room else (like_k.new_empty, like_v.new_empty)
+        k_buf = alloc_k(*like_k.shape[:-2], capacity, like_k.shape[-1])
+        v_buf = alloc_v(*like_v.shape[:-2], capacity, like_v.shape[-1])
         if start:
             k_buf[..., :start, :].copy_(self.keys)
             v_buf[..., :start, :].copy_(self.values)

@@ -94,20 +94,26 @@ def method_entry(name: str) -> MethodEntry:
 
 
 def derived_dir(store: Datastore) -> Path:
-    """Cache folder for artifacts derived from one datastore version (keyed by its token stream).
+    """Cache folder for artifacts derived from one datastore version (keyed by its token stream
+    and its tombstones: the indexes hold live records only, so a delete needs fresh ones).
     Its name comes from the store's manifest, which is untrusted: it must stay one plain name."""
-    digest = store.manifest.get("files", {}).get("tokens.npy", {}).get("sha256") or store.version
+    files = store.manifest.get("files", {})
+    digest = files.get("tokens.npy", {}).get("sha256") or store.version
     name = f"{store.version}-{str(digest)[:12]}"
+    deleted = getattr(store, "deleted", None)
+    if deleted is not None and deleted.any():
+        name += f"-{str(files.get('deleted.npy', {}).get('sha256') or 'deleted')[:12]}"
     if problem := name_problem(name):
         raise ValueError(f"datastore {store.path}: derived cache folder name {name!r}, which {problem}")
     return inside_cache(cache_root() / "derived" / name, f"datastore {store.path}")
 
 
 def store_pairs(store: Datastore, tokenizer):
-    """(prompt ids, response ids) of every datastore record, split after the response header."""
+    """(prompt ids, response ids) of every live datastore record (deleted ones left out),
+    split after the response header."""
     fmt = store.manifest["prompt_format"]["name"]
     header, head = response_header(tokenizer, fmt), shared_prefix_len(tokenizer, fmt)
-    for record in store.records():
+    for record in store.live_records():
         prompt, response = split_record(record, header, head)
         if response and response[-1] == store.eos_id:
             response = response[:-1]
@@ -115,11 +121,13 @@ def store_pairs(store: Datastore, tokenizer):
 
 
 def _suffix_drafter(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int):
-    """SuffixDecoding with its global tree warmed on the datastore's (prompt, response) pairs."""
+    """SuffixDecoding with its global tree warmed on the datastore's live (prompt, response) pairs."""
     from dresd.drafters.suffix import SuffixDrafter
 
     drafter = SuffixDrafter(max_tree_depth=spec.suffix_max_depth, max_spec_factor=spec.suffix_spec_factor,
-                            min_token_prob=spec.suffix_min_prob, eos_id=eos_id)
+                            min_token_prob=spec.suffix_min_prob, eos_id=eos_id,
+                            cached_responses=spec.suffix_cached_responses,
+                            share_responses=spec.suffix_share_responses)
     drafter.warm(store_pairs(store, tokenizer))
     return drafter
 
@@ -158,7 +166,7 @@ def _rest(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int) -> 
     """REST's retrieval as published: our suffix array over the datastore's records."""
     from dresd.drafters.suffix_array import RestSuffixDrafter, SuffixArrayIndex
 
-    index = SuffixArrayIndex.cached(derived_dir(store) / "rest_sa.npz", store.records)
+    index = SuffixArrayIndex.cached(derived_dir(store) / "rest_sa.npz", store.live_records)
     # Only the paths to the best-supported trie nodes: a frequent two-token match has
     # thousands of distinct continuations, and merging all of them costs tens of ms per
     # step. The margin over max_verify leaves the budget room to re-rank by depth.
@@ -170,6 +178,13 @@ def _rest_dr(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int) 
     from dresd.drafters.rest import RestDrafter, rest_index_from_datastore
 
     path = Path(spec.rest_index) if spec.rest_index else derived_dir(store) / "rest.idx"
+    if spec.rest_index and store.deleted_records().any():
+        # A file named in the config is not keyed by this version's tombstones: it may hold
+        # deleted records, so a version with deletes drafts from its own derived index.
+        warnings.warn(f"rest_index {spec.rest_index} is not used with datastore version {store.version}, "
+                      f"which has deleted records: its index is derived from the live records instead",
+                      stacklevel=2)
+        path = derived_dir(store) / "rest.idx"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         rest_index_from_datastore(store, path, len(tokenizer))

@@ -78,10 +78,9 @@ def build_rest_index(path: str | Path, records: Iterable[Sequence[int]], vocab_s
 
 
 def rest_index_from_datastore(store: Any, path: str | Path, vocab_size: int) -> dict[str, int]:
-    """Build the REST datastore from a dresd Datastore's own records (the same token streams)."""
-    offsets = np.asarray(store.record_offsets, dtype=np.int64)
-    records = (np.asarray(store.tokens[offsets[i] : offsets[i + 1]]).tolist() for i in range(len(offsets) - 1))
-    return build_rest_index(path, records, vocab_size)
+    """Build the REST datastore from a dresd Datastore's own live records (the same token
+    streams; records a delete reached are left out, as every drafter leaves them out)."""
+    return build_rest_index(path, store.live_records(), vocab_size)
 
 
 class TrigramTable:

@@ -4,7 +4,9 @@ arctic-inference 0.3.0's `SuffixDecodingCache` keeps one suffix tree per active 
 (its prompt plus its response so far) and one global tree over past responses (FIFO
 eviction when `max_cached_requests` > 0). Facts of that API, read from its source:
 - `add_active_response(id, tokens)` extends BOTH the request's local tree and the global
-  tree at once; `stop_request(id)` only drops the local tree (the response stays cached).
+  tree at once (the global one only while `id` holds a slot there); `stop_request(id)` only
+  drops the local tree (the response stays cached); `evict_cached_response(id)` drops the
+  response from the global tree.
 - `speculate(id, context, max_spec_tokens, max_spec_factor, max_spec_offset,
   min_token_prob, use_tree_spec)` matches the context's suffixes (up to `max_tree_depth`
   tokens) in both trees and returns the better-scoring `SuffixDecodingDraft`: `token_ids`,
@@ -15,11 +17,19 @@ eviction when `max_cached_requests` > 0). Facts of that API, read from its sourc
   crashes in 0.3.0 (it reads a missing `max_depth` attribute), so a number is always passed.
 The C++ tree builds from the sdist (see scripts/setup.sh); importing
 `arctic_inference.suffix_decoding` loads neither torch nor vLLM.
+
+The library's FIFO would evict the warmed corpus along with served responses, so it is off
+(`max_cached_requests=-1`) and this drafter decides what the global tree keeps: the corpus
+it was warmed with, plus at most `cached_responses` served responses when
+`share_responses` is on. Off (the default), a request's response slot in the global tree is
+dropped as the request starts, so its text lives only in its local tree, drafts only for
+itself and is gone at its end.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterable
 
 from dresd.drafters import Candidates, DraftRequest, truncate_at
@@ -39,14 +49,21 @@ class SuffixDrafter:
         max_spec_tokens: int | None = None,
         name: str = "suffix",
         eos_id: int | None = None,
-        max_cached_requests: int = -1,
+        cached_responses: int = 0,
+        share_responses: bool = False,
     ):
         """`max_spec_tokens`: draft-tree node budget (None: `max_tree_depth`); `eos_id`
-        (optional): paths are cut after it; `max_cached_requests`: global-tree FIFO size
-        (-1: unbounded, as in the paper's default)."""
+        (optional): paths are cut after it; `share_responses`: a served response drafts for
+        later requests too; `cached_responses`: how many served responses the global tree
+        keeps for them, oldest dropped first (the warmed corpus is never dropped)."""
         from arctic_inference.suffix_decoding import SuffixDecodingCache
 
-        self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=max_cached_requests)
+        if cached_responses < 0:
+            raise ValueError(f"cached_responses must be >= 0, got {cached_responses}")
+        self.cache = SuffixDecodingCache(max_tree_depth=max_tree_depth, max_cached_requests=-1)
+        self.cached_responses = cached_responses
+        self.share_responses = share_responses and cached_responses > 0
+        self._served: deque[int] = deque()  # served responses in the global tree, oldest first
         self.max_tree_depth = max_tree_depth
         self.max_spec_factor = max_spec_factor
         self.max_spec_offset = max_spec_offset
@@ -81,9 +98,15 @@ class SuffixDrafter:
     def begin(self, prompt_ids: list[int]) -> None:
         """Start a request: its prompt becomes the local suffix tree."""
         if self._active is not None:
-            self.end([])  # a request left open: close it (its response so far stays cached)
+            self.end([])  # a request left open: close it (kept for later requests only when shared)
         self._active = next(self._ids)
         self.cache.start_request(self._active, [int(t) for t in prompt_ids])
+        if self.share_responses:
+            # Room for this response first: the global tree never holds more served ones.
+            self._keep_served(self.cached_responses - 1)
+        else:
+            # Its global slot is still empty: dropped now, the response reaches the local tree only.
+            self.cache.evict_cached_response(self._active)
         self._prompt_len = len(prompt_ids)
         self._added = 0
 
@@ -103,7 +126,7 @@ class SuffixDrafter:
         if len(context) < self._prompt_len + self._added:
             raise ValueError("the context shrank: it must be the prompt plus all generated tokens")
         # context[-1] was just emitted: it is part of the response, like every token after
-        # the prompt, and both trees learn it before speculating.
+        # the prompt, and the local tree (and the global one when shared) learns it first.
         self._feed(context[self._prompt_len :])
         # A node budget no larger than max_len keeps every path within max_len tokens.
         budget = min(request.max_len, self.max_spec_tokens)
@@ -125,13 +148,28 @@ class SuffixDrafter:
         )
 
     def end(self, generated: list[int]) -> None:
-        """Finish the request: tokens not yet seen join its cached response in the global
-        tree (add_active_response already put the rest there), the local tree is dropped."""
+        """Finish the request: the local tree is dropped. Shared: tokens not yet seen join its
+        response in the global tree (add_active_response put the rest there), which keeps it
+        for later requests until `cached_responses` newer ones push it out."""
         if self._active is None:
             return
-        self._feed(list(generated))
+        if self.share_responses:
+            self._feed(list(generated))
+            self._served.append(self._active)
         self.cache.stop_request(self._active)
         self._active = None
+
+    def _keep_served(self, n: int) -> None:
+        """Drop the oldest served responses from the global tree until at most `n` remain."""
+        while len(self._served) > max(n, 0):
+            oldest = self._served.popleft()
+            if oldest in self.cache.cached_requests:  # a seq-id wrap-around may have dropped it
+                self.cache.evict_cached_response(oldest)
+
+    @property
+    def served_cached(self) -> int:
+        """How many served responses the global tree holds for later requests."""
+        return len(self._served)
 
 
 def tree_to_candidates(

@@ -147,8 +147,9 @@ class SuffixArrayIndex:
 
     @classmethod
     def from_datastore(cls, store: Any) -> SuffixArrayIndex:
-        """Index a dresd Datastore's records (the same token streams every method drafts from)."""
-        return cls.from_records(store.records())
+        """Index a dresd Datastore's live records (the same token streams every method drafts
+        from; records a delete reached are left out)."""
+        return cls.from_records(store.live_records())
 
     def save(self, path: str | Path) -> Path:
         """Write the index to `path` (.npz) atomically: the file appears only when complete."""

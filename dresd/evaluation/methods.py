@@ -25,6 +25,11 @@ class Method:
     hf_stock: bool = True  # HF reference on the stock model (False: on our dual-layout model)
 
 
+# SuffixDecoding as published: every served response drafts for later requests, none dropped
+# (the library's default). Serving keeps responses private unless configured otherwise.
+SUFFIX_AS_PUBLISHED = dict(suffix_share_responses=True, suffix_cached_responses=1_000_000)
+
+
 def methods() -> list[Method]:
     """Every compared method; "+budget" = our draft budget applied to a published method."""
     S = SpeculativeConfig
@@ -42,16 +47,16 @@ def methods() -> list[Method]:
         out += [
             Method(f"rest{tag}", store, S(method="rest", budget="off")),
             Method(f"rest-dr{tag}", store, S(method="rest-dr", budget="off")),
-            Method(f"suffix{tag}", store, S(method="suffix", budget="off")),
+            Method(f"suffix{tag}", store, S(method="suffix", budget="off", **SUFFIX_AS_PUBLISHED)),
             Method(f"dresd{tag}", store, S(method="dresd")),
             Method(f"hybrid{tag}", store, S(method="hybrid")),
-            Method(f"hybrid-sfx{tag}", store, S(method="hybrid", hybrid_exact="suffix")),
+            Method(f"hybrid-sfx{tag}", store, S(method="hybrid", hybrid_exact="suffix", **SUFFIX_AS_PUBLISHED)),
         ]
         if store == "id":
             out += [
                 Method("rest+budget", store, S(method="rest")),
                 Method("rest-dr+budget", store, S(method="rest-dr")),
-                Method("suffix+budget", store, S(method="suffix")),
+                Method("suffix+budget", store, S(method="suffix", **SUFFIX_AS_PUBLISHED)),
                 # Ablation: the datastore alone, without the request's own keys.
                 Method("dresd-store", store, S(method="dresd", context_keys=False)),
                 # The paper's settings: the datastore alone, everything verified.

@@ -5,7 +5,10 @@ check that names what is wrong instead of failing inside the model.
 message, never a dead decoder. Before each request it reads the root's CURRENT pointer (one
 small file) and, when a new version was published, opens it: versions switch BETWEEN
 requests, never during one, and every response names the version it used. `pin(version)`
-freezes the version. It runs in-process or as a Ray actor (dresd.serving.pool).
+freezes the version. A version is verified in full (every file's sha256, once per node:
+dresd.datastore.integrity.verify_once) before it serves; one that fails is refused, the old
+one keeps serving, and `info()["refused"]` says why. It runs in-process or as a Ray actor
+(dresd.serving.pool).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.config.schema import sampling_problems
+from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError, read_current
 from dresd.config import SamplingParams
 from dresd.decoding.engine import Engine
@@ -83,6 +87,14 @@ def check_request(req) -> str | None:
     return None
 
 
+def _verified(root: str, version: str | None = None) -> Datastore:
+    """`root`'s version opened, then verified in full unless this node already did (or found
+    it damaged): a replica switches to it only after every byte matches its manifest."""
+    store = Datastore(root, version)
+    verify_once(store)
+    return store
+
+
 class Decoder:
     """A model plus an open datastore version, answering requests one at a time.
 
@@ -96,7 +108,7 @@ class Decoder:
         self.root = str(datastore_root) if datastore_root else None
         self.spec = speculative or SpeculativeConfig()
         self.lm = load_model(model)
-        self.engine = Engine(self.lm, Datastore(self.root) if self.root else None, prompt_format)
+        self.engine = Engine(self.lm, _verified(self.root) if self.root else None, prompt_format)
         self._lock = threading.Lock()
         self._pinned: str | None = None
         self._refused: dict[str, str] = {}  # version -> why it could not be opened
@@ -109,7 +121,7 @@ class Decoder:
 
     def _open(self, version: str) -> None:
         # A fresh Engine over the same loaded model: only the datastore (and drafters) change.
-        self.engine = Engine(self.lm, Datastore(self.root, version), self.engine.prompt_format)
+        self.engine = Engine(self.lm, _verified(self.root, version), self.engine.prompt_format)
         log.info("%s: now serving datastore version %s", self.name, version)
 
     def _follow(self) -> None:
@@ -151,7 +163,8 @@ class Decoder:
 
     def info(self) -> dict:
         return {"actor": self.name, "version": self.version, "pinned": self._pinned,
-                "requests_served": self._served, "busy": self._busy, "pid": os.getpid()}
+                "requests_served": self._served, "busy": self._busy, "pid": os.getpid(),
+                "refused": dict(self._refused)}
 
     def serve(self, request: DecodeRequest, pin: str | None) -> DecodeResponse:
         """`generate` under the caller's pin state (a pool sends its own with every request,

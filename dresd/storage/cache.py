@@ -4,9 +4,7 @@ one node never see a partial entry."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import fcntl
 import json
 import logging
 import os
@@ -19,6 +17,7 @@ import pyarrow.fs as pafs
 
 from dresd.storage.files import is_uri, resolve, sha256_file
 from dresd.storage.names import escape_problem, name_problem
+from dresd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +100,10 @@ def cache_problem(folder: Path) -> str | None:
     return None
 
 
-@contextlib.contextmanager
-def _file_lock(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+# The most a caller waits for another process building the same entry. A model conversion
+# holds it for as long as the conversion runs, so the bound is generous; past it the builder
+# is taken to be hung and the caller fails naming it rather than waiting on.
+CACHE_LOCK_TIMEOUT_S = 3600.0
 
 
 def ensure_cached(target: Path, build_fn: Callable[[Path], None]) -> Path:
@@ -125,7 +119,7 @@ def ensure_cached(target: Path, build_fn: Callable[[Path], None]) -> Path:
         return target
     parent = target.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _file_lock(parent / f"{target.name}.lock"):
+    with file_lock(parent / f"{target.name}.lock", CACHE_LOCK_TIMEOUT_S, f"building cache entry {target}"):
         problem = cache_problem(target)
         if problem is None:  # another process built it while we waited
             return target

@@ -15,11 +15,16 @@ under one lock:
   Across machines a swap that landed before this one's read is always caught; two whose
   read-to-write spans overlap (one small read and one small write each) can both pass,
   and the read-back after the write reports that case when it sees the other write.
+
+The pointer file is one line: its value, then optionally a note (a datastore's CURRENT notes
+the sha256 of the version's manifest); the swap compares values only. A local pointer is
+fsynced, file and folder, so a crash leaves the old line or the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import uuid
@@ -77,23 +82,46 @@ def lock_path(root: str | os.PathLike, name: str = "CURRENT") -> Path:
 
 
 def read_pointer(root: str | os.PathLike, name: str = "CURRENT") -> str | None:
-    """The pointer's value, or None when there is no pointer file (other errors raise)."""
+    """The pointer's value (the first word of its line; what follows is its note), or None
+    when there is no pointer file (other errors raise)."""
     local = _local_root(root)
     try:
         text = (local / name).read_text() if local is not None else resolve(root).child(name).read_text()
     except FileNotFoundError:
         return None
-    return text.strip() or None
+    words = text.split()
+    return words[0] if words else None
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # Some filesystems cannot sync a folder (EINVAL); their renames are as durable as they get.
+        if not (err.errno == errno.EINVAL and path.is_dir()):
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_pointer(root: str | os.PathLike, name: str, value: str) -> None:
     local = _local_root(root)
     if local is None:
+        fault_point("during_current_write")
         resolve(root).child(name).write_bytes((value + "\n").encode())
         return
+    # Called under the publishers' lock, so a temporary pointer file found here is a dead writer's.
+    for stale in local.glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     tmp = local / f".{name}.{uuid.uuid4().hex}.tmp"
     tmp.write_text(value + "\n")
+    # On disk before the rename, and the rename on disk after it: a crash (power loss included)
+    # then leaves the old pointer or the new one, never an empty file or a rename undone.
+    _fsync(tmp)
+    fault_point("during_current_write")
     os.replace(tmp, local / name)  # atomic: a reader sees the old value or the new
+    _fsync(local)
 
 
 @contextlib.contextmanager
@@ -104,15 +132,19 @@ def pointer_lock(root: str | os.PathLike, name: str = "CURRENT", timeout_s: floa
         yield
 
 
-def swap_pointer(root: str | os.PathLike, new: str, expected: str | None | _Any = ANY, name: str = "CURRENT") -> str | None:
+def swap_pointer(root: str | os.PathLike, new: str, expected: str | None | _Any = ANY, name: str = "CURRENT",
+                 note: str | None = None) -> str | None:
     """Point `root`'s pointer at `new` if it still names `expected` (None: no pointer yet; ANY:
-    whatever it names). Returns the value replaced; PointerConflict when it named another."""
+    whatever it names). Returns the value replaced; PointerConflict when it named another.
+    `note` (one word, e.g. a checksum of what `new` names) follows the value on its line."""
+    if new.split() != [new] or (note is not None and note.split() != [note]):
+        raise ValueError(f"{root}: pointer value {new!r} and note {note!r} must be one word each")
     with pointer_lock(root, name):
         found = read_pointer(root, name)
         if expected is not ANY and found != expected:
             raise PointerConflict(str(root), expected, found, new)  # type: ignore[arg-type]
         fault_point("before_current_swap")
-        _write_pointer(root, name, new)
+        _write_pointer(root, name, new if note is None else f"{new} {note}")
         if _local_root(root) is None:
             back = read_pointer(root, name)
             if back != new:

@@ -1,4 +1,4 @@
-"""The `dresd` command line: datastore list|show|verify on a local root and a URI root, and
+"""The `dresd` command line: datastore list|show|verify|prune on a local root and a URI root, and
 every command loading its config through --config, flags and --set."""
 
 from __future__ import annotations
@@ -22,11 +22,15 @@ def root(request, tmp_path, monkeypatch):
     return r
 
 
-def test_list_marks_current_and_show_prints_the_manifest(root, capsys):
+def test_list_marks_current_and_show_describes_or_prints_the_manifest(root, capsys):
     assert main(["datastore", "list", root]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines] == [["v1", "keys=9"], ["*", "v2"]]
-    assert main(["datastore", "show", root, "--version", "v1"]) == 0
+    assert main(["datastore", "show", root]) == 0
+    summary = capsys.readouterr().out.splitlines()
+    assert summary[0].startswith("version   v2 (CURRENT), created ")
+    assert summary[1] == "made by   a full build" and ", 9 keys" in summary[4]
+    assert main(["datastore", "show", root, "--version", "v1", "--json"]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["version"] == "v1" and manifest["counts"]["keys"] == 9 and "sha256" in manifest["files"]["tokens.npy"]
 
@@ -43,9 +47,78 @@ def test_verify_passes_then_names_a_corrupt_file(tmp_path, capsys):
     assert "tokens.npy checksum mismatch" in capsys.readouterr().err
 
 
+def _flip_header(vdir):
+    data = bytearray((vdir / "tokens.npy").read_bytes())
+    data[1] ^= 0xFF  # inside the .npy magic string
+    (vdir / "tokens.npy").write_bytes(bytes(data))
+
+
+def _truncate_index(vdir):
+    data = (vdir / "index.faiss").read_bytes()
+    (vdir / "index.faiss").write_bytes(data[: len(data) // 2])
+
+
+def _edit_manifest(vdir):
+    m = json.loads((vdir / "manifest.json").read_text())
+    (vdir / "manifest.json").write_text(json.dumps(dict(m, eos_id=7)))
+
+
+def _wrong_current(vdir):
+    (vdir.parent.parent / "CURRENT").write_text("v1 " + "0" * 64 + "\n")
+
+
+def _bad_header_signed(vdir):
+    """A header damaged before its checksums were taken: only parsing the file can tell."""
+    from dresd.datastore.store import set_current
+    from dresd.storage.files import sha256_file
+
+    _flip_header(vdir)
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["files"]["tokens.npy"]["sha256"] = sha256_file(vdir / "tokens.npy")
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    set_current(vdir.parent.parent, "v1")
+
+
+@pytest.mark.parametrize("damage,expected", [
+    (_flip_header, [r"tokens\.npy checksum mismatch \(corrupt file\): sha256 [0-9a-f]{64}, manifest says [0-9a-f]{64}",
+                    r"tokens\.npy is unreadable \(a damaged header or content\): ValueError"]),
+    (_truncate_index, [r"index\.faiss has \d+ bytes, manifest says \d+"]),
+    (_edit_manifest, [r"manifest\.json checksum mismatch: sha256 [0-9a-f]{64}, CURRENT says [0-9a-f]{64}"]),
+    (_wrong_current, [r"manifest\.json checksum mismatch: sha256 [0-9a-f]{64}, CURRENT says 0{64}"]),
+    (_bad_header_signed, [r"tokens\.npy is unreadable \(a damaged header or content\): ValueError"]),
+], ids=["npy-header", "truncated-faiss", "edited-manifest", "wrong-current", "header-signed"])
+def test_verify_names_each_mismatch_and_exits_1(tmp_path, capsys, damage, expected):
+    import re
+
+    root = tmp_path / "store"
+    vdir = publish(root, make_parts(), make_manifest(), version="v1")
+    assert main(["datastore", "verify", str(root)]) == 0
+    assert "and manifest.json matches the checksum in CURRENT" in capsys.readouterr().out
+    damage(vdir)
+    assert main(["datastore", "verify", str(root)]) == 1  # returns: no traceback
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(expected)
+    for line, pattern in zip(lines, expected):
+        assert re.fullmatch(rf"dresd datastore verify: {re.escape(str(vdir))}: {pattern}.*", line), line
+
+
 def test_list_of_a_folder_without_versions_says_so(tmp_path, capsys):
     assert main(["datastore", "list", str(tmp_path)]) == 1
     assert "no datastore versions" in capsys.readouterr().err
+
+
+def test_prune_removes_the_versions_older_than_the_kept_ones(root, capsys):
+    assert main(["datastore", "prune", root]) == 2  # --keep is required
+    assert "give --keep N" in capsys.readouterr().err
+    assert main(["datastore", "prune", root, "--keep", "0"]) == 2
+    assert "keep must be >= 1" in capsys.readouterr().err
+    assert main(["datastore", "prune", root, "--keep", "2"]) == 0
+    assert "removed 0 version(s)" in capsys.readouterr().out
+    assert main(["datastore", "prune", root, "--keep", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("CURRENT is v2") and out[1:] == ["removed 1 version(s): v1", "kept 1 version(s): v2"]
+    assert main(["datastore", "list", root]) == 0
+    assert [line.split()[:2] for line in capsys.readouterr().out.splitlines()] == [["*", "v2"]]
 
 
 def _config(argv):
@@ -106,3 +179,14 @@ def test_a_yaml_value_of_the_wrong_type_names_file_and_key(tmp_path, capsys):
     path.write_text("corpus:\n  paths: [x.jsonl]\n  max_records: ten\n")
     assert main(["build", "--config", str(path)]) == 2
     assert f"{path}: corpus.max_records: 'ten' is not an integer or null" in capsys.readouterr().err
+
+
+def test_a_data_error_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    publish(root, make_parts(), make_manifest(), version="v1")
+    assert main(["update", "delete", "--datastore", str(root), "--source", "no-such-record"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("dresd update: error: ") and "no-such-record" in err[0]
+    assert main(["datastore", "show", str(tmp_path / "nowhere")]) == 1
+    assert "is not a datastore" in capsys.readouterr().err

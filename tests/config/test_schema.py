@@ -33,3 +33,14 @@ def test_sampling_problems_names_each_bad_value():
     # SamplingParams raises with the same messages.
     with pytest.raises(ValueError, match=r"^temperature must be a finite number >= 0, got -1.0; top_p must be in"):
         SamplingParams(-1.0, 2.0)
+
+
+def test_a_negative_suffix_cache_bound_is_refused_naming_the_key():
+    from dresd.config import ConfigError, GenerateConfig, SpeculativeConfig
+    from dresd.config.loader import load_config
+
+    assert SpeculativeConfig().problems() == []
+    assert SpeculativeConfig(suffix_cached_responses=-1).problems() == [
+        "suffix_cached_responses must be an integer >= 0, got -1"]
+    with pytest.raises(ConfigError, match=r"GenerateConfig.speculative: suffix_cached_responses must be"):
+        load_config(GenerateConfig, overrides=["speculative.suffix_cached_responses=-1"])

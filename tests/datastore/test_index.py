@@ -92,8 +92,8 @@ def test_nlist_capped_by_training_points():
     # Even an explicit nlist is capped.
     p = choose_index_params(20_000, IndexConfig(dim=64, flat_below=0, nlist=5000))
     assert p.nlist == 512
-    # Tiny stores still get one partition.
-    assert choose_index_params(10, IndexConfig(dim=64, kind="ivfpq")).nlist == 1
+    # Tiny stores still get one partition (16 keys: the fewest its PQ codebooks train on).
+    assert choose_index_params(16, IndexConfig(dim=64, kind="ivfpq")).nlist == 1
 
 
 def test_default_nprobe():
@@ -324,6 +324,8 @@ def test_on_disk_merge_equals_in_memory_and_copies_never_touch_the_file(tmp_path
         (tmp_path / "v" / name).rename(tmp_path / "moved" / name)
     opened = read_index(tmp_path / "moved" / "index.faiss")
     assert is_on_disk(opened) and opened.ntotal == 3500 and not is_on_disk(memory)
+    # A published version's lists are mapped read-only: nothing holding the index can write them.
+    assert faiss.downcast_InvertedLists(faiss.extract_index_ivf(opened).invlists).read_only
     for idx in (memory, opened):
         set_search_params(idx, params)
     q = keys[::50]

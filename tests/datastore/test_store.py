@@ -17,6 +17,7 @@ from dresd.datastore.store import (
     DatastoreError,
     list_versions,
     publish,
+    read_current,
     resolve_version_dir,
     set_current,
 )
@@ -31,7 +32,8 @@ def root(tmp_path):
 
 def test_publish_writes_version_and_moves_current(root):
     vdir = root / "versions" / "v1"
-    assert (root / CURRENT).read_text().strip() == "v1"
+    # CURRENT: the id, then the sha256 of the manifest it names (checked when that is read).
+    assert (root / CURRENT).read_text() == f"v1 {sha256_file(vdir / MANIFEST)}\n"
     assert sorted(p.name for p in vdir.iterdir()) == sorted(
         [MANIFEST, "compressor.npz", "index.faiss", "tokens.npy", "record_offsets.npy", "key_starts.npy",
          "sources.json"]
@@ -99,7 +101,7 @@ def test_second_publish_moves_current_and_rollback(root):
     records2 = [[40, 41, 42, 43, 44, 45]]
     v2 = publish(root, make_parts(records2, seed=1), make_manifest(), version="v2")
     assert v2 == root / "versions" / "v2"
-    assert (root / CURRENT).read_text().strip() == "v2"
+    assert read_current(root) == "v2"
     assert list_versions(root) == ["v1", "v2"]
     store = Datastore(root)
     assert store.version == "v2"
@@ -143,7 +145,7 @@ def test_failed_publish_leaves_no_trace(root, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         publish(root, make_parts(), make_manifest(), version="v2")
     assert [p.name for p in (root / "versions").iterdir()] == ["v1"]
-    assert (root / CURRENT).read_text().strip() == "v1"
+    assert read_current(root) == "v1"
 
 
 def test_corrupted_file_fails_verify_naming_it(root):
@@ -198,6 +200,7 @@ def test_format_1_store_with_key_positions_file_still_opens(root):
     m["files"]["key_positions.npy"] = {"bytes": (vdir / "key_positions.npy").stat().st_size,
                                        "sha256": sha256_file(vdir / "key_positions.npy")}
     (vdir / MANIFEST).write_text(json.dumps(m))
+    (root / CURRENT).write_text("v1\n")  # as format 1 wrote it: the id alone, no manifest checksum
     store = Datastore(root, verify=True)
     np.testing.assert_array_equal(store.key_positions, positions)
     np.testing.assert_array_equal(store.values([0], 3), [[11, 12, 13]])
@@ -208,6 +211,7 @@ def test_unknown_format_version_refused(root):
     m = json.loads(mpath.read_text())
     m["format_version"] = 99
     mpath.write_text(json.dumps(m))
+    set_current(root, "v1")  # published whole by a newer DReSD: CURRENT records this manifest
     with pytest.raises(DatastoreError, match="format version 99"):
         Datastore(root)
 
@@ -282,3 +286,17 @@ def test_publish_and_open_through_a_uri_root(tmp_path, monkeypatch):
         Datastore(root, version="v3")
     with pytest.raises(DatastoreError, match="not a datastore"):
         Datastore(f"memory://empty-{uuid.uuid4().hex}")
+
+
+def test_deleted_records_and_live_records_follow_the_tombstones(tmp_path):
+    parts = make_parts()
+    publish(tmp_path / "a", parts, make_manifest(), version="v1")
+    whole = Datastore(tmp_path / "a")
+    assert whole.deleted_records().tolist() == [False, False, False] and list(whole.live_records()) == RECORDS
+    # Tombstones on the middle record's keys (positions 5 and 6 of the stream).
+    parts.deleted = np.isin(parts.key_positions, [5, 6])
+    publish(tmp_path / "b", parts, make_manifest(), version="v1")
+    store = Datastore(tmp_path / "b")
+    assert store.deleted_records().tolist() == [False, True, False]
+    assert list(store.live_records()) == [RECORDS[0], RECORDS[2]]
+    assert list(store.records()) == RECORDS  # the stream itself keeps them until compaction

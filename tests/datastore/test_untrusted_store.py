@@ -32,6 +32,7 @@ def edit_manifest(root, **changes):
     for key, change in changes.items():
         change(m[key]) if callable(change) else m.__setitem__(key, change)
     path.write_text(json.dumps(m))
+    set_current(root, "v1")  # crafted whole, not damaged later: CURRENT records this manifest
 
 
 @pytest.mark.parametrize("bad,problem", [

@@ -3,6 +3,8 @@ indexes derived from a datastore, and the datastore's (prompt, response) pairs."
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -233,6 +235,101 @@ def test_suffix_is_warmed_on_the_store_responses(store, byte_tokenizer):
     cold = SuffixDrafter(max_tree_depth=32, max_spec_factor=2.0, min_token_prob=0.2, eos_id=byte_tokenizer.eos_token_id)
     cold.begin(prompt)
     assert response[10:20] not in cold.propose(DraftRequest(prompt + response[:10], max_len=10)).paths
+
+
+# ------------------------------------------------------------------ deletes reach every drafter
+
+SEA = 4  # PAIRS[4]: "The sea is wide and the waves roll ...": "wav" occurs in no other record
+QUOTED = 26  # the request's response so far: "The sea is wide and the wa"
+
+
+def sea_store_root(root, byte_tokenizer, records):
+    """A published store (version v1) over `records` whose hidden states are known, so a
+    dense query can be the exact hidden state of one of the sea record's keys."""
+    n_keys = sum(len(r) - 1 for r in records)
+    hidden = np.random.default_rng(1).normal(size=(n_keys, HIDDEN)).astype(np.float32)
+    parts = make_parts(records, hidden_dim=HIDDEN, dim=16, hidden=hidden)
+    publish(root, parts, make_manifest(eos=byte_tokenizer.eos_token_id, value_len=VALUE_LEN, dim=16), version="v1")
+    return hidden
+
+
+def sea_drafts(method: str, store: Datastore, byte_tokenizer, records, hidden) -> list[list[int]]:
+    """What `method` drafts for a request that quotes the sea record's response up to "the wa"."""
+    prompt = format_prompt_ids(byte_tokenizer, "Anything", "chat")
+    response = text_ids(byte_tokenizer, PAIRS[SEA][1])
+    context = prompt + response[:QUOTED]
+    # The sea record's key whose value starts with context[-1] (keys: every position but the last).
+    own_prompt = len(records[SEA]) - len(response) - 1
+    key = sum(len(r) - 1 for r in records[:SEA]) + own_prompt + QUOTED - 2
+    spec = {"dresd": dict(context_keys=False)}.get(method, {})
+    drafter = make(method, store, byte_tokenizer, **spec)
+    drafter.begin(prompt)
+    cands = drafter.propose(DraftRequest(context, max_len=8, query=hidden[key]))
+    drafter.end(response[:QUOTED])
+    return cands.paths
+
+
+@pytest.mark.parametrize("method", ["dresd", "rest", "rest-dr", "suffix"])
+def test_a_delete_reaches_every_drafter_at_once_and_a_rollback_brings_the_record_back(
+        method, tmp_path, byte_tokenizer, records):
+    from dresd.datastore.store import set_current
+    from pipelines.update import delete_sources
+
+    root = tmp_path / "ds"
+    hidden = sea_store_root(root, byte_tokenizer, records)
+    cont = text_ids(byte_tokenizer, PAIRS[SEA][1])[QUOTED:]  # "ves roll ..."
+    before = sea_drafts(method, Datastore(root), byte_tokenizer, records, hidden)
+    assert any(p[:3] == cont[:3] for p in before), before
+    delete_sources(root, [f"src-{SEA}"])  # make_parts names record i "src-i"
+    deleted = Datastore(root)
+    assert deleted.version != "v1" and deleted.deleted_records().tolist() == [i == SEA for i in range(len(records))]
+    after = sea_drafts(method, deleted, byte_tokenizer, records, hidden)
+    assert not any(p[:2] == cont[:2] for p in after), after  # not even its first two tokens
+    set_current(root, "v1")  # rollback to the parent: the record drafts again
+    assert any(p[:3] == cont[:3] for p in sea_drafts(method, Datastore(root), byte_tokenizer, records, hidden))
+
+
+def test_a_delete_gets_fresh_derived_indexes_keyed_by_its_tombstones(tmp_path, byte_tokenizer, records):
+    from pipelines.update import delete_sources
+
+    root = tmp_path / "ds"
+    sea_store_root(root, byte_tokenizer, records)
+    parent = Datastore(root)
+    make("rest", parent, byte_tokenizer)
+    delete_sources(root, [f"src-{SEA}"])
+    child = Datastore(root)
+    sha = child.manifest["files"]["deleted.npy"]["sha256"]
+    assert derived_dir(child).name == f"{child.version}-{child.manifest['files']['tokens.npy']['sha256'][:12]}-{sha[:12]}"
+    assert make("rest", child, byte_tokenizer).index.n_records == len(records) - 1
+    assert make("rest", parent, byte_tokenizer).index.n_records == len(records)  # the parent's stays whole
+    # A suffix drafter is warmed with the live records only.
+    assert len(list(store_pairs(child, byte_tokenizer))) == len(records) - 1
+    # The tombstones' checksum comes from the untrusted manifest too: it cannot climb out.
+    crafted = SimpleNamespace(path=child.path, version="v2", deleted=child.deleted, manifest={
+        "files": {"tokens.npy": {"sha256": "abc"}, "deleted.npy": {"sha256": "/../../x"}}})
+    with pytest.raises(ValueError, match=r"derived cache folder name 'v2-abc-/\.\./\.\./x'"):
+        derived_dir(crafted)
+
+
+def test_rest_dr_with_deletes_does_not_use_a_configured_index_file(tmp_path, byte_tokenizer, records):
+    from pipelines.update import delete_sources
+
+    root = tmp_path / "ds"
+    sea_store_root(root, byte_tokenizer, records)
+    mine = tmp_path / "mine.idx"
+    assert make("rest-dr", Datastore(root), byte_tokenizer, rest_index=str(mine)).path == mine
+    delete_sources(root, [f"src-{SEA}"])
+    child = Datastore(root)
+    with pytest.warns(UserWarning, match="deleted records"):
+        d = make("rest-dr", child, byte_tokenizer, rest_index=str(mine))
+    assert d.path == derived_dir(child) / "rest.idx"
+
+
+def test_suffix_config_sets_the_served_response_cache(store, byte_tokenizer):
+    d = make("suffix", store, byte_tokenizer)
+    assert (d.share_responses, d.cached_responses) == (False, 0)  # private by default
+    d = make("suffix", store, byte_tokenizer, suffix_share_responses=True, suffix_cached_responses=3)
+    assert (d.share_responses, d.cached_responses) == (True, 3)
 
 
 # ------------------------------------------------------------------ store records and pairs

@@ -95,10 +95,10 @@ def test_table_holds_trigram_frequencies_within_records(index: Path):
             TrigramTable(index.parent / "junk.idx")
 
 
-def test_index_from_datastore_uses_its_records(tmp_path: Path):
+def test_index_from_datastore_uses_its_live_records(tmp_path: Path):
     recs = records_with_phrase()
     offsets = np.cumsum([0] + [len(r) for r in recs]).astype(np.int64)
-    store = SimpleNamespace(tokens=np.concatenate([np.array(r, dtype=np.uint16) for r in recs]), record_offsets=offsets)
+    store = SimpleNamespace(live_records=lambda: iter(recs))  # as Datastore.live_records() gives them
     counts = rest_index_from_datastore(store, tmp_path / "ds.idx", VOCAB)
     assert counts["records"] == len(recs) and counts["tokens"] == int(offsets[-1])
     direct = tmp_path / "direct.idx"

@@ -59,8 +59,8 @@ def test_prompt_and_own_generation_are_used_without_any_warm():
     drafter.end(generated)
 
 
-def test_end_puts_the_response_into_the_global_tree():
-    drafter = SuffixDrafter()
+def test_end_puts_the_response_into_the_global_tree_when_shared():
+    drafter = SuffixDrafter(share_responses=True, cached_responses=4)
     drafter.begin([1, 2])
     drafter.propose(DraftRequest([1, 2, 200], max_len=10))  # the cache saw one token so far
     drafter.end([200, *RESPONSE])  # the rest arrives only with end()
@@ -72,6 +72,63 @@ def test_end_puts_the_response_into_the_global_tree():
     fresh = SuffixDrafter()
     fresh.begin([3, 4])
     assert len(fresh.propose(DraftRequest([3, 4, *RESPONSE[:8]], max_len=30))) == 0
+
+
+OTHER = list(range(150, 190))  # another request's distinctive response
+
+
+def served(drafter: SuffixDrafter, prompt: list[int], response: list[int]) -> None:
+    """One request through the drafter: begin, a proposal per token, end."""
+    drafter.begin(prompt)
+    for i in range(1, len(response) + 1):
+        drafter.propose(DraftRequest(prompt + response[:i], max_len=8))
+    drafter.end(response)
+
+
+def drafts_after(drafter: SuffixDrafter, prompt: list[int], quoted: list[int]) -> list[list[int]]:
+    """The paths drafted for a new request whose response so far is `quoted`."""
+    drafter.begin(prompt)
+    paths = drafter.propose(DraftRequest(prompt + quoted, max_len=30)).paths
+    drafter.end(quoted)
+    return paths
+
+
+def test_responses_are_private_to_their_request_by_default():
+    drafter = SuffixDrafter()
+    drafter.warm([([1], RESPONSE)])
+    served(drafter, [5, 6], OTHER)  # request A
+    # Request B quotes the start of A's response: nothing of A's text is drafted for it ...
+    paths = drafts_after(drafter, [7, 8], OTHER[:10])
+    assert not any(set(p) & set(OTHER[10:]) for p in paths)
+    assert drafter.served_cached == 0 and len(drafter.cache.cached_requests) == 1  # the warmed corpus only
+    # ... while the warmed corpus still drafts, and A's text drafted for A itself.
+    assert drafts_after(drafter, [7, 8], RESPONSE[:10])[0] == RESPONSE[10:20]
+    drafter.begin([5, 6])
+    drafter.propose(DraftRequest([5, 6, *OTHER, 9, *OTHER[:10]], max_len=30))  # A's own text repeats
+    assert drafter.propose(DraftRequest([5, 6, *OTHER, 9, *OTHER[:10]], max_len=30)).paths[0] == OTHER[10:20]
+    drafter.end([*OTHER, 9, *OTHER[:10]])
+
+
+def test_shared_responses_draft_for_later_requests_within_their_bound():
+    drafter = SuffixDrafter(share_responses=True, cached_responses=2)
+    drafter.warm([([1], RESPONSE)])
+    served(drafter, [5, 6], OTHER)  # request A
+    assert drafts_after(drafter, [7, 8], OTHER[:10])[0] == OTHER[10:20]  # B gets A's text
+    # Never more served responses than the bound, the request in progress included, and
+    # the oldest leaves first; the warmed corpus stays.
+    for i in range(5):
+        drafter.begin([9, i])
+        assert len(drafter.cache.cached_requests) - 1 <= 2
+        drafter.end([200 + i] * 5)
+        assert drafter.served_cached <= 2 and len(drafter.cache.cached_requests) - 1 <= 2
+    assert not any(set(p) & set(OTHER[10:]) for p in drafts_after(drafter, [7, 8], OTHER[:10]))
+    assert drafts_after(drafter, [7, 8], RESPONSE[:10])[0] == RESPONSE[10:20]
+    # A bound of 0 keeps nothing, whatever share_responses says.
+    none = SuffixDrafter(share_responses=True, cached_responses=0)
+    served(none, [5, 6], OTHER)
+    assert none.served_cached == 0 and len(none.cache.cached_requests) == 0
+    with pytest.raises(ValueError, match="cached_responses"):
+        SuffixDrafter(cached_responses=-1)
 
 
 def test_paths_are_root_to_leaf_chains_of_the_draft_tree():

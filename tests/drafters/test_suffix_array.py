@@ -133,8 +133,8 @@ def test_load_refuses_other_npz(tmp_path: Path):
         SuffixArrayIndex.load(tmp_path / "x.npz")
 
 
-def test_from_datastore_reads_records():
-    store = SimpleNamespace(records=lambda: iter([[10, 11, 12], [20, 21]]))  # as Datastore.records() gives them
+def test_from_datastore_reads_live_records():
+    store = SimpleNamespace(live_records=lambda: iter([[10, 11, 12], [20, 21]]))  # as Datastore.live_records() does
     index = SuffixArrayIndex.from_datastore(store)
     assert index.tokens.tolist() == [10, 11, 12, SEPARATOR, 20, 21, SEPARATOR]
     assert index.n_records == 2

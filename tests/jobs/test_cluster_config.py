@@ -4,6 +4,8 @@ and has the node types, auth and set-up the project needs."""
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 
 import jsonschema
@@ -105,3 +107,68 @@ def test_setup_installs_pinned_torch_then_project(cluster):
     # The project itself is mounted where the setup installs it from.
     assert cluster["file_mounts"]["~/dresd"] == "."
     assert any("boto3" in c for c in cluster["head_setup_commands"])
+
+
+# node_config is handed to EC2's RunInstances as it is (Ray's schema leaves it open), so the
+# checks below name RunInstances' own fields.
+
+
+def _node_configs(cluster) -> dict[str, dict]:
+    return {name: t["node_config"] for name, t in cluster["available_node_types"].items()}
+
+
+def test_every_node_is_in_one_security_group_made_beforehand(cluster):
+    groups = {name: c.get("SecurityGroupIds") for name, c in _node_configs(cluster).items()}
+    assert all(g and len(g) == 1 and g[0].startswith("sg-") for g in groups.values()), groups
+    assert len({tuple(g) for g in groups.values()}) == 1, "head and workers must share the group"
+    # A group Ray's launcher makes always opens SSH to 0.0.0.0/0: none is left for it to make.
+    assert "security_group" not in cluster["provider"]
+    # The group's documented rules: SSH from the office/VPN range, all else from itself only.
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    assert "--protocol tcp --port 22 --cidr 203.0.113.0/24" in ops and "set to your office/VPN range" in ops
+    assert '--protocol -1 --source-group "$SG"' in ops
+    assert "authorize-security-group-ingress" in ops and "0.0.0.0/0" not in ops.split("## Clusters")[1].split("\n## ")[0]
+
+
+def test_imdsv2_encrypted_volumes_and_a_pinned_ami(cluster):
+    images = set()
+    for name, config in _node_configs(cluster).items():
+        assert config["MetadataOptions"]["HttpTokens"] == "required", name
+        assert config["MetadataOptions"]["HttpEndpoint"] == "enabled", name
+        volumes = config["BlockDeviceMappings"]
+        assert volumes and all(v["Ebs"]["Encrypted"] is True for v in volumes), name
+        images.add(config["ImageId"])
+    assert len(images) == 1
+    (image,) = images
+    assert re.fullmatch(r"ami-[0-9a-f]{8,17}", image), f"ImageId {image!r} is not a pinned ami- id"
+    assert "latest" not in (ROOT / "cluster.yaml").read_text().split("available_node_types:")[1]
+
+
+def test_least_privilege_instance_profiles(cluster):
+    configs = _node_configs(cluster)
+    head = cluster["head_node_type"]
+    arn = re.compile(r"arn:aws:iam::\d{12}:instance-profile/[\w+=,.@-]+")
+    profiles = {name: c["IamInstanceProfile"]["Arn"] for name, c in configs.items()}
+    assert all(arn.fullmatch(p) for p in profiles.values()), profiles
+    workers = {p for name, p in profiles.items() if name != head}
+    assert len(workers) == 1 and profiles[head] not in workers, "workers get the storage-only profile"
+
+    # The storage policy docs/operations.md documents: the four actions on the bucket, no more.
+    ops = (ROOT / "docs" / "operations.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", ops, re.S)
+    storage = [json.loads(b) for b in blocks if "s3:" in b and "ec2:" not in b]
+    assert len(storage) == 1
+    actions, resources = set(), set()
+    for statement in storage[0]["Statement"]:
+        assert statement["Effect"] == "Allow"
+        acts = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        actions |= set(acts)
+        res = statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]
+        resources |= set(res)
+    assert actions == {"s3:GetObject", "s3:PutObject", "s3:ListBucket", "s3:DeleteObject"}
+    assert resources == {"arn:aws:s3:::my-bucket", "arn:aws:s3:::my-bucket/*"}
+    # The head's extra statement launches workers and passes only the workers' role.
+    head_extra = [json.loads(b) for b in blocks if "ec2:RunInstances" in b]
+    assert len(head_extra) == 1
+    passes = [s for s in head_extra[0]["Statement"] if "iam:PassRole" in s["Action"]]
+    assert passes and all(s["Resource"].endswith(":role/dresd-worker") for s in passes)

@@ -202,3 +202,37 @@ def test_run_decode_computes_only_missing_torn_or_stale_parts(tiny_model_dir, pr
     assert stages[-1] == [0, 1, 2] and fourth.replaced == 3 and fourth.reused == 0
     rows = [r for c in range(3) for r in pq.read_table(part_path(out, c)).to_pylist()]
     assert len(rows) == 7 and all(r["new_tokens"] <= 2 for r in rows)
+
+
+def test_a_speculative_method_gives_the_same_parts_and_counts_its_drafts(tiny_model_dir, prompts, tmp_path,
+                                                                        reference):
+    """Drafting per sequence (prompt lookup, every draft verified) changes no greedy token,
+    and the receipts carry what was drafted and accepted."""
+    from dresd.config import SpeculativeConfig
+
+    spec = SpeculativeConfig(method="pld", budget="off")
+    cfg = replace(_cfg(tiny_model_dir, prompts, tmp_path), speculative=spec, max_new_tokens=12)
+    chunks = plan_chunks(cfg, read_prompts(cfg))
+    assert chunks == plan_chunks(replace(cfg, speculative=SpeculativeConfig(method="greedy")), read_prompts(cfg))
+    actor = DecodeChunks(to_dict(cfg), str(tmp_path))
+    receipts = actor({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
+                      "payload": [json.dumps(c["rows"]) for c in chunks]})
+    assert receipts["written"] == [True] * 3 and receipts["done"] == [3, 2, 2]
+    plain = DecodeChunks(to_dict(replace(cfg, speculative=SpeculativeConfig(method="greedy"))), str(tmp_path / "p"))
+    (tmp_path / "p").mkdir()
+    plain({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
+           "payload": [json.dumps(c["rows"]) for c in chunks]})
+    for c in range(3):
+        spec_rows = pq.read_table(part_path(tmp_path, c)).to_pylist()
+        plain_rows = pq.read_table(part_path(tmp_path / "p", c)).to_pylist()
+        assert [r["token_ids"] for r in spec_rows] == [r["token_ids"] for r in plain_rows]
+    assert sum(receipts["drafted"]) > 0 and 0 <= sum(receipts["accepted"]) <= sum(receipts["drafted"])
+    assert sum(receipts["calls"]) <= sum(receipts["new_tokens"])  # a call yields at least one token
+
+
+def test_a_method_that_needs_a_datastore_is_refused_before_decoding(tiny_model_dir, prompts, tmp_path):
+    from dresd.config import SpeculativeConfig
+
+    cfg = replace(_cfg(tiny_model_dir, prompts, tmp_path), speculative=SpeculativeConfig(method="dresd"))
+    with pytest.raises(ValueError, match="speculative.method 'dresd' drafts from a datastore: set datastore"):
+        run_decode(cfg)

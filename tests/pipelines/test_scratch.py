@@ -96,3 +96,17 @@ def test_pull_fetches_missing_files_and_refreshes_only_on_a_size_change(tmp_path
 
     work.remove()
     assert not remote.exists() and not work.path.exists()
+
+
+def test_remove_drops_every_mirror_on_this_machine(tmp_path, node_cache):
+    # A killed run's Ray node had another id, so its mirror sits beside this node's.
+    work = Scratch(f"file://{tmp_path}/remote/build-1")
+    other = Scratch(f"file://{tmp_path}/remote/build-2")
+    (work.path / "shards").mkdir(parents=True)
+    (other.path / "shards").mkdir(parents=True)
+    dead = cache_dir() / "scratch" / "deadnode1234" / work.path.name
+    (dead / "shards").mkdir(parents=True)
+    (tmp_path / "remote" / "build-1").mkdir(parents=True)
+    work.remove()
+    assert not work.path.exists() and not dead.exists() and not (tmp_path / "remote" / "build-1").exists()
+    assert other.path.is_dir()  # another location's mirror stays

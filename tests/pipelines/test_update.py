@@ -74,3 +74,27 @@ def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
     keep = np.nonzero(~deleted.deleted)[0]
     assert np.array_equal(small.values(np.arange(small.num_keys), 6), deleted.values(keep, 6))
     assert len(list_versions(root)) == 4
+
+
+def test_a_damaged_parent_is_refused_before_any_change(tmp_path, monkeypatch):
+    """Every change verifies its parent in full first: a child re-checksummed from damaged
+    bytes would pass every later check."""
+    from dresd.datastore.store import publish
+    from tests_support import make_manifest, make_parts
+
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    publish(root, make_parts(), make_manifest(), version="v1")
+    tokens = root / "versions" / "v1" / "tokens.npy"
+    data = bytearray(tokens.read_bytes())
+    data[-1] ^= 0xFF  # same size: opening alone would not notice
+    tokens.write_bytes(bytes(data))
+    add = BuildConfig(corpus=CorpusConfig(paths=[str(tmp_path / "never-read.jsonl")]), output=str(root))
+    for change in (lambda: update_datastore(add), lambda: delete_sources(root, ["src-1"]), lambda: compact(root)):
+        with pytest.raises(DatastoreError, match=r"full verification failed, so this version is not used: "
+                                                 r"tokens\.npy checksum mismatch"):
+            change()
+    assert list_versions(root) == ["v1"]
+    tokens.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0xFF])))  # repaired: the change goes through
+    delete_sources(root, ["src-1"])
+    assert len(list_versions(root)) == 2

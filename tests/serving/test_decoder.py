@@ -44,6 +44,7 @@ def test_check_request_accepts_what_can_be_served():
 def served(tiny_lm, tmp_path, monkeypatch):
     """A Decoder over the session's tiny model and a datastore root holding version v1."""
     monkeypatch.setattr(decoder_mod, "load_model", lambda cfg: tiny_lm)  # loading is tested in tests/model
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))  # verification markers
     root = tmp_path / "store"
     publish_for_model(root, tiny_lm, "v1")
     return Decoder("d0", ModelConfig(), str(root), SPEC), root
@@ -101,3 +102,20 @@ def test_a_version_that_cannot_be_opened_is_refused_and_the_old_one_kept(served,
     assert bare.version is None and bare.generate(DecodeRequest("hi", 4, "greedy")).ok
     assert "needs a datastore" in bare.generate(DecodeRequest("hi", 4, "dresd")).error
     assert "no datastore root" in bare.serve(DecodeRequest("hi", 4, "greedy"), "v1").error
+
+
+def test_a_version_that_fails_full_verification_is_refused_and_the_old_one_kept(served, tiny_lm, caplog):
+    decoder, root = served
+    publish_for_model(root, tiny_lm, "v2", seed=1)
+    tokens = root / "versions" / "v2" / "tokens.npy"
+    data = bytearray(tokens.read_bytes())
+    data[-1] ^= 0xFF  # same size: only the checksum sees it
+    tokens.write_bytes(bytes(data))
+    with caplog.at_level("ERROR", logger=decoder_mod.__name__):
+        resp = decoder.generate(DecodeRequest("question 4?", 8, "dresd"))
+    assert resp.ok and resp.datastore_version == "v1"
+    why = decoder.info()["refused"]["v2"]
+    assert "full verification failed, so this version is not used: tokens.npy checksum mismatch" in why
+    assert "cannot open datastore version v2, staying on v1" in caplog.text
+    pinned = decoder.serve(DecodeRequest("hi", 4), "v2")
+    assert not pinned.ok and "tokens.npy checksum mismatch" in pinned.error and decoder.version == "v1"

@@ -152,3 +152,15 @@ def test_fetch_caches_and_refetches_changed_files(tmp_path, monkeypatch):
     assert fetch(tmp_path / "c.jsonl") == src  # local paths are used in place
     with pytest.raises(FileNotFoundError, match="missing.jsonl"):
         fetch(f"file://{tmp_path}/missing.jsonl")
+
+
+def test_a_hung_builder_of_the_same_entry_is_waited_for_a_bounded_time(tmp_path, monkeypatch):
+    import dresd.storage.cache as cache
+    from dresd.storage.locks import LockTimeout, file_lock
+
+    monkeypatch.setattr(cache, "CACHE_LOCK_TIMEOUT_S", 0.3)
+    target = tmp_path / "entry"
+    with file_lock(tmp_path / "entry.lock", 1, "a builder that never finishes"):
+        with pytest.raises(LockTimeout, match=r"building cache entry .*entry: lock .*entry\.lock is still held after 0\.3 s"):
+            cache.ensure_cached(target, lambda tmp: (tmp / "x").write_text("x"))
+    assert cache.ensure_cached(target, lambda tmp: (tmp / "x").write_text("x")) == target  # lock free: builds

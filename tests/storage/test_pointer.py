@@ -29,3 +29,25 @@ def test_local_roots_lock_beside_the_pointer_and_uri_roots_in_the_cache(tmp_path
     remote = lock_path("memory://bucket/stores/a")
     assert remote.parent == tmp_path / "cache" / "locks"
     assert remote != lock_path("memory://bucket/stores/b") and remote == lock_path("memory://bucket/stores/a/")
+
+
+def test_a_local_pointer_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    import os
+
+    import dresd.storage.pointer as pointer_mod
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(pointer_mod.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(pointer_mod.os, "replace",
+                        lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    swap_pointer(tmp_path, "v1", expected=None, note="0" * 64)
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".CURRENT.")) and events[0][1].endswith(".tmp")
+    assert events[1][1] == str(tmp_path / "CURRENT") and events[2][1] == str(tmp_path)
+    # The note rides after the value; the value alone is compared and returned.
+    assert (tmp_path / "CURRENT").read_text() == "v1 " + "0" * 64 + "\n" and read_pointer(tmp_path) == "v1"
+    assert swap_pointer(tmp_path, "v2", expected="v1") == "v1"
+    with pytest.raises(ValueError, match="must be one word each"):
+        swap_pointer(tmp_path, "v3", note="two words")
