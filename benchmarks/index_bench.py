@@ -14,7 +14,7 @@ IVF{nlist},PQ32x4fs,RFlat; trained on a sample), then single-query top-50 search
 with one faiss thread over a sweep of nprobe x refine k_factor, plus the compact variant
 (the same IVF-PQ index without the refine stage). Recall@50 = overlap with the exact top-50
 (faiss.IndexFlatIP). Both variants are then written as full datastore versions with
-dresd.datastore.store.publish and every file is counted to get bytes per datastore token.
+dresd.datastore.publish.publish and every file is counted to get bytes per datastore token.
 
     .venv/bin/python benchmarks/index_bench.py            # writes runs/bench/index_bench.md
 """
@@ -38,7 +38,8 @@ import numpy as np
 
 from dresd.datastore import index as dindex
 from dresd.config import IndexConfig
-from dresd.datastore.store import Datastore, DatastoreParts, publish
+from dresd.datastore.store import Datastore
+from dresd.datastore.publish import DatastoreParts, publish
 from dresd.evaluation.results import save_run
 
 K = 50
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if disk:
         w("## Bytes on disk per datastore token\n")
-        w(f"Both variants written as full datastore versions with `dresd.datastore.store.publish` ({n_keys:,} keys, "
+        w(f"Both variants written as full datastore versions with `dresd.datastore.publish.publish` ({n_keys:,} keys, "
           f"{n_tokens:,} tokens); every file of the version folder counted (the root's 23-byte CURRENT pointer is not).\n")
         names = sorted(set(disk["compact"]) | set(disk["refine"]))
         w("| file | compact bytes | B/token | refine bytes | B/token |")

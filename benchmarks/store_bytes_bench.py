@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/store_bytes_bench.py --datastore runs/bench/stores/id
 
-The store's parts are re-published with `dresd.datastore.store.publish` twice: with its own index
+The store's parts are re-published with `dresd.datastore.publish.publish` twice: with its own index
 (IVF-PQ + exact refine vectors) and with the compact PQ-only base index (goal: <= 32
 B/token for the compact variant on a >= 200k-token store).
 """
@@ -22,7 +22,8 @@ from pathlib import Path  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dresd.datastore.store import Datastore, DatastoreParts, publish  # noqa: E402
+from dresd.datastore.store import Datastore  # noqa: E402
+from dresd.datastore.publish import DatastoreParts, publish  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
 
 GOAL = 32.0

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
 from dresd.config import BuildConfig, CorpusConfig, ModelConfig, to_dict
 from dresd.datastore.corpus import list_corpus_files, sharegpt_path, SHAREGPT
-from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish, read_current
+from dresd.datastore.store import Datastore, DatastoreError, read_current
+from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import choose_index_params, exact_topk, forced_ivfpq_keys, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
 from dresd.model.loading import load_model

@@ -6,7 +6,7 @@ Adding reuses the build's stages (read/tokenize -> embed -> shard fill) and appe
 keys to a copy of the current index, so ids stay equal to key numbers. A drift report
 compares how well the frozen compressor fits the new data with how it fit its own sample.
 
-Each change publishes with its parent as the expected CURRENT (dresd.datastore.store.publish),
+Each change publishes with its parent as the expected CURRENT (dresd.datastore.publish.publish),
 so two changes racing on one root never lose either. A delete or a compact is a pure function
 of its parent and cheap to make again, so one that loses the race is made again from the new
 CURRENT; an add embedded its corpus against the old parent and fails with PublishConflict
@@ -29,7 +29,8 @@ import numpy as np
 from dresd.datastore.compression import reconstruction_error
 from dresd.config import BuildConfig, ModelConfig, to_dict
 from dresd.datastore.integrity import verify_once
-from dresd.datastore.store import Datastore, DatastoreError, DatastoreParts, PublishConflict, publish
+from dresd.datastore.store import Datastore, DatastoreError
+from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.model.loading import load_model

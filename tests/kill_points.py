@@ -305,7 +305,7 @@ class Bench:
             shutil.copytree(self.base("build"), folder)
             run = run_job(self.command("delete", folder)[:-1] + ["r5" if not self.synthetic else "src-0"], self.env())
         elif self.synthetic:
-            from dresd.datastore.store import publish
+            from dresd.datastore.publish import publish
             from tests_support import make_manifest, make_parts
 
             publish(folder, make_parts(), make_manifest(), version="v1")

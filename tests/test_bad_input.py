@@ -29,7 +29,8 @@ from dresd.datastore.compression import fit_compressor
 from dresd.datastore.corpus import CorpusError, list_corpus_files
 from dresd.datastore.formatting import shared_prefix_len
 from dresd.datastore.index import choose_index_params
-from dresd.datastore.store import Datastore, DatastoreError, list_versions, publish, read_current
+from dresd.datastore.store import Datastore, DatastoreError, list_versions, read_current
+from dresd.datastore.publish import publish
 from pipelines.embed import Embed, NonFiniteStates
 from pipelines.read import _file_shards
 from pipelines.scratch import Scratch

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dresd.datastore.compression import Compressor, compress, fit_compressor
-from dresd.datastore.store import DatastoreParts
+from dresd.datastore.publish import DatastoreParts
 from dresd.datastore.index import IndexParams, add_keys, train_index
 from dresd.model.fastpath.weight_codes import CODE_RANGES, GROUP, WeightCodes, decode
 
@@ -140,7 +140,7 @@ def publish_for_model(root, lm, version: str | None = None, prompt_format: str =
     """Publish a small random store that a loaded model `lm` accepts (its identity, prompt
     format fingerprint and EOS; `identity_changes` make one it refuses). Returns the version."""
     from dresd.datastore.formatting import format_fingerprint
-    from dresd.datastore.store import publish
+    from dresd.datastore.publish import publish
 
     rng = np.random.default_rng(seed)
     records = [rng.integers(3, 259, n).tolist() for n in (30, 20, 25)]

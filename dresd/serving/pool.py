@@ -17,7 +17,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from dresd.config import ModelConfig, SpeculativeConfig
-from dresd.datastore.store import DatastoreError, set_current
+from dresd.datastore.store import DatastoreError
+from dresd.datastore.publish import set_current
 from dresd.serving.decoder import MAX_TASK_RETRIES, DecodeRequest, DecodeResponse, Decoder
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ Points (POINTS) and where they sit:
                                keys are written; its index file (the completion marker) is not
     during_merge               pipelines.index_fill.fill_and_merge (driver): the first shard index
                                is merged, the others are not
-    after_version_rename       dresd.datastore.store.publish: the version folder is complete and
+    after_version_rename       dresd.datastore.publish.publish: the version folder is complete and
                                renamed into place; CURRENT has not moved (URI roots: the copy in
                                the local staging root, before the upload)
     before_current_swap        dresd.storage.pointer.swap_pointer: the publish lock is held and the

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 from dresd.cli.main import main
-from dresd.datastore.store import publish
+from dresd.datastore.publish import publish
 from tests_support import make_manifest, make_parts
 
 
@@ -69,7 +69,7 @@ def _wrong_current(vdir):
 
 def _bad_header_signed(vdir):
     """A header damaged before its checksums were taken: only parsing the file can tell."""
-    from dresd.datastore.store import set_current
+    from dresd.datastore.publish import set_current
     from dresd.storage.files import sha256_file
 
     _flip_header(vdir)

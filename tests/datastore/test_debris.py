@@ -11,9 +11,11 @@ import shutil
 
 import pytest
 
+import dresd.datastore.publish as publish_mod
 import dresd.datastore.store as store_mod
 from dresd.datastore.debris import clean_remote, clean_root, publishing, tmp_folder, uploading, uploads_folder
-from dresd.datastore.store import CURRENT, list_versions, publish, read_current
+from dresd.datastore.store import CURRENT, list_versions, read_current
+from dresd.datastore.publish import publish
 from dresd.storage.cache import cache_dir
 from dresd.storage.claims import claim, claimed_names
 from dresd.storage.files import resolve
@@ -37,7 +39,7 @@ def test_a_version_never_made_current_is_removed_by_the_next_publish(root, monke
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed before the swap")
 
-    monkeypatch.setattr(store_mod, "set_current", killed)
+    monkeypatch.setattr(publish_mod, "set_current", killed)
     with pytest.raises(KeyboardInterrupt):
         publish(root, make_parts(seed=1), make_manifest(), version="v2")
     monkeypatch.undo()

@@ -14,8 +14,8 @@ import pytest
 
 import dresd.datastore.integrity as integrity
 from dresd.datastore.integrity import Mismatch, find_damage, parse_current, verify_once
-from dresd.datastore.store import (CURRENT, MANIFEST, Datastore, DatastoreError, locate_version, publish,
-                                   read_current, set_current)
+from dresd.datastore.store import CURRENT, MANIFEST, Datastore, DatastoreError, locate_version, read_current
+from dresd.datastore.publish import publish, set_current
 from dresd.storage.cache import cache_root
 from dresd.storage.files import resolve, sha256_file
 from tests_support import IDENTITY, make_manifest, make_parts

@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from dresd.datastore.prune import age_order, prune_versions
-from dresd.datastore.store import Datastore, DatastoreError, list_versions, publish, read_current, set_current
+from dresd.datastore.store import Datastore, DatastoreError, list_versions, read_current
+from dresd.datastore.publish import publish, set_current
 from tests_support import make_manifest, make_parts
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dresd.datastore.store import CURRENT, Datastore, PublishConflict, list_versions, publish, read_current, set_current
+from dresd.datastore.store import CURRENT, Datastore, list_versions, read_current
+from dresd.datastore.publish import PublishConflict, publish, set_current
 from dresd.storage.faults import FAULT_EXIT_CODE
 from dresd.storage.pointer import lock_path, pointer_lock
 from tests_support import make_manifest, make_parts
@@ -33,7 +34,8 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = r"""
 import sys
 import faiss, numpy as np
-from dresd.datastore.store import Datastore, DatastoreParts, publish, read_current
+from dresd.datastore.store import Datastore, read_current
+from dresd.datastore.publish import DatastoreParts, publish
 
 op, root = sys.argv[1], sys.argv[2]
 if op == "delete":
@@ -209,10 +211,10 @@ def test_uri_root_compares_and_swaps_too(tmp_path, monkeypatch):
 def test_a_conflict_found_at_swap_time_discards_the_new_version(root, monkeypatch):
     # Another publisher swaps between this one's early check and its swap: the early check
     # still sees v1 (stale), the swap under the lock sees the other's version.
-    import dresd.datastore.store as store_mod
+    import dresd.datastore.publish as publish_mod
 
     publish(root, make_parts(seed=1), make_manifest(), version="v1-other")
-    monkeypatch.setattr(store_mod, "read_current", lambda r: "v1")
+    monkeypatch.setattr(publish_mod, "read_current", lambda r: "v1")
     with pytest.raises(PublishConflict, match="made from version v1, but CURRENT now names v1-other"):
         publish(root, make_parts(seed=2), make_manifest(), version="v2", expect_current="v1")
     assert list_versions(root) == ["v1", "v1-other"]

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from dresd.datastore.store import (CURRENT, MANIFEST, Datastore, DatastoreError, publish, resolve_version_dir,
-                                   set_current, version_manifest)
+from dresd.datastore.store import CURRENT, MANIFEST, Datastore, DatastoreError, resolve_version_dir, version_manifest
+from dresd.datastore.publish import publish, set_current
 from dresd.drafters.registry import derived_dir
 from dresd.storage.cache import cache_root, inside_cache
 from dresd.storage.files import resolve

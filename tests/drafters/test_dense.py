@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from dresd.config import SpeculativeConfig
-from dresd.datastore.store import Datastore, publish
+from dresd.datastore.store import Datastore
+from dresd.datastore.publish import publish
 from dresd.drafters import Drafter, DraftRequest
 from dresd.drafters.dense import ContextDenseDrafter, DenseDrafter, drafts_from_values
 from tests_support import identity_compressor, make_manifest, make_parts

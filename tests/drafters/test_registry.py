@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from dresd.config import SpeculativeConfig
-from dresd.datastore.store import Datastore, publish
+from dresd.datastore.store import Datastore
+from dresd.datastore.publish import publish
 from dresd.drafters import DraftRequest
 from dresd.drafters import registry as registry_mod
 from dresd.drafters.registry import (available_methods, derived_dir, make_drafter, method_entry, register_method,
@@ -272,7 +273,7 @@ def sea_drafts(method: str, store: Datastore, byte_tokenizer, records, hidden) -
 @pytest.mark.parametrize("method", ["dresd", "rest", "rest-dr", "suffix"])
 def test_a_delete_reaches_every_drafter_at_once_and_a_rollback_brings_the_record_back(
         method, tmp_path, byte_tokenizer, records):
-    from dresd.datastore.store import set_current
+    from dresd.datastore.publish import set_current
     from pipelines.update import delete_sources
 
     root = tmp_path / "ds"

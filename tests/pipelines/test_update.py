@@ -79,7 +79,7 @@ def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
 def test_a_damaged_parent_is_refused_before_any_change(tmp_path, monkeypatch):
     """Every change verifies its parent in full first: a child re-checksummed from damaged
     bytes would pass every later check."""
-    from dresd.datastore.store import publish
+    from dresd.datastore.publish import publish
     from tests_support import make_manifest, make_parts
 
     monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))

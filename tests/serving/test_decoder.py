@@ -8,7 +8,7 @@ import pytest
 
 import dresd.serving.decoder as decoder_mod
 from dresd.config import ModelConfig, SpeculativeConfig
-from dresd.datastore.store import set_current
+from dresd.datastore.publish import set_current
 from dresd.drafters.registry import available_methods
 from dresd.serving.decoder import DecodeRequest, Decoder, check_request
 from tests_support import one_torch_thread, publish_for_model

@@ -12,7 +12,8 @@ import pytest
 import ray
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig, SpeculativeConfig
-from dresd.datastore.store import Datastore, DatastoreParts, publish
+from dresd.datastore.store import Datastore
+from dresd.datastore.publish import DatastoreParts, publish
 from dresd.decoding.engine import Engine
 from dresd.serving.decoder import DecodeRequest
 from dresd.serving.pool import DecoderPool
