@@ -27,6 +27,16 @@ def seeded_generator(params: SamplingParams, device: torch.device | str = "cpu")
     return gen
 
 
+def acceptor(params: SamplingParams | None):
+    """The `accept(tree, logits)` a decoding loop hands to verification: None for greedy
+    (temperature 0 or no params), else speculative sampling with a generator seeded from
+    `params`, so a request draws the same tokens whenever it is decoded."""
+    if params is None or params.temperature == 0:
+        return None
+    generator = seeded_generator(params)
+    return lambda tree, logits: sample_accept(tree, logits, params, generator)
+
+
 def target_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
     """(..., V) logits -> (..., V) float32 probabilities plain sampling draws from.
 

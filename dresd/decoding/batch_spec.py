@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from dresd.config import SpeculativeConfig
+from dresd.decoding.acceptance import acceptor
 from dresd.decoding.budget import CostModel, DraftPlanner
 from dresd.decoding.kv_cache import GrowingCache, GrowingLayer
 from dresd.decoding.loop import Generation
@@ -175,12 +176,7 @@ class BatchedSpeculativeDecoder:
             query, fresh = hidden[0, -1], [hidden[0]]
             for layer, own in zip(cache.layers, alone.layers):
                 layer.write_row(slot, own.keys, own.values)
-        accept = None
-        if req.sampling is not None and req.sampling.temperature > 0:
-            from dresd.decoding.acceptance import sample_accept, seeded_generator
-
-            gen, params = seeded_generator(req.sampling), req.sampling
-            accept = lambda tree, logits: sample_accept(tree, logits, params, gen)  # noqa: E731
+        accept = acceptor(req.sampling)
         metrics = DecodeMetrics()
         metrics.prefill_s = time.perf_counter() - start
         drafter, _ = self._slot_tools(slot)
@@ -194,7 +190,7 @@ class BatchedSpeculativeDecoder:
         pending, remaining = row.context[-1], row.budget - len(row.out)
         drafter, planner = self._slot_tools(slot)
         if drafter is None or remaining <= 1 or not planner.should_draft():
-            return TokenTree([pending], [-1], [0], [{}], [0.0], [""]), False, 0.0
+            return build_tree(pending, []), False, 0.0
         t0 = time.perf_counter()
         q = None if row.query is None else row.query.float().cpu().numpy()
         keys = torch.cat(row.fresh_keys).float().cpu().numpy() if row.fresh_keys else None
@@ -204,7 +200,7 @@ class BatchedSpeculativeDecoder:
         return tree, True, time.perf_counter() - t0
 
     @torch.inference_mode()
-    def _verify(self, cache: RowCache, slots: list[int], rows: dict[int, _Row], trees: dict[int, TokenTree]):
+    def _verify(self, cache: RowCache, rows: dict[int, _Row], trees: dict[int, TokenTree]):
         """One forward over every slot's tree; returns (hidden, logits) shaped (B, K, ...)."""
         device, batch = self.model.device, len(cache.layers[0].keys)
         width = cache.get_seq_length()
@@ -294,7 +290,7 @@ class BatchedSpeculativeDecoder:
             row.metrics.retrieval_s += spent[slot]
         t0 = time.perf_counter()
         width = cache.get_seq_length()
-        hidden, logits = self._verify(cache, list(rows), rows, trees)
+        hidden, logits = self._verify(cache, rows, trees)
         head = self.model.get_output_embeddings()
         move_rows, move_src, move_dst = [], [], []
         for slot, row in list(rows.items()):

@@ -18,7 +18,7 @@ from dresd.config import SpeculativeConfig
 from dresd.drafters import Drafter, DraftRequest
 from dresd.decoding.kv_cache import GrowingCache
 from dresd.decoding.metrics import DecodeMetrics
-from dresd.decoding.tree import TokenTree, build_tree
+from dresd.decoding.tree import build_tree
 from dresd.decoding.verify import forward, verify_batch, verify_token_tree
 
 if TYPE_CHECKING:
@@ -68,10 +68,9 @@ class SpeculativeDecoder:
             return None
         if self.spec.verify == "batch" and self.drafter is not None:
             raise ValueError("speculative sampling needs verify='tree'")
-        from dresd.decoding.acceptance import sample_accept, seeded_generator
+        from dresd.decoding.acceptance import acceptor
 
-        gen = seeded_generator(sampling)
-        return lambda tree, logits: sample_accept(tree, logits, sampling, gen)
+        return acceptor(sampling)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
                      sampling: SamplingParams | None = None) -> Generation:
@@ -104,7 +103,7 @@ class SpeculativeDecoder:
         while len(out) < budget:
             remaining = budget - len(out)
             pending = context[-1]
-            tree, cands, drafted = TokenTree([pending], [-1], [0], [{}], [0.0], [""]), None, False
+            tree, cands, drafted = build_tree(pending, []), None, False
             # The bonus token is always emitted, so drafts longer than remaining-1 are waste.
             if drafter is not None and remaining > 1 and planner.should_draft():
                 t0 = time.perf_counter()
