@@ -235,6 +235,24 @@ class BatchedSpeculativeDecoder:
         self._waiting.append((rid, request))
         return rid
 
+    def partial(self) -> dict[int, list[int]]:
+        """Tokens emitted so far by every decoding request (id -> tokens): what a stream sends
+        between steps. Waiting requests have none yet."""
+        return {row.index: list(row.out) for row in self._rows.values()}
+
+    def cancel(self, rid: int) -> bool:
+        """Stop request `rid` between steps (a client gone, a deadline passed): it leaves the
+        queue or frees its slot and is never reported by `step`. False if it is not here."""
+        for i, (waiting, _) in enumerate(self._waiting):
+            if waiting == rid:
+                del self._waiting[i]
+                return True
+        for slot, row in list(self._rows.items()):
+            if row.index == rid:
+                self._finish(slot, self._rows.pop(slot))
+                return True
+        return False
+
     @property
     def busy(self) -> bool:
         """Whether any request is decoding or waiting."""

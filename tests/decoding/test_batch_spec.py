@@ -145,3 +145,26 @@ def test_requests_join_a_running_batch_between_steps(tiny_lm, prompts):
     assert sizes[0] == 2 and max(sizes) == 4 and sizes[-1] == 0  # grown on demand, shrunk when idle
     with pytest.raises(ValueError, match="request 5: prompt is empty"):
         dec.submit(BatchRequest([], 3))
+
+
+def test_partial_tokens_stream_and_cancel_frees_the_slot(tiny_lm, prompts):
+    """`partial` shows each decoding request's tokens so far (a stream's source); a cancelled
+    request is never reported and the others still get exactly their alone decodes."""
+    ref = [g.token_ids for g in _alone(tiny_lm, prompts[:3], -1)]
+    dec = BatchedSpeculativeDecoder(tiny_lm.model, -1, tiny_lm.max_context, SpeculativeConfig(method="greedy"),
+                                    max_batch=2)
+    a, b, c = (dec.submit(BatchRequest(p, NEW)) for p in prompts[:3])
+    results, seen = {}, {a: [], b: []}
+    for _ in range(3):
+        for rid, gen in dec.step():
+            results[rid] = gen.token_ids
+        now = dec.partial()
+        for rid in (a, b):
+            assert now[rid][: len(seen[rid])] == seen[rid]  # a stream only ever grows
+            seen[rid] = now[rid]
+    assert seen[a] == ref[0][: len(seen[a])] and len(seen[a]) == 3
+    assert dec.cancel(b) and not dec.cancel(b) and c not in dec.partial()
+    while dec.busy:
+        for rid, gen in dec.step():
+            results[rid] = gen.token_ids
+    assert results == {a: ref[0], c: ref[2]}
