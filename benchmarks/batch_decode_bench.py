@@ -58,7 +58,17 @@ def main() -> None:
                                                   "(dresd.decoding.batch_spec), e.g. pld, suffix, dresd")
     p.add_argument("--datastore", default=None, help="datastore for --method dresd / hybrid / rest / suffix")
     p.add_argument("--out", default="runs/bench", help="folder for batch_decode_bench.json")
+    p.add_argument("--study", choices=["greedy", "spec"], default="greedy",
+                   help="spec: plain batched vs speculative batched vs auto at each batch size, interleaved "
+                        "(batch_spec_study.py; in-distribution with --datastore and --prompt-set sharegpt)")
+    p.add_argument("--passes", type=int, default=3, help="--study spec: interleaved passes (median reported)")
+    p.add_argument("--prompt-set", choices=["mtbench", "sharegpt"], default="mtbench",
+                   help="mtbench first turns, or the held-out ShareGPT first turns (the first 40)")
     args = p.parse_args()
+    if args.study == "spec":
+        from batch_spec_study import spec_study  # noqa: E402 - a sibling script
+
+        return spec_study(args)
 
     lm = load_model(ModelConfig(path=args.model, device="cpu"))
     engine = Engine(lm, Datastore(args.datastore) if args.datastore else None)

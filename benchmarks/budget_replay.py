@@ -48,7 +48,7 @@ from pathlib import Path  # noqa: E402
 from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
-from dresd.decoding.tree import TokenTree  # noqa: E402
+from dresd.decoding.tree import TokenTree, subtree  # noqa: E402
 from dresd.evaluation.methods import SUFFIX_AS_PUBLISHED  # noqa: E402
 from dresd.evaluation.replay import accepted_in, walk  # noqa: E402
 
@@ -109,14 +109,34 @@ def to_tree(step: dict) -> TokenTree:
     return tree
 
 
+def sources_of(steps: list[dict]) -> list[str]:
+    """The single drafters a log's trees hold ("dense+suffix" counts for both)."""
+    return sorted({part for step in steps for src in step["source"][1:] for part in src.split("+") if part})
+
+
+def only_source(tree: TokenTree, source: str) -> TokenTree:
+    """The part of `tree` that `source` proposed (a node and all its ancestors proposed by it)."""
+    keep, inside = [], {0}
+    for i in range(1, len(tree)):
+        if tree.parents[i] in inside and source in tree.source[i].split("+"):
+            inside.add(i)
+            keep.append(i)
+    return subtree(tree, keep)
+
+
 def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
-    """Tokens per unit time relative to plain decoding: the planner ("budget"), "all" nodes, or the "oracle"."""
+    """Tokens per unit time relative to plain decoding: the planner ("budget"; "flat" with a
+    constant prior in every acceptance cell; "source:<name>" on that drafter's part of each
+    tree alone), "all" nodes, or the "oracle"."""
     planner = DraftPlanner(cost)
+    planner.acceptance.shrink = mode != "flat"
     tokens = seconds = 0.0
     plain = cost.cost(1)
     for step in steps:
         tree = to_tree(step)
         true_tokens = [tree.tokens[n] for n in step["path"][1:]]
+        if mode.startswith("source:"):
+            tree = only_source(tree, mode.split(":", 1)[1])
         if mode == "oracle":
             m = max(range(len(true_tokens) + 1), key=lambda j: (j + 1) / cost.cost(j + 1))
             tokens, seconds = tokens + m + 1, seconds + cost.cost(m + 1) + step["retrieval_s"]
@@ -125,7 +145,7 @@ def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
         elif not planner.should_draft():
             tokens, seconds = tokens + 1, seconds + plain
         else:
-            kept = planner.plan(tree)
+            kept = planner.plan(tree) if len(tree) > 1 else tree
             path = accepted_in(kept, true_tokens)
             tokens, seconds = tokens + len(path), seconds + cost.cost(len(kept)) + step["retrieval_s"]
             planner.record(kept, path, True, step["retrieval_s"])
@@ -223,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-verify", type=int, default=32, help="nodes verified per logged step (the best-supported)")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
     p.add_argument("--relog", action="store_true", help="decode again even where a log exists")
+    p.add_argument("--cost-file", default=None,
+                   help="a cached cost model (<cache>/cost/<hash>.json) to plan with instead of this machine's "
+                        "calibration: replays then compare planners on a curve measured when the machine was quiet")
     p.add_argument("--policy", action="store_true",
                    help="walk the recorded greedy texts with the planner instead of replaying logged steps")
     args = p.parse_args(argv)
@@ -235,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
 
     store = Path(args.store) if os.sep in args.store else Path(args.workdir) / "stores" / args.store
     lm = load_model(ModelConfig())
-    cost = cached_cost_model(lm.model)
+    if args.cost_file:
+        import json
+
+        cost = CostModel(**json.loads(Path(args.cost_file).read_text())["value"])
+    else:
+        cost = cached_cost_model(lm.model)
     engine = None
-    prompts = eval_sets()[args.set][: args.prompts]
+    prompts = eval_sets([args.set])[args.set][: args.prompts]
     rel = ", ".join(f"k={k}: {v:.2f}x" for k, v in cost.relative().items() if k <= 16)
     print(f"cost model: {rel}\n")
     if args.policy:
@@ -254,8 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         for method in args.methods.split(","):
             print(f"| {method} | {policy_rate(engine, method, texts, cost):.3f}x |", flush=True)
         return 0
-    print("| method | logged steps | budget (replayed) | verify all proposed | oracle |")
-    print("|---|---|---|---|---|")
+    print("| method | logged steps | budget (replayed) | flat prior | verify all proposed | oracle | "
+          "each source alone (budget) |")
+    print("|---|---|---|---|---|---|---|")
     for method in args.methods.split(","):
         path = Path(args.workdir) / "replay" / f"{store.name}-{args.set}-{method}-{args.prompts}x{args.max_new_tokens}.pkl"
         if args.relog or not path.exists():
@@ -266,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_bytes(pickle.dumps(steps))
             tmp.replace(path)
         steps = pickle.loads(path.read_bytes())
-        figures = [replay(steps, cost, mode) for mode in ("budget", "all", "oracle")]
-        print(f"| {method} | {len(steps)} | " + " | ".join(f"{x:.3f}x" for x in figures) + " |")
+        figures = [replay(steps, cost, mode) for mode in ("budget", "flat", "all", "oracle")]
+        alone = ", ".join(f"{src} {replay(steps, cost, 'source:' + src):.3f}x" for src in sources_of(steps))
+        print(f"| {method} | {len(steps)} | " + " | ".join(f"{x:.3f}x" for x in figures) + f" | {alone} |", flush=True)
     return 0
 
 

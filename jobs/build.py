@@ -4,7 +4,7 @@
         [--address ADDR] [--output PATH] [--set corpus.max_records=500 ...]
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python -m jobs.build --config jobs/configs/build_sharegpt.yaml --output /home/ubuntu/stores/sharegpt
+        python -m jobs.build --config jobs/configs/build_sharegpt.yaml --output s3://my-bucket/stores/sharegpt
 
 Ray address: --address, else RAY_ADDRESS (`ray job submit` sets it for the job's driver),
 else the config's `ray_address`, else a fresh local Ray. Prints the build summary and exits

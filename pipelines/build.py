@@ -29,19 +29,20 @@ import ray
 from tqdm import tqdm
 
 from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
-from dresd.config import BuildConfig, CorpusConfig, ModelConfig, to_dict
+from dresd.config import BuildConfig, CorpusConfig, to_dict
 from dresd.datastore.corpus import list_corpus_files, sharegpt_path, SHAREGPT
 from dresd.datastore.store import Datastore, DatastoreError, read_current
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
-from dresd.datastore.index import choose_index_params, exact_topk, forced_ivfpq_keys, overlap_at_k, search, self_retrieval_mrr, set_search_params, train_index
-from dresd.model.loading import load_model
+from dresd.datastore.index import (exact_topk, forced_ivfpq_keys, overlap_at_k, plan_index, search, self_retrieval_mrr,
+                                   set_search_params, train_index)
+from dresd.model.resolve import model_facts
 from dresd.datastore.reservoir import Reservoir
 from dresd.storage.files import file_stamp
 from pipelines.embed import Embed
 from pipelines.index_fill import fill_and_merge, fill_names, save_trained
 from pipelines.read import count_keys, read_shards
-from pipelines.runtime import ensure_ray
+from pipelines.runtime import check_shared_folder, ensure_ray
 from pipelines.scratch import Scratch
 from pipelines.shards import done_shards, first_key_ids, shard_hidden, shard_tokens
 
@@ -62,6 +63,7 @@ class BuildReport:
     timings: dict[str, float] = field(default_factory=dict)
     check: dict[str, float] = field(default_factory=dict)
     reject_examples: list[str] = field(default_factory=list)  # first few reject messages
+    index_layout: str = ""  # the index layout chosen, and why (dresd.datastore.index.plan_index)
 
     def lines(self) -> list[str]:
         """Human-readable summary."""
@@ -73,6 +75,7 @@ class BuildReport:
             + (f" ({reasons})" if rej else "") + f"; examples embedded {self.examples_embedded}",
             f"keys {self.keys}, tokens {self.tokens}, shards {self.shards} ({self.shards_reused} reused)",
             "intrinsic check: " + ", ".join(f"{k} {v:.3f}" for k, v in self.check.items()),
+            f"index: {self.index_layout}",
             "timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()),
         ]
         return out + [f"  rejected: {m}" for m in self.reject_examples]
@@ -83,7 +86,10 @@ def build_key(cfg: BuildConfig, identity: dict) -> str:
     files = []
     for f in list_corpus_files(cfg.corpus.paths):
         files.append([f, *file_stamp(sharegpt_path() if f == SHAREGPT else f)[1:]])
-    blob = json.dumps([identity["fingerprint"], to_dict(cfg.corpus), files, cfg.shard_rows], sort_keys=True)
+    key = [identity["fingerprint"], to_dict(cfg.corpus), files, cfg.shard_rows]
+    if cfg.model.dtype != "auto":  # shards embedded in another precision are other keys ("auto" keeps older names)
+        key.append(cfg.model.dtype)
+    blob = json.dumps(key, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -94,19 +100,25 @@ def work_folder(cfg: BuildConfig, name: str) -> Scratch:
     root = cfg.work_dir or cfg.output.rstrip("/") + "/.build"
     work = Scratch(root.rstrip("/") + "/" + name)
     work.path.mkdir(parents=True, exist_ok=True)
+    if not work.remote:  # the embedding actors write shards here, on whichever node they run
+        check_shared_folder(work.path, "the build's scratch (work_dir, default <output>/.build)")
     return work
 
 
-def _embed_shards(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_tokens: int, prefix: int) -> int:
+def _embed_shards(cfg: BuildConfig, work: Scratch, identity: dict, eos: int, max_tokens: int, prefix: int) -> int:
     """Run read -> tokenize -> embed for every unfinished shard; returns shards reused."""
     done = done_shards(work)
     gpus = cfg.embed_gpus if cfg.embed_gpus >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
+    # Workers get the model's name, resolved on each node (dresd.model.resolve), and the
+    # identity the driver saw, which each embedding actor checks its own copy against.
+    model_dir = cfg.model.path
     tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
     ds = read_shards(cfg.corpus, tokenize, cfg.shard_rows, skip=frozenset(done))
     ds = ds.map_batches(
         Embed,
         fn_constructor_kwargs=dict(model_dir=model_dir, device=cfg.model.device, threads=cfg.embed_threads,
-                                   work=work.location, batch_size=cfg.batch_size),
+                                   work=work.location, batch_size=cfg.batch_size, dtype=cfg.model.dtype,
+                                   identity=identity),
         batch_size=1,
         # One shard in flight per actor: shards are large, so this balances them over actors.
         compute=ray.data.ActorPoolStrategy(size=cfg.embed_actors, max_tasks_in_flight_per_actor=1),
@@ -118,8 +130,9 @@ def _embed_shards(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max
     return len(done)
 
 
-def embed_corpus(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_tokens: int, prefix: int) -> tuple[dict, int]:
-    """Embed every shard of the corpus into `work` (skipping finished ones).
+def embed_corpus(cfg: BuildConfig, work: Scratch, identity: dict, eos: int, max_tokens: int, prefix: int) -> tuple[dict, int]:
+    """Embed every shard of the corpus into `work` (skipping finished ones) with the model
+    `cfg.model.path` names, which must have `identity` on every node.
 
     Returns (metadata of every shard by id, shards reused from an earlier run).
     """
@@ -131,7 +144,7 @@ def embed_corpus(cfg: BuildConfig, work: Scratch, model_dir: str, eos: int, max_
     # blocks are what actors receive, so shards spread over all embedding actors.
     ctx.target_max_block_size = 1
     try:
-        reused = _embed_shards(cfg, work, model_dir, eos, max_tokens, prefix)
+        reused = _embed_shards(cfg, work, identity, eos, max_tokens, prefix)
     finally:
         ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
     return done_shards(work), reused
@@ -145,6 +158,12 @@ def tally(metas: dict) -> tuple[int, Counter, list[str]]:
         rejected.update(m["rejects"])
         messages += m["messages"][: max(0, 5 - len(messages))]
     return sum(m["rows_read"] for m in metas.values()), rejected, messages
+
+
+def key_dtype(metas: dict) -> str:
+    """The dtype the shards' keys were made in ("a+b" when nodes differed: "auto" on a mixed
+    cluster); shards from before the record were float32."""
+    return "+".join(sorted({m.get("dtype", "float32") for m in metas.values()})) or "float32"
 
 
 def assemble_stream(work: Scratch, shard_ids: list[str], token_base: int = 0):
@@ -261,10 +280,11 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     """Run the whole build and publish a new datastore version under `cfg.output`."""
     t0 = time.perf_counter()
     check_default_ids(cfg.corpus)
-    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
-    model_dir, tok, eos, identity = str(lm.model.name_or_path), lm.tokenizer, lm.eos_token_id, lm.identity
-    max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
-    del lm  # the driver needs the tokenizer facts only; actors load their own model
+    # The driver reads the model's identity and tokenizer only; the job's workers get the model's
+    # name (cfg.model.path), never this node's folder, and each node resolves it itself.
+    facts = model_facts(cfg.model.path)
+    model, tok, eos, identity = cfg.model.path, facts.tokenizer, facts.eos_token_id, facts.identity
+    max_tokens = min(cfg.corpus.max_tokens or facts.max_context, facts.max_context)
     root = cfg.output
     # The version this build replaces: publishing checks CURRENT still names it, so an update
     # that lands while the build runs is not silently replaced (PublishConflict instead).
@@ -274,11 +294,11 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         Datastore(root).check_compatible(identity)
     fmt = cfg.corpus.prompt_format
     prefix = shared_prefix_len(tok, fmt)
-    tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
+    tokenize = dict(model_dir=model, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
     check_forced_ivfpq(cfg, tokenize)
     work = work_folder(cfg, build_key(cfg, identity))
 
-    metas, reused = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
+    metas, reused = embed_corpus(cfg, work, identity, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
     t_embed = time.perf_counter()
     rows_read, rejected, messages = tally(metas)
@@ -291,7 +311,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
 
     sample = reservoir_sample(work, shard_ids, cfg.index.sample_size, identity["hidden_size"], cfg.index.seed)
     comp = fit_compressor(sample, cfg.index.dim)
-    params = choose_index_params(n_keys, cfg.index)
+    params, layout = plan_index(n_keys, cfg.index)
     trained = train_index(params, compress(comp, sample), seed=cfg.index.seed)
     tag = save_trained(work, comp, trained)
     t_train = time.perf_counter()
@@ -307,10 +327,12 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     counts = {"rows_read": rows_read, "examples": len(sources), "rejected": dict(rejected)}
     manifest = {
         "model": identity,
+        "key_dtype": key_dtype(metas),
         "prompt_format": {"name": fmt, "fingerprint": format_fingerprint(tok, fmt), "shared_prefix_len": prefix},
         "eos_id": eos,
         "value_len": cfg.value_len,
-        "index": {"params": params.to_dict(), "factory": params.factory, "sample_size": int(len(sample))},
+        "index": {"params": params.to_dict(), "factory": params.factory, "sample_size": int(len(sample)),
+                  "layout": layout},
         # reconstruction_error of the fit sample: the baseline that update drift is judged by.
         "compressor": {"dim": comp.out_dim, "explained_variance": float(comp.explained_variance_ratio.sum()),
                        "sample_reconstruction_error": reconstruction_error(comp, sample)},
@@ -333,5 +355,5 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
         nodes={"embed": sorted({metas[s]["node"] for s in shard_ids}), "fill": sorted(set(fill_nodes))},
         timings={"read+tokenize+embed": t_embed - t0, "sample+fit+train": t_train - t_embed,
                  "fill+merge": t_fill - t_train, "check+publish": t_end - t_fill, "total": t_end - t0},
-        check=check, reject_examples=messages,
+        check=check, reject_examples=messages, index_layout=f"{params.factory}: {layout}",
     )

@@ -21,17 +21,15 @@ import json
 import os
 import sys
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dresd.storage.faults import fault_point
-from dresd.storage.files import sha256_file
+from dresd.storage.files import is_uri, sha256_file
+from pipelines.decode_parts import META_KEY, Parts, exclusive_run
 from dresd.config import ModelConfig, to_dict
 from dresd.config import DecodeConfig
 
-META_KEY = b"dresd_chunk"
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -74,12 +72,9 @@ def _model_tag(m: ModelConfig) -> list:
     """Names the model's files by content (sha256, cheap next to decoding) without loading it. Not by
     mtime: a reinstall of the model's package rewrites its files, and every finished part
     would be decoded again."""
-    if m.path is None:
-        from dresd.model.loading import DEFAULT_GGUF_FILE, packaged_default_dir
+    from dresd.model.resolve import resolve_model  # a storage URI is fetched once into this node's cache
 
-        path = packaged_default_dir() / DEFAULT_GGUF_FILE
-    else:
-        path = Path(m.path).expanduser().resolve()
+    path = resolve_model(m.path)[1].resolve()
     files = sorted(path.iterdir()) if path.is_dir() else [path]
     return [[f.name, sha256_file(f)] for f in files if f.is_file()]
 
@@ -88,6 +83,8 @@ def settings(cfg: DecodeConfig) -> dict:
     """Everything that changes a row's output; part keys hash it."""
     out = {k: getattr(cfg, k) for k in ("prompt_format", "max_prompt_tokens", "max_new_tokens", "temperature")}
     out["model"] = _model_tag(cfg.model)
+    if cfg.model.dtype != "auto":  # another precision gives other tokens ("auto" keeps older keys)
+        out["dtype"] = cfg.model.dtype
     if cfg.temperature > 0:  # sampled tokens depend on the seed, on batching and on the drafts
         out.update(top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size)
         if cfg.speculative.method != "greedy":
@@ -140,9 +137,9 @@ class DecodeChunks:
         m = self.cfg.model
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.actors)
-        self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads))
+        self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads, dtype=m.dtype))
         torch.set_num_threads(threads)
-        self.output = Path(output)
+        self.parts = Parts(output)
         self.speculative = self._speculative_decoder() if self.cfg.speculative.method != "greedy" else None
         print(f"decode actor: {self.lm.identity['name']} on {self.lm.device}, {torch.get_num_threads()} torch threads, "
               f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(default)')}", flush=True)
@@ -153,7 +150,7 @@ class DecodeChunks:
         from dresd.datastore.formatting import format_fingerprint
         from dresd.datastore.store import Datastore
         from dresd.decoding.batch_spec import BatchedSpeculativeDecoder
-        from dresd.decoding.calibration import cached_cost_model
+        from dresd.decoding.calibration import cached_batch_cost_model
         from dresd.drafters.registry import make_drafter
 
         cfg, lm, spec = self.cfg, self.lm, self.cfg.speculative
@@ -163,8 +160,8 @@ class DecodeChunks:
             if fmt != cfg.prompt_format:
                 raise ValueError(f"datastore {cfg.datastore} was built with prompt format {fmt!r}; "
                                  f"this job lays prompts out as {cfg.prompt_format!r} (set prompt_format: {fmt})")
-            store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
-        cost = cached_cost_model(lm.model) if spec.budget == "auto" else None
+            store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt), lm.dtype)
+        cost = cached_batch_cost_model(lm.model) if spec.budget == "auto" else None
         return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
                                          lambda: make_drafter(spec, store, lm.tokenizer, lm.eos_token_id),
                                          cost, max_batch=cfg.batch_size)
@@ -238,23 +235,12 @@ class DecodeChunks:
 
     def _write_part(self, chunk: int, records: list[dict], meta: dict) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("prompt", pa.string()),
                             ("response", pa.string()), ("token_ids", pa.list_(pa.int32())),
                             ("prompt_tokens", pa.int32()), ("new_tokens", pa.int32()), ("stop", pa.string()),
                             ("wall_s", pa.float64())], metadata={META_KEY: json.dumps(meta).encode()})
-        table = pa.Table.from_pylist(records, schema=schema)
-        final = part_path(self.output, chunk)
-        tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            fault_point("during_part_write")
-            os.replace(tmp, final)  # readers see the old part or the whole new one, never half
-        finally:
-            tmp.unlink(missing_ok=True)
+        self.parts.write(chunk, pa.Table.from_pylist(records, schema=schema))
 
     def __call__(self, batch: dict) -> dict:
         receipts = [self.decode_chunk(int(c), k, json.loads(p))
@@ -288,6 +274,7 @@ class DecodeReport:
     corpus: str | None = None
     corpus_records: int = 0
     corpus_empty: int = 0
+    removed: list[str] = field(default_factory=list)  # parts outside this run's plan, removed
 
     def lines(self) -> list[str]:
         rej, fail = sum(self.rejected.values()), sum(self.failed.values())
@@ -310,18 +297,23 @@ class DecodeReport:
             out.append(f"  drafting: acceptance {self.accepted / self.drafted:.3f} ({self.accepted} of "
                        f"{self.drafted} drafted), mean accepted tokens per call per sequence "
                        f"{self.new_tokens / max(1, self.calls):.2f}")
+        if self.removed:
+            out.append(f"  removed {len(self.removed)} part(s) outside this plan (an earlier limit or chunk_rows): "
+                       + ", ".join(self.removed[:5]) + (" ..." if len(self.removed) > 5 else ""))
         if self.corpus:
             out.append(f"  id corpus: {self.corpus} ({self.corpus_records} records, "
                        f"{self.corpus_empty} empty responses left out)")
         return out
 
 
-def _run_stage(cfg: DecodeConfig, output: Path, pending: list[dict], report: DecodeReport) -> None:
+def _run_stage(cfg: DecodeConfig, output: str, pending: list[dict], report: DecodeReport) -> None:
     import ray
 
-    from pipelines.runtime import ensure_ray
+    from pipelines.runtime import check_shared_folder, ensure_ray
 
     ensure_ray(cfg.ray_address)
+    if not is_uri(output):  # the actors write their parts here, on whichever node they run
+        check_shared_folder(Path(output), "the decode output")
     ctx = ray.data.DataContext.get_current()
     saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
     ctx.execution_options.preserve_order = True
@@ -361,50 +353,54 @@ def _run_stage(cfg: DecodeConfig, output: Path, pending: list[dict], report: Dec
     report.stage_s = time.perf_counter() - t0
 
 
-def write_corpus(output: Path, chunks: list[dict], path: Path, report: DecodeReport) -> None:
-    """Gather every planned part, in row order, into a jsonl corpus (tmp + rename)."""
-    import pyarrow.parquet as pq
+def write_corpus(parts: Parts, chunks: list[dict], path: str, report: DecodeReport) -> None:
+    """Gather every planned part, in row order, into a jsonl corpus at `path` (local or a
+    storage URI), visible only when complete."""
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for c in chunks:
-                for rec in pq.read_table(part_path(output, c["chunk"]), columns=["id", "prompt", "response"]).to_pylist():
-                    if not rec["response"].strip():
-                        report.corpus_empty += 1
-                        continue
-                    fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    report.corpus_records += 1
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    def lines():
+        for c in chunks:
+            for rec in parts.read(c["chunk"], columns=["id", "prompt", "response"]).to_pylist():
+                if not rec["response"].strip():
+                    report.corpus_empty += 1
+                    continue
+                report.corpus_records += 1
+                yield json.dumps(rec, ensure_ascii=False) + "\n"
+
+    parts.write_text_file(path, lines())
     report.corpus = str(path)
 
 
 def run_decode(cfg: DecodeConfig) -> DecodeReport:
     """Decode every unfinished chunk; returns the report (nothing is raised for failed rows)."""
-    output = Path(cfg.output)
-    output.mkdir(parents=True, exist_ok=True)
-    for stale in output.glob(".part-*.parquet.tmp-*"):  # left by a crashed writer
-        stale.unlink(missing_ok=True)
     from dresd.drafters.registry import method_entry
 
     if method_entry(cfg.speculative.method).needs_datastore and not cfg.datastore:
         raise ValueError(f"speculative.method {cfg.speculative.method!r} drafts from a datastore: set datastore")
+    output = str(cfg.output) if is_uri(cfg.output) else str(Path(cfg.output).resolve())
+    with exclusive_run(output):
+        return _decode(cfg, output)
+
+
+def _decode(cfg: DecodeConfig, output: str) -> DecodeReport:
+    """run_decode's body, while this run holds the output."""
+    parts = Parts(output)
+    found = parts.prepare()  # temporary files of crashed writers go here
     rows = read_prompts(cfg)
     chunks = plan_chunks(cfg, rows)
-    report = DecodeReport(output=str(output), rows_in=len(rows), chunks=len(chunks))
+    report = DecodeReport(output=output, rows_in=len(rows), chunks=len(chunks))
+    # Parts of chunks this plan does not have (an earlier limit or chunk_rows) would add rows
+    # that are not asked for to whatever reads the folder.
+    report.removed = parts.remove_outside(found, {c["chunk"] for c in chunks})
     pending = []
     for c in chunks:
-        path = part_path(output, c["chunk"])
-        meta = part_meta(path) if path.exists() else None
+        exists = parts.name(c["chunk"]) in found
+        meta = parts.meta(c["chunk"]) if exists else None
         if meta is not None and meta.get("key") == c["key"]:
             report.reused += 1
             report.skipped += meta["done"]
             report.rejected.update(meta["rejects"])
         else:
-            report.replaced += path.exists()
+            report.replaced += exists
             pending.append(c)
     print(f"decoding {len(rows)} rows of {cfg.prompts!r} into {output}: {len(chunks)} chunks, "
           f"{len(pending)} to compute (ray: {cfg.ray_address or 'local'})", flush=True)
@@ -414,5 +410,5 @@ def run_decode(cfg: DecodeConfig) -> DecodeReport:
         if report.failed:
             print("id corpus not written: some chunks failed (rerun to finish them)", file=sys.stderr)
         else:
-            write_corpus(output, chunks, Path(cfg.corpus_file or f"{str(output).rstrip('/')}.jsonl"), report)
+            write_corpus(parts, chunks, cfg.corpus_file or f"{output.rstrip('/')}.jsonl", report)
     return report

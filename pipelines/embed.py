@@ -17,6 +17,7 @@ import torch
 
 from dresd.config import ModelConfig
 from dresd.model.loading import load_model
+from dresd.model.resolve import check_identity
 from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 from pipelines.shards import META, ShardData, write_shard
@@ -25,11 +26,17 @@ from pipelines.shards import META, ShardData, write_shard
 class Embed:
     """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
 
-    def __init__(self, model_dir: str, device: str, threads: int, work: str, batch_size: int):
+    def __init__(self, model_dir: str | None, device: str, threads: int, work: str, batch_size: int, dtype: str = "auto",
+                 identity: dict | None = None):
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = threads or max(1, os.cpu_count() or 1)
+        # `model_dir` is the model's name as ModelConfig.path takes it, resolved on this node.
         # Embedding runs long forwards only: the decode-step weight copy would be dead memory.
-        self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads, dual_layout=False))
+        self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads, dual_layout=False,
+                                         dtype=dtype))
+        if identity is not None:  # the model the driver planned with, on every node
+            node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+            check_identity(identity, self.lm.identity, f"embedding actor on node {node[:12]} (model {model_dir!r})")
         self.work = Scratch(work)
         self.batch_size = batch_size
 
@@ -73,6 +80,7 @@ class Embed:
                 "shard": sid, "file": file, "rows_read": p["rows_read"], "examples": len(seqs),
                 "tokens": int(lengths.sum()), "keys": int(len(hidden)), "rejects": p["rejects"],
                 "messages": p["messages"], "node": ray.get_runtime_context().get_node_id(),
+                "dtype": self.lm.dtype,  # what the keys were made in (the manifest records it)
             }
             data = ShardData(
                 tokens=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),

@@ -20,7 +20,7 @@ from ray.exceptions import GetTimeoutError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from dresd.datastore.compression import Compressor, compress, load_compressor, save_compressor
-from dresd.datastore.index import IVFDATA, add_keys, merge_into, merge_on_disk, serialize
+from dresd.datastore.index import IVFDATA, add_keys, deserialize, merge_into, merge_on_disk, serialize
 from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 from pipelines.shards import shard_hidden
@@ -114,7 +114,9 @@ def fill_and_merge(work: Scratch, shard_ids: list[str], tag: str, first_ids: lis
         return merged, nodes
     merged = trained
     if base is not None:
-        merge_into(merged, base)
+        # merge_into empties its source: a published index is memory-mapped read-only
+        # (dresd.datastore.index.read_index), so the merge takes an in-memory copy of it.
+        merge_into(merged, deserialize(serialize(base)))
     for i, f in enumerate(shard_files):
         merge_into(merged, faiss.read_index(f))
         if i == 0:

@@ -15,12 +15,13 @@ from transformers import AutoTokenizer
 from dresd.config import CorpusConfig
 from dresd.datastore.corpus import RawRow, RecordError, extract_examples
 from dresd.datastore.formatting import record_ids
+from dresd.model.resolve import model_folder
 
 
 class Tokenize:
     """One tokenizer + the corpus rules; `tokenize_shard` turns raw rows into sequences."""
 
-    def __init__(self, model_dir: str, corpus: CorpusConfig, eos_id: int, max_tokens: int, prefix_len: int):
+    def __init__(self, model_dir: str | None, corpus: CorpusConfig, eos_id: int, max_tokens: int, prefix_len: int):
         self.tokenizer = cached_tokenizer(model_dir)
         self.corpus = corpus
         self.eos_id = eos_id
@@ -68,6 +69,7 @@ class Tokenize:
 
 
 @lru_cache(maxsize=4)
-def cached_tokenizer(model_dir: str):
-    """One tokenizer per worker process (Ray reuses workers across read tasks)."""
-    return AutoTokenizer.from_pretrained(model_dir)
+def cached_tokenizer(model_dir: str | None):
+    """One tokenizer per worker process (Ray reuses workers across read tasks). `model_dir`
+    names the model as ModelConfig.path does; it is resolved on this node."""
+    return AutoTokenizer.from_pretrained(str(model_folder(model_dir)[1]), local_files_only=True)

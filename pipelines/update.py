@@ -27,16 +27,16 @@ import faiss
 import numpy as np
 
 from dresd.datastore.compression import reconstruction_error
-from dresd.config import BuildConfig, ModelConfig, to_dict
+from dresd.config import BuildConfig, to_dict
 from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
 from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
-from dresd.model.loading import load_model
+from dresd.model.resolve import model_facts
 from dresd.storage.faults import fault_point
-from pipelines.build import (assemble_stream, build_key, check_default_ids, embed_corpus, reservoir_sample, tally,
-                             usable_summary, work_folder)
+from pipelines.build import (assemble_stream, build_key, check_default_ids, embed_corpus, key_dtype, reservoir_sample,
+                             tally, usable_summary, work_folder)
 from pipelines.index_fill import fill_and_merge, save_trained
 from pipelines.shards import first_key_ids
 
@@ -100,16 +100,16 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     root = cfg.output
     store = _parent(root)
     check_default_ids(cfg.corpus, store)
-    lm = load_model(ModelConfig(path=cfg.model.path, device="cpu", dual_layout=False))
+    # Identity and tokenizer only: the workers resolve the model's name on their own nodes.
+    facts = model_facts(cfg.model.path)
     fmt = store.manifest["prompt_format"]["name"]
-    store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt))
+    store.check_compatible(facts.identity, format_fingerprint(facts.tokenizer, fmt))
     cfg.corpus.prompt_format = fmt  # the store's format, whatever the config said
-    model_dir, eos, identity = str(lm.model.name_or_path), lm.eos_token_id, lm.identity
-    max_tokens = min(cfg.corpus.max_tokens or lm.max_context, lm.max_context)
-    prefix = shared_prefix_len(lm.tokenizer, fmt)
-    del lm
+    eos, identity = facts.eos_token_id, facts.identity
+    max_tokens = min(cfg.corpus.max_tokens or facts.max_context, facts.max_context)
+    prefix = shared_prefix_len(facts.tokenizer, fmt)
     work = work_folder(cfg, "update-" + build_key(cfg, identity))
-    metas, _ = embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix)
+    metas, _ = embed_corpus(cfg, work, identity, eos, max_tokens, prefix)
     shard_ids = sorted(metas)
     rows_read, rejected, messages = tally(metas)
     if sum(metas[s]["keys"] for s in shard_ids) == 0:
@@ -147,8 +147,13 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     change = {"kind": "add", "corpus": to_dict(cfg.corpus), "rows_read": rows_read, "rejected": dict(rejected),
               "keys_added": int(len(key_pos)), "drift": drift}
     fault_point("during_add")
+    manifest = _child_manifest(store, change)
+    added = key_dtype(metas)
+    if added != store.key_dtype:  # allowed, as decoding in another dtype is; the record says both
+        log.warning("update add: %s keys join %s keys of version %s", added, store.key_dtype, store.version)
+        manifest["key_dtype"] = "+".join(sorted(set(store.key_dtype.split("+")) | set(added.split("+"))))
     try:
-        version_dir = publish(root, parts, _child_manifest(store, change), expect_current=store.version)
+        version_dir = publish(root, parts, manifest, expect_current=store.version)
     except PublishConflict as err:
         err.add_note(f"the embedded shards stay in {work.path}: running the update again reuses them")
         raise

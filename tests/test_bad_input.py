@@ -79,7 +79,8 @@ def no_ray_embedding(monkeypatch):
     monkeypatch.setattr(build_mod, "ensure_ray", lambda address=None: None)
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
 
-    def embed_corpus(cfg, work, model_dir, eos, max_tokens, prefix):
+    def embed_corpus(cfg, work, identity, eos, max_tokens, prefix):
+        model_dir = cfg.model.path  # the model by name, as the workers get it
         tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
         stage = None
         for i, path in enumerate(list_corpus_files(cfg.corpus.paths)):

@@ -124,10 +124,11 @@ def test_imports_point_down_the_layers():
 
 
 def test_library_imports_no_ray():
-    """Everything in dresd/ but the Ray actor pool imports without Ray (and without pipelines/)."""
+    """Everything in dresd/ but the Ray actor pool and the Ray Serve app imports without Ray
+    (and without pipelines/)."""
     code = (
         "import importlib, pkgutil, sys, dresd\n"
-        "skip = {'dresd.serving.pool', 'dresd.cli.__main__'}\n"
+        "skip = {'dresd.serving.pool', 'dresd.serving.app', 'dresd.cli.__main__'}\n"
         "names = [m.name for m in pkgutil.walk_packages(dresd.__path__, 'dresd.') if m.name not in skip]\n"
         "for n in names: importlib.import_module(n)\n"
         "print(len(names), sorted(k for k in sys.modules if k.split('.')[0] in ('ray', 'pipelines', 'jobs')))\n"
@@ -143,6 +144,7 @@ TESTED_ELSEWHERE = {
     "dresd/cli/__main__.py": "two lines that call main(); tests/cli/test_main.py",
     "jobs/build.py": "tests/jobs/test_build_job.py (test_build.py is the pipeline's)",
     "jobs/decode.py": "tests/jobs/test_decode_job.py (test_decode.py is the pipeline's)",
+    "jobs/update.py": "tests/jobs/test_update_job.py (test_update.py is the pipeline's)",
     "jobs/common.py": "the job command line, run by both job tests",
     "pipelines/runtime.py": "connecting to Ray, run by every Ray test of pipelines/",
 }

@@ -1,4 +1,4 @@
-"""The `dresd` command line: build, update, generate, datastore list|show|verify|prune, demo.
+"""The `dresd` command line: build, update, generate, datastore list|show|verify|prune, serve, demo.
 
 Every command loads its config the same way (dresd.config.loader): the dataclass defaults,
 then `--config FILE.yaml`, then its flags, then `--set key.sub=value`. A bad value is a
@@ -21,7 +21,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dresd.config import (BuildConfig, ConfigError, DatastoreCommandConfig, DemoConfig,  # noqa: E402
-                          GenerateConfig, SpeculativeConfig, UpdateConfig)
+                          GenerateConfig, ServeConfig, SpeculativeConfig, UpdateConfig)
 from dresd.config.loader import add_config_arguments, add_flag, config_from_args  # noqa: E402
 
 
@@ -174,6 +174,28 @@ def _demo(cfg: DemoConfig, args: argparse.Namespace) -> int:
     return run_demo(cfg)
 
 
+def _serve(cfg: ServeConfig, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from dresd.serving.app import api_key_for, check_method, start, stop
+
+    check_method(cfg)  # a method without its datastore, or a missing key, fails before Ray starts
+    api_key_for(cfg)
+    url = start(cfg)
+    print(f"serving {cfg.served_model_name} at {url}/v1 (datastore {cfg.datastore or 'none'}, "
+          f"{cfg.replicas} replica(s)); Ctrl-C stops", flush=True)
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        while not done.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    stop(cfg)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dresd` console script."""
     parser = build_parser()
@@ -215,6 +237,7 @@ def _corpus_flags(p: argparse.ArgumentParser, cls: type) -> None:
     add_flag(p, "--id-field", cls, "corpus.id_field", "field holding a stable source id per record (what delete takes)")
     add_flag(p, "--on-error", cls, "corpus.on_error", "bad rows: skip (counted by reason) or fail")
     add_flag(p, "--model", cls, "model.path", "HF folder or .gguf (default: packaged SmolLM2-135M-Instruct)")
+    add_flag(p, "--dtype", cls, "model.dtype", "keys' precision (auto: bfloat16 on CUDA, else float32)")
     add_flag(p, "--address", cls, "ray_address", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
 
@@ -265,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "--hybrid-exact", GenerateConfig, "speculative.hybrid_exact",
              "hybrid: the exact-match source (prompt lookup or SuffixDecoding)")
     add_flag(g, "--threads", GenerateConfig, "model.threads")
+    add_flag(g, "--dtype", GenerateConfig, "model.dtype", "auto: bfloat16 on CUDA, else float32")
     add_flag(g, "--out", GenerateConfig, "out", "write per-request results as jsonl")
 
     d = _command(sub, "datastore", DatastoreCommandConfig, _datastore,
@@ -276,6 +300,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(d, "--json", DatastoreCommandConfig, "json", "show: the manifest as json", switch=True)
     add_flag(d, "--keep", DatastoreCommandConfig, "keep",
              "prune: versions kept up to CURRENT, CURRENT included; older ones are removed")
+
+    s = _command(sub, "serve", ServeConfig, _serve,
+                 "an OpenAI-compatible HTTP endpoint (Ray Serve) decoding with a datastore")
+    add_flag(s, "--datastore", ServeConfig, "datastore", "datastore root (CURRENT is followed between requests)")
+    add_flag(s, "--model", ServeConfig, "model.path", "HF folder or .gguf (default: packaged model)")
+    add_flag(s, "--method", ServeConfig, "speculative.method", "the replicas' default method")
+    add_flag(s, "--replicas", ServeConfig, "replicas")
+    add_flag(s, "--max-batch", ServeConfig, "max_batch", "sequences per forward in a replica")
+    add_flag(s, "--host", ServeConfig, "host", "bind address (not loopback: an API key is required)")
+    add_flag(s, "--port", ServeConfig, "port")
+    add_flag(s, "--address", ServeConfig, "ray_address", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
 
     m = _command(sub, "demo", DemoConfig, _demo,
                  "build a ShareGPT datastore with the packaged model, then compare methods")

@@ -9,6 +9,7 @@ from dresd.config.commands import (  # noqa: F401  (the package's public names)
     DecodeConfig,
     DemoConfig,
     GenerateConfig,
+    ServeConfig,
     UpdateConfig,
 )
 from dresd.config.loader import ConfigError, from_dict, load_config, load_yaml, to_dict  # noqa: F401

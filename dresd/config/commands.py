@@ -62,6 +62,9 @@ class UpdateConfig(BuildConfig):
     output: str = ""
     # delete: source ids to remove (the `id_field` values the records were built with).
     sources: list[str] = field(default_factory=list)
+    # The update job (jobs/update.py) only: compact after its add and delete (drop the
+    # tombstoned keys and records). `dresd update` takes the action on its command line.
+    compact: bool = False
 
     def problems(self) -> list[str]:
         return [] if self.output else ["output is empty (give the datastore root: --datastore ROOT)"]
@@ -141,10 +144,13 @@ class DecodeConfig:
     top_p: float = 1.0
     # Sampling seed: batch b of chunk c draws from a generator seeded by (seed, c, b).
     seed: int = 0
-    # Drafting for the batch: "greedy" = plain batched decoding (dresd.decoding.batch); any
-    # other method drafts per sequence and verifies every sequence's tree in one forward
+    # Drafting for the batch: "auto" = the best method at hand (dresd.drafters.registry.
+    # resolve_method) with the draft budget choosing per step how many positions each
+    # sequence verifies at this batch size (dresd.decoding.batch_plan; none when drafts do
+    # not pay); "greedy" = plain batched decoding (dresd.decoding.batch); any other method
+    # drafts per sequence and verifies every sequence's tree in one forward
     # (dresd.decoding.batch_spec). Greedy output is the same whatever the method.
-    speculative: SpeculativeConfig = field(default_factory=lambda: SpeculativeConfig(method="greedy"))
+    speculative: SpeculativeConfig = field(default_factory=lambda: SpeculativeConfig(method="auto"))
     # Datastore root or version folder the drafts come from (methods that need one); its
     # prompt format must be `prompt_format`.
     datastore: str | None = None
@@ -217,3 +223,77 @@ class DemoConfig:
     records: int = 200
     # New tokens per prompt at most.
     max_new_tokens: int = 48
+
+
+# Hosts that only this machine reaches: there an API key is optional (dresd.serving.app).
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class ServeConfig:
+    """`dresd serve` and the Serve config file's app builder (dresd.serving.app.build_app):
+    an OpenAI-compatible HTTP app whose replicas decode with continuous batching."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The replicas' default method and its settings; a request's `dresd` object may choose
+    # another method or budget for itself.
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    # Datastore root the replicas follow (CURRENT between requests, or the root's pin).
+    # None: methods that need no datastore only (greedy, pld, ...).
+    datastore: str | None = None
+    # Prompt layout without a datastore (a datastore decodes with the format it was built with).
+    prompt_format: Literal["chat", "qa"] = "chat"
+    # The model id /v1/models lists and responses carry (requests may name any model).
+    served_model_name: str = "dresd"
+    # Address the HTTP proxy binds. Anything but loopback needs an API key (api_key_env).
+    host: str = "127.0.0.1"
+    # HTTP port.
+    port: int = 8000
+    # Serve replicas, each loading the model once and decoding its own batch.
+    replicas: int = 1
+    # CPUs each replica reserves in Ray's accounting (below its torch threads on small machines).
+    replica_cpus: float = 1.0
+    # GPUs each replica requests (0 = CPU only; a fraction shares a GPU).
+    replica_gpus: float = 0.0
+    # Sequences one replica decodes per forward at most (BatchedSpeculativeDecoder.max_batch);
+    # requests beyond it wait inside the replica and join between steps.
+    max_batch: int = 8
+    # Requests one replica holds at once (decoding and waiting for a slot); Serve queues more.
+    max_ongoing_requests: int = 16
+    # Requests Serve queues for the whole app beyond the replicas' ongoing ones; the excess
+    # is answered 503 with Retry-After (-1 = no limit).
+    max_queued_requests: int = 64
+    # The Retry-After those 503 answers carry, in seconds (rounded up).
+    retry_after_s: float = 1.0
+    # Seconds a request may take from arrival to its last token; past it the request is
+    # cancelled and answered 504 (a stream ends with an error event).
+    request_timeout_s: float = 300.0
+    # max_tokens when a request gives none.
+    default_max_tokens: int = 128
+    # Largest request body accepted, in bytes (larger: 413).
+    max_body_bytes: int = 1_000_000
+    # Environment variable holding the API key (bearer token) the app requires when set.
+    # Required when `host` is not loopback; the key itself never enters a config file.
+    api_key_env: str = "DRESD_API_KEY"
+    # Serve application name and the route prefix it answers under.
+    app_name: str = "dresd"
+    route_prefix: str = "/"
+    # Ray address (None = RAY_ADDRESS or a fresh local Ray).
+    ray_address: str | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if not 0 < self.port < 65536:
+            out.append(f"port must be in 1..65535, got {self.port}")
+        for name in ("replicas", "max_batch", "max_ongoing_requests", "default_max_tokens", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queued_requests < -1:
+            out.append(f"max_queued_requests must be >= 0 or -1 (no limit), got {self.max_queued_requests}")
+        if not self.request_timeout_s > 0:
+            out.append(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if not self.retry_after_s >= 0:
+            out.append(f"retry_after_s must be >= 0, got {self.retry_after_s}")
+        if self.speculative.verify != "tree":
+            out.append("speculative.verify must be 'tree' (replicas verify every sequence's tree in one batch)")
+        return out

@@ -20,8 +20,15 @@ class ModelConfig:
     path: str | None = None
     # "auto" = CUDA when available, else CPU. Or an explicit torch device string.
     device: str = "auto"
-    # Torch threads for this process (0 = leave torch's default). On CPU, fp32 is used.
+    # Torch threads for this process (0 = leave torch's default).
     threads: int = 0
+    # Weights' and activations' dtype: "auto" = bfloat16 on a CUDA device that supports it,
+    # else float32 (the CPU default: its fast path, dual_layout, is float32 only). Builds
+    # record the dtype their keys were made with; decoding in another one works, with a
+    # warning (its cost in accepted tokens: docs/precision.md). Or "float32", "bfloat16",
+    # "float16". A model whose weights in this dtype exceed its device's memory is refused
+    # at load, naming both sizes (no multi-device placement).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     # CPU only: keep a packed copy of every linear weight for short forwards (decode steps,
     # draft trees), multiplied by a small C++ kernel built on first use
     # (dresd.model.fastpath.cpu_linear) that reads the weights once per product, where torch's
@@ -81,7 +88,10 @@ class IndexConfig:
     nprobe: int = 0
     # PQ sub-quantizers (4-bit fast-scan codes: dim/2 bytes per key at m = dim/2).
     pq_m: int = 32
-    # Keep full compressed vectors for exact re-scoring of the PQ shortlist.
+    # Keep full compressed vectors for exact re-scoring of the PQ shortlist (4*dim bytes a
+    # key). False = the compact layout: PQ codes and ids only, pq_m/2 + 8 bytes a key (24 at
+    # the defaults, at most 32 a token with the token stream), for fewer accepted tokens
+    # (measured: docs/index-layout.md#compact).
     refine: bool = True
     # Re-score this many times k candidates with the exact vectors.
     refine_k_factor: float = 5.0
@@ -89,6 +99,21 @@ class IndexConfig:
     # at search time) instead of in RAM: for stores whose codes outgrow memory. faiss's
     # on-disk lists hold plain 8-bit PQ codes (pq_m bytes/key), and no refine stage is kept.
     on_disk: bool = False
+    # When on_disk is false, an IVF-PQ index whose in-RAM size (codes, ids, refine vectors)
+    # would pass this share of `ram_bytes` gets on-disk lists all the same; the build says
+    # which layout it chose and why (log and manifest: index.layout). 0 = never switch.
+    ram_share: float = 0.25
+    # The memory ram_share is a share of, in bytes (0 = this machine's physical memory). Set
+    # it to the smallest serving node's when that is smaller than the build machine's.
+    ram_bytes: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if isinstance(self.ram_share, bool) or not 0.0 <= self.ram_share <= 1.0:
+            out.append(f"ram_share must be a number in [0, 1], got {self.ram_share!r}")
+        if isinstance(self.ram_bytes, bool) or self.ram_bytes < 0:
+            out.append(f"ram_bytes must be an integer >= 0, got {self.ram_bytes!r}")
+        return out
     # Vectors kept by the reservoir that fits z-score + PCA and trains the index.
     sample_size: int = 200_000
     # Seed for sampling, k-means and the intrinsic check.
@@ -105,9 +130,11 @@ class SpeculativeConfig:
     # 10-token continuations; our numpy implementation, dresd.drafters.suffix_array);
     # "rest-dr" = PyPI draftretriever 0.1.1, which is ADED's trigram-table fork (drafts of
     # <= 4 tokens keyed on 2); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
-    # dense + exact-match candidates (hybrid_exact) in one tree. Other names: methods added
-    # with dresd.drafters.registry.register_method or an installed "dresd.drafters" plugin.
-    method: str = "dresd"
+    # dense + exact-match candidates (hybrid_exact) in one tree; "auto" = the best of these
+    # at hand (dresd.drafters.registry.resolve_method: the benchmark's best with a datastore,
+    # prompt lookup without). Other names: methods added with
+    # dresd.drafters.registry.register_method or an installed "dresd.drafters" plugin.
+    method: str = "auto"
     # "tree" = drafts merged into a token trie verified with tree attention;
     # "batch" = the reference's batch of draft rows (KV cache copied per row; dresd only,
     # no draft budget).

@@ -5,13 +5,17 @@ Pure functions over numpy arrays of compressed (unit-norm) keys. Inner product =
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 
 import faiss
 import numpy as np
 
 from dresd.config import IndexConfig
+
+log = logging.getLogger(__name__)
 
 # The on-disk inverted lists' file name; it sits next to index.faiss in a version folder.
 IVFDATA = "index.ivfdata"
@@ -86,6 +90,48 @@ def choose_index_params(n_keys: int, cfg: IndexConfig) -> IndexParams:
     nprobe = cfg.nprobe or min(nlist, max(32, nlist // 32))
     refine = cfg.refine and not cfg.on_disk  # exact vectors in RAM would defeat on-disk lists
     return IndexParams("ivfpq", cfg.dim, nlist, nprobe, cfg.pq_m, refine, cfg.refine_k_factor, cfg.on_disk)
+
+
+def node_memory() -> int:
+    """This machine's physical memory in bytes."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def ram_bytes_per_key(params: IndexParams) -> int:
+    """Bytes one key takes in RAM in this layout, once merged or opened for search: exact
+    vectors (flat, refine: 4 per dimension), 4-bit fast-scan codes and 8-byte ids (IVF-PQ in
+    RAM); on-disk lists keep nothing per key in RAM."""
+    if params.kind == "flat":
+        return 4 * params.dim
+    if params.on_disk:
+        return 0
+    return params.pq_m // 2 + 8 + (4 * params.dim if params.refine else 0)
+
+
+def plan_index(n_keys: int, cfg: IndexConfig) -> tuple[IndexParams, str]:
+    """choose_index_params, plus on-disk lists when the in-RAM index would pass
+    cfg.ram_share of the memory (cfg.ram_bytes, or this machine's), and the reason for the
+    layout, in words (logged here; builds record it in the manifest)."""
+    params = choose_index_params(n_keys, cfg)
+    gib = 2**30
+    if params.kind == "flat":
+        reason = f"flat: {n_keys} keys, fewer than index.flat_below = {cfg.flat_below}: exact search in RAM"
+    elif params.on_disk:
+        reason = "on-disk inverted lists: index.on_disk is set"
+    else:
+        ram = cfg.ram_bytes or node_memory()
+        need = n_keys * ram_bytes_per_key(params)
+        share = f"{need / gib:.2f} GiB in RAM for {n_keys} keys, against {cfg.ram_share:.0%} of {ram / gib:.1f} GiB"
+        over = cfg.ram_share > 0 and need > cfg.ram_share * ram
+        if over and min(n_keys, cfg.sample_size) >= pq_train_keys(True):
+            params = choose_index_params(n_keys, replace(cfg, on_disk=True))
+            reason = f"on-disk inverted lists: the in-RAM layout would take {share} (index.ram_share)"
+        elif over:  # too few keys to train the on-disk lists' 8-bit codes
+            reason = f"in RAM although it would take {share}: on-disk lists train on >= {pq_train_keys(True)} keys"
+        else:
+            reason = f"in RAM: {share} (index.ram_share)"
+    log.info("index layout %s: %s", params.factory, reason)
+    return params, reason
 
 
 def new_index(params: IndexParams) -> faiss.Index:
@@ -277,6 +323,11 @@ def empty_copy(index: faiss.Index) -> faiss.Index:
 
 
 def read_index(path: str) -> faiss.Index:
-    """Read a published index; on-disk lists are found next to it (index.ivfdata) and
-    memory-mapped read-only, so nothing that holds the index can write into a published file."""
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    """Read a published index, mapping what is large instead of loading it: on-disk lists are
+    found next to it (index.ivfdata) and memory-mapped, and so are the exact vectors of a flat
+    index or a refine stage (IO_FLAG_MMAP_IFC), so replicas on one node share those pages in
+    the page cache. Read-only: nothing that holds the index can write into a published file."""
+    # faiss finds on-disk lists only through its plain file reader, which maps nothing else.
+    on_disk = os.path.isfile(os.path.join(os.path.dirname(str(path)), IVFDATA))
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if on_disk else faiss.IO_FLAG_MMAP_IFC
+    return faiss.read_index(str(path), flags | faiss.IO_FLAG_READ_ONLY)

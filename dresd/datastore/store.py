@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,8 @@ from dresd.datastore.errors import DatastoreError  # defined there, imported fro
 from dresd.datastore.index import read_index
 from dresd.datastore.integrity import (CURRENT, MANIFEST, check_token_ids, current_id, fetch_checked,
                                        file_mismatches, load_array, parse_current, read_manifest, reading)
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # format 1 always stored key_positions.npy
@@ -177,7 +180,11 @@ def _fetch_version(root: str, version: str | None) -> tuple[Path, str | None]:
 
 
 class Datastore:
-    """An opened, read-only datastore version: index, compressor, token stream, manifest."""
+    """An opened, read-only datastore version: index, compressor, token stream, manifest.
+
+    `index` maps the published file (dresd.datastore.index.read_index): search it as it is,
+    and copy it (serialize / deserialize, not faiss.clone_index, which shares the mapping)
+    before adding to it or merging from it."""
 
     def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
         self.path, expected_sha = locate_version(path, version)
@@ -226,6 +233,12 @@ class Datastore:
     def num_keys(self) -> int:
         return int(len(self.key_positions))
 
+    @property
+    def key_dtype(self) -> str:
+        """The model dtype its keys were made in ("float32" for stores that predate the record:
+        every build ran in float32 then)."""
+        return str(self.manifest.get("key_dtype", "float32"))
+
     def _check_files(self, full: bool) -> None:
         if damage := file_mismatches(self.path, self.manifest["files"], full):
             raise DatastoreError(f"{self.path}: " + "; ".join(map(str, damage)))
@@ -234,8 +247,10 @@ class Datastore:
         """Re-check every file's size and sha256 against the manifest."""
         self._check_files(full=True)
 
-    def check_compatible(self, identity: dict[str, Any], format_fingerprint: str | None = None) -> None:
-        """Refuse a store built for another model or prompt format, saying which differs."""
+    def check_compatible(self, identity: dict[str, Any], format_fingerprint: str | None = None,
+                         dtype: str | None = None) -> None:
+        """Refuse a store built for another model or prompt format, saying which differs; warn
+        when `dtype` (the decoding model's) is not the one the keys were made in."""
         built = self.manifest["model"]
         for key in ("name", "architecture", "vocab_size", "hidden_size", "num_layers", "fingerprint"):
             if built.get(key) != identity.get(key):
@@ -250,6 +265,11 @@ class Datastore:
                 f"{self.manifest['prompt_format']['name']!r} whose token layout differs from this run's; "
                 "decode with the datastore's prompt format or rebuild"
             )
+        if dtype is not None and dtype != self.key_dtype:
+            # Allowed: queries in another precision still find near neighbours, a little less often.
+            log.warning("datastore %s holds keys made in %s but the model decodes in %s: the model still "
+                        "verifies every draft; acceptance may be lower (docs/precision.md); build in %s to match",
+                        self.path, self.key_dtype, dtype, dtype)
         if isinstance(identity.get("vocab_size"), int):  # a drafted id past the embeddings fails in the model
             check_token_ids(f"datastore {self.path}", self.tokens, self.eos_id, identity["vocab_size"])
 

@@ -17,6 +17,7 @@ on its own (no padded position is computed) and written into the slot.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -26,69 +27,18 @@ import torch
 
 from dresd.config import SpeculativeConfig
 from dresd.decoding.acceptance import acceptor
+from dresd.decoding.batch_plan import BatchCostModel, BatchPlanner
 from dresd.decoding.budget import CostModel, DraftPlanner
-from dresd.decoding.kv_cache import GrowingCache, GrowingLayer
+from dresd.decoding.kv_cache import GrowingCache
+from dresd.decoding.row_cache import RowCache, batch_inputs
 from dresd.decoding.loop import Generation
 from dresd.decoding.metrics import DecodeMetrics
-from dresd.decoding.tree import TokenTree, ancestor_matrix, build_tree, greedy_accept
-from dresd.decoding.verify import LazyGreedyTokens, forward
+from dresd.decoding.tree import TokenTree, build_tree, greedy_accept
+from dresd.decoding.verify import LazyGreedyTokens, forward, verify_token_tree
 from dresd.drafters import Drafter, DraftRequest
 
 if TYPE_CHECKING:
     from dresd.config import SamplingParams
-
-
-class RowLayer(GrowingLayer):
-    """A growing layer whose rows hold sequences of different lengths (see the module docstring)."""
-
-    _zero_room = True
-
-    @torch.inference_mode()
-    def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Put one sequence's (1, H, n, D) entries at columns [0, n) of `row`."""
-        n = keys.shape[-2]
-        width = max(self.get_seq_length(), n)
-        self._room_for(width, self.keys, self.values)
-        self._key_buf[row, :, :n].copy_(keys[0])
-        self._value_buf[row, :, :n].copy_(values[0])
-        self._view(width)
-
-    @torch.inference_mode()
-    def settle(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, width: int) -> None:
-        """Move entry (rows[i], src[i]) to (rows[i], dst[i]); then view `width` columns."""
-        self._room_for(self.get_seq_length(), self.keys, self.values)
-        moved_k = self._key_buf[rows, :, src]  # advanced indexing copies: safe to write back
-        moved_v = self._value_buf[rows, :, src]
-        self._key_buf[rows, :, dst] = moved_k
-        self._value_buf[rows, :, dst] = moved_v
-        self._view(width)
-
-
-    @torch.inference_mode()
-    def resize_rows(self, keep: torch.Tensor, extra: int = 0) -> None:
-        """Keep rows `keep` (in that order), then add `extra` empty rows; the view keeps its width."""
-        width = self.get_seq_length()
-        self._room_for(width, self.keys, self.values)
-        k, v = self._key_buf[keep], self._value_buf[keep]  # advanced indexing copies
-        if extra:
-            k = torch.cat([k, k.new_zeros(extra, *k.shape[1:])])
-            v = torch.cat([v, v.new_zeros(extra, *v.shape[1:])])
-        self._key_buf, self._value_buf = k, v
-        self._view(width)
-
-
-class RowCache(GrowingCache):
-    """The batch's KV cache: one RowLayer per decoder layer, `slots` rows."""
-
-    def __init__(self, model, slots: int):
-        super().__init__()
-        self.layer_class_to_replicate = RowLayer
-        config = model.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        empty = torch.zeros(slots, heads, 0, head_dim, dtype=model.dtype, device=model.device)
-        for index in range(config.num_hidden_layers):
-            self.update(empty, empty, index)
 
 
 @dataclass
@@ -114,6 +64,7 @@ class _Row:
     started: float
     out: list[int] = field(default_factory=list)
     fresh_keys: list[torch.Tensor] = field(default_factory=list)
+    moves: list[int] = field(default_factory=list)  # cache columns of the last step's accepted path, to settle
 
 
 class BatchedSpeculativeDecoder:
@@ -128,8 +79,8 @@ class BatchedSpeculativeDecoder:
     """
 
     def __init__(self, model, eos_id: int, max_context: int, spec: SpeculativeConfig,
-                 drafter_factory: Callable[[], Drafter | None] | None = None, cost: CostModel | None = None,
-                 max_batch: int = 16):
+                 drafter_factory: Callable[[], Drafter | None] | None = None,
+                 cost: BatchCostModel | CostModel | None = None, max_batch: int = 16):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if spec.method != "greedy" and drafter_factory is None:
@@ -141,10 +92,16 @@ class BatchedSpeculativeDecoder:
         self.drafter_factory = drafter_factory if spec.method != "greedy" else None
         budgeted = spec.budget == "auto"
         if budgeted and self.drafter_factory is not None and cost is None:
-            raise ValueError("budget 'auto' needs a cost model (dresd.decoding.calibration.cached_cost_model)")
-        self.cost = cost if budgeted else None
+            raise ValueError("budget 'auto' needs a cost model (dresd.decoding.calibration.cached_batch_cost_model)")
+        if isinstance(cost, CostModel):
+            cost = BatchCostModel.from_single(cost)
+        self.cost = cost if budgeted and self.drafter_factory is not None else None
+        # The budget: one width per step for the whole batch (dresd.decoding.batch_plan); each
+        # slot's DraftPlanner keeps its acceptance estimates and its back-off.
+        self.planner = BatchPlanner(self.cost, spec.max_verify) if self.cost is not None else None
         self._drafters: list[Drafter | None] = []
         self._planners: list[DraftPlanner] = []
+        self._seeds: list = []  # acceptance estimates new slots start from (inherit)
         self._cache: RowCache | None = None  # made at the first step, `max_batch` slots
         self._rows: dict[int, _Row] = {}  # slot -> the sequence decoding there
         self._waiting: deque[tuple[int, BatchRequest]] = deque()
@@ -153,7 +110,10 @@ class BatchedSpeculativeDecoder:
     def _slot_tools(self, slot: int) -> tuple[Drafter | None, DraftPlanner]:
         while len(self._drafters) <= slot:
             self._drafters.append(self.drafter_factory() if self.drafter_factory else None)
-            self._planners.append(DraftPlanner(self.cost, self.spec.max_verify))
+            planner = DraftPlanner(self.cost.single() if self.cost else None, self.spec.max_verify)
+            if len(self._planners) < len(self._seeds):
+                planner.acceptance = self._seeds[len(self._planners)]
+            self._planners.append(planner)
         return self._drafters[slot], self._planners[slot]
 
     def _check(self, i: int, req: BatchRequest) -> None:
@@ -186,7 +146,8 @@ class BatchedSpeculativeDecoder:
                     query, accept, metrics, start, fresh_keys=fresh)
 
     def _tree(self, slot: int, row: _Row) -> tuple[TokenTree, bool, float]:
-        """The row's tree for this step: its drafts as the planner keeps them, else the root."""
+        """The row's tree for this step: its drafts (every one when budgeted: the batch planner cuts
+        them to the step's width; else the max_verify best supported), else the root."""
         pending, remaining = row.context[-1], row.budget - len(row.out)
         drafter, planner = self._slot_tools(slot)
         if drafter is None or remaining <= 1 or not planner.should_draft():
@@ -196,31 +157,16 @@ class BatchedSpeculativeDecoder:
         keys = torch.cat(row.fresh_keys).float().cpu().numpy() if row.fresh_keys else None
         row.fresh_keys.clear()
         cands = drafter.propose(DraftRequest(row.context, remaining - 1, q, keys))
-        tree = planner.plan(build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total))
-        return tree, True, time.perf_counter() - t0
+        tree = build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total)
+        return (tree if self.planner is not None else planner.plan(tree)), True, time.perf_counter() - t0
 
     @torch.inference_mode()
     def _verify(self, cache: RowCache, rows: dict[int, _Row], trees: dict[int, TokenTree]):
         """One forward over every slot's tree; returns (hidden, logits) shaped (B, K, ...)."""
         device, batch = self.model.device, len(cache.layers[0].keys)
-        width = cache.get_seq_length()
-        k = max(len(t) for t in trees.values())
-        ids = torch.full((batch, k), max(self.eos_id, 0), dtype=torch.long)  # padding: any valid id, masked
-        positions = torch.zeros((batch, k), dtype=torch.long)
-        allowed = torch.zeros((batch, 1, k, width + k), dtype=torch.bool)
-        allowed[:, 0, torch.arange(k), width + torch.arange(k)] = True  # padding nodes see themselves
-        for slot in range(batch):
-            tree = trees.get(slot)
-            if tree is None:  # an idle slot: one padding node
-                continue
-            n, c = len(tree), rows[slot].committed
-            ids[slot, :n] = torch.tensor(tree.tokens)
-            positions[slot, :n] = torch.tensor(tree.depths) + c
-            positions[slot, n:] = c
-            allowed[slot, 0, :n, :c] = True
-            allowed[slot, 0, :n, width:width + n] = ancestor_matrix(tree)
-        mask = torch.zeros(allowed.shape, dtype=self.model.dtype)
-        mask.masked_fill_(~allowed, torch.finfo(self.model.dtype).min)
+        committed = {slot: row.committed for slot, row in rows.items()}
+        ids, positions, mask = batch_inputs(trees, committed, batch, cache.get_seq_length(), max(self.eos_id, 0),
+                                            self.model.dtype)
         # On a CPU the LM head runs later, on the rows acceptance reads (LazyGreedyTokens); on a
         # GPU one head over every position is one cheap kernel.
         return forward(self.model, ids.to(device), cache, positions.to(device), mask.to(device),
@@ -240,18 +186,35 @@ class BatchedSpeculativeDecoder:
         between steps. Waiting requests have none yet."""
         return {row.index: list(row.out) for row in self._rows.values()}
 
-    def cancel(self, rid: int) -> bool:
-        """Stop request `rid` between steps (a client gone, a deadline passed): it leaves the
-        queue or frees its slot and is never reported by `step`. False if it is not here."""
+    def cancel(self, rid: int) -> Generation | None:
+        """Stop request `rid` between steps (a client gone, a deadline passed, a stop string):
+        it leaves the queue or frees its slot and is never reported by `step`. Returns what it
+        generated so far, with its counters (empty for a waiting request); None if it is not here."""
         for i, (waiting, _) in enumerate(self._waiting):
             if waiting == rid:
                 del self._waiting[i]
-                return True
+                return Generation(token_ids=[], metrics=DecodeMetrics())
         for slot, row in list(self._rows.items()):
             if row.index == rid:
-                self._finish(slot, self._rows.pop(slot))
-                return True
-        return False
+                return self._finish(slot, self._rows.pop(slot))
+        return None
+
+    def calibration(self) -> tuple[list, list[float] | None]:
+        """A copy of what this decoder learnt: its slots' acceptance estimates and the batch
+        planner's measured step-cost factors (for `inherit`; holds no model or drafter)."""
+        return ([copy.deepcopy(p.acceptance) for p in self._planners],
+                list(self.planner.step_scale) if self.planner is not None else None)
+
+    def inherit(self, calibration: tuple[list, list[float] | None]) -> None:
+        """Start from another decoder's `calibration()`, for a decoder replacing it over the
+        same model and method (a new datastore version): the estimates describe the drafter
+        and the text, which a version switch changes little, and relearning them would cost
+        the first requests their speed."""
+        if self._drafters:
+            raise RuntimeError("inherit() before the first request: this decoder has begun learning")
+        self._seeds, scale = calibration
+        if self.planner is not None and scale is not None:
+            self.planner.step_scale = list(scale)
 
     @property
     def busy(self) -> bool:
@@ -293,10 +256,15 @@ class BatchedSpeculativeDecoder:
                 else:
                     self._rows[slot] = row
 
+    def _alone(self, rows: dict[int, _Row]) -> bool:
+        """Whether one row decodes in a one-row cache whose view ends at its entries: then the
+        one-sequence verifier runs on it, with no batch mask or moves to pay for."""
+        return len(rows) == 1 and self._slots() == 1 and self._cache.get_seq_length() == next(iter(rows.values())).committed
+
     @torch.inference_mode()
     def step(self) -> list[tuple[int, Generation]]:
-        """Let waiting requests join free slots, then one draft -> verify -> accept step over
-        every decoding row. Returns the (id, Generation) of the requests that finished."""
+        """Let waiting requests join free slots, then one draft -> plan -> verify -> accept step
+        over every decoding row. Returns the (id, Generation) of the requests that finished."""
         done: list[tuple[int, Generation]] = []
         self._fill_slots(done)
         rows, cache = self._rows, self._cache
@@ -306,12 +274,54 @@ class BatchedSpeculativeDecoder:
         for slot, row in rows.items():
             trees[slot], drafted[slot], spent[slot] = self._tree(slot, row)
             row.metrics.retrieval_s += spent[slot]
+        width = 0
+        if self.planner is not None and any(drafted.values()):
+            trees, width = self.planner.plan(trees, {s: self._planners[s] for s in trees}, sum(spent.values()))
         t0 = time.perf_counter()
+        alone = self._alone(rows)
+        if alone:
+            (slot, row), = rows.items()
+            res = verify_token_tree(self.model, cache, trees[slot], row.accept)
+            outcomes = {slot: (res.path, res.new_tokens[-1], res.keys)}
+        else:
+            outcomes = self._verify_rows(cache, rows, trees)
+        verify_s = time.perf_counter() - t0
+        if width:
+            self.planner.observe_step(len(rows), width, verify_s)
+        share = self.planner.row_share(len(rows)) if self.planner is not None else None
+        for slot, row in list(rows.items()):
+            (path, bonus, keys), tree = outcomes[slot], trees[slot]
+            row.committed += len(path)
+            new = ([tree.tokens[n] for n in path[1:]] + [bonus])[: row.budget - len(row.out)]
+            if self.eos_id in new:
+                new = new[: new.index(self.eos_id) + 1]
+            row.metrics.record_step(len(path) - 1, len(tree) - 1, len(tree), tree.max_depth, len(new))
+            row.metrics.model_s += verify_s / len(outcomes)
+            if drafted[slot]:
+                planner = self._planners[slot]
+                if share is not None:
+                    planner.cost = share  # back-off weighs drafting against this row's share of a step
+                planner.record(tree, path, True, spent[slot])
+            row.out.extend(new)
+            row.context.extend(new)
+            row.query = keys[-1]
+            row.fresh_keys.append(keys)
+            if len(row.out) >= row.budget or row.out[-1] == self.eos_id:
+                done.append((row.index, self._finish(slot, rows.pop(slot))))
+        if not alone:
+            self._settle(cache, rows)
+        if len(self._rows) < self._slots() and not self._waiting:
+            self._resize(len(self._rows))
+        return done
+
+    def _verify_rows(self, cache: RowCache, rows: dict[int, _Row], trees: dict[int, TokenTree]) -> dict[int, tuple]:
+        """Verify every row's tree in one forward; per slot (accepted path, bonus token, the
+        path's hidden states). Each path's entries move down to its row's end (`_settle`)."""
         width = cache.get_seq_length()
         hidden, logits = self._verify(cache, rows, trees)
         head = self.model.get_output_embeddings()
-        move_rows, move_src, move_dst = [], [], []
-        for slot, row in list(rows.items()):
+        outcomes = {}
+        for slot, row in rows.items():
             tree, n = trees[slot], len(trees[slot])
             if row.accept is None:
                 predicted = (logits[slot, :n].argmax(-1).tolist() if logits is not None
@@ -320,34 +330,25 @@ class BatchedSpeculativeDecoder:
                 bonus = int(predicted[path[-1]])
             else:
                 path, bonus = row.accept(tree, logits[slot, :n] if logits is not None else head(hidden[slot, :n]))
-            move_rows += [slot] * len(path)
-            move_src += [width + n for n in path]
-            move_dst += list(range(row.committed, row.committed + len(path)))
-            row.committed += len(path)
-            new = ([tree.tokens[n] for n in path[1:]] + [bonus])[: row.budget - len(row.out)]
-            if self.eos_id in new:
-                new = new[: new.index(self.eos_id) + 1]
-            row.metrics.record_step(len(path) - 1, len(tree) - 1, len(tree), tree.max_depth, len(new))
-            if drafted[slot]:
-                self._slot_tools(slot)[1].record(tree, path, True, spent[slot])
-            row.out.extend(new)
-            row.context.extend(new)
-            row.query = hidden[slot, path[-1]]
-            row.fresh_keys.append(hidden[slot, path])
-            if len(row.out) >= row.budget or row.out[-1] == self.eos_id:
-                done.append((row.index, self._finish(slot, rows.pop(slot))))
-        new_width = max((r.committed for r in rows.values()), default=0)
-        index = torch.tensor(move_rows, device=self.model.device)
-        src = torch.tensor(move_src, device=self.model.device)
-        dst = torch.tensor(move_dst, device=self.model.device)
+            outcomes[slot] = (path, bonus, hidden[slot, path])
+            row.moves = [width + node for node in path]
+        return outcomes
+
+    @torch.inference_mode()
+    def _settle(self, cache: RowCache, rows: dict[int, _Row]) -> None:
+        """Move each row's accepted entries (row.moves, cache columns) to just after its
+        committed ones, and view as many columns as the longest row holds."""
+        move_rows, move_src, move_dst = [], [], []
+        for slot, row in rows.items():
+            move_rows += [slot] * len(row.moves)
+            move_src += row.moves
+            move_dst += range(row.committed - len(row.moves), row.committed)
+            row.moves = []
+        device = self.model.device
+        index, src, dst = (torch.tensor(x, dtype=torch.long, device=device) for x in (move_rows, move_src, move_dst))
+        width = max((r.committed for r in rows.values()), default=0)
         for layer in cache.layers:
-            layer.settle(index, src, dst, new_width)
-        step_s = time.perf_counter() - t0
-        for row in rows.values():
-            row.metrics.model_s += step_s / max(1, len(rows))
-        if len(self._rows) < self._slots() and not self._waiting:
-            self._resize(len(self._rows))
-        return done
+            layer.settle(index, src, dst, width)
 
     def generate(self, requests: list[BatchRequest]) -> list[Generation]:
         """Decode every request; results in request order. Up to `max_batch` decode at once,

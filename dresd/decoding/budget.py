@@ -92,6 +92,15 @@ class AcceptanceModel:
     A cell is (drafter source, depth bucket, bin of the node's support relative to its
     parent's). p(node) is the product of these conditionals down the path, so it never
     exceeds its parent's. Counts decay so the estimate follows the text being generated.
+
+    With `shrink`, a cell's prior is not a constant but its coarser cell's estimate:
+    (source, depth, bin) leans on (source, bin), which leans on (source), which leans on the
+    optimistic constant. Most cells of a tree are rare (deep nodes, nodes several sources
+    agree on), and a constant prior keeps them near prior_rate long after the source has
+    shown what nodes with that support are worth. The support bin comes before the depth
+    because it tells more: a node most of its parent's evidence goes to is accepted far more
+    often than a weak sibling, at any depth. Replayed on the same logged trees, this planner
+    against the constant prior: docs/speed-study.md#acceptance-shrinkage.
     """
 
     # Optimistic; trades exploring new cells against wasted positions; docs/speed-study.md#budget-constants.
@@ -100,6 +109,8 @@ class AcceptanceModel:
     prior_weight: float = 2.0
     # Per recorded step; trades following the text against noise; docs/speed-study.md#budget-constants.
     decay: float = 0.995
+    # Each cell's prior is its coarser cell's estimate (see above); False = the constant prior in every cell.
+    shrink: bool = True
     offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
     accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -109,9 +120,20 @@ class AcceptanceModel:
         cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
         return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
 
+    def _levels(self, cell: tuple) -> list[tuple]:
+        """The cells an observation counts in, coarsest first (the cell itself last)."""
+        if not self.shrink:
+            return [cell]
+        source, _, support = cell
+        return [(source,), (source, "bin", support), cell]
+
     def rate(self, cell: tuple) -> float:
         """P(accepted | parent accepted) in this cell."""
-        return (self.accepted[cell] + self.prior_rate * self.prior_weight) / (self.offered[cell] + self.prior_weight)
+        prior = self.prior_rate
+        for key in self._levels(cell):
+            prior = (self.accepted.get(key, 0.0) + prior * self.prior_weight) / (self.offered.get(key, 0.0)
+                                                                               + self.prior_weight)
+        return prior
 
     def node_probs(self, tree: TokenTree) -> list[float]:
         """Estimated probability that each node is accepted (1.0 for the root)."""
@@ -130,8 +152,9 @@ class AcceptanceModel:
             # Only nodes whose parent was accepted had a chance: the others say nothing.
             if tree.parents[i] in on_path:
                 cell = self.cell(tree, i)
-                self.offered[cell] += 1.0
-                self.accepted[cell] += 1.0 if i in on_path else 0.0
+                for key in self._levels(cell):
+                    self.offered[key] += 1.0
+                    self.accepted[key] += 1.0 if i in on_path else 0.0
 
 
 def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,

@@ -13,7 +13,8 @@ from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.datastore.store import Datastore
 from dresd.decoding.loop import Generation, SpeculativeDecoder
 from dresd.decoding.budget import CostModel
-from dresd.decoding.calibration import cached_cost_model
+from dresd.decoding.batch_plan import BatchCostModel
+from dresd.decoding.calibration import cached_batch_cost_model, cached_cost_model
 from dresd.drafters.registry import make_drafter
 from dresd.datastore.formatting import format_fingerprint, format_prompt_ids
 from dresd.model.loading import LoadedModel, load_model
@@ -31,7 +32,7 @@ class Engine:
         self.datastore = datastore
         if datastore is not None:
             prompt_format = datastore.manifest["prompt_format"]["name"]
-            datastore.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, prompt_format))
+            datastore.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, prompt_format), lm.dtype)
         self.prompt_format = prompt_format
         self._decoders: dict[tuple, SpeculativeDecoder] = {}
         self._cost = cost  # None = read from the on-disk cache (or measured) when first needed
@@ -47,6 +48,11 @@ class Engine:
             self._cost = cached_cost_model(self.lm.model)
         return self._cost
 
+    def batch_cost_model(self) -> BatchCostModel:
+        """The measured forward cost per batch size and positions per row (cached on disk); its
+        batch-1 curve is cost_model()'s."""
+        return cached_batch_cost_model(self.lm.model)
+
     def decoder(self, spec: SpeculativeConfig) -> SpeculativeDecoder:
         """A decoder for `spec` (cached: drafters hold indexes and the planner its calibration)."""
         key = astuple(spec)
@@ -58,6 +64,20 @@ class Engine:
                 self.cost_model() if needs_cost else None,
             )
         return self._decoders[key]
+
+    def batched_decoder(self, spec: SpeculativeConfig, max_batch: int):
+        """A new dresd.decoding.batch_spec.BatchedSpeculativeDecoder for `spec` over this
+        engine's model and datastore (one drafter per slot; the measured cost when budgeted).
+        Not cached: a batch holds its requests' state, and its owner keeps it."""
+        from dresd.decoding.batch_spec import BatchedSpeculativeDecoder
+
+        lm, store = self.lm, self.datastore
+        factory = None
+        if spec.method != "greedy":
+            make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # a method that cannot draft fails here
+            factory = lambda: make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # noqa: E731
+        cost = self.batch_cost_model() if factory is not None and spec.budget == "auto" else None
+        return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec, factory, cost, max_batch)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """The prompt laid out in this engine's prompt format."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -73,8 +73,12 @@ class SpeculativeDecoder:
         return acceptor(sampling)
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int,
-                     sampling: SamplingParams | None = None) -> Generation:
-        """Generate up to `max_new_tokens` tokens after `prompt_ids` (greedy unless `sampling` says otherwise)."""
+                     sampling: SamplingParams | None = None,
+                     on_tokens: Callable[[list[int]], bool] | None = None) -> Generation:
+        """Generate up to `max_new_tokens` tokens after `prompt_ids` (greedy unless `sampling` says otherwise).
+
+        `on_tokens` sees each step's committed tokens as they come (a streamer, stopping
+        criteria); returning True ends generation after that step."""
         if not prompt_ids:
             raise ValueError("prompt is empty: at least one token is needed")
         if len(prompt_ids) >= self.max_context:
@@ -134,7 +138,7 @@ class SpeculativeDecoder:
             metrics.record_step(step.accepted, step.drafted, step.verified, step.offered_depth, len(new))
             out.extend(new)
             context.extend(new)
-            if out[-1] == self.eos_id:
+            if (on_tokens is not None and on_tokens(new)) or out[-1] == self.eos_id:
                 break
             query = step.query
             if drafter is not None:

@@ -11,7 +11,7 @@ every method drafts from the same text.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Callable
@@ -191,9 +191,43 @@ def _rest_dr(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int) 
     return RestDrafter(str(path), eos_id, choices=spec.rest_choices, name="rest-dr")
 
 
+# What "auto" drafts with: with a datastore, the method measured fastest under the draft
+# budget (docs/speed-study.md#the-default-method: SuffixDecoding on a small CPU, where each
+# verified position costs a good share of a step and its short, sure drafts pay best; the
+# dense drafts accept more per call but need a flatter cost curve to pay for it); the dense
+# drafts where SuffixDecoding is not installed; prompt lookup, which needs no datastore,
+# without one. The budget then decides per step how much of the drafts to verify.
+AUTO_WITH_DATASTORE = ("suffix", "dresd")
+AUTO_WITHOUT_DATASTORE = "pld"
+
+
+def _installed(method: str) -> bool:
+    if method != "suffix":
+        return True
+    try:
+        import arctic_inference.suffix_decoding  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_method(method: str, has_datastore: bool) -> str:
+    """The concrete method `method` names ("auto" picks by whether a datastore is at hand)."""
+    if method != "auto":
+        return method
+    if not has_datastore:
+        return AUTO_WITHOUT_DATASTORE
+    return next(m for m in AUTO_WITH_DATASTORE if _installed(m) or m == AUTO_WITH_DATASTORE[-1])
+
+
+def _auto(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int) -> Drafter | None:
+    return make_drafter(replace(spec, method=resolve_method("auto", store is not None)), store, tokenizer, eos_id)
+
+
 for _name, _build, _store in (("greedy", lambda spec, store, tokenizer, eos_id: None, False),
                               ("pld", _prompt_lookup, False), ("dresd", _dense, True), ("hybrid", _dense, True),
-                              ("rest", _rest, True), ("rest-dr", _rest_dr, True), ("suffix", _suffix_drafter, True)):
+                              ("rest", _rest, True), ("rest-dr", _rest_dr, True), ("suffix", _suffix_drafter, True),
+                              ("auto", _auto, False)):
     register_method(_name, _build, needs_datastore=_store)
 
 

@@ -14,7 +14,9 @@ from tqdm import tqdm
 from dresd.config import SpeculativeConfig
 from dresd.decoding.loop import Generation
 from dresd.decoding.engine import Engine
+from dresd.decoding.budget import CostModel
 from dresd.decoding.metrics import aggregate
+from dresd.evaluation.oracle import oracle_tokens_per_s, plain_step_s
 
 GREEDY = "greedy"
 
@@ -42,10 +44,15 @@ def run_methods(engine: Engine, prompts: list[str], specs: dict[str, Speculative
     return runs
 
 
-def summarize(runs: dict[str, MethodRun], baseline: str = GREEDY) -> list[dict]:
-    """One row per method: speed, speedup over the baseline, acceptance, MAT, losslessness."""
+def summarize(runs: dict[str, MethodRun], baseline: str = GREEDY, cost: CostModel | None = None) -> list[dict]:
+    """One row per method: speed, speedup over the baseline, acceptance, MAT, losslessness.
+
+    With `cost`, each row also holds the oracle bound (dresd.evaluation.oracle), its forward
+    cost taken at the baseline's measured step."""
     base = runs.get(baseline)
-    base_tps = aggregate([g.metrics for g in base.generations]).tokens_per_s if base else 0.0
+    base_m = aggregate([g.metrics for g in base.generations]) if base else None
+    base_tps = base_m.tokens_per_s if base_m else 0.0
+    step_s = plain_step_s(base_m) if base_m else None
     rows = []
     for name, run in runs.items():
         m = aggregate([g.metrics for g in run.generations])
@@ -76,14 +83,22 @@ def summarize(runs: dict[str, MethodRun], baseline: str = GREEDY) -> list[dict]:
             # Loop internals are not observable in external references (HF generate).
             "observable": m.target_calls > 0,
         })
+        if cost is not None:
+            oracle = oracle_tokens_per_s(m, cost, step_s)
+            rows[-1].update(oracle_tokens_per_s=oracle, oracle_speedup=oracle / base_tps if base_tps else float("nan"),
+                            of_oracle=m.tokens_per_s / oracle if oracle else float("nan"))
     return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The comparison table people read (MAT = tokens per target call, bonus included)."""
-    head = ("| method | tokens/s | speedup vs greedy | acceptance | MAT (incl. bonus) | verified pos/call "
-            "| target calls/token | retrieval share | identical to greedy |")
-    lines = [head, "|" + "---|" * 9]
+    """The comparison table people read (MAT = tokens per target call, bonus included; the
+    oracle columns when the rows hold the bound: dresd.evaluation.oracle)."""
+    oracle = any("oracle_tokens_per_s" in r for r in rows)
+    head = ("| method | tokens/s | speedup vs greedy | "
+            + ("oracle tokens/s | oracle speedup | measured / oracle | " if oracle else "")
+            + "acceptance | MAT (incl. bonus) | verified pos/call | target calls/token | retrieval share "
+            "| identical to greedy |")
+    lines = [head, "|" + "---|" * (12 if oracle else 9)]
     for r in rows:
         ident = "n/a" if r["identical_to_greedy"] is None else f"{r['identical_to_greedy']}/{r['prompts']}"
         if r.get("observable", True):
@@ -91,5 +106,9 @@ def markdown_table(rows: list[dict]) -> str:
                      f"| {r.get('calls_per_token', 0.0):.3f} | {r['retrieval_share']:.1%}")
         else:
             inner = "n/a | n/a | n/a | n/a | n/a"
-        lines.append(f"| {r['method']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {inner} | {ident} |")
+        bound = ""
+        if oracle:
+            bound = (f"{r['oracle_tokens_per_s']:.2f} | {r['oracle_speedup']:.2f}x | {r['of_oracle']:.2f} | "
+                     if r.get("observable", True) and r.get("oracle_tokens_per_s") else "n/a | n/a | n/a | ")
+        lines.append(f"| {r['method']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {bound}{inner} | {ident} |")
     return "\n".join(lines)

@@ -15,7 +15,10 @@ from pathlib import Path
 from dresd.decoding.loop import Generation
 from dresd.evaluation.compare import MethodRun, markdown_table, summarize
 from dresd.evaluation.results import save_run
+from dresd.decoding.budget import CostModel
 from dresd.decoding.metrics import DecodeMetrics
+from dresd.evaluation.reliability import ReliabilityLog, plot_reliability, pooled
+from dresd.evaluation.reliability import report_lines as reliability_lines
 
 # The goals of the benchmark issue (2-core CPU, packaged model, greedy, 128 new tokens).
 GOAL_SPEEDUP = 2.0
@@ -27,8 +30,10 @@ FULL_PROMPTS = 20
 PEERS = ("rest", "rest-dr", "pld", "suffix")
 
 
-def summarize_results(results: dict[tuple[str, str, int], dict], names: list[str]) -> dict[str, list[dict]]:
-    """Per evaluation set: summary rows over the prompts every method finished."""
+def summarize_results(results: dict[tuple[str, str, int], dict], names: list[str],
+                      cost: CostModel | None = None) -> dict[str, list[dict]]:
+    """Per evaluation set: summary rows over the prompts every method finished (with the
+    oracle bound when `cost` is given)."""
     out = {}
     for set_name in sorted({k[0] for k in results}):
         done = [n for n in names if any(k[0] == set_name and k[1] == n for k in results)]
@@ -39,8 +44,18 @@ def summarize_results(results: dict[tuple[str, str, int], dict], names: list[str
             gens = [Generation(results[(set_name, n, i)]["token_ids"], DecodeMetrics.from_summary(results[(set_name, n, i)]["metrics"]))
                     for i in prompts]
             runs[n] = MethodRun(n, None, gens)
-        out[set_name] = summarize(runs)
+        out[set_name] = summarize(runs, cost=cost)
     return out
+
+
+def reliability_logs(results: dict[tuple[str, str, int], dict], names: list[str]) -> dict[str, ReliabilityLog]:
+    """Per method, in `names` order: its verified nodes' predictions over every set and prompt."""
+    logs = {}
+    for n in names:
+        rows = [row for (_, m, _), rec in sorted(results.items()) if m == n for row in rec.get("reliability", [])]
+        if rows:
+            logs[n] = ReliabilityLog.from_rows(rows)
+    return logs
 
 
 def _row(rows: list[dict], name: str) -> dict | None:
@@ -76,6 +91,10 @@ def goal_lines(set_name: str, rows: list[dict]) -> list[str]:
                 check(f"DReSD / {peer}+budget (our budget on the peer), tokens/s",
                       dresd["tokens_per_s"] / budgeted["tokens_per_s"], GOAL_OVER_PEERS)
         check("DReSD (ID) retrieval share of decode time", dresd["retrieval_share"], GOAL_RETRIEVAL, False, "%")
+        if dresd.get("oracle_tokens_per_s"):
+            lines.append(f"- {set_name}: DReSD (ID) oracle bound (only accepted positions verified): "
+                         f"{dresd['oracle_speedup']:.2f}x greedy; measured {dresd['speedup']:.2f}x is "
+                         f"{dresd['of_oracle']:.0%} of it")
     greedy, hf = _row(rows, "greedy"), _row(rows, "hf-greedy")
     if greedy and hf and hf["ms_per_token"]:
         check("our greedy ms/token / HF generate() greedy ms/token", greedy["ms_per_token"] / hf["ms_per_token"],
@@ -196,7 +215,7 @@ def _machine() -> str:
 
 def write_report(out_dir: Path, results: dict, names: list[str], args, cost, manifests: dict) -> Path:
     """report.md + summary.json + PNG plots in `out_dir`; returns the report's path."""
-    tables = summarize_results(results, names)
+    tables = summarize_results(results, names, cost)
     if args.quick:
         mode = "SMOKE RUN (quick mode: a few prompts, not the full benchmark)"
     elif args.prompts < FULL_PROMPTS:
@@ -215,7 +234,11 @@ def write_report(out_dir: Path, results: dict, names: list[str], args, cost, man
         c = m.get("counts", {})
         lines.append(f"- {k}: {c.get('keys', '?')} keys, {c.get('tokens', '?')} tokens, {c.get('records', '?')} records")
     rel = ", ".join(f"k={k}: {x:.2f}x" for k, x in cost.relative().items())
-    lines += ["", f"Measured verification cost on this machine (forward over k positions / one-token forward): {rel}", ""]
+    lines += ["", f"Measured verification cost on this machine (forward over k positions / one-token forward): {rel}", "",
+              "Oracle bound: the same drafts, drafting time and loop, with each step verifying only the positions "
+              "it accepts (root + accepted path): wall - forward time + sum over steps of "
+              "plain step x cost(accepted + 1) / cost(1), the plain step being our greedy loop's in this run "
+              "(dresd/evaluation/oracle.py). measured / oracle is the share of that bound a method reaches.", ""]
     for set_name, rows in tables.items():
         n = rows[0]["prompts"] if rows else 0
         lines += [f"## {set_name} ({n} prompts)", "", markdown_table(rows), ""]
@@ -229,6 +252,9 @@ def write_report(out_dir: Path, results: dict, names: list[str], args, cost, man
     for set_name, rows in tables.items():
         lines += profile_lines(set_name, rows, cost)
     lines += ["![speedup](speedup.png)", "", "![acceptance](acceptance.png)", ""]
+    logs = reliability_logs(results, names)
+    plotted = bool(logs) and plot_reliability(pooled(logs), out_dir / "reliability.png")
+    lines += reliability_lines(logs, "reliability.png" if plotted else None)
     if tables:
         plot(out_dir, tables)
     report = out_dir / "report.md"

@@ -7,8 +7,9 @@ small file) and, when a new version was published, opens it: versions switch BET
 requests, never during one, and every response names the version it used. `pin(version)`
 freezes the version. A version is verified in full (every file's sha256, once per node:
 dresd.datastore.integrity.verify_once) before it serves; one that fails is refused, the old
-one keeps serving, and `info()["refused"]` says why. It runs in-process or as a Ray actor
-(dresd.serving.pool).
+one keeps serving, and `info()["refused"]` says why (that bookkeeping is
+dresd.serving.versions', shared with the HTTP replicas). It runs in-process or as a Ray
+actor (dresd.serving.pool).
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from dataclasses import dataclass, field
 
 from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.config.schema import sampling_problems
-from dresd.datastore.integrity import verify_once
-from dresd.datastore.store import Datastore, DatastoreError, read_current
+from dresd.datastore.store import DatastoreError
 from dresd.config import SamplingParams
 from dresd.decoding.engine import Engine
 from dresd.drafters.registry import available_methods
 from dresd.model.loading import load_model
+from dresd.serving.versions import VersionFollower
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +88,6 @@ def check_request(req) -> str | None:
     return None
 
 
-def _verified(root: str, version: str | None = None) -> Datastore:
-    """`root`'s version opened, then verified in full unless this node already did (or found
-    it damaged): a replica switches to it only after every byte matches its manifest."""
-    store = Datastore(root, version)
-    verify_once(store)
-    return store
-
-
 class Decoder:
     """A model plus an open datastore version, answering requests one at a time.
 
@@ -108,45 +101,30 @@ class Decoder:
         self.root = str(datastore_root) if datastore_root else None
         self.spec = speculative or SpeculativeConfig()
         self.lm = load_model(model)
-        self.engine = Engine(self.lm, _verified(self.root) if self.root else None, prompt_format)
+        # The datastore version (followed, pinned, refused) and the Engine built over it.
+        self._versions = VersionFollower(self.root, name, lambda store: Engine(self.lm, store, prompt_format))
         self._lock = threading.Lock()
-        self._pinned: str | None = None
-        self._refused: dict[str, str] = {}  # version -> why it could not be opened
         self._served = 0
         self._busy: str | None = None  # request id being decoded
 
     @property
-    def version(self) -> str | None:
-        return self.engine.datastore.version if self.engine.datastore is not None else None
+    def engine(self) -> Engine:
+        return self._versions.current
 
-    def _open(self, version: str) -> None:
-        # A fresh Engine over the same loaded model: only the datastore (and drafters) change.
-        self.engine = Engine(self.lm, _verified(self.root, version), self.engine.prompt_format)
-        log.info("%s: now serving datastore version %s", self.name, version)
+    @property
+    def version(self) -> str | None:
+        return self._versions.version
+
+    @property
+    def _pinned(self) -> str | None:
+        return self._versions.pinned
 
     def _follow(self) -> None:
         """Switch to the root's CURRENT version if it moved (call with the lock held)."""
-        if self.root is None or self._pinned is not None:
-            return
-        want = read_current(self.root)  # None: a bare version folder, or a transient read failure
-        if not want or want == self.version or want in self._refused:
-            return
-        try:
-            self._open(want)
-        except Exception as exc:  # incompatible or broken version: keep serving the old one
-            self._refused[want] = str(exc)
-            log.error("%s: cannot open datastore version %s, staying on %s: %s", self.name, want, self.version, exc)
+        self._versions.follow()
 
     def _pin(self, version: str | None) -> None:
-        if version is None:
-            self._pinned = None
-            self._follow()
-            return
-        if self.root is None:
-            raise DatastoreError("this decoder has no datastore root to pin a version of")
-        if version != self.version:
-            self._open(version)  # raises DatastoreError for a missing or incomplete version
-        self._pinned = version
+        self._versions.pin(version)
 
     def pin(self, version: str | None) -> str | None:
         """Serve `version` until unpinned (None = follow CURRENT again); takes effect after
@@ -164,7 +142,7 @@ class Decoder:
     def info(self) -> dict:
         return {"actor": self.name, "version": self.version, "pinned": self._pinned,
                 "requests_served": self._served, "busy": self._busy, "pid": os.getpid(),
-                "refused": dict(self._refused)}
+                "refused": dict(self._versions.refused)}
 
     def serve(self, request: DecodeRequest, pin: str | None) -> DecodeResponse:
         """`generate` under the caller's pin state (a pool sends its own with every request,

@@ -165,3 +165,24 @@ def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
         return target
     return loc.download(target)
 
+
+def fetch_once(uri: str, group: str = "models") -> Path:
+    """A local copy of the file or folder at storage URI `uri`, fetched once per node into
+    the cache (`<cache>/<group>/fetched/`) under the entry's lock, so concurrent workers of
+    one node fetch it once. The entry is named by the URI and the remote files' names and
+    sizes: content replaced at the same URI is fetched again."""
+    loc = resolve(uri)
+    if not loc.exists():
+        raise FileNotFoundError(f"{uri}: not found on storage")
+    name = loc.path.rstrip("/").rsplit("/", 1)[-1]
+    if problem := name_problem(name):
+        raise ValueError(f"{uri}: its last part {name!r}, which {problem}, cannot name a cache folder")
+    if loc.is_dir():
+        stamp = sorted((e.path.removeprefix(loc.path.rstrip("/") + "/"), e.size)
+                       for e in loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True)) if e.is_file)
+    else:
+        stamp = [(name, loc.info().size)]
+    key = hashlib.sha256(json.dumps([uri, stamp]).encode()).hexdigest()[:16]
+    target = inside_cache(cache_root() / group / "fetched" / f"{name}-{key}", uri)
+    entry = ensure_cached(target, lambda tmp: loc.download(tmp / name))
+    return entry / name

@@ -157,6 +157,11 @@ def test_every_command_takes_config_then_flags_then_set(tmp_path):
     assert _config(["datastore", "show", "r", "--version", "v2"]).version == "v2"
     assert _config(["datastore", "list", "--set", "root=r2"]).root == "r2"
     assert _config(["demo", "--prompts", "3", "--set", "records=10"]).records == 10
+    # --dtype on every command that loads the model for keys or decoding (default: auto).
+    assert _config(["build", "--dtype", "bfloat16"]).model.dtype == "bfloat16"
+    assert _config(["update", "add", "--datastore", "s", "--dtype", "float16"]).model.dtype == "float16"
+    assert _config(["generate", "--dtype", "float32"]).model.dtype == "float32"
+    assert _config(["generate"]).model.dtype == "auto"
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -167,6 +172,8 @@ def test_every_command_takes_config_then_flags_then_set(tmp_path):
     (["datastore", "list"], "root is empty"),
     (["update", "compact"], "output is empty (give the datastore root: --datastore ROOT)"),
     (["demo", "--set", "prompts=lots"], "prompts: 'lots' is not an integer"),
+    (["generate", "--set", "model.dtype=int8"], "model.dtype: 'int8' is not one of ['auto', 'float32', 'bfloat16', 'float16']"),
+    (["build", "--set", "index.ram_share=1.5"], "ram_share must be a number in [0, 1], got 1.5"),
 ])
 def test_bad_config_is_one_line_before_any_work(argv, message, capsys):
     assert main(argv) == 2
@@ -190,3 +197,16 @@ def test_a_data_error_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     assert len(err) == 1 and err[0].startswith("dresd update: error: ") and "no-such-record" in err[0]
     assert main(["datastore", "show", str(tmp_path / "nowhere")]) == 1
     assert "is not a datastore" in capsys.readouterr().err
+
+
+def test_serve_beyond_loopback_without_an_api_key_refuses_before_ray_starts(capsys, monkeypatch):
+    monkeypatch.delenv("DRESD_API_KEY", raising=False)
+    assert main(["serve", "--host", "0.0.0.0", "--port", "8123", "--method", "greedy"]) == 2
+    err = capsys.readouterr().err
+    assert "dresd serve: error: host '0.0.0.0' is not loopback: set an API key in $DRESD_API_KEY" in err
+    assert main(["serve", "--replicas", "0"]) == 2
+    assert "replicas must be >= 1, got 0" in capsys.readouterr().err
+    assert main(["serve", "--method", "dresd"]) == 2  # a method that drafts from a datastore, without one
+    assert "speculative.method 'dresd' needs a datastore: give --datastore ROOT" in capsys.readouterr().err
+    assert main(["serve", "--method", "medusa", "--datastore", "x"]) == 2
+    assert "speculative.method (--method): " in capsys.readouterr().err

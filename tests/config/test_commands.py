@@ -53,3 +53,14 @@ def test_generate_config_builds_its_sampling_params():
     # top_p alone does not make a greedy run sample.
     assert GenerateConfig(top_p=0.5).sampling() is None
     assert GenerateConfig(temperature=float("nan")).problems() == ["temperature must be a finite number >= 0, got nan"]
+
+
+def test_serve_config_names_each_bad_limit():
+    from dresd.config import ServeConfig, SpeculativeConfig
+
+    assert ServeConfig().problems() == []
+    bad = ServeConfig(port=0, max_batch=0, max_queued_requests=-2, request_timeout_s=0,
+                      speculative=SpeculativeConfig(verify="batch")).problems()
+    assert bad == ["port must be in 1..65535, got 0", "max_batch must be >= 1, got 0",
+                   "max_queued_requests must be >= 0 or -1 (no limit), got -2", "request_timeout_s must be > 0, got 0",
+                   "speculative.verify must be 'tree' (replicas verify every sequence's tree in one batch)"]

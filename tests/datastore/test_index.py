@@ -346,3 +346,56 @@ def test_on_disk_merge_equals_in_memory_and_copies_never_touch_the_file(tmp_path
     assert (tmp_path / "moved" / IVFDATA).read_bytes() == before  # the old version is untouched
     with pytest.raises(ValueError, match="needs index.kind ivfpq"):
         choose_index_params(100, IndexConfig(dim=DIM, kind="flat", on_disk=True))
+
+
+# ---------------------------------------------------------------- plan_index: layout by store size
+
+def test_plan_index_keeps_small_stores_in_ram_and_says_why():
+    from dresd.datastore.index import plan_index
+
+    params, why = plan_index(1000, IndexConfig(dim=64))
+    assert params.kind == "flat" and why.startswith("flat: 1000 keys, fewer than index.flat_below")
+    params, why = plan_index(100_000, IndexConfig(dim=64, ram_bytes=2**30))
+    # 100k keys x (16 B codes + 8 B ids + 256 B refine vectors) = 0.03 GiB, under 25% of 1 GiB
+    assert params.refine and not params.on_disk and why == "in RAM: 0.03 GiB in RAM for 100000 keys, against 25% of 1.0 GiB (index.ram_share)"
+    assert plan_index(100_000, IndexConfig(dim=64, on_disk=True))[1] == "on-disk inverted lists: index.on_disk is set"
+
+
+def test_plan_index_puts_lists_on_disk_when_the_ram_layout_outgrows_its_share():
+    from dresd.datastore.index import plan_index, ram_bytes_per_key
+
+    cfg = IndexConfig(dim=64, ram_bytes=2**30, ram_share=0.25)  # 256 MiB for the index
+    fits = (2**28) // (16 + 8 + 256)
+    assert not plan_index(fits, cfg)[0].on_disk
+    params, why = plan_index(fits + 1, cfg)
+    assert params.on_disk and not params.refine and params.factory == f"IVF{params.nlist},PQ32"
+    assert why.startswith("on-disk inverted lists: the in-RAM layout would take 0.25 GiB in RAM for")
+    assert ram_bytes_per_key(params) == 0
+    # Compact (no refine): 24 B a key, so ten times as many keys stay in RAM.
+    assert not plan_index(10 * fits, IndexConfig(dim=64, ram_bytes=2**30, refine=False))[0].on_disk
+    assert not plan_index(fits + 1, IndexConfig(dim=64, ram_bytes=2**30, ram_share=0))[0].on_disk  # 0 = never
+    # Too few keys to train on-disk codes: stays in RAM, and says so.
+    params, why = plan_index(200, IndexConfig(dim=64, flat_below=0, ram_bytes=1000))
+    assert not params.on_disk and "on-disk lists train on >= 256 keys" in why
+
+
+@pytest.mark.parametrize("layout", ["flat", "refine"])
+def test_read_index_maps_the_exact_vectors_instead_of_loading_them(tmp_path, layout):
+    """A replica opens the published file mapped (shared page cache, no private copy of
+    the vectors), and searches it as the index it was written from."""
+    from dresd.datastore.index import read_index
+
+    keys = unit(np.random.default_rng(3).normal(size=(3000, DIM)))
+    cfg = IndexConfig(dim=DIM, pq_m=16, flat_below=10_000 if layout == "flat" else 0)
+    params = choose_index_params(len(keys), cfg)
+    index = train_index(params, keys)
+    add_keys(index, keys)
+    path = tmp_path / "index.faiss"
+    faiss.write_index(index, str(path))
+    opened = read_index(path)
+    set_search_params(opened, params)
+    maps = open("/proc/self/maps").read()
+    assert str(path) in maps  # mapped, not read into private memory
+    q = keys[::40]
+    assert np.array_equal(search(index, q, 10)[1], search(opened, q, 10)[1])
+    del opened

@@ -47,7 +47,9 @@ store = Datastore(root)
 manifest = {k: v for k, v in store.manifest.items() if k not in ("files", "version", "created_at", "format_version", "counts")}
 manifest.update(parent=parent, change={"kind": op})
 tokens, offsets = np.asarray(store.tokens, dtype=np.int64), store.record_offsets
-index, sources, keys, deleted = faiss.clone_index(store.index), list(store.sources), np.asarray(store.key_positions, dtype=np.int64), store.deleted
+# A published index is mapped read-only (clone_index would share the mapping): copy it to add.
+index = faiss.deserialize_index(faiss.serialize_index(store.index))
+sources, keys, deleted = list(store.sources), np.asarray(store.key_positions, dtype=np.int64), store.deleted
 if op == "add":
     end = int(offsets[-1])
     tokens = np.concatenate([tokens, [40, 41, 42]])

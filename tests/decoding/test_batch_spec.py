@@ -168,3 +168,27 @@ def test_partial_tokens_stream_and_cancel_frees_the_slot(tiny_lm, prompts):
         for rid, gen in dec.step():
             results[rid] = gen.token_ids
     assert results == {a: ref[0], c: ref[2]}
+
+
+def test_a_replacing_decoder_inherits_the_calibration(tiny_lm, prompts):
+    """A decoder for a new datastore version starts from its predecessor's acceptance
+    estimates (one per slot) and step-cost factors, copies that its own learning leaves
+    the predecessor's untouched; a decoder that has begun cannot be reseeded."""
+    from dresd.decoding.batch_plan import BatchCostModel
+
+    flat = BatchCostModel([1, 2], [1, 2], [[0.01, 0.01], [0.01, 0.01]])
+    spec = SpeculativeConfig(method="dresd", budget="auto")
+    make = lambda: BatchedSpeculativeDecoder(tiny_lm.model, -1, tiny_lm.max_context, spec,  # noqa: E731
+                                             lambda: FakeDrafter(lambda r: [[5, 6]]), flat, max_batch=2)
+    old = make()
+    old.generate([BatchRequest(p, 4) for p in prompts[:2]])
+    old.planner.step_scale = [1.3, 0.8]
+    learnt = old.calibration()
+    assert len(learnt[0]) == 2 and any(a.offered for a in learnt[0])
+    new = make()
+    new.inherit(learnt)
+    assert new.planner.step_scale == [1.3, 0.8]
+    new.generate([BatchRequest(prompts[0], 4)])
+    assert new._planners[0].acceptance is learnt[0][0] and old._planners[0].acceptance is not learnt[0][0]
+    with pytest.raises(RuntimeError, match="before the first request"):
+        new.inherit(learnt)

@@ -202,7 +202,7 @@ def test_acceptance_priors_and_cells():
 
 def test_acceptance_update_moves_rates_toward_observed():
     tree = build_tree(0, [[1, 2], [3]], weights=[3.0, 1.0], sources=["s", "s"])
-    acc = AcceptanceModel()
+    acc = AcceptanceModel(shrink=False)  # each cell on its own, with the constant prior
     acc.update(tree, [0, 1])  # node 1 accepted, node 2 (its child) and node 3 rejected
     assert acc.rate(("s", 1, 3)) == pytest.approx((1 + 1.4) / (1 + 2))
     assert acc.rate(("s", 2, 4)) == pytest.approx((0 + 1.4) / (1 + 2))
@@ -391,3 +391,24 @@ def test_measured_steps_correct_the_calibrated_cost():
     free = DraftPlanner(None)
     free.observe_step(3, 1.0)
     assert free.step_scale == [1.0, 1.0]
+
+
+def test_a_rare_cell_leans_on_its_source_and_support():
+    """With shrinkage, a cell never seen starts from what its source showed for nodes with
+    that support (at any depth), then from the source's whole record, not from the
+    optimistic constant."""
+    acc = AcceptanceModel()
+    weak = build_tree(0, [[1], [2], [3]], weights=[1.0, 1.0, 1.0], sources=["s", "s", "s"])  # bin 2 each
+    strong = build_tree(0, [[4, 5]], weights=[1.0], sources=["s"])  # bin 4 (all the parent's evidence)
+    for _ in range(20):
+        acc.update(weak, [0])  # weak nodes always missed
+        acc.update(strong, [0, 1, 2])  # strong ones always accepted
+    assert acc.rate(("s", 1, 2)) < 0.1 and acc.rate(("s", 1, 4)) > 0.9
+    assert acc.rate(("s", 6, 2)) < 0.15  # unseen depth: what weak nodes of "s" showed
+    assert acc.rate(("s", 6, 4)) > 0.85  # ... and strong ones
+    assert 0.2 < acc.rate(("s", 1, 0)) < 0.7  # unseen support: the source's record
+    assert acc.rate(("other", 1, 4)) == pytest.approx(0.7)  # other sources untouched
+    flat = AcceptanceModel(shrink=False)
+    for _ in range(20):
+        flat.update(weak, [0])
+    assert flat.rate(("s", 6, 2)) == pytest.approx(0.7)  # the constant prior: still optimistic

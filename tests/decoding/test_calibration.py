@@ -73,3 +73,20 @@ def test_cached_cost_model_uses_env_dir_and_keys_threads(tiny_lm, tmp_path, monk
         torch.set_num_threads(1)
     assert len(calls) == 2 and "threads=2" in other.key
     assert len(list((tmp_path / "cost").glob("*.json"))) == 2
+
+
+def test_batched_calibration_extends_the_single_curve(tiny_lm, tmp_path, monkeypatch):
+    from dresd.decoding.calibration import cached_batch_cost_model, calibrate_batch_cost
+
+    single = calibrate_cost(tiny_lm.model, context=16, positions=(1, 2, 4), reps=1)
+    cost = calibrate_batch_cost(tiny_lm.model, single, context=16, batches=(2, 4), positions=(1, 2, 4), reps=1)
+    assert cost.batches == [1, 2, 4] and cost.positions == [1, 2, 4]
+    assert cost.seconds[0] == [single.cost(k) for k in (1, 2, 4)]
+    for row, below in zip(cost.seconds[1:], cost.seconds):  # never cheaper with more rows or positions
+        assert all(b >= a for a, b in zip(row, row[1:])) and all(t >= u for t, u in zip(row, below))
+    # Cached beside the single curve, measured once.
+    monkeypatch.setattr(calibration, "calibrate_cost", lambda model, *a, **k: single)
+    calls = []
+    monkeypatch.setattr(calibration, "calibrate_batch_cost", lambda model, s: calls.append(s) or cost)
+    assert cached_batch_cost_model(tiny_lm.model, tmp_path) == cost
+    assert cached_batch_cost_model(tiny_lm.model, tmp_path) == cost and len(calls) == 1

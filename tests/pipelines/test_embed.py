@@ -96,7 +96,7 @@ def test_call_writes_each_shard_and_returns_only_receipts(tiny_model_dir, tmp_pa
     metas = done_shards(work)
     assert metas["00000-000000"] == {"shard": "00000-000000", "file": "a.jsonl", "rows_read": 4, "examples": 3,
                                      "tokens": 22, "keys": n_keys, "rejects": {"bad_json": 1},
-                                     "messages": ["mbad_json"], "node": NODE}
+                                     "messages": ["mbad_json"], "node": NODE, "dtype": "float32"}
     assert metas["00000-000001"]["keys"] == 0 and metas["00000-000001"]["rejects"] == {"empty_text": 2}
     tokens, offsets, key_starts, sources = shard_tokens(work, "00000-000000")
     assert tokens.tolist() == np.concatenate(seqs[:3]).tolist() and offsets.tolist() == [0, 7, 10, 22]
@@ -107,6 +107,18 @@ def test_call_writes_each_shard_and_returns_only_receipts(tiny_model_dir, tmp_pa
     np.testing.assert_allclose(np.asarray(hidden, np.float32), expected, atol=2e-2, rtol=2e-3)
     assert shard_hidden(work, "00000-000001").shape == (0, 64)
     assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_a_bfloat16_stage_records_its_dtype_and_near_float32_keys(tiny_model_dir, tmp_path, seqs, reference):
+    stage = Embed(str(tiny_model_dir), device="cpu", threads=1, work=str(tmp_path), batch_size=2, dtype="bfloat16")
+    assert stage.lm.dtype == "bfloat16"
+    stage({"shard": ["00000-000000"], "file": ["a.jsonl"], "payload": [_payload(seqs[:3], [1, 0, 2], 3, {})]})
+    work = Scratch(str(tmp_path))
+    assert done_shards(work)["00000-000000"]["dtype"] == "bfloat16"  # the build's manifest records it
+    hidden = np.asarray(shard_hidden(work, "00000-000000"), np.float32)
+    expected = np.concatenate([reference(s)[k : len(s) - 1] for s, k in zip(seqs[:3], [1, 0, 2])])
+    cos = (hidden * expected).sum(1) / np.linalg.norm(hidden, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(hidden, expected.astype(np.float16).astype(np.float32))
 
 
 def test_a_crash_mid_write_leaves_no_shard_and_a_rerun_replaces_it(tiny_model_dir, tmp_path, seqs, monkeypatch):

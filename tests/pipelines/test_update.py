@@ -74,6 +74,14 @@ def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
     keep = np.nonzero(~deleted.deleted)[0]
     assert np.array_equal(small.values(np.arange(small.num_keys), 6), deleted.values(keep, 6))
     assert len(list_versions(root)) == 4
+    assert small.key_dtype == "float32"  # kept through add, delete and compact
+
+    # Keys made in another dtype may join (decoding in one is allowed too): the record says both.
+    more = [{"id": f"c{i}", "prompt": f"other q{i}?", "response": f"late reply {i} " + "uv " * 3} for i in range(4)]
+    update_datastore(BuildConfig(model=ModelConfig(path=str(tiny_model_dir), dtype="bfloat16"), output=str(root),
+                                 corpus=CorpusConfig(paths=[_write(tmp_path / "c.jsonl", more)], id_field="id"),
+                                 value_len=8, shard_rows=10))
+    assert Datastore(root).key_dtype == "bfloat16+float32"
 
 
 def test_a_damaged_parent_is_refused_before_any_change(tmp_path, monkeypatch):

@@ -119,3 +119,20 @@ def test_a_version_that_fails_full_verification_is_refused_and_the_old_one_kept(
     assert "cannot open datastore version v2, staying on v1" in caplog.text
     pinned = decoder.serve(DecodeRequest("hi", 4), "v2")
     assert not pinned.ok and "tokens.npy checksum mismatch" in pinned.error and decoder.version == "v1"
+
+
+def test_a_decoder_loads_its_model_in_the_configured_dtype(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """model.dtype reaches the serving decoder; a store of float32 keys still serves, with a warning."""
+    import logging
+
+    from dresd.model.loading import load_model
+
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    publish_for_model(tmp_path / "store", load_model(ModelConfig(path=str(tiny_model_dir), device="cpu")), "v1")
+    with caplog.at_level(logging.WARNING, logger="dresd.datastore.store"):
+        decoder = Decoder("bf", ModelConfig(path=str(tiny_model_dir), device="cpu", dtype="bfloat16"),
+                          str(tmp_path / "store"), SPEC)
+    assert decoder.lm.dtype == "bfloat16"
+    assert any("keys made in float32 but the model decodes in bfloat16" in r.getMessage() for r in caplog.records)
+    out = decoder.generate(DecodeRequest("question 1?", 8, "dresd"))
+    assert out.ok and 1 <= len(out.token_ids) <= 8 and out.datastore_version == "v1"

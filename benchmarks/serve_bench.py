@@ -1,0 +1,195 @@
+"""Closed-loop clients against `dresd serve`: output tokens/s, time to first token and
+per-token latency (p50 / p99) and requests lost, per method and concurrency.
+
+    .venv/bin/python benchmarks/serve_bench.py --datastore stores/sgpt [--methods greedy,suffix,dresd] \
+        [--concurrency 1,4,16] [--requests 32] [--max-tokens 64] [--replicas 1] [--kill-replica]
+    .venv/bin/python benchmarks/serve_bench.py --url http://127.0.0.1:8000 ...   # a server already up
+
+Each of C client threads sends one streamed /v1/completions request (greedy, `dresd.method`
+set per run, MT-Bench first turns in turn) and the next as soon as it ends, until
+--requests have been sent. A request is lost unless it ends with `data: [DONE]` after a
+last chunk carrying its `dresd` report; TTFT is arrival of the first text chunk, per-token
+latency (end - first token) / (tokens - 1). With --kill-replica, one Serve replica actor
+is killed halfway through each run (Serve starts a new one). Results: a markdown table on
+stdout and serve_bench.json in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def one_request(url: str, key: str | None, prompt: str, method: str, max_tokens: int, timeout: float) -> dict:
+    """Send one streamed request; its timings and whether it was answered in full."""
+    u = urlparse(url)
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "stream_options": {"include_usage": True}, "dresd": {"method": method}})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    start, first, tokens, done, report, status = time.perf_counter(), None, 0, False, None, 0
+    try:
+        conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
+        conn.request("POST", u.path.rstrip("/") + "/v1/completions", body=body, headers=headers)
+        resp = conn.getresponse()
+        status = resp.status
+        while status == 200:
+            line = resp.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:]
+            if data == b"[DONE]":
+                done = True
+                break
+            event = json.loads(data)
+            if "error" in event:
+                break
+            if event.get("choices") and event["choices"][0].get("text") and first is None:
+                first = time.perf_counter()
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            report = event.get("dresd") or report
+        conn.close()
+    except (OSError, http.client.HTTPException, json.JSONDecodeError):
+        pass
+    end = time.perf_counter()
+    ok = done and report is not None
+    return {"ok": ok, "status": status, "tokens": tokens if ok else 0, "e2e_s": end - start,
+            "ttft_s": (first - start) if first else None,
+            "tpot_s": (end - first) / (tokens - 1) if ok and first and tokens > 1 else None,
+            "accepted": (report or {}).get("accepted_tokens", 0), "calls": (report or {}).get("target_calls", 0)}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def run_level(url, key, prompts, method, concurrency, requests, max_tokens, timeout, kill=None) -> dict:
+    """C closed-loop clients until `requests` are sent; `kill()` is called halfway."""
+    results, lock, sent = [], threading.Lock(), [0]
+
+    def client():
+        while True:
+            with lock:
+                if sent[0] >= requests:
+                    return
+                i = sent[0]
+                sent[0] += 1
+                if kill is not None and i == requests // 2:
+                    threading.Thread(target=kill, daemon=True).start()
+            r = one_request(url, key, prompts[i % len(prompts)], method, max_tokens, timeout)
+            with lock:
+                results.append(r)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    calls = sum(r["calls"] for r in ok)
+    return {"method": method, "concurrency": concurrency, "requests": len(results), "lost": len(results) - len(ok),
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall,
+            "ttft_p50_s": pct([r["ttft_s"] for r in ok], 0.5), "ttft_p99_s": pct([r["ttft_s"] for r in ok], 0.99),
+            "tpot_p50_s": pct([r["tpot_s"] for r in ok], 0.5), "tpot_p99_s": pct([r["tpot_s"] for r in ok], 0.99),
+            "mat": (sum(r["accepted"] for r in ok) + calls) / calls if calls else None,
+            "statuses": sorted({r["status"] for r in results})}
+
+
+def kill_one_replica(app_name: str):
+    def kill():
+        import ray
+
+        for actor in ray.util.list_named_actors(all_namespaces=True):
+            if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#"):
+                ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+                print(f"killed {actor['name']}", file=sys.stderr)
+                return
+    return kill
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default=None, help="a running server (default: start one here)")
+    p.add_argument("--datastore", default=None)
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: packaged SmolLM2-135M)")
+    p.add_argument("--methods", default="greedy,suffix,dresd")
+    p.add_argument("--concurrency", default="1,4,16")
+    p.add_argument("--requests", type=int, default=32, help="requests per method and concurrency")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = torch's default)")
+    p.add_argument("--kill-replica", action="store_true", help="kill one replica halfway through each run")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one request")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args()
+
+    from dresd.config import ModelConfig, ServeConfig, SpeculativeConfig
+    from dresd.datastore.corpus import mtbench_first_turns
+
+    cfg = ServeConfig(model=ModelConfig(path=args.model, threads=args.threads), datastore=args.datastore,
+                      # Each request names its method; the replicas' default needs no datastore.
+                      speculative=SpeculativeConfig(method="greedy"), replicas=args.replicas, max_batch=args.max_batch,
+                      max_ongoing_requests=max(64, args.max_batch), max_queued_requests=-1,
+                      request_timeout_s=args.timeout, app_name="dresd-bench", port=args.port)
+    url, started = args.url, False
+    if url is None:
+        from dresd.serving.app import start
+
+        url, started = start(cfg), True
+    key = os.environ.get(cfg.api_key_env)
+    prompts = mtbench_first_turns()
+    rows = []
+    try:
+        for method in args.methods.split(","):
+            one_request(url, key, prompts[0], method, 4, args.timeout)  # warm: drafters, cost model
+            for c in (int(x) for x in args.concurrency.split(",")):
+                kill = kill_one_replica(cfg.app_name) if args.kill_replica else None
+                row = run_level(url, key, prompts, method, c, args.requests, args.max_tokens, args.timeout, kill)
+                rows.append(row)
+                print(f"{method} c={c}: {row['tokens_per_s']:.1f} tok/s, lost {row['lost']}", file=sys.stderr)
+    finally:
+        if started:
+            from ray import serve
+
+            from dresd.serving.app import stop
+
+            stop(cfg)
+            serve.shutdown()
+    print("| method | concurrency | requests | lost | tokens/s | TTFT p50 | TTFT p99 | per-token p50 | per-token p99 | MAT |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['tokens_per_s']:.1f} | "
+              f"{fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {fmt(r['tpot_p50_s'], '.4f')} | "
+              f"{fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve_bench.json").write_text(json.dumps({"benchmark": "serve_bench", "args": vars(args), "rows": rows},
+                                                     indent=2))
+
+
+if __name__ == "__main__":
+    main()

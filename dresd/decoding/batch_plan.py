@@ -1,0 +1,135 @@
+"""Planning a batched step: how many positions each sequence may verify at this load.
+
+A batched verification pads every row to the widest tree, so its cost is a function of the
+batch size b and of the positions per row k: T(b, k), measured per model and device
+(dresd.decoding.calibration.calibrate_batch_cost) and interpolated between measurements.
+What a drafted position is worth depends on the load: on a small CPU each position pays its
+own arithmetic, so at batch 16 a second position per row nearly doubles the step; on a GPU
+T(b, k) stays flat until the device is compute-bound, and drafting pays at far larger
+batches. (vLLM maps batch-size ranges to a number of speculative tokens for this reason.)
+
+Per step the planner picks one width k for the whole batch: every row verifies its k - 1
+likeliest draft nodes, ordered by its own acceptance estimates (dresd.decoding.budget's
+AcceptanceModel; a prefix of that order is a subtree), and k maximises the batch's expected
+tokens per second
+
+    sum over rows of (1 + the row's top k - 1 acceptance probabilities) / (T(b, k) + drafting)
+
+k = 1 is plain batched decoding: drafting does not pay at this load. One width per step is
+what the padded layout makes optimal: a row verifying fewer nodes than the widest saves
+nothing. The calibrated costs are scaled by what this batch's own steps measure, one running
+factor for one-position steps and one for wider ones, as the one-sequence planner does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from dresd.decoding.budget import STEP_SCALE_CLIP, STEP_SCALE_RATE, CostModel, DraftPlanner
+from dresd.decoding.tree import TokenTree, subtree
+
+
+@dataclass
+class BatchCostModel:
+    """Measured seconds of one batched verification forward: rows x positions per row."""
+
+    batches: list[int]  # batch sizes measured, ascending, starting at 1
+    positions: list[int]  # positions per row measured, ascending, starting at 1
+    seconds: list[list[float]]  # seconds[i][j]: median forward over batches[i] rows of positions[j] each
+    context: int = 256  # cached tokens per row the forwards ran over
+    key: str = ""  # what was measured (model, device, threads)
+
+    def __post_init__(self):
+        if len(self.seconds) != len(self.batches) or any(len(r) != len(self.positions) for r in self.seconds):
+            raise ValueError(f"seconds must be {len(self.batches)} rows of {len(self.positions)} measurements")
+        self._rows = [CostModel(self.positions, row, self.context, self.key) for row in self.seconds]
+
+    @classmethod
+    def from_single(cls, cost: CostModel) -> BatchCostModel:
+        """A batch model from a one-sequence curve alone, assuming every row pays its own
+        positions (T(b, k) = T(1, b * k)): a CPU's behaviour, pessimistic on a GPU."""
+        batches = [1, 2, 4, 8, 16]
+        return cls(batches, list(cost.positions), [[cost.cost(b * k) for k in cost.positions] for b in batches],
+                   cost.context, cost.key + "|from-single")
+
+    def cost(self, rows: int, k: int) -> float:
+        """Seconds for a forward over `rows` rows of k positions (linear between and beyond measurements)."""
+        if len(self.batches) == 1:
+            return self._rows[0].cost(rows * k)
+        across = CostModel(self.batches, [row.cost(k) for row in self._rows])
+        return across.cost(rows)
+
+    def at_batch(self, rows: int) -> CostModel:
+        """The one-row-width curve at this batch size: T(rows, k) for each measured k."""
+        return CostModel(list(self.positions), [self.cost(rows, k) for k in self.positions], self.context, self.key)
+
+    def single(self) -> CostModel:
+        """The one-sequence curve (batch 1), what dresd.decoding.loop's planner reads."""
+        return self._rows[0] if self.batches[0] == 1 else self.at_batch(1)
+
+
+def select_width(row_probs: list[list[float]], cost: Callable[[int], float], max_width: int,
+                 overhead_s: float = 0.0) -> tuple[int, float]:
+    """The positions per row k (1 = no drafts) maximising expected tokens per second, and that rate.
+
+    `row_probs[r]` are row r's candidate nodes' acceptance probabilities, in the order the
+    row would verify them (descending); `cost(k)` is the batch's forward over k positions per row.
+    """
+    deepest = min(max_width, 1 + max((len(p) for p in row_probs), default=0))
+    expected = float(len(row_probs))
+    best_k, best_rate = 1, expected / (cost(1) + overhead_s)
+    for k in range(2, deepest + 1):
+        expected += sum(p[k - 2] for p in row_probs if len(p) >= k - 1)
+        rate = expected / (cost(k) + overhead_s)
+        if rate > best_rate:
+            best_k, best_rate = k, rate
+    return best_k, best_rate
+
+
+def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
+    """The tree's draft nodes, likeliest first (shallower on ties): every prefix is a subtree."""
+    return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
+
+
+class BatchPlanner:
+    """The batch's share of the draft budget: one width per step, from T(b, k) and the rows' estimates."""
+
+    def __init__(self, cost: BatchCostModel, max_width: int = 64):
+        self.cost = cost
+        self.max_width = max_width  # most positions a row may verify (root included)
+        # Measured / calibrated forward time, running averages: [one-position steps, wider ones].
+        self.step_scale = [1.0, 1.0]
+        self._shares: dict[int, CostModel] = {}
+
+    def step_cost(self, rows: int, k: int) -> float:
+        """Expected seconds of this batch's forward: calibrated, scaled by what steps measured."""
+        return self.cost.cost(rows, k) * self.step_scale[int(k > 1)]
+
+    def row_share(self, rows: int) -> CostModel:
+        """One row's share of a step at this batch size, T(rows, k) / rows: what a row's own
+        DraftPlanner weighs its drafting time against when deciding to back off."""
+        if rows not in self._shares:
+            at = self.cost.at_batch(rows)
+            self._shares[rows] = CostModel(at.positions, [t / rows for t in at.seconds], at.context, at.key)
+        return self._shares[rows]
+
+    def plan(self, trees: dict[int, TokenTree], planners: dict[int, DraftPlanner],
+             overhead_s: float = 0.0) -> tuple[dict[int, TokenTree], int]:
+        """Each row's tree cut to the chosen width, and that width (positions per row)."""
+        orders, probs = {}, []
+        for slot, tree in trees.items():
+            p = planners[slot].acceptance.node_probs(tree)
+            orders[slot] = likeliest_first(tree, p)[: self.max_width - 1]
+            probs.append([p[i] for i in orders[slot]])
+        k, _ = select_width(probs, lambda w: self.step_cost(len(trees), w), self.max_width, overhead_s)
+        return {slot: subtree(tree, orders[slot][: k - 1]) for slot, tree in trees.items()}, k
+
+    def observe_step(self, rows: int, k: int, seconds: float) -> None:
+        """Correct the calibrated cost with one measured forward over `rows` x `k` positions."""
+        if seconds <= 0:
+            return
+        lo, hi = STEP_SCALE_CLIP
+        ratio = min(max(seconds / self.cost.cost(rows, k), lo), hi)
+        i = int(k > 1)
+        self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])

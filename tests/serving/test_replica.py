@@ -1,0 +1,115 @@
+"""A replica's decoding loop in-process on the tiny model: jobs of several methods batched
+and answered like in-process decoding, versions switched between jobs only, stop / abort /
+deadline ends, and refusals that name the field."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from dresd.config import SamplingParams, ServeConfig, SpeculativeConfig
+from dresd.datastore.store import Datastore
+from dresd.decoding.engine import Engine
+from dresd.serving.replica import Job, ReplicaEngine
+from dresd.serving.versions import write_pin
+from tests_support import one_torch_thread, publish_for_model
+
+single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
+
+SPEC = SpeculativeConfig(len_drafts=4, top_k=8, num_drafts=4)  # the test stores keep 12-token values
+
+
+@pytest.fixture
+def replica(tiny_lm, tmp_path, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    publish_for_model(root, tiny_lm, "v1")
+    eng = ReplicaEngine(ServeConfig(speculative=SPEC, datastore=str(root), max_batch=2), "r0", tiny_lm)
+    yield eng, root
+    eng.close()
+
+
+def ask(eng, prompt="question 1?", n=10, method="dresd", **kw):
+    """Submit a job; returns it and the queue its events arrive in."""
+    events: queue.Queue = queue.Queue()
+    job = Job(events.put, n, method, kw.pop("budget", "auto"), prompt=prompt, **kw)
+    eng.submit(job)
+    return job, events
+
+
+def finish(events, timeout=60):
+    """Every event up to the job's last one."""
+    out = []
+    while not out or out[-1].kind not in ("done", "error"):
+        out.append(events.get(timeout=timeout))
+    return out
+
+
+def test_jobs_of_several_methods_batch_and_answer_as_in_process_decoding(replica, tiny_lm):
+    eng, root = replica
+    ref = Engine(tiny_lm, Datastore(str(root)))
+    asked = [(m, p, ask(eng, p, 10, m)) for m in ("dresd", "greedy", "pld") for p in ("question 1?", "another")]
+    for method, prompt, (job, events) in asked:
+        got = finish(events)
+        assert got[0].kind == "started" and got[0].version == "v1" and got[0].prompt_tokens == job.prompt_tokens
+        done = got[-1]
+        assert done.kind == "done" and done.version == "v1" and done.finish in ("stop", "length")
+        expected = ref.generate(prompt, SpeculativeConfig(**{**SPEC.__dict__, "method": method}), 10).token_ids
+        assert done.tokens == expected, (method, prompt)
+        streamed = [e.tokens for e in got if e.kind == "tokens"]
+        assert streamed and streamed[-1] == done.tokens[: len(streamed[-1])]
+        assert done.metrics.new_tokens == len(done.tokens)
+    snap = eng.snapshot()
+    assert snap["requests"]["success"] == 6 and snap["counters"]["dresd:generation_tokens_total"] > 0
+    _, events = ask(eng, n=6, sampling=SamplingParams(0.8, 0.9, seed=1))
+    assert finish(events)[-1].kind == "done"
+
+
+def test_a_new_version_serves_the_next_job_while_the_running_one_finishes_on_its_own(replica, tiny_lm):
+    eng, root = replica
+    _, events1 = ask(eng, n=60, method="greedy")
+    assert events1.get(timeout=60).kind == "started"
+    publish_for_model(root, tiny_lm, "v2", seed=1)
+    _, events2 = ask(eng, n=4, method="greedy")
+    done2 = finish(events2)[-1]
+    done1 = finish(events1)[-1]
+    assert (done1.kind, done1.version, done2.kind, done2.version) == ("done", "v1", "done", "v2")
+    write_pin(str(root), "v1")
+    assert finish(ask(eng, n=2)[1])[-1].version == "v1"
+
+
+def test_stop_abort_deadline_and_refusals(replica):
+    eng, _ = replica
+    job, events = ask(eng, n=200, method="greedy")
+    assert events.get(timeout=60).kind == "started"
+    assert events.get(timeout=60).kind == "tokens"
+    eng.cancel(job, "stop")
+    done = finish(events)[-1]
+    assert done.kind == "done" and done.finish == "stop" and done.metrics.new_tokens >= 1
+    job, events = ask(eng, n=200, method="greedy", deadline=time.monotonic() - 1)  # past at its first step
+    err = finish(events)[-1]
+    assert err.kind == "error" and err.status == 504 and "deadline" in err.message
+    job, events = ask(eng, n=200, method="greedy")
+    eng.cancel(job)  # the client left (right after asking): nothing ends it but the cancel
+    time.sleep(1.0)
+    assert all(e.kind in ("started", "tokens") for e in list(events.queue))
+    long = finish(ask(eng, prompt="x" * 3000)[1])[-1]
+    assert (long.kind, long.status, long.param) == ("error", 400, "prompt") and "context" in long.message
+    snap = eng.snapshot()["requests"]
+    assert (snap["success"], snap["timeout"], snap["aborted"], snap["bad_request"]) == (1, 1, 1, 1)
+
+
+def test_a_method_that_needs_a_datastore_is_refused_on_a_server_without_one(tiny_lm):
+    eng = ReplicaEngine(ServeConfig(speculative=SPEC), "bare", tiny_lm)
+    try:
+        err = finish(ask(eng, method="dresd")[1])[-1]
+        assert (err.kind, err.status, err.param) == ("error", 400, "dresd.method") and "needs a datastore" in err.message
+        assert finish(ask(eng, n=3, method="pld")[1])[-1].kind == "done"
+        events: queue.Queue = queue.Queue()
+        turns = [{"role": "system", "content": "brief"}, {"role": "user", "content": "hi"}]
+        eng.submit(Job(events.put, 3, "greedy", "auto", messages=turns))
+        assert finish(events)[-1].kind == "done"
+    finally:
+        eng.close()
