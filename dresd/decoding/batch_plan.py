@@ -92,8 +92,18 @@ def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
     return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
 
 
+# Most steps the batch goes without consulting its drafters after widths of 1 in a row;
+# trades drafting time wasted at a load where drafts do not pay against drafts missed when they would.
+MAX_BATCH_BACKOFF = 32
+
+
 class BatchPlanner:
-    """The batch's share of the draft budget: one width per step, from T(b, k) and the rows' estimates."""
+    """The batch's share of the draft budget: one width per step, from T(b, k) and the rows' estimates.
+
+    When drafting does not pay at this load (the chosen width is 1), consulting every row's
+    drafter each step still costs its time; the batch then skips consults for 0, 1, 3, 7, ...
+    steps while widths stay at 1, and consults every step again once a width above 1 pays.
+    """
 
     def __init__(self, cost: BatchCostModel, max_width: int = 64):
         self.cost = cost
@@ -101,6 +111,23 @@ class BatchPlanner:
         # Measured / calibrated forward time, running averages: [one-position steps, wider ones].
         self.step_scale = [1.0, 1.0]
         self._shares: dict[int, CostModel] = {}
+        self._unpaid = 0  # drafted steps in a row whose chosen width was 1
+        self._skip = 0  # steps left without consulting
+
+    def should_draft(self) -> bool:
+        """False while backing off after consults whose drafts did not pay at this load."""
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
+
+    def record_width(self, width: int) -> None:
+        """Account for a step whose drafts were planned to `width` positions per row."""
+        if width > 1:
+            self._unpaid = self._skip = 0
+            return
+        self._unpaid += 1
+        self._skip = min(2 ** (self._unpaid - 1) - 1, MAX_BATCH_BACKOFF)
 
     def step_cost(self, rows: int, k: int) -> float:
         """Expected seconds of this batch's forward: calibrated, scaled by what steps measured."""

@@ -145,12 +145,12 @@ class BatchedSpeculativeDecoder:
         return _Row(index, min(req.max_new_tokens, self.max_context - len(prompt)), prompt, len(prompt) - 1,
                     query, accept, metrics, start, fresh_keys=fresh)
 
-    def _tree(self, slot: int, row: _Row) -> tuple[TokenTree, bool, float]:
+    def _tree(self, slot: int, row: _Row, consult: bool = True) -> tuple[TokenTree, bool, float]:
         """The row's tree for this step: its drafts (every one when budgeted: the batch planner cuts
         them to the step's width; else the max_verify best supported), else the root."""
         pending, remaining = row.context[-1], row.budget - len(row.out)
         drafter, planner = self._slot_tools(slot)
-        if drafter is None or remaining <= 1 or not planner.should_draft():
+        if drafter is None or remaining <= 1 or not consult or not planner.should_draft():
             return build_tree(pending, []), False, 0.0
         t0 = time.perf_counter()
         q = None if row.query is None else row.query.float().cpu().numpy()
@@ -271,12 +271,14 @@ class BatchedSpeculativeDecoder:
         if not rows:
             return done
         trees, drafted, spent = {}, {}, {}
+        consult = self.planner is None or self.planner.should_draft()
         for slot, row in rows.items():
-            trees[slot], drafted[slot], spent[slot] = self._tree(slot, row)
+            trees[slot], drafted[slot], spent[slot] = self._tree(slot, row, consult)
             row.metrics.retrieval_s += spent[slot]
         width = 0
         if self.planner is not None and any(drafted.values()):
             trees, width = self.planner.plan(trees, {s: self._planners[s] for s in trees}, sum(spent.values()))
+            self.planner.record_width(width)
         t0 = time.perf_counter()
         alone = self._alone(rows)
         if alone:
@@ -310,7 +312,10 @@ class BatchedSpeculativeDecoder:
                 done.append((row.index, self._finish(slot, rows.pop(slot))))
         if not alone:
             self._settle(cache, rows)
-        if len(self._rows) < self._slots() and not self._waiting:
+        if len(self._rows) <= self._slots() // 2 and not self._waiting:
+            # Shrinking copies the whole cache, and each idle row costs a padding row per
+            # forward: shrink once half the rows are idle, so a batch whose rows finish one by
+            # one copies its cache a few times (halving), not once per finished row.
             self._resize(len(self._rows))
         return done
 
@@ -320,12 +325,18 @@ class BatchedSpeculativeDecoder:
         width = cache.get_seq_length()
         hidden, logits = self._verify(cache, rows, trees)
         head = self.model.get_output_embeddings()
+        # Greedy rows verifying their root alone read one position each: one head call over
+        # those rows, not one per row (each call reads the whole head's weight).
+        alone = [s for s, row in rows.items() if row.accept is None and len(trees[s]) == 1]
+        first = {}
+        if logits is None and len(alone) > 1:
+            first = dict(zip(alone, head(hidden[alone, 0]).argmax(-1).tolist()))
         outcomes = {}
         for slot, row in rows.items():
             tree, n = trees[slot], len(trees[slot])
             if row.accept is None:
-                predicted = (logits[slot, :n].argmax(-1).tolist() if logits is not None
-                             else LazyGreedyTokens(head, hidden[slot, :n], tree))
+                predicted = ([first[slot]] if slot in first else logits[slot, :n].argmax(-1).tolist()
+                             if logits is not None else LazyGreedyTokens(head, hidden[slot, :n], tree))
                 path = greedy_accept(tree, predicted)
                 bonus = int(predicted[path[-1]])
             else:

@@ -130,3 +130,15 @@ def test_one_row_runs_the_one_sequence_verifier(tiny_lm, prompts, monkeypatch):
         results.update({rid: g.token_ids for rid, g in dec.step()})
     assert calls["rows"] > 0
     assert results == {first: ref[0], second: ref[1]}
+
+
+def test_the_batch_stops_consulting_while_drafts_do_not_pay():
+    planner = BatchPlanner(PER_POSITION)
+    consulted = []
+    for _ in range(40):
+        consulted.append(planner.should_draft())
+        if consulted[-1]:
+            planner.record_width(1)  # nothing paid at this load
+    assert sum(consulted) <= 7 and consulted[:2] == [True, True]  # steps 1, 2, 4, 8, 16, 32, ...
+    planner.record_width(3)  # a width that paid: consult every step again
+    assert all(planner.should_draft() for _ in range(5))

@@ -106,7 +106,7 @@ def test_bad_requests_name_the_request(tiny_lm):
 @pytest.mark.real_model
 def test_packaged_model_rows_equal_their_greedy_decodes(packaged_lm):
     """The real model on its CPU fast path: batched rows with prompt-lookup drafts (each row
-    its own drafter, the budget choosing what to verify) equal plain greedy decoding."""
+    its own drafter, every draft verified) equal plain greedy decoding."""
     from dresd.datastore.corpus import mtbench_first_turns
     from dresd.decoding.engine import Engine
     from dresd.drafters.registry import make_drafter
@@ -114,10 +114,10 @@ def test_packaged_model_rows_equal_their_greedy_decodes(packaged_lm):
     engine = Engine(packaged_lm)
     prompts = [engine.prompt_ids(q) for q in mtbench_first_turns()[:5]]
     greedy = [g.token_ids for g in _alone(packaged_lm, prompts, packaged_lm.eos_token_id, new=32)]
-    spec = SpeculativeConfig(method="pld")
+    spec = SpeculativeConfig(method="pld", budget="off")
     dec = BatchedSpeculativeDecoder(packaged_lm.model, packaged_lm.eos_token_id, packaged_lm.max_context, spec,
                                     lambda: make_drafter(spec, None, packaged_lm.tokenizer, packaged_lm.eos_token_id),
-                                    engine.cost_model(), max_batch=3)
+                                    max_batch=3)
     out = dec.generate([BatchRequest(p, 32) for p in prompts])
     assert [g.token_ids for g in out] == greedy
     assert sum(g.metrics.accepted for g in out) > 0
