@@ -104,12 +104,12 @@ def spec_study(args) -> None:
                                         "verified": verified, "same": sum(t == r for t, r in zip(toks, reference))})
             print(f"pass {p + 1} batch {bs} {name}: {sum(map(len, toks)) / wall:.1f} tok/s "
                   f"(load avg {os.getloadavg()[0]:.1f})", flush=True)
-    report = _report(args, lm, method, auto_method, results, len(ids))
+    report = _report(args, lm, method, auto_method, results, len(ids), batch_cost)
     print("\n".join(report), flush=True)
-    print(f"wrote {save_run('batch_decode_bench', chr(10).join(report), args.out)}")
+    print(f"wrote {save_run('batch_decode_spec', chr(10).join(report), args.out)}")
 
 
-def _report(args, lm, method: str, auto_method: str, results: dict, n: int) -> list[str]:
+def _report(args, lm, method: str, auto_method: str, results: dict, n: int, cost: BatchCostModel) -> list[str]:
     lines = ["# Speculative batched decoding at each batch size", "",
              f"{lm.identity['name']}, {os.cpu_count()} cores, {n} {args.prompt_set} prompts, {args.max_new_tokens} new "
              f"tokens, greedy, datastore {args.datastore}; {args.passes} interleaved passes, median tok/s. "
@@ -122,4 +122,14 @@ def _report(args, lm, method: str, auto_method: str, results: dict, n: int) -> l
         r0 = runs[0]
         lines.append(f"| {bs} | {name} | {rate:.1f} | {rate / base:.2f} | {r0['tokens'] / r0['calls']:.2f} | "
                      f"{r0['verified'] / r0['calls']:.2f} | {min(r['same'] for r in runs)}/{n} |")
+    lines += ["", "Which wins, and why (the measured forward cost T(b, k) of b rows of k positions):", ""]
+    for bs in sorted({b for b, _ in results}):
+        rates = {name: statistics.median(r["tokens"] / r["wall"] for r in runs)
+                 for (b, name), runs in results.items() if b == bs}
+        best = max(rates, key=rates.get)
+        plain, spec = rates["plain batched"], rates[f"{method} batched"]
+        lines.append(f"- batch {bs}: {best} is fastest; auto at {rates['auto'] / max(plain, spec):.2f}x the better of "
+                     f"plain and {method} batched. A second position per row costs T({bs}, 2) / T({bs}, 1) = "
+                     f"{cost.cost(bs, 2) / cost.cost(bs, 1):.2f}x a step, so a draft pays only when it is accepted "
+                     f"more often than that excess.")
     return lines + [""]

@@ -87,11 +87,15 @@ def test_decode_then_resume_after_losing_a_part(job, tiny_model_dir, ray_session
     report = run_decode(parse(["--config", str(cfg), "--set", f"model.path={reinstalled}"]))
     assert report.computed == [] and report.reused == 4
 
-    # Other settings make every part stale: it is replaced, never duplicated.
+    # Other settings make every part stale: it is replaced, never duplicated; the parts outside
+    # this smaller plan are removed and named, so the folder holds this run's output only.
     report = run_decode(parse(["--config", str(cfg), "--set", "max_new_tokens=3", "--set", "limit=4"]))
     assert report.computed == [0] and report.replaced == 1
-    _, rows3 = _table(out)
-    assert len(rows3) == N_PROMPTS and len({r["row"] for r in rows3}) == N_PROMPTS
+    assert sorted(report.removed) == [f"part-00000{c}.parquet" for c in (1, 2, 3)], report.removed
+    assert "removed 3 part(s) outside this plan" in "\n".join(report.lines())
+    parts3, rows3 = _table(out)
+    assert [p.name for p in parts3] == ["part-000000.parquet"]
+    assert sorted(r["row"] for r in rows3) == [0, 1, 2, 3] and all(r["new_tokens"] <= 3 for r in rows3)
 
 
 def test_id_corpus_jsonl_is_a_build_corpus(job, ray_session):
