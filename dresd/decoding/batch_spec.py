@@ -312,10 +312,9 @@ class BatchedSpeculativeDecoder:
                 done.append((row.index, self._finish(slot, rows.pop(slot))))
         if not alone:
             self._settle(cache, rows)
-        if len(self._rows) <= self._slots() // 2 and not self._waiting:
-            # Shrinking copies the whole cache, and each idle row costs a padding row per
-            # forward: shrink once half the rows are idle, so a batch whose rows finish one by
-            # one copies its cache a few times (halving), not once per finished row.
+        if len(self._rows) < self._slots() and not self._waiting:
+            # An idle row costs a padding row in every forward, which on a CPU costs more
+            # than copying the cache once to drop it (measured in docs/benchmarks.md#batch-decode-spec).
             self._resize(len(self._rows))
         return done
 
