@@ -74,8 +74,10 @@ class Engine:
         lm, store = self.lm, self.datastore
         factory = None
         if spec.method != "greedy":
-            make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # a method that cannot draft fails here
-            factory = lambda: make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # noqa: E731
+            # The first slot's drafter is made now, so a method that cannot draft fails here;
+            # the other slots' are made as the batch grows.
+            ready = [make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)]
+            factory = lambda: ready.pop() if ready else make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # noqa: E731
         cost = self.batch_cost_model() if factory is not None and spec.budget == "auto" else None
         return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec, factory, cost, max_batch)
 
