@@ -36,7 +36,7 @@ from dresd.datastore.corpus import mtbench_first_turns  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
 from dresd.decoding.batch_spec import BatchedSpeculativeDecoder, BatchRequest  # noqa: E402
-from dresd.drafters.registry import make_drafter  # noqa: E402
+from dresd.drafters.registry import drafter_factory  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
 
@@ -158,7 +158,7 @@ def _speculative_rows(lm, engine, prompts, ids, seq_out, args) -> list[tuple]:
     cost = engine.cost_model() if spec.budget == "auto" else None
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
         dec = BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
-                                        lambda: make_drafter(spec, engine.datastore, lm.tokenizer, lm.eos_token_id),
+                                        drafter_factory(spec, engine.datastore, lm.tokenizer, lm.eos_token_id),
                                         cost, max_batch=bs)
         t0, c0 = _clock()
         gens = dec.generate([BatchRequest(i, n_new) for i in ids])

@@ -31,7 +31,7 @@ from dresd.datastore.corpus import mtbench_first_turns, sharegpt_first_turns
 from dresd.decoding.batch import generate_batch
 from dresd.decoding.batch_plan import BatchCostModel
 from dresd.decoding.batch_spec import BatchedSpeculativeDecoder, BatchRequest
-from dresd.drafters.registry import make_drafter, resolve_method
+from dresd.drafters.registry import drafter_factory, resolve_method
 from dresd.evaluation.results import save_run
 
 
@@ -68,7 +68,7 @@ def spec_study(args) -> None:
 
     def batched(spec: SpeculativeConfig, cost, bs: int):
         dec = BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
-                                        lambda: make_drafter(spec, engine.datastore, lm.tokenizer, lm.eos_token_id),
+                                        drafter_factory(spec, engine.datastore, lm.tokenizer, lm.eos_token_id),
                                         cost, max_batch=bs)
         return lambda: dec.generate([BatchRequest(i, n_new) for i in ids])
 

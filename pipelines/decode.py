@@ -151,7 +151,7 @@ class DecodeChunks:
         from dresd.datastore.store import Datastore
         from dresd.decoding.batch_spec import BatchedSpeculativeDecoder
         from dresd.decoding.calibration import cached_batch_cost_model
-        from dresd.drafters.registry import make_drafter
+        from dresd.drafters.registry import drafter_factory
 
         cfg, lm, spec = self.cfg, self.lm, self.cfg.speculative
         store = Datastore(cfg.datastore) if cfg.datastore else None
@@ -163,7 +163,7 @@ class DecodeChunks:
             store.check_compatible(lm.identity, format_fingerprint(lm.tokenizer, fmt), lm.dtype)
         cost = cached_batch_cost_model(lm.model) if spec.budget == "auto" else None
         return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec,
-                                         lambda: make_drafter(spec, store, lm.tokenizer, lm.eos_token_id),
+                                         drafter_factory(spec, store, lm.tokenizer, lm.eos_token_id),
                                          cost, max_batch=cfg.batch_size)
 
     def _generate(self, chunk: int, b: int, group: list[dict], st) -> tuple[list[list[int]], dict]:

@@ -15,7 +15,7 @@ from dresd.decoding.loop import Generation, SpeculativeDecoder
 from dresd.decoding.budget import CostModel
 from dresd.decoding.batch_plan import BatchCostModel
 from dresd.decoding.calibration import cached_batch_cost_model, cached_cost_model
-from dresd.drafters.registry import make_drafter
+from dresd.drafters.registry import drafter_factory, make_drafter
 from dresd.datastore.formatting import format_fingerprint, format_prompt_ids
 from dresd.model.loading import LoadedModel, load_model
 
@@ -75,9 +75,8 @@ class Engine:
         factory = None
         if spec.method != "greedy":
             # The first slot's drafter is made now, so a method that cannot draft fails here;
-            # the other slots' are made as the batch grows.
-            ready = [make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)]
-            factory = lambda: ready.pop() if ready else make_drafter(spec, store, lm.tokenizer, lm.eos_token_id)  # noqa: E731
+            # the other slots' share what it built (drafter_factory).
+            factory = drafter_factory(spec, store, lm.tokenizer, lm.eos_token_id)
         cost = self.batch_cost_model() if factory is not None and spec.budget == "auto" else None
         return BatchedSpeculativeDecoder(lm.model, lm.eos_token_id, lm.max_context, spec, factory, cost, max_batch)
 

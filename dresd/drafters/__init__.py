@@ -89,6 +89,17 @@ class Drafter(Protocol):
         """The request finished with these generated tokens (e.g. to learn from them)."""
         ...
 
+    # Optional: `sibling() -> Drafter`, a drafter for another request decoding at the same
+    # time (a batch slot) that shares what this one built (a warmed suffix tree, an index)
+    # instead of building it again; drafters without it are built anew per slot
+    # (dresd.drafters.registry.drafter_factory).
+
+
+def sibling_of(drafter: "Drafter") -> "Drafter | None":
+    """`drafter.sibling()` where the drafter offers one, else None."""
+    make = getattr(drafter, "sibling", None)
+    return make() if callable(make) else None
+
 
 def truncate_at(path: list[int], max_len: int, eos_id: int | None) -> list[int]:
     """`path` cut to `max_len` tokens and after its first EOS (nothing follows an EOS)."""

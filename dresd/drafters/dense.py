@@ -88,6 +88,10 @@ class DenseDrafter:
     def begin(self, prompt_ids: list[int]) -> None:
         """Stateless across steps: nothing to reset."""
 
+    def sibling(self) -> "DenseDrafter":
+        """Itself: it holds no per-request state, so concurrent requests share it."""
+        return self
+
     def end(self, generated: list[int]) -> None:
         """The datastore is static at decode time: nothing to learn."""
 
@@ -120,6 +124,10 @@ class ContextDenseDrafter:
         self.spec = spec
         self.eos_id = eos_id
         self._keys = np.empty((0, compressor.components.shape[1]), dtype=np.float32)
+
+    def sibling(self) -> "ContextDenseDrafter":
+        """A drafter with its own request keys over the same compressor."""
+        return ContextDenseDrafter(self.compressor, self.spec, self.eos_id)
 
     def begin(self, prompt_ids: list[int]) -> None:
         """A new request: forget the previous request's keys."""

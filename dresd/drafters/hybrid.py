@@ -9,7 +9,7 @@ per-source calibration) and keeps what pays.
 
 from __future__ import annotations
 
-from dresd.drafters import Candidates, Drafter, DraftRequest
+from dresd.drafters import Candidates, Drafter, DraftRequest, sibling_of
 
 
 class HybridDrafter:
@@ -20,6 +20,11 @@ class HybridDrafter:
             raise ValueError("a hybrid drafter needs at least one drafter")
         self.drafters = drafters
         self.name = name
+
+    def sibling(self) -> "HybridDrafter | None":
+        """The siblings of every part (None when a part offers none: built anew instead)."""
+        parts = [sibling_of(d) for d in self.drafters]
+        return None if any(p is None for p in parts) else HybridDrafter(parts, self.name)
 
     def begin(self, prompt_ids: list[int]) -> None:
         for d in self.drafters:

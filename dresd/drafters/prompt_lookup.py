@@ -58,6 +58,10 @@ class PromptLookupDrafter:
     def begin(self, prompt_ids: list[int]) -> None:
         """Per-request state lives in the request's context: nothing to reset."""
 
+    def sibling(self) -> "PromptLookupDrafter":
+        """Itself: it holds no per-request state, so concurrent requests share it."""
+        return self
+
     def end(self, generated: list[int]) -> None:
         """Nothing carries over between requests."""
 

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 from dresd.config import SpeculativeConfig
 from dresd.datastore.store import Datastore
-from dresd.drafters import Drafter
+from dresd.drafters import Drafter, sibling_of
 from dresd.datastore.formatting import response_header, shared_prefix_len, split_record
 from dresd.storage.cache import cache_root, inside_cache
 from dresd.storage.names import name_problem
@@ -237,3 +237,23 @@ def make_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eo
     if entry.needs_datastore and store is None:
         raise ValueError(f"method {spec.method!r} needs a datastore (--datastore)")
     return entry.build(spec, store, tokenizer, eos_id)
+
+
+def drafter_factory(spec: SpeculativeConfig, store: Datastore | None, tokenizer,
+                    eos_id: int) -> Callable[[], Drafter | None]:
+    """Drafters for the slots of one batch, one per call. The first is built now, so a method
+    that cannot draft fails here; the others are its siblings where it offers them (one warmed
+    SuffixDecoding tree for every slot, not one warm-up and one copy per slot), else built anew."""
+    first = make_drafter(spec, store, tokenizer, eos_id)
+    handed = False
+
+    def make() -> Drafter | None:
+        nonlocal handed
+        if not handed:
+            handed = True
+            return first
+        if first is None:
+            return None
+        return sibling_of(first) or make_drafter(spec, store, tokenizer, eos_id)
+
+    return make

@@ -28,6 +28,7 @@ itself and is gone at its end.
 
 from __future__ import annotations
 
+import copy
 import itertools
 from collections import deque
 from collections.abc import Iterable
@@ -76,6 +77,14 @@ class SuffixDrafter:
         self._active: int | None = None  # request id inside the cache
         self._prompt_len = 0
         self._added = 0  # generated tokens already given to add_active_response
+
+    def sibling(self) -> "SuffixDrafter":
+        """A drafter for a request decoding beside this one's: the same cache (one warmed global
+        tree, one id sequence, one record of served responses), its own active request. The
+        library keeps a local tree per active request, so concurrent requests do not mix."""
+        twin = copy.copy(self)
+        twin._active, twin._prompt_len, twin._added = None, 0, 0
+        return twin
 
     def warm(self, pairs: Iterable[tuple[list[int], list[int]]]) -> int:
         """Put corpus responses into the global tree; returns how many pairs were replayed.

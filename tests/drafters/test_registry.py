@@ -251,6 +251,40 @@ def test_suffix_is_warmed_on_the_store_responses(store, byte_tokenizer):
     assert response[10:20] not in cold.propose(DraftRequest(prompt + response[:10], max_len=10)).paths
 
 
+@pytest.mark.parametrize("method", ["suffix", "hybrid", "dresd", "pld"])
+def test_a_batch_factory_warms_once_and_its_slots_draft_each_for_their_own_request(
+        method, store, byte_tokenizer, monkeypatch):
+    from dresd.drafters.registry import drafter_factory
+    from dresd.drafters.suffix import SuffixDrafter
+
+    warms = []
+    real_warm = SuffixDrafter.warm
+    monkeypatch.setattr(SuffixDrafter, "warm", lambda self, pairs: warms.append(1) or real_warm(self, pairs))
+    spec = SpeculativeConfig(method=method, hybrid_exact="suffix")
+    make_slot = drafter_factory(spec, store, byte_tokenizer, byte_tokenizer.eos_token_id)
+    slots = [make_slot() for _ in range(3)]
+    assert len(warms) == (1 if method in ("suffix", "hybrid") else 0)
+    # Three requests decode at once, each quoting a different stored response: every slot
+    # drafts what a drafter of its own would, so the shared tree does not mix them.
+    prompt = format_prompt_ids(byte_tokenizer, "Anything", "chat")
+    rng = np.random.default_rng(0)
+    for slot in slots:
+        slot.begin(prompt)
+    for i, slot in enumerate(slots):
+        response = text_ids(byte_tokenizer, PAIRS[i][1])
+        query = rng.standard_normal(HIDDEN).astype(np.float32)
+        request = DraftRequest(prompt + response[:8], max_len=8, query=query)
+        alone = make(method, store, byte_tokenizer, hybrid_exact="suffix")
+        alone.begin(prompt)
+        want = alone.propose(request)
+        got = slot.propose(request)
+        assert (got.paths, got.sources) == (want.paths, want.sources)
+        if method == "suffix":
+            assert got.paths and got.paths[0] == response[8:16]
+    for slot in slots:
+        slot.end([])
+
+
 # ------------------------------------------------------------------ deletes reach every drafter
 
 SEA = 4  # PAIRS[4]: "The sea is wide and the waves roll ...": "wav" occurs in no other record
