@@ -38,6 +38,10 @@ def parse_job_config(cls: type[T], prog: str, description: str, output_help: str
     args = p.parse_args(argv)
     cfg = config_from_args(cls, args)
     cfg.ray_address = resolve_address(args.address, cfg.ray_address)
+    if (cache := getattr(cfg, "cache", None)) is not None:  # this node's, and the workers' (ensure_ray)
+        from dresd.storage.eviction import set_cache_limit
+
+        set_cache_limit(cache.max_gb)
     return cfg, args
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from dresd.storage.eviction import cache_env
 from dresd.storage.faults import job_env
 
 
@@ -19,8 +20,9 @@ def ensure_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # An armed fault point (dresd.storage.faults) must fire inside the job's actors and tasks too,
-    # on every node: workers of a cluster do not inherit this process's environment.
-    faults = {"runtime_env": {"env_vars": env}} if (env := job_env()) else {}
+    # on every node, and the cache's bound (dresd.storage.eviction) holds there: workers of a
+    # cluster do not inherit this process's environment.
+    faults = {"runtime_env": {"env_vars": env}} if (env := {**cache_env(), **job_env()}) else {}
     if address:
         ray.init(address=address, **faults)
     else:

@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import ray
 
 from dresd.storage.cache import cache_dir
+from dresd.storage.eviction import drop_entry, hold_entry
 from dresd.storage.files import Location, is_uri, resolve
 
 
@@ -40,7 +41,9 @@ class Scratch:
             return Path(self.location)
         # Per node, so that nodes sharing one machine (tests) still exchange files for real.
         node = ray.get_runtime_context().get_node_id()[:12] if ray.is_initialized() else "local"
-        return cache_dir() / "scratch" / node / hashlib.sha256(self.location.encode()).hexdigest()[:16]
+        # Leased by every process that uses it, until it exits, so the bounded node cache
+        # (dresd.storage.eviction) never evicts a mirror under a running build.
+        return hold_entry(cache_dir() / "scratch" / node / hashlib.sha256(self.location.encode()).hexdigest()[:16])
 
     def _remote(self, rel: str) -> Location:
         return resolve(self.location).child(rel)
@@ -90,7 +93,9 @@ class Scratch:
 
     def remove(self) -> None:
         """Delete the scratch folder (and this machine's mirrors of it)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        path = self.path
+        drop_entry(path)
+        shutil.rmtree(path, ignore_errors=True)
         if self.remote:
             # Mirrors of earlier Ray nodes on this machine too: a killed run's node had another id.
             for mirror in (cache_dir() / "scratch").glob(f"*/{self.path.name}"):

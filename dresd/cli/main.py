@@ -1,4 +1,5 @@
-"""The `dresd` command line: build, update, generate, datastore list|show|verify|prune, serve, demo.
+"""The `dresd` command line: build, update, generate, datastore list|show|verify|prune, cache
+show|prune, serve, demo.
 
 Every command loads its config the same way (dresd.config.loader): the dataclass defaults,
 then `--config FILE.yaml`, then its flags, then `--set key.sub=value`. A bad value is a
@@ -20,8 +21,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dresd.config import (BuildConfig, ConfigError, DatastoreCommandConfig, DemoConfig,  # noqa: E402
-                          GenerateConfig, ServeConfig, SpeculativeConfig, UpdateConfig)
+from dresd.config import (BuildConfig, CacheCommandConfig, ConfigError, DatastoreCommandConfig,  # noqa: E402
+                          DemoConfig, GenerateConfig, ServeConfig, SpeculativeConfig, UpdateConfig)
 from dresd.config.loader import add_config_arguments, add_flag, config_from_args  # noqa: E402
 
 
@@ -168,6 +169,32 @@ def _verify(root: str, version: str | None) -> int:
     return 0
 
 
+def _cache(cfg: CacheCommandConfig, args: argparse.Namespace) -> int:
+    """`dresd cache show`: this node's evictable entries, least recently used first, and who
+    uses each; `dresd cache prune`: evict down to the bound now."""
+    import time
+
+    from dresd.storage.cache import cache_root
+    from dresd.storage.eviction import cache_entries, cache_limit_bytes, evict
+    from dresd.storage.leases import live_leases
+
+    limit = cache_limit_bytes()
+    if args.action == "prune":
+        report = evict(limit)
+        print("\n".join(report.lines()))
+        return 1 if report.busy else 0
+    entries = cache_entries()
+    total = sum(e.bytes for e in entries)
+    print(f"{cache_root()}: {len(entries)} evictable entries, {total / 1e9:.3f} GB "
+          f"(bound {'none' if limit == float('inf') else f'{limit / 1e9:.3f} GB'})")
+    for e in entries:
+        users = live_leases(e.path, clean=False)
+        note = f"  (in use by {'; '.join(users)})" if users else ""
+        print(f"  {time.strftime('%Y-%m-%d %H:%M', time.localtime(e.last_used))}  {e.bytes / 1e6:10.1f} MB  "
+              f"{e.kind:17}  {e.path}{note}")
+    return 0
+
+
 def _demo(cfg: DemoConfig, args: argparse.Namespace) -> int:
     from dresd.cli.demo import run_demo
 
@@ -206,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args.config_cls, args)
+        if (cache := getattr(cfg, "cache", None)) is not None:  # before anything fills the cache
+            from dresd.storage.eviction import set_cache_limit
+
+            set_cache_limit(cache.max_gb)
         return args.fn(cfg, args)
     except ConfigError as exc:
         print(f"dresd {args.cmd}: error: {exc}", file=sys.stderr)
@@ -300,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(d, "--json", DatastoreCommandConfig, "json", "show: the manifest as json", switch=True)
     add_flag(d, "--keep", DatastoreCommandConfig, "keep",
              "prune: versions kept up to CURRENT, CURRENT included; older ones are removed")
+
+    c = _command(sub, "cache", CacheCommandConfig, _cache,
+                 "this node's cache: list its evictable entries, or evict down to the bound")
+    c.add_argument("action", choices=["show", "prune"])
+    add_flag(c, "--max-gb", CacheCommandConfig, "cache.max_gb",
+             "the bound in GB (default: $DRESD_CACHE_MAX_GB, else 50)")
 
     s = _command(sub, "serve", ServeConfig, _serve,
                  "an OpenAI-compatible HTTP endpoint (Ray Serve) decoding with a datastore")

@@ -5,6 +5,7 @@
 from dresd.config.commands import (  # noqa: F401  (the package's public names)
     PACKAGED_PROMPTS,
     BuildConfig,
+    CacheCommandConfig,
     DatastoreCommandConfig,
     DecodeConfig,
     DemoConfig,
@@ -14,6 +15,7 @@ from dresd.config.commands import (  # noqa: F401  (the package's public names)
 )
 from dresd.config.loader import ConfigError, from_dict, load_config, load_yaml, to_dict  # noqa: F401
 from dresd.config.schema import (  # noqa: F401
+    CacheConfig,
     CorpusConfig,
     IndexConfig,
     ModelConfig,

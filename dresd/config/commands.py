@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dresd.config.schema import (CorpusConfig, IndexConfig, ModelConfig, SamplingParams, SpeculativeConfig,
-                                 sampling_problems)
+from dresd.config.schema import (CacheConfig, CorpusConfig, IndexConfig, ModelConfig, SamplingParams,
+                                 SpeculativeConfig, sampling_problems)
 
 # Prompt sets the decode job reads from the installed packages by name.
 PACKAGED_PROMPTS = ("mtbench", "sharegpt")
@@ -50,6 +50,15 @@ class BuildConfig:
     ray_address: str | None = None
     # Keys scored by the intrinsic check (recall@50 vs exact, self-retrieval MRR).
     check_sample: int = 500
+    # Which keys the compressor (z-score + PCA) is fitted and the index trained on, before the
+    # one streaming pass encodes every shard (pipelines/fit.py). Both draw index.sample_size
+    # keys with index.seed. "sample": the keys of whole records in a seeded random order, so
+    # only about sample_size tokens are embedded for the fit. "all": keys drawn uniformly from
+    # the whole corpus (the reservoir the build used before fit-first), which embeds every
+    # record once more; kept to measure the sample against (docs/index-layout.md#fit-first).
+    fit: Literal["sample", "all"] = "sample"
+    # The bound on every node's cache (fetched versions, corpus copies, scratch mirrors).
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass
@@ -101,6 +110,8 @@ class GenerateConfig:
     seed: int | None = None
     # Write each request's text, token ids and metrics here as jsonl (None = only the table).
     out: str | None = None
+    # The bound on this node's cache (a URI datastore's fetched versions, derived indexes).
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def problems(self) -> list[str]:
         out = sampling_problems(self.temperature, self.top_p)
@@ -179,6 +190,8 @@ class DecodeConfig:
     id_corpus: bool = False
     # Where the corpus goes (None = "<output>.jsonl", next to the output folder).
     corpus_file: str | None = None
+    # The bound on every node's cache (a URI datastore's fetched versions, derived indexes).
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def problems(self) -> list[str]:
         out = sampling_problems(self.temperature, self.top_p)
@@ -209,6 +222,14 @@ class DatastoreCommandConfig:
         if self.keep is not None and self.keep < 1:
             out.append(f"keep must be >= 1 (CURRENT counts as one), got {self.keep}")
         return out
+
+
+@dataclass
+class CacheCommandConfig:
+    """`dresd cache show|prune`: this node's cache, its entries and their bound."""
+
+    # `prune` evicts down to cache.max_gb (`--max-gb`); `show` prints it beside the total.
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
 
 @dataclass

@@ -199,6 +199,24 @@ class SpeculativeConfig:
         return []
 
 
+@dataclass
+class CacheConfig:
+    """This node's DReSD cache ($DRESD_CACHE_DIR, else ~/.cache/dresd): how big it may grow."""
+
+    # GB (10^9 bytes) that the cache's evictable entries may hold: datastore versions fetched
+    # from URIs, corpus copies, build scratch mirrors, indexes derived from a version. Past
+    # it, the least recently used ones that no process has open and that their root's CURRENT
+    # and pins do not name are evicted (dresd.storage.eviction). Exported to the job's
+    # workers as $DRESD_CACHE_MAX_GB. None = that variable as the node has it, else 50;
+    # .inf = no bound. Models, locks and markers are not counted.
+    max_gb: float | None = None
+
+    def problems(self) -> list[str]:
+        if self.max_gb is not None and not self.max_gb >= 0:
+            return [f"max_gb must be a number >= 0 (or .inf), got {self.max_gb!r}"]
+        return []
+
+
 def sampling_problems(temperature: float, top_p: float) -> list[str]:
     """What is wrong with these sampling values (empty when they are good): the one place
     they are checked, for SamplingParams and for the configs that hold them flat."""

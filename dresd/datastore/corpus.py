@@ -8,6 +8,7 @@ under `on_error="skip"` (the caller counts them by reason) and raise under `"fai
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import json
@@ -20,7 +21,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from dresd.storage.cache import fetch
+from dresd.storage.eviction import fetched
 from dresd.storage.files import Location, is_uri, resolve
 from dresd.config import CorpusConfig
 
@@ -277,18 +278,20 @@ def read_rows(path: str, on_error: str = "skip") -> Iterator[RawRow]:
 
 
 def _read_remote(uri: str, on_error: str) -> Iterator[RawRow]:
-    """Read a URI source through a local cached copy; rows and errors name the URI."""
-    try:
-        local = str(fetch(uri))
-    except (OSError, ValueError) as err:
-        raise CorpusError(f"cannot fetch file: {err}", file=uri) from err
-    try:
-        for r in read_rows(local, on_error):
-            r.file = r.file.replace(local, uri, 1)
-            yield r
-    except CorpusError as err:
-        raise CorpusError(err.detail, uri if err.file is None else str(err.file).replace(local, uri, 1),
-                          err.row, err.field) from err
+    """Read a URI source through a local cached copy, leased while it is read (the bounded
+    node cache does not evict it meanwhile); rows and errors name the URI."""
+    with contextlib.ExitStack() as stack:
+        try:
+            local = str(stack.enter_context(fetched(uri)))
+        except (OSError, ValueError) as err:
+            raise CorpusError(f"cannot fetch file: {err}", file=uri) from err
+        try:
+            for r in read_rows(local, on_error):
+                r.file = r.file.replace(local, uri, 1)
+                yield r
+        except CorpusError as err:
+            raise CorpusError(err.detail, uri if err.file is None else str(err.file).replace(local, uri, 1),
+                              err.row, err.field) from err
 
 
 # ----------------------------------------------------------------------------- records

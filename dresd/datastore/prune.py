@@ -1,22 +1,24 @@
 """Removing old datastore versions (`dresd datastore prune ROOT --keep N`).
 
 Versions are immutable and never removed by a change, so text a delete and a compaction
-dropped still lives in every older version. Pruning removes the versions CURRENT no longer
-uses: of the versions up to and including CURRENT, oldest first, all but the newest `keep`.
+dropped still lives in every older version. Pruning removes the versions that CURRENT and
+pins do not use: of the versions up to and including CURRENT, oldest first, all but the
+newest `keep`, except those a pin recorded in the root names (the HTTP replicas' SERVE_PIN,
+a decoder pool's `pins/pool-<id>`: dresd.storage.pins), which are kept and reported.
 Versions newer than CURRENT (a publish in progress, or versions rolled back from) are kept:
 removing one could pull a version from under a publisher about to make it current.
 
 Age is the manifest's `created_at`; within one second a child is newer than its parent
-(`parent` links). Pins of a serving pool live in its actors, not in the root: an actor pinned
-to a pruned version keeps serving what it has open until it reopens, so unpin first.
-CURRENT cannot move while pruning runs (the publishers' lock, dresd.storage.pointer), but a
-rollback checks its version before taking that lock: prune when no rollback is under way.
+(`parent` links). CURRENT cannot move, and no pin can be written, while pruning runs (the
+publishers' lock, dresd.storage.pointer, which pin writers take too); but a rollback checks
+its version before taking that lock: prune when no rollback is under way. A pin left by a
+holder that died keeps its version until the pin file is removed.
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,22 +26,29 @@ from typing import Any
 from dresd.datastore.store import MANIFEST, DatastoreError, check_version_id, list_versions, read_current, \
     version_manifest
 from dresd.storage.files import is_uri, resolve
+from dresd.storage.pins import root_pins
 from dresd.storage.pointer import pointer_lock
 
 
 @dataclass
 class PruneReport:
-    """What a prune did: the versions removed and kept (oldest first), and CURRENT."""
+    """What a prune did: the versions removed and kept (oldest first), CURRENT, and the
+    versions kept only because a pin names them ({version: where each pin is recorded})."""
 
     root: str
     current: str
     removed: list[str]
     kept: list[str]
+    pinned: dict[str, list[str]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        return [f"{self.root}: CURRENT is {self.current}",
-                f"removed {len(self.removed)} version(s): {', '.join(self.removed) or '-'}",
-                f"kept {len(self.kept)} version(s): {', '.join(self.kept)}"]
+        out = [f"{self.root}: CURRENT is {self.current}",
+               f"removed {len(self.removed)} version(s): {', '.join(self.removed) or '-'}",
+               f"kept {len(self.kept)} version(s): {', '.join(self.kept)}"]
+        if self.pinned:
+            out.append("kept for their pins: " + ", ".join(f"{v} ({', '.join(where)})"
+                                                         for v, where in self.pinned.items()))
+        return out
 
 
 def _created(manifest: dict[str, Any]) -> datetime:
@@ -86,7 +95,8 @@ def _remove_version(root: str | Path, version: str) -> None:
 
 def prune_versions(root: str | Path, keep: int) -> PruneReport:
     """Remove the versions of `root` older than the newest `keep` up to CURRENT (CURRENT
-    always kept; versions newer than CURRENT kept too). Returns what was removed and kept."""
+    always kept; versions newer than CURRENT, and versions a pin in the root names, kept
+    too). Returns what was removed and kept, and which versions only their pins kept."""
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1 (CURRENT counts as one), got {keep!r}")
     with pointer_lock(root):
@@ -100,7 +110,12 @@ def prune_versions(root: str | Path, keep: int) -> PruneReport:
                                  "nothing pruned")
         order = age_order({v: version_manifest(root, v) for v in versions})
         upto = order[: order.index(current) + 1]
-        removed = upto[:-keep]
+        pins: dict[str, list[str]] = {}
+        for where, version in root_pins(str(root)).items():
+            pins.setdefault(version, []).append(where)
+        old = upto[:-keep]
+        removed = [v for v in old if v not in pins]
         for version in removed:
             _remove_version(root, version)
-    return PruneReport(str(root), current, removed, [v for v in order if v not in removed])
+    return PruneReport(str(root), current, removed, [v for v in order if v not in removed],
+                       {v: pins[v] for v in old if v in pins})

@@ -23,6 +23,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from dresd.storage.eviction import use_version
 from dresd.storage.faults import fault_point
 from dresd.storage.files import is_uri, resolve, sha256_file
 from dresd.storage.pointer import ANY, PointerConflict, swap_pointer
@@ -32,7 +33,7 @@ from dresd.datastore.debris import (clean_remote, clean_root, publishing, stagin
 from dresd.datastore.errors import DatastoreError
 from dresd.datastore.index import IVFDATA, is_on_disk, on_disk_file
 from dresd.datastore.integrity import CURRENT, MANIFEST
-from dresd.datastore.store import (FORMAT_VERSION, _cache_folder, _narrow, check_version_id, derive_key_positions,
+from dresd.datastore.store import (FORMAT_VERSION, _narrow, check_version_id, derive_key_positions,
                                    read_current, resolve_version_dir)
 
 
@@ -187,12 +188,14 @@ def _make_current(root, version: str, expect_current: Any, discard, held) -> Non
 
 
 def _cache_version(root: str, vdir: Path) -> None:
-    dst = _cache_folder(root) / vdir.name
-    if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
+    """Keep the version just uploaded as this node's fetched copy (a cache entry like any
+    fetched version: leased only while it is copied, evictable afterwards)."""
+    def copy(dst: Path) -> None:
         tmp = dst.parent / f".tmp-{vdir.name}-{uuid.uuid4().hex[:6]}"
         shutil.copytree(vdir, tmp)
         os.replace(tmp, dst)
+
+    use_version(root, vdir.name, copy, Path.exists).release()
 
 
 def set_current(root: str | Path, version: str, expect_current: Any = ANY) -> None:

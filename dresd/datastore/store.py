@@ -28,7 +28,6 @@ checksums, fetches and read-only opening: dresd.datastore.integrity.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -36,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from dresd.storage.cache import cache_dir
+from dresd.storage.eviction import use_version
 from dresd.storage.files import is_uri, resolve
+from dresd.storage.leases import Lease
 from dresd.storage.names import escape_problem, name_problem
 from dresd.datastore.compression import load_compressor
 from dresd.datastore.errors import DatastoreError  # defined there, imported from here by callers
@@ -75,10 +75,6 @@ def derive_key_positions(record_offsets: np.ndarray, key_starts: np.ndarray) -> 
     first = np.cumsum(counts) - counts
     total = int(counts.sum())
     return np.arange(total, dtype=np.int64) - np.repeat(first, counts) + np.repeat(lo, counts)
-
-
-def _cache_folder(root: str) -> Path:
-    return cache_dir() / "datastores" / hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:16]
 
 
 def read_current(root: str | Path) -> str | None:
@@ -139,11 +135,17 @@ def resolve_version_dir(path: str | Path, version: str | None = None) -> Path:
 def locate_version(path: str | Path, version: str | None = None) -> tuple[Path, str | None]:
     """resolve_version_dir, and the sha256 that version's manifest must have: the one CURRENT
     records beside its id (None when CURRENT names another version or records none)."""
+    return leased_version(path, version)[:2]
+
+
+def leased_version(path: str | Path, version: str | None = None) -> tuple[Path, str | None, Lease | None]:
+    """locate_version, and for a URI the lease on its cached copy (None for local paths): the
+    node cache never evicts the copy while the lease is held (dresd.storage.eviction)."""
     if is_uri(path):
         return _fetch_version(str(path), version)
     path = Path(path)
     if version is None and (path / MANIFEST).is_file():
-        return path, (_checksum_of(path.parent.parent, path.name) if path.parent.name == "versions" else None)
+        return path, (_checksum_of(path.parent.parent, path.name) if path.parent.name == "versions" else None), None
     what, sha = "version id", None
     if version is None:
         if not (path / CURRENT).is_file():
@@ -155,10 +157,10 @@ def locate_version(path: str | Path, version: str | None = None) -> tuple[Path, 
         raise DatastoreError(f"{path}: version {version!r} is missing or incomplete")
     if problem := escape_problem(vdir, path):
         raise DatastoreError(f"{path}: version folder {version} {problem}")
-    return vdir, (sha if what != "version id" else _checksum_of(path, version))
+    return vdir, (sha if what != "version id" else _checksum_of(path, version)), None
 
 
-def _fetch_version(root: str, version: str | None) -> tuple[Path, str | None]:
+def _fetch_version(root: str, version: str | None) -> tuple[Path, str | None, Lease]:
     loc = resolve(root)
     if version is None and loc.child(MANIFEST).is_file():  # a version folder's URI
         root, version = root.rstrip("/").rsplit("/versions/", 1)[0], loc.path.rstrip("/").rsplit("/", 1)[1]
@@ -173,10 +175,12 @@ def _fetch_version(root: str, version: str | None) -> tuple[Path, str | None]:
         raise DatastoreError(f"{root}: version {version!r} is missing or incomplete")
     if what == "version id":
         sha = _checksum_of(root, version)
-    local = _cache_folder(root) / version
-    if not (local / MANIFEST).is_file():  # every file checked against the manifest before it lands
-        fetch_checked(loc.child("versions", version).uri, local, sha)
-    return local, sha
+    uri = loc.child("versions", version).uri
+    # Fetched once per node, under the entry's lock; every file checked against the manifest
+    # before the copy lands.
+    lease = use_version(root, version, lambda local: fetch_checked(uri, local, sha),
+                        lambda local: (local / MANIFEST).is_file())
+    return lease.entry, sha, lease
 
 
 class Datastore:
@@ -187,7 +191,10 @@ class Datastore:
     before adding to it or merging from it."""
 
     def __init__(self, path: str | Path, version: str | None = None, verify: bool = False, mmap: bool = True):
-        self.path, expected_sha = locate_version(path, version)
+        self.path, expected_sha, lease = leased_version(path, version)
+        # What this version's files live on while it is open: a URI version's cached copy,
+        # derived indexes (dresd.drafters.registry.derived_dir). Held until the store is collected.
+        self.leases: dict[str, Lease] = {str(self.path): lease} if lease is not None else {}
         # Checked against CURRENT's checksum before anything else trusts it (dresd.datastore.integrity).
         self.manifest, self.manifest_sha256 = read_manifest(self.path, expected_sha)
         if self.manifest.get("version") != self.path.name:

@@ -21,6 +21,7 @@ from dresd.datastore.store import Datastore
 from dresd.drafters import Drafter, sibling_of
 from dresd.datastore.formatting import response_header, shared_prefix_len, split_record
 from dresd.storage.cache import cache_root, inside_cache
+from dresd.storage.eviction import use_entry
 from dresd.storage.names import name_problem
 
 # ----------------------------------------------------------------------------- the registry
@@ -105,7 +106,18 @@ def derived_dir(store: Datastore) -> Path:
         name += f"-{str(files.get('deleted.npy', {}).get('sha256') or 'deleted')[:12]}"
     if problem := name_problem(name):
         raise ValueError(f"datastore {store.path}: derived cache folder name {name!r}, which {problem}")
-    return inside_cache(cache_root() / "derived" / name, f"datastore {store.path}")
+    folder = inside_cache(cache_root() / "derived" / name, f"datastore {store.path}")
+    # Leased for as long as the store is open (its `leases`), so the bounded node cache
+    # (dresd.storage.eviction) does not evict it while drafters are built from it.
+    leases = getattr(store, "leases", None)
+    if isinstance(leases, dict) and str(folder) in leases:
+        return folder
+    lease = use_entry(folder)
+    if isinstance(leases, dict):
+        leases[str(folder)] = lease
+    else:  # a store-like object without leases: only its use is recorded
+        lease.release()
+    return folder
 
 
 def store_pairs(store: Datastore, tokenizer):

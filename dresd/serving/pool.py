@@ -20,6 +20,8 @@ from dresd.config import ModelConfig, SpeculativeConfig
 from dresd.datastore.store import DatastoreError
 from dresd.datastore.publish import set_current
 from dresd.serving.decoder import MAX_TASK_RETRIES, DecodeRequest, DecodeResponse, Decoder
+from dresd.storage.eviction import cache_env
+from dresd.storage.pins import pin as record_pin
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,9 @@ class DecoderPool:
     from scratch (greedy output is deterministic, so the text is the same; a re-run may
     use a newer datastore version, and its response says which). `submit` alone only has
     Ray's re-runs: its ref raises RayActorError once those are exhausted.
-    Pins are remembered by the pool and re-applied to restarted actors. Nothing waits
+    Pins are remembered by the pool and re-applied to restarted actors, and recorded in the
+    datastore root as `pins/pool-<pool id>` (dresd.storage.pins), so that pruning and every
+    node's cache keep the pinned version; `unpin` and `shutdown` remove the record. Nothing waits
     forever: starting waits at most `start_timeout_s`, control calls `timeout_s` (then
     TimeoutError naming the silent actors), and `generate` answers ok=False for the requests
     still pending once none has finished for `timeout_s`.
@@ -71,8 +75,9 @@ class DecoderPool:
         self.root = str(datastore_root) if datastore_root else None
         self._args = (dataclasses.replace(model, threads=threads), self.root, speculative)
         # One OpenBLAS thread in the decoders, set before their numpy loads (see dresd/cli/main.py).
+        # The cache's bound too (dresd.storage.eviction): the actors fill this node's cache.
         self._options = dict(num_cpus=num_cpus, num_gpus=num_gpus,
-                             runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1"}})
+                             runtime_env={"env_vars": {"OPENBLAS_NUM_THREADS": "1", **cache_env()}})
         self.max_attempts = max_attempts
         self.timeout_s = timeout_s
         self.names = [f"dresd-decoder-{self.pool_id}-{i}" for i in range(size)]
@@ -177,10 +182,22 @@ class DecoderPool:
         """{actor name: datastore version it has open}."""
         return {d["actor"]: d["version"] for d in self.infos()}
 
+    @property
+    def pin_holder(self) -> str:
+        """The name this pool's pin is recorded under in the datastore root."""
+        return f"pool-{self.pool_id}"
+
     def pin(self, version: str | None) -> dict[str, str | None]:
-        """Pin every actor to `version` (None = follow CURRENT); returns once all switched."""
+        """Pin every actor to `version` (None = follow CURRENT); returns once all switched.
+        The pin is recorded in the root before the actors switch (a prune meanwhile keeps the
+        version) and removed after they unpinned."""
+        if self.root is not None and version is not None:
+            record_pin(self.root, self.pin_holder, version)
         self._pinned = version
-        return dict(zip(self.names, self._get([a.pin.remote(version) for a in self.actors], f"pin {version}")))
+        out = dict(zip(self.names, self._get([a.pin.remote(version) for a in self.actors], f"pin {version}")))
+        if self.root is not None and version is None:
+            record_pin(self.root, self.pin_holder, None)
+        return out
 
     def unpin(self) -> dict[str, str | None]:
         return self.pin(None)
@@ -202,6 +219,9 @@ class DecoderPool:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         self.actors, self._inflight = [], []
+        if self.root is not None and self._pinned is not None:
+            with contextlib.suppress(OSError):  # an unreachable root must not fail the shutdown
+                record_pin(self.root, self.pin_holder, None)
 
     def __enter__(self) -> "DecoderPool":
         return self

@@ -7,9 +7,10 @@ version (an Engine, a set of batched decoders) and rebuilds it through `make(sto
 the version changes; a version is verified in full (every file's sha256, once per node:
 dresd.datastore.integrity.verify_once) before it serves.
 
-A pin is either the caller's (the pool remembers its own and sends it with each request) or
-recorded in the datastore root (`SERVE_PIN`, written by `write_pin`): every replica that
-reads the root follows it between requests, and a restarted replica starts pinned.
+A pin is either the caller's (the pool sends its own with each request, and records it in
+the root as `pins/pool-<id>` so that pruning and node caches keep the version) or the root's
+`SERVE_PIN` (written by `write_pin`): every replica that reads the root follows it between
+requests, and a restarted replica starts pinned. Both live in the root: dresd.storage.pins.
 """
 
 from __future__ import annotations
@@ -17,17 +18,15 @@ from __future__ import annotations
 import logging
 from typing import Callable, Generic, TypeVar
 
-from dresd.datastore.integrity import verify_once
+from dresd.datastore.integrity import MANIFEST, verify_once
 from dresd.datastore.store import Datastore, DatastoreError, check_version_id, read_current
 from dresd.storage.files import resolve
+from dresd.storage.pointer import pointer_lock
+from dresd.storage.pins import PIN_FILE, read_pin  # noqa: F401  (the pin file is the root's: dresd.storage.pins)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The file in a datastore root that pins the HTTP servers to one version (absent: follow CURRENT).
-PIN_FILE = "SERVE_PIN"
-
 
 def verified(root: str, version: str | None = None) -> Datastore:
     """`root`'s version opened, then verified in full unless this node already did (or found
@@ -35,15 +34,6 @@ def verified(root: str, version: str | None = None) -> Datastore:
     store = Datastore(root, version)
     verify_once(store)
     return store
-
-
-def read_pin(root: str) -> str | None:
-    """The version the root's pin file names, or None (no pin, or an unreadable file)."""
-    try:
-        text = resolve(root).child(PIN_FILE).read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return text or None
 
 
 def write_pin(root: str, version: str | None) -> None:
@@ -56,7 +46,12 @@ def write_pin(root: str, version: str | None) -> None:
         return
     check_version_id(version, str(root))
     Datastore(root, version)  # raises DatastoreError for a missing or incomplete version
-    loc.write_bytes(f"{version}\n".encode())
+    # Under the lock a prune holds (dresd.datastore.prune): it sees this pin, or removed the
+    # version before it was written, which is then refused here.
+    with pointer_lock(root):
+        if not resolve(root).child("versions", version, MANIFEST).is_file():
+            raise DatastoreError(f"{root}: version {version!r} was removed while it was being pinned")
+        loc.write_bytes(f"{version}\n".encode())
 
 
 class VersionFollower(Generic[T]):

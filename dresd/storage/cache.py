@@ -146,11 +146,10 @@ def cache_dir() -> Path:
     return cache_root() / "storage"
 
 
-def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
-    """A local path holding `location`'s content: the path itself when local, otherwise a
-    cached copy of the file or folder (fetched again when its size or mtime changed)."""
-    if not is_uri(location):
-        return Path(location)
+def fetch_target(location: str | os.PathLike) -> tuple:
+    """(Location, its FileInfo, the cache path a copy of it lives at) for storage URI
+    `location`: `<cache>/storage/<key>/<name>`, the key naming the URI (and a file's size
+    and mtime, so replaced content gets a new entry)."""
     loc = resolve(location)
     info = loc.info()
     if info.type == pafs.FileType.NotFound:
@@ -158,9 +157,24 @@ def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
     stamp = f"{loc.uri}|{info.size}|{info.mtime_ns}" if info.type == pafs.FileType.File else loc.uri
     key = hashlib.sha256(stamp.encode()).hexdigest()[:16]
     name = loc.path.rstrip("/").rsplit("/", 1)[-1] or "root"
-    if into is None and (problem := name_problem(name)):
+    if problem := name_problem(name):
         raise ValueError(f"{loc.uri}: its last part {name!r}, which {problem}, cannot name a cache folder")
-    target = into or inside_cache(cache_dir() / key / name, loc.uri)
+    return loc, info, inside_cache(cache_dir() / key / name, loc.uri)
+
+
+def fetch(location: str | os.PathLike, into: Path | None = None) -> Path:
+    """A local path holding `location`'s content: the path itself when local, otherwise a
+    copy of the file or folder at `into`, or cached (fetched again when its size or mtime
+    changed). Readers of the node cache take a lease instead (dresd.storage.eviction.fetched),
+    so the bounded cache never evicts a copy while they read it."""
+    if not is_uri(location):
+        return Path(location)
+    if into is not None:
+        loc = resolve(location)
+        if not loc.exists():
+            raise FileNotFoundError(f"{loc.uri}: not found")
+        return loc.download(into)
+    loc, info, target = fetch_target(location)
     if target.exists() and info.type == pafs.FileType.File:
         return target
     return loc.download(target)

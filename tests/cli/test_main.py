@@ -210,3 +210,21 @@ def test_serve_beyond_loopback_without_an_api_key_refuses_before_ray_starts(caps
     assert "speculative.method 'dresd' needs a datastore: give --datastore ROOT" in capsys.readouterr().err
     assert main(["serve", "--method", "medusa", "--datastore", "x"]) == 2
     assert "speculative.method (--method): " in capsys.readouterr().err
+
+
+def test_cache_show_lists_entries_and_prune_evicts_down_to_the_bound(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DRESD_CACHE_MAX_GB", "50")  # restored after the test: the command sets it
+    for name in ("a", "b"):
+        (tmp_path / "cache" / "derived" / name).mkdir(parents=True)
+        (tmp_path / "cache" / "derived" / name / "index").write_bytes(b"x" * 2000)
+    assert main(["cache", "show", "--max-gb", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].endswith("2 evictable entries, 0.000 GB (bound 1.000 GB)") and len(out) == 3
+    assert "derived cache" in out[1]
+    assert main(["cache", "prune", "--set", "cache.max_gb=0.000003"]) == 0  # room for one
+    out = capsys.readouterr().out
+    assert "evicted derived cache" in out
+    assert len([p for p in (tmp_path / "cache" / "derived").iterdir() if p.is_dir()]) == 1
+    assert main(["cache", "prune", "--max-gb", "-1"]) == 2
+    assert "max_gb must be a number >= 0" in capsys.readouterr().err

@@ -44,3 +44,19 @@ def test_a_negative_suffix_cache_bound_is_refused_naming_the_key():
         "suffix_cached_responses must be an integer >= 0, got -1"]
     with pytest.raises(ConfigError, match=r"GenerateConfig.speculative: suffix_cached_responses must be"):
         load_config(GenerateConfig, overrides=["speculative.suffix_cached_responses=-1"])
+
+
+def test_the_cache_bound_loads_through_every_filling_command_and_is_checked(tmp_path):
+    from dresd.config import BuildConfig, CacheConfig, ConfigError, DecodeConfig, GenerateConfig, UpdateConfig
+    from dresd.config.loader import load_config
+
+    assert CacheConfig().max_gb is None and CacheConfig().problems() == []
+    assert CacheConfig(max_gb=-1).problems() == ["max_gb must be a number >= 0 (or .inf), got -1"]
+    for cls in (BuildConfig, UpdateConfig, GenerateConfig, DecodeConfig):
+        assert load_config(cls, overrides=["cache.max_gb=20", "output=r"] if cls is UpdateConfig
+                           else ["cache.max_gb=20"]).cache.max_gb == 20.0
+    path = tmp_path / "build.yaml"
+    path.write_text("cache:\n  max_gb: .inf\n")
+    assert load_config(BuildConfig, path).cache.max_gb == float("inf")
+    with pytest.raises(ConfigError, match=r"BuildConfig.cache: max_gb must be a number >= 0"):
+        load_config(BuildConfig, overrides=["cache.max_gb=-2"])

@@ -92,3 +92,18 @@ def test_prune_through_a_uri_root(tmp_path, monkeypatch):
     assert prune_versions(root, keep=1).removed == ["a"]
     assert list_versions(root) == ["b"] and Datastore(root).version == "b"
     assert prune_versions(root, keep=1).lines()[1] == "removed 0 version(s): -"
+
+
+def test_pinned_versions_are_kept_and_reported(tmp_path):
+    from dresd.storage.pins import pin
+
+    publish_chain(tmp_path, ["a", "b", "c", "d"])
+    (tmp_path / "SERVE_PIN").write_text("a\n")
+    pin(str(tmp_path), "pool-1234", "b")
+    report = prune_versions(tmp_path, keep=1)
+    assert report.removed == ["c"] and report.kept == ["a", "b", "d"]
+    assert report.pinned == {"a": ["SERVE_PIN"], "b": ["pins/pool-1234"]}
+    assert report.lines()[-1] == "kept for their pins: a (SERVE_PIN), b (pins/pool-1234)"
+    (tmp_path / "SERVE_PIN").unlink()
+    assert prune_versions(tmp_path, keep=1).removed == ["a"]
+    assert prune_versions(tmp_path, keep=1).pinned == {"b": ["pins/pool-1234"]}

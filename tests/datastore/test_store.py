@@ -139,3 +139,28 @@ def test_deleted_records_and_live_records_follow_the_tombstones(tmp_path):
     assert store.deleted_records().tolist() == [False, True, False]
     assert list(store.live_records()) == [RECORDS[0], RECORDS[2]]
     assert list(store.records()) == RECORDS  # the stream itself keeps them until compaction
+
+
+def test_an_open_uri_version_is_leased_and_current_stays_cached(tmp_path, monkeypatch):
+    """The node cache's bound (dresd.storage.eviction) never takes a version a Datastore has
+    open, nor the one CURRENT names; a closed, older version is evicted like any entry."""
+    import gc
+    import uuid
+
+    from dresd.storage.eviction import cache_entries, evict
+
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = f"memory://leased-{uuid.uuid4().hex}"
+    for name in ("v1", "v2"):
+        publish(root, make_parts(), make_manifest(), version=name)
+    old, current = Datastore(root, "v1"), Datastore(root)
+    assert current.version == "v2" and sorted(e.path.name for e in cache_entries()) == ["v1", "v2"]
+    report = evict(0)
+    assert report.evicted == [] and {e.path.name: why.split(" ")[0] for e, why in report.kept} == {
+        "v1": "in", "v2": "CURRENT"}  # v1: "in use by pid ..."
+    assert old.values(np.array([0])).shape == (1, VALUE_LEN)
+    del old, current
+    gc.collect()
+    assert [e.path.name for e in evict(0).evicted] == ["v1"]
+    assert [e.path.name for e in cache_entries()] == ["v2"]
+    assert Datastore(root, "v1").version == "v1"  # fetched again when asked for

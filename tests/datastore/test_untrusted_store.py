@@ -130,7 +130,7 @@ def test_derived_cache_folders_stay_in_the_cache_root(root, tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"derived cache folder name 'v1-/\.\./\.\./\.\./x', which climbs out"):
         derived_dir(crafted)
     # A symlinked cache folder leading out of the cache root is refused as well.
-    (tmp_path / "cache" / "derived").mkdir(parents=True)
+    (tmp_path / "cache" / "derived").mkdir(parents=True, exist_ok=True)
     (tmp_path / "cache" / "derived" / "v1-link").symlink_to(tmp_path)
     with pytest.raises(ValueError, match=r"what: cache folder .*v1-link is a symlink leading outside"):
         inside_cache(cache_root() / "derived" / "v1-link", "what")

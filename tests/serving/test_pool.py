@@ -207,3 +207,22 @@ def test_actor_killed_mid_request_loses_nothing(pool, engine, no_restart):
     assert [d["actor"] for d in pool.infos()] == pool.names
     again = pool.generate([DecodeRequest("question 3?", 8) for _ in range(2)])
     assert all(r.ok for r in again) and {r.actor for r in again} == set(pool.names)
+
+
+def test_a_pools_pin_is_recorded_in_the_root_until_unpinned(tmp_path):
+    """No Ray: the pool's pin calls go to stand-in actors, to see what lands in the root."""
+    from types import SimpleNamespace
+
+    from dresd.storage.pins import root_pins
+
+    pool = DecoderPool.__new__(DecoderPool)
+    actor = SimpleNamespace(pin=SimpleNamespace(remote=lambda version: version))
+    pool.root, pool.pool_id, pool.names, pool.actors, pool._inflight = str(tmp_path), "abcd1234", ["a"], [], []
+    pool.actors, pool._pinned = [actor], None
+    pool._get = lambda refs, what: refs
+    assert pool.pin("v1") == {"a": "v1"} and root_pins(str(tmp_path)) == {"pins/pool-abcd1234": "v1"}
+    assert pool.unpin() == {"a": None} and root_pins(str(tmp_path)) == {}
+    pool.pin("v2")
+    pool.actors = []  # nothing for ray.kill: shutdown still removes the pool's pin
+    pool.shutdown()
+    assert root_pins(str(tmp_path)) == {}
