@@ -104,11 +104,22 @@ def tiny_case(tiny_lm):
 FIXTURE_MARKERS = {"ray_session": "ray", "packaged_lm": "real_model"}
 
 
+# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that mostly wait on
+# start-ups go to one group per kind, each run in turn in one worker: "ray" shares that
+# worker's Ray instance and the serving tests' fixed ports; "procs" (child processes, jobs,
+# clusters) starts Ray instances of its own. The compute-bound rest runs beside them.
+TEST_GROUPS = (("cluster", "procs"), ("subprocess", "procs"), ("ray", "ray"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None:
                 item.add_marker(marker)
+        group = next((g for tier, g in TEST_GROUPS if item.get_closest_marker(tier)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
