@@ -9,8 +9,9 @@ Each of C client threads sends one streamed /v1/completions request (greedy, `dr
 set per run, MT-Bench first turns in turn) and the next as soon as it ends, until
 --requests have been sent. A request is lost unless it ends with `data: [DONE]` after a
 last chunk carrying its `dresd` report; TTFT is arrival of the first text chunk, per-token
-latency (end - first token) / (tokens - 1). With --kill-replica, one Serve replica actor
-is killed halfway through each run (Serve starts a new one). Results: a markdown table on
+latency (end - first token) / (tokens - 1). With --kill-replica, one decoding replica
+is killed halfway through each run (Serve starts a new one; the ingress retries the requests
+it held that had sent no text, and ends the streams that had with an error event: lost). Results: a markdown table on
 stdout and serve_bench.json in --out.
 """
 
@@ -118,7 +119,7 @@ def kill_one_replica(app_name: str):
         import ray
 
         for actor in ray.util.list_named_actors(all_namespaces=True):
-            if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#"):
+            if actor["name"].startswith(f"SERVE_REPLICA::{app_name}#DresdDecoder#"):  # not the ingress or hub
                 ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
                 print(f"killed {actor['name']}", file=sys.stderr)
                 return

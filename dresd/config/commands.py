@@ -270,7 +270,8 @@ class ServeConfig:
     host: str = "127.0.0.1"
     # HTTP port.
     port: int = 8000
-    # Serve replicas, each loading the model once and decoding its own batch.
+    # Decoding replicas, each loading the model once and decoding its own batch (one light
+    # HTTP ingress replica, no model, sits in front of them: dresd.serving.app).
     replicas: int = 1
     # CPUs each replica reserves in Ray's accounting (below its torch threads on small machines).
     replica_cpus: float = 1.0
@@ -281,13 +282,14 @@ class ServeConfig:
     max_batch: int = 8
     # Requests one replica holds at once (decoding and waiting for a slot); Serve queues more.
     max_ongoing_requests: int = 16
-    # Requests Serve queues for the whole app beyond the replicas' ongoing ones; the excess
-    # is answered 503 with Retry-After (-1 = no limit).
+    # Requests Serve queues for the whole app beyond the replicas' ongoing ones (retries of
+    # requests whose replica died included); the excess is answered 503 with Retry-After
+    # (-1 = no limit).
     max_queued_requests: int = 64
     # The Retry-After those 503 answers carry, in seconds (rounded up).
     retry_after_s: float = 1.0
-    # Seconds a request may take from arrival to its last token; past it the request is
-    # cancelled and answered 504 (a stream ends with an error event).
+    # Seconds a request may take from arrival to its last token, a retry included; past it
+    # the request is cancelled and answered 504 (a stream ends with an error event).
     request_timeout_s: float = 300.0
     # max_tokens when a request gives none.
     default_max_tokens: int = 128

@@ -1,5 +1,5 @@
 """The OpenAI wire format of `dresd serve`: request bodies checked into typed requests, and
-the response, chunk and error bodies the routes send (dresd.serving.app).
+the response, chunk and error bodies the routes send (dresd.serving.ingress).
 
 A bad body is an `ApiError` naming the field (`param`), answered 4xx in OpenAI's error shape
 ({"error": {"message", "type", "param", "code"}}); nothing here touches the model. The
@@ -28,9 +28,11 @@ MAX_STOPS = 4  # OpenAI's limit on stop sequences
 class ApiError(Exception):
     """A request the server refuses: HTTP `status`, a message naming the field, and `param`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.headers = headers  # e.g. Retry-After on a 503
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}

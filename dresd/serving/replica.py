@@ -1,11 +1,12 @@
-"""One HTTP replica's decoding: continuous batching over the datastore version it serves.
+"""One decoding replica's work: continuous batching over the datastore version it serves.
 
 `ReplicaEngine` owns one loaded model and a background thread. Requests (`Job`s) arrive in
 an inbox; between decoding steps the thread admits them into a
 dresd.decoding.batch_spec.BatchedSpeculativeDecoder (one per method and budget in use, up
 to `max_batch` sequences each, the rest waiting for a slot), runs one draft -> verify ->
 accept step of every busy batch, and tells each job what it emitted through `job.notify`
-(called on the thread: the caller hands events to its own event loop).
+(called on the thread: the caller, dresd.serving.decode_server, hands events to its own
+event loop).
 
 Versions switch between requests, never during one: each admitted job is decoded entirely
 by the batch set of the version that was current when it arrived (`VersionBatches`). When
@@ -204,6 +205,11 @@ class ReplicaEngine:
     @property
     def version(self) -> str | None:
         return self._versions.version
+
+    @property
+    def alive(self) -> bool:
+        """Whether the decoding thread runs (it stops only on close())."""
+        return self._thread.is_alive()
 
     def submit(self, job: Job) -> None:
         self._post("submit", job, "")

@@ -19,6 +19,7 @@ from tests_support import publish_for_model
 KEY = "test-key-123"
 SPEC = SpeculativeConfig(len_drafts=4, top_k=8, num_drafts=4)  # the test stores keep 12-token values
 PROMPT = "question 1?"
+CRASH = "CRASH-THIS-REPLICA"  # dresd.serving.decode_server's test hook, armed for this app
 
 
 def free_port() -> int:
@@ -51,22 +52,36 @@ def served(ray_session, lm, model_dir, tmp_path_factory):
     from ray import serve
 
     from dresd.serving.app import start, stop
+    from dresd.serving.decode_server import CRASH_ENV
 
     root = tmp_path_factory.mktemp("serve") / "store"
     publish_for_model(root, lm, "v1")
     cfg = ServeConfig(model=ModelConfig(path=str(model_dir), device="cpu", threads=1),
                       speculative=SPEC, datastore=str(root), port=free_port(), replica_cpus=0.5, max_batch=4,
                       replicas=2,  # /metrics must sum them; versions must switch on both
-                      max_ongoing_requests=2, max_queued_requests=1,  # small: the overload test reaches them
-                      default_max_tokens=8, max_body_bytes=4096, request_timeout_s=60.0, app_name="dresd-test")
+                      # Small: the overload test reaches them; the queue holds the fault tests' retries.
+                      max_ongoing_requests=2, max_queued_requests=4,
+                      # A deadline past the fault tests' replica restarts on a busy machine.
+                      default_max_tokens=8, max_body_bytes=4096, request_timeout_s=150.0, app_name="dresd-test")
     os.environ[cfg.api_key_env] = KEY
+    os.environ[CRASH_ENV] = CRASH  # a prompt holding it crashes its decoding replica
     try:
         url = start(cfg)
         yield {"url": url, "root": root, "cfg": cfg}
         stop(cfg)
+        assert not app_actors(), "stop() left actors of the app running"  # the metrics hub included
         serve.shutdown()
     finally:
         os.environ.pop(cfg.api_key_env, None)
+        os.environ.pop(CRASH_ENV, None)
+
+
+def app_actors() -> list[str]:
+    """Named actors of the test app: its Serve replicas, and any hub of an older layout."""
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(("SERVE_REPLICA::dresd-test#", "dresd-metrics-"))]
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +101,10 @@ def reference(lm, served):
                                                      n).text
 
 
-def raw(served, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+def raw(served, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 60):
     """(status, headers, body bytes) of one plain HTTP request."""
     host, port = served["url"].split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port.split("/")[0]), timeout=60)
+    conn = http.client.HTTPConnection(host, int(port.split("/")[0]), timeout=timeout)
     hdrs = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})}
     conn.request(method, path, body=body, headers={k: v for k, v in hdrs.items() if v is not None})
     resp = conn.getresponse()
@@ -244,44 +259,146 @@ def test_a_client_that_leaves_a_stream_frees_its_slot(served):
         time.sleep(0.5)
 
 
-def test_killed_replicas_answer_their_stream_once_then_restart_on_the_pinned_version(served, client):
-    import threading
+# A prompt whose greedy answer runs 1154 tokens before EOS: still decoding when its replica dies.
+LONG_PROMPT, LONG = "question 53?", 1500
+# Seconds a fault test waits for one answer: replicas restart meanwhile (slow on a busy machine).
+RESTART_WAIT_S = 180
 
+
+def kill_decoders() -> set[str]:
+    """ray.kill every decoding replica of the test app (Serve starts new ones); their ids."""
     import ray
+
+    killed = set()
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["name"].startswith("SERVE_REPLICA::dresd-test#DresdDecoder#"):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+            killed.add(actor["name"].rsplit("#", 1)[1])
+    return killed
+
+
+def raw_stream(served, body: dict, first_text) -> tuple[int, list[bytes]]:
+    """A streamed request over http.client: (status, every `data:` payload in order); sets
+    `first_text` once a chunk carrying text arrived."""
+    host, port = served["url"].split("//")[1].split(":")
+    conn = http.client.HTTPConnection(host, int(port.split("/")[0]), timeout=RESTART_WAIT_S)
+    conn.request("POST", "/v1/completions", body=json.dumps({**body, "stream": True}),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    resp, payloads = conn.getresponse(), []
+    for line in resp:
+        if line.startswith(b"data: "):
+            payloads.append(line[6:].strip())
+            if payloads[-1] != b"[DONE]" and (json.loads(payloads[-1]).get("choices") or [{}])[0].get("text"):
+                first_text.set()
+    conn.close()
+    return resp.status, payloads
+
+
+def test_killed_decoders_answer_each_request_once_retry_the_unsent_and_restart_pinned(served, client, reference):
+    """Two whole and two streamed requests decoding when every decoding replica is killed:
+    the whole ones are retried on the restarted replicas and answered in full, the streams
+    that sent text end with one error event and [DONE]; the restarted replicas keep the pin."""
+    import threading
 
     versions = json.loads(raw(served, "GET", "/admin/versions")[2])
     pinned = versions["versions"][0]
     assert raw(served, "POST", "/admin/pin", json.dumps({"version": pinned}).encode())[0] == 200
-    ended: dict = {}
+    full = reference(LONG_PROMPT, "greedy", LONG)
+    body = {"prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "dresd": {"method": "greedy"}}
+    retried_before = scrape(served)["dresd:requests_retried_total"]
+    got: dict = {}
+    client = client.with_options(timeout=RESTART_WAIT_S)
 
-    def stream():
+    def whole_openai():
+        resp = client.completions.create(model="dresd", prompt=LONG_PROMPT, max_tokens=LONG, temperature=0,
+                                         extra_body={"dresd": {"method": "greedy"}})
+        got["openai"] = (resp.choices[0].text, resp.model_extra["dresd"])
+
+    def whole_raw():
+        status, _, data = raw(served, "POST", "/v1/completions", json.dumps(body).encode(), timeout=RESTART_WAIT_S)
+        got["raw"] = (status, json.loads(data))
+
+    def stream_openai():
+        text = []
         try:
-            chunks = client.completions.create(model="dresd", prompt=PROMPT, max_tokens=1500, temperature=0,
-                                               stream=True, extra_body={"dresd": {"method": "greedy"}})
-            for i, c in enumerate(chunks):
-                if i == 1:
-                    started.set()
-                ended["finish"] = c.choices[0].finish_reason if c.choices else ended.get("finish")
-        except Exception as exc:  # noqa: BLE001 - any error is an answer; what counts is that one comes
-            ended["error"] = type(exc).__name__
-        ended["done"] = True
+            for c in client.completions.create(model="dresd", prompt=LONG_PROMPT, max_tokens=LONG, temperature=0,
+                                               stream=True, extra_body={"dresd": {"method": "greedy"}}):
+                text.append(c.choices[0].text if c.choices else "")
+                if text[-1]:
+                    firsts[0].set()
+            got["stream_openai"] = ("finished", "".join(text))
+        except Exception as exc:  # noqa: BLE001 - the error event is the expected answer
+            got["stream_openai"] = (exc, "".join(text))
 
-    started = threading.Event()
-    worker = threading.Thread(target=stream)
-    worker.start()
-    assert started.wait(60)
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        if actor["name"].startswith("SERVE_REPLICA::dresd-test#"):
-            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
-    worker.join(90)
-    assert ended.get("done") and ended.get("finish") != "length", ended  # one answer, not a false success
-    deadline = time.monotonic() + 120
-    while raw(served, "GET", "/health")[0] != 200:
-        assert time.monotonic() < deadline, "no replica serves again"
-        time.sleep(1)
+    def stream_raw():
+        got["stream_raw"] = raw_stream(served, body, firsts[1])
+
+    firsts = [threading.Event(), threading.Event()]
+    workers = [threading.Thread(target=f) for f in (whole_openai, whole_raw, stream_openai, stream_raw)]
+    for w in workers:  # one by one: Serve's handle queue refuses a burst beyond max_queued_requests at once
+        w.start()
+        time.sleep(0.3)
+    assert all(f.wait(60) for f in firsts), "the streams sent no text"
+    assert len(kill_decoders()) == 2
+    for w in workers:
+        w.join(RESTART_WAIT_S + 10)
+    assert set(got) == {"openai", "raw", "stream_openai", "stream_raw"}, got  # one answer each, no hang
+    status, whole = got["raw"]
+    assert status == 200, whole
+    answers = [(got["openai"][0], got["openai"][1]), (whole["choices"][0]["text"], whole["dresd"])]
+    for text, stats in answers:  # in full, as in-process decoding has it
+        assert text == full and stats["datastore_version"] == pinned
+    assert any(stats["attempts"] == 2 for _, stats in answers)  # the retry was the one that answered
+    exc, sent = got["stream_openai"]
+    assert "died" in str(exc) and full.startswith(sent), exc  # openai raises the terminal error event
+    status, payloads = got["stream_raw"]
+    assert status == 200 and payloads[-1] == b"[DONE]"
+    error = json.loads(payloads[-2])["error"]
+    assert error["code"] == 503 and "died after part of the answer was sent" in error["message"]
+    assert all(b'"error"' not in p for p in payloads[:-2])  # exactly one terminal error event
+    assert scrape(served)["dresd:requests_retried_total"] >= retried_before + 1
     again = client.completions.create(model="dresd", prompt=PROMPT, max_tokens=3, temperature=0)
     assert again.model_extra["dresd"]["datastore_version"] == pinned  # the pin is in the root: restarts keep it
     assert raw(served, "POST", "/admin/unpin", b"")[0] == 200
+
+
+def test_a_request_that_crashes_its_replicas_is_retried_once_then_answered_503(served, client, reference):
+    """A prompt that kills every replica it reaches (the CRASH hook) takes down two, no more,
+    and gets one 503 naming the dead replica; a request decoding meanwhile gets one answer;
+    the restarted replicas serve again."""
+    import threading
+
+    before = scrape(served)
+    full = reference(LONG_PROMPT, "greedy", LONG)
+    body = {"prompt": LONG_PROMPT, "max_tokens": LONG, "temperature": 0, "dresd": {"method": "greedy"}}
+    other: dict = {}
+    worker = threading.Thread(target=lambda: other.update(answer=raw(served, "POST", "/v1/completions",
+                                                                      json.dumps(body).encode(), timeout=RESTART_WAIT_S)))
+    worker.start()
+    time.sleep(0.3)
+    status, _, data = raw(served, "POST", "/v1/completions", json.dumps({"prompt": f"{CRASH} now"}).encode(),
+                          timeout=RESTART_WAIT_S)
+    error = json.loads(data)["error"]
+    assert status == 503 and "replica" in error["message"] and "died on each of 2 attempts" in error["message"]
+    worker.join(RESTART_WAIT_S + 10)
+    status, _, data = other["answer"]
+    answer = json.loads(data)
+    assert (status == 200 and answer["choices"][0]["text"] == full) or (status == 503 and "died" in data.decode()), \
+        answer
+    after = scrape(served)
+    assert after["dresd:requests_retried_total"] >= before["dresd:requests_retried_total"] + 1
+    assert after['dresd:requests_total{outcome="error"}'] >= before['dresd:requests_total{outcome="error"}'] + 1
+    again = client.with_options(timeout=RESTART_WAIT_S).completions.create(model="dresd", prompt=PROMPT,
+                                                                             max_tokens=3, temperature=0)
+    assert again.choices[0].text
+
+
+def test_the_app_is_an_ingress_decoding_replicas_and_its_metrics_hub(served):
+    from ray import serve
+
+    deployments = serve.status().applications["dresd-test"].deployments
+    assert set(deployments) == {"DresdIngress", "DresdDecoder", "MetricsHub"}
+    assert {name.split("#")[1] for name in app_actors()} == set(deployments)  # nothing detached beside them
 
 
 def test_bound_beyond_loopback_without_a_key_it_refuses_to_start(monkeypatch):

@@ -1,0 +1,57 @@
+"""The decoding deployment's relay, without Ray: a job's engine events become few, small
+wire events (consecutive steps merged into one text event), a stop string cancels the job
+once and ends the text before it, and errors pass through. Over Serve it runs in
+tests/serving/test_app.py."""
+
+from __future__ import annotations
+
+from dresd.decoding.metrics import DecodeMetrics
+from dresd.serving import openai_api as oa
+from dresd.serving.decode_server import Relay, prompt_text
+from dresd.serving.replica import Event
+
+
+def relay(tokenizer, stop=()):
+    stops = []
+    req = oa.GenerationRequest("completion", prompt="p", stop=list(stop))
+    return Relay(tokenizer, req, "dresd", lambda: stops.append(True)), stops
+
+
+def ids(tokenizer, text):
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_steps_that_came_together_are_one_text_event_and_done_carries_the_report(byte_tokenizer):
+    r, _ = relay(byte_tokenizer)
+    tokens = ids(byte_tokenizer, "hello world")
+    out = r.feed([Event("started", version="v1", prompt_tokens=5), Event("tokens", tokens[:3]),
+                  Event("tokens", tokens[:6])])
+    assert out == [{"kind": "started", "prompt_tokens": 5, "version": "v1"},
+                   {"kind": "text", "text": "hello ", "tokens": 6}]
+    metrics = DecodeMetrics(new_tokens=len(tokens), target_calls=4, drafted=6, accepted=3)
+    done, = r.feed([Event("done", tokens, "v1", 5, "length", metrics)])
+    assert done["text"] == "world" and done["tokens"] == len(tokens) and done["finish"] == "length"
+    assert done["stats"]["datastore_version"] == "v1" and done["stats"]["accepted_tokens"] == 3
+
+
+def test_a_stop_string_cancels_the_job_once_and_ends_the_text_before_it(byte_tokenizer):
+    r, stops = relay(byte_tokenizer, stop=["wor"])
+    tokens = ids(byte_tokenizer, "hello world again")
+    first = r.feed([Event("tokens", tokens[:5])])
+    second = r.feed([Event("tokens", tokens[:9])])
+    later = r.feed([Event("tokens", tokens[:12])])  # a step that ran before the cancel landed
+    done, = r.feed([Event("done", finish="stop", metrics=DecodeMetrics(), version="v1")])
+    assert "".join(e["text"] for e in first + second + later) + done["text"] == "hello "
+    assert stops == [True] and later == [] and done["finish"] == "stop" and done["tokens"] == 9
+
+
+def test_an_error_passes_through_with_the_field_it_names(byte_tokenizer):
+    r, _ = relay(byte_tokenizer)
+    out = r.feed([Event("error", status=400, message="too long", param="prompt")])
+    assert out == [{"kind": "error", "status": 400, "message": "too long", "param": "prompt"}]
+
+
+def test_the_crash_hook_reads_prompts_and_chat_turns():
+    assert prompt_text(oa.GenerationRequest("completion", prompt="a CRASH b")) == "a CRASH b"
+    chat = oa.GenerationRequest("chat", messages=[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
+    assert prompt_text(chat) == "x\ny"
