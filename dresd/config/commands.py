@@ -298,6 +298,9 @@ class ServeConfig:
     # Environment variable holding the API key (bearer token) the app requires when set.
     # Required when `host` is not loopback; the key itself never enters a config file.
     api_key_env: str = "DRESD_API_KEY"
+    # The bound on each replica node's cache (a URI datastore's fetched versions, derived
+    # indexes); versions a replica has open or the root pins are never evicted.
+    cache: CacheConfig = field(default_factory=CacheConfig)
     # Serve application name and the route prefix it answers under.
     app_name: str = "dresd"
     route_prefix: str = "/"

@@ -33,6 +33,7 @@ from dresd.config.commands import LOOPBACK_HOSTS
 from dresd.serving.decode_server import CRASH_ENV, DecodeServer
 from dresd.serving.hub import MetricsHub
 from dresd.serving.ingress import DresdIngress, key_digest
+from dresd.storage.eviction import ENV as CACHE_ENV
 
 # CPUs the ingress replica reserves: it parses, relays and formats, and decodes nothing.
 INGRESS_CPUS = 0.1
@@ -104,6 +105,8 @@ def build_app(args: Any = None):
     check_method(cfg)
     key = api_key_for(cfg)
     env = {"OPENBLAS_NUM_THREADS": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+    if cfg.cache.max_gb is not None:  # the replicas' bound; else their node's own
+        env[CACHE_ENV] = repr(float(cfg.cache.max_gb))
     if os.environ.get(CRASH_ENV):  # the fault tests' hook (dresd.serving.decode_server)
         env[CRASH_ENV] = os.environ[CRASH_ENV]
     options: dict[str, Any] = {"num_cpus": cfg.replica_cpus, "runtime_env": {"env_vars": env}}

@@ -429,3 +429,17 @@ def test_the_serve_config_file_in_the_repository_loads_as_a_serve_config():
         resolve_config({**app["args"], "replicas": 0})
     with pytest.raises(ConfigError, match="unknown key"):
         resolve_config({"speculative": {"metod": "pld"}})
+
+
+def test_the_cache_bound_of_the_config_reaches_the_decoding_replicas():
+    from dresd.config import CacheConfig
+    from dresd.serving.app import build_app
+
+    def decoder_env(cfg: ServeConfig) -> dict:
+        ingress = build_app(cfg)._bound_deployment
+        decoder = next(a for a in ingress.init_args if getattr(a, "_bound_deployment", None) is not None
+                       and a._bound_deployment.name == "DresdDecoder")
+        return decoder._bound_deployment.ray_actor_options["runtime_env"]["env_vars"]
+
+    assert decoder_env(ServeConfig(cache=CacheConfig(max_gb=3)))["DRESD_CACHE_MAX_GB"] == "3.0"
+    assert "DRESD_CACHE_MAX_GB" not in decoder_env(ServeConfig())  # the node's own bound applies
