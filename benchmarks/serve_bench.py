@@ -11,8 +11,12 @@ set per run, MT-Bench first turns in turn) and the next as soon as it ends, unti
 last chunk carrying its `dresd` report; TTFT is arrival of the first text chunk, per-token
 latency (end - first token) / (tokens - 1). With --kill-replica, one decoding replica
 is killed halfway through each run (Serve starts a new one; the ingress retries the requests
-it held that had sent no text, and ends the streams that had with an error event: lost). Results: a markdown table on
-stdout and serve_bench.json in --out.
+it held that had sent no text, and ends the streams that had with an error event). A request is answered (ok), answered with an error (an HTTP error
+status, or a stream's terminal error event), or lost (no answer: a broken connection, a
+timeout); lost must be 0. With --in-process, the same requests also run one at a time in
+this process (dresd.decoding.engine.Engine, same model and threads) after the server
+stops, and concurrency 1's tokens/s is reported against them. Results: a markdown table
+on stdout and serve_bench.json in --out.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+# As the dresd command line sets them, before torch loads: the in-process baseline must run
+# as `dresd generate` does (spinning OpenMP threads collapse forwards on a busy machine).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -38,11 +47,13 @@ def one_request(url: str, key: str | None, prompt: str, method: str, max_tokens:
                        "stream_options": {"include_usage": True}, "dresd": {"method": method}})
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     start, first, tokens, done, report, status = time.perf_counter(), None, 0, False, None, 0
+    errored = False
     try:
         conn = http.client.HTTPConnection(u.hostname, u.port or 80, timeout=timeout)
         conn.request("POST", u.path.rstrip("/") + "/v1/completions", body=body, headers=headers)
         resp = conn.getresponse()
         status = resp.status
+        errored = status != 200  # an HTTP error answer (4xx/5xx with its JSON body)
         while status == 200:
             line = resp.readline()
             if not line:
@@ -56,7 +67,8 @@ def one_request(url: str, key: str | None, prompt: str, method: str, max_tokens:
                 break
             event = json.loads(data)
             if "error" in event:
-                break
+                errored = True  # the terminal error event; [DONE] follows it
+                continue
             if event.get("choices") and event["choices"][0].get("text") and first is None:
                 first = time.perf_counter()
             if event.get("usage"):
@@ -66,8 +78,8 @@ def one_request(url: str, key: str | None, prompt: str, method: str, max_tokens:
     except (OSError, http.client.HTTPException, json.JSONDecodeError):
         pass
     end = time.perf_counter()
-    ok = done and report is not None
-    return {"ok": ok, "status": status, "tokens": tokens if ok else 0, "e2e_s": end - start,
+    ok = done and report is not None and not errored
+    return {"ok": ok, "errored": errored, "status": status, "tokens": tokens if ok else 0, "e2e_s": end - start,
             "ttft_s": (first - start) if first else None,
             "tpot_s": (end - first) / (tokens - 1) if ok and first and tokens > 1 else None,
             "accepted": (report or {}).get("accepted_tokens", 0), "calls": (report or {}).get("target_calls", 0)}
@@ -106,7 +118,9 @@ def run_level(url, key, prompts, method, concurrency, requests, max_tokens, time
     wall = time.perf_counter() - t0
     ok = [r for r in results if r["ok"]]
     calls = sum(r["calls"] for r in ok)
-    return {"method": method, "concurrency": concurrency, "requests": len(results), "lost": len(results) - len(ok),
+    errored = sum(r["errored"] for r in results)
+    return {"method": method, "concurrency": concurrency, "requests": len(results), "errors": errored,
+            "lost": len(results) - len(ok) - errored,
             "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall,
             "ttft_p50_s": pct([r["ttft_s"] for r in ok], 0.5), "ttft_p99_s": pct([r["ttft_s"] for r in ok], 0.99),
             "tpot_p50_s": pct([r["tpot_s"] for r in ok], 0.5), "tpot_p99_s": pct([r["tpot_s"] for r in ok], 0.99),
@@ -124,6 +138,23 @@ def kill_one_replica(app_name: str):
                 print(f"killed {actor['name']}", file=sys.stderr)
                 return
     return kill
+
+
+def in_process(cfg, prompts: list[str], method: str, requests: int, max_tokens: int) -> float:
+    """Tokens/s of the same requests decoded one at a time here, as `dresd generate` does."""
+    from dataclasses import replace
+
+    from dresd.datastore.store import Datastore
+    from dresd.decoding.engine import Engine
+    from dresd.model.loading import load_model
+
+    engine = Engine(load_model(cfg.model), Datastore(cfg.datastore) if cfg.datastore else None)
+    spec = replace(cfg.speculative, method=method)
+    engine.generate(prompts[0], spec, 4)  # warm, as the served run is
+    t0, tokens = time.perf_counter(), 0
+    for i in range(requests):
+        tokens += len(engine.generate(prompts[i % len(prompts)], spec, max_tokens).token_ids)
+    return tokens / (time.perf_counter() - t0)
 
 
 def fmt(v, spec=".3f"):
@@ -145,6 +176,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per replica (0 = torch's default)")
     p.add_argument("--kill-replica", action="store_true", help="kill one replica halfway through each run")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one request")
+    p.add_argument("--in-process", action="store_true",
+                   help="also decode the requests one at a time in this process (the concurrency-1 baseline)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args()
 
@@ -180,10 +213,21 @@ def main() -> None:
 
             stop(cfg)
             serve.shutdown()
-    print("| method | concurrency | requests | lost | tokens/s | TTFT p50 | TTFT p99 | per-token p50 | per-token p99 | MAT |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    local = {}
+    if args.in_process:
+        for method in args.methods.split(","):
+            local[method] = in_process(cfg, prompts, method, args.requests, args.max_tokens)
+            print(f"{method} in-process: {local[method]:.1f} tok/s", file=sys.stderr)
+        for r in rows:
+            r["in_process_tokens_per_s"] = local[r["method"]] if r["concurrency"] == 1 else None
+    print("| method | concurrency | requests | lost | errors | tokens/s | x in-process | TTFT p50 | TTFT p99 | "
+          "per-token p50 | per-token p99 | MAT |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['tokens_per_s']:.1f} | "
+        base = r.get("in_process_tokens_per_s")
+        ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
+        print(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['errors']} | "
+              f"{r['tokens_per_s']:.1f} | {ratio} | "
               f"{fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {fmt(r['tpot_p50_s'], '.4f')} | "
               f"{fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} |")
     out = Path(args.out)
