@@ -220,20 +220,24 @@ def main() -> None:
             print(f"{method} in-process: {local[method]:.1f} tok/s", file=sys.stderr)
         for r in rows:
             r["in_process_tokens_per_s"] = local[r["method"]] if r["concurrency"] == 1 else None
-    print("| method | concurrency | requests | lost | errors | tokens/s | x in-process | TTFT p50 | TTFT p99 | "
-          "per-token p50 | per-token p99 | MAT |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = ["# Serving: closed-loop clients against dresd serve", "",
+             f"{args.replicas} decoding replica(s), max batch {args.max_batch}, {args.requests} streamed MT-Bench "
+             f"requests per row, {args.max_tokens} new tokens, greedy; datastore {args.datastore}"
+             + ("; one decoding replica killed halfway through each row" if args.kill_replica else "")
+             + f"; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end.", "",
+             "| method | concurrency | requests | lost | errors | tokens/s | x in-process | TTFT p50 | TTFT p99 | "
+             "per-token p50 | per-token p99 | MAT |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = r.get("in_process_tokens_per_s")
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
-        print(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['errors']} | "
-              f"{r['tokens_per_s']:.1f} | {ratio} | "
-              f"{fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | {fmt(r['tpot_p50_s'], '.4f')} | "
-              f"{fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} |")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_bench.json").write_text(json.dumps({"benchmark": "serve_bench", "args": vars(args), "rows": rows},
-                                                     indent=2))
+        lines.append(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['errors']} | "
+                     f"{r['tokens_per_s']:.1f} | {ratio} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | "
+                     f"{fmt(r['tpot_p50_s'], '.4f')} | {fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} |")
+    print("\n".join(lines))
+    from dresd.evaluation.results import save_run
+
+    print(f"wrote {save_run('serve_bench', chr(10).join(lines) + chr(10), args.out)}")
 
 
 if __name__ == "__main__":
