@@ -55,7 +55,7 @@ class BuildConfig:
     # keys with index.seed. "sample": the keys of whole records in a seeded random order, so
     # only about sample_size tokens are embedded for the fit. "all": keys drawn uniformly from
     # the whole corpus (the reservoir the build used before fit-first), which embeds every
-    # record once more; kept to measure the sample against (docs/index-layout.md#fit-first).
+    # record once more; kept to measure the sample against.
     fit: Literal["sample", "all"] = "sample"
     # The bound on every node's cache (fetched versions, corpus copies, scratch mirrors).
     cache: CacheConfig = field(default_factory=CacheConfig)
