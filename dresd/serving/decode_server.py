@@ -8,8 +8,9 @@ handle with `stream=True`; it yields small dicts, the events of one request:
     {"kind": "done", "text", "tokens", "finish", "stats"}         the last text, usage, report
     {"kind": "error", "status", "message", "param"}               nothing follows
 
-One "text" event carries what every decoding step finished since the last one (the steps
-that ran while the caller was busy are merged), so the handle carries a handful of small
+One "text" event carries what every decoding step finished since the last one: the steps
+that ran while the caller was busy are merged, and after the first text (sent at once) text
+leaves at most every STREAM_INTERVAL_S (`Pacer`), so the handle carries a handful of small
 objects per request, never one per token. Text is detokenized here, where the job lives: a
 stop string cancels the job between steps and its counters still come back in "done",
 which a caller that only saw text could not ask of the right replica.
@@ -23,13 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 import time
 from typing import AsyncIterator, Callable
 
 from ray import serve
 
-from dresd.config import SamplingParams, ServeConfig, from_dict
+from dresd.config import ModelConfig, SamplingParams, ServeConfig, from_dict
 from dresd.serving import openai_api as oa
 from dresd.serving.failover import DEADLINE_SLACK_S
 from dresd.serving.hub import Reporter
@@ -37,6 +39,13 @@ from dresd.serving.replica import Event, Job, ReplicaEngine
 
 CRASH_ENV = "DRESD_SERVE_CRASH_ON"
 CRASH_EXIT_CODE = 70  # as dresd.storage.faults' kill: a planned crash, told apart from others
+# Seconds a stream's text is gathered before it is sent on (the first text and every other
+# event go at once). Each event crosses the Serve handle to the ingress and then the HTTP
+# proxy, about 5 ms of CPU over the three processes, competing with the decoding step on a
+# small node; sent at every step (~25 ms for the packaged model on 2 cores) that took about a
+# tenth of a concurrency-1 stream's throughput (issue 22). 10 text events a second at most,
+# several tokens each on a fast model (Ray Serve LLM batches its streams every 50 ms).
+STREAM_INTERVAL_S = 0.1
 
 
 class Relay:
@@ -88,6 +97,58 @@ class Relay:
         return {"kind": "done", "text": new, "tokens": len(self.tokens), "finish": event.finish, "stats": stats}
 
 
+class Pacer:
+    """The events `generate` yields, text merged so that after the first text at most one text
+    event leaves every `interval` seconds; any other event leaves at once, after the text held
+    before it."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.held: dict | None = None  # text gathered, not sent yet
+        self.last: float | None = None  # when the last text left
+
+    def due(self) -> float | None:
+        """When the held text must leave (None: none is held)."""
+        return None if self.held is None else (self.last or 0.0) + self.interval
+
+    def push(self, outs: list[dict], now: float) -> list[dict]:
+        """What to yield now of `outs` (Relay.feed's, in order) and the text held before them."""
+        ready: list[dict] = []
+        for out in outs:
+            if out["kind"] == "text":
+                self.held = out if self.held is None else {**out, "text": self.held["text"] + out["text"]}
+            else:
+                ready += self._flush(now)
+                ready.append(out)
+        if self.held is not None and (self.last is None or now >= self.last + self.interval):
+            ready += self._flush(now)
+        return ready
+
+    def _flush(self, now: float) -> list[dict]:
+        if self.held is None:
+            return []
+        out, self.held, self.last = self.held, None, now
+        return [out]
+
+
+def node_threads() -> int:
+    """Torch's own default thread count outside Ray: the physical cores this process may run on."""
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, psutil.cpu_count(logical=False) or usable))
+
+
+def replica_model(model: ModelConfig) -> ModelConfig:
+    """The model config a decoding replica loads: with `threads` 0, the thread count
+    `dresd generate` gets on this node, not the one Ray leaves. Ray sets OMP_NUM_THREADS to
+    an actor's CPUs (replica_cpus: 1 by default) and torch follows it; one thread made every
+    prefill and decoding step of a replica slower than the same request in-process (issue 22:
+    about 0.3 s a request at concurrency 1 on 2 cores). Set model.threads to share a node's
+    cores among several replicas."""
+    return model if model.threads > 0 else dataclasses.replace(model, threads=node_threads())
+
+
 def prompt_text(req: oa.GenerationRequest) -> str:
     return req.prompt if req.prompt is not None else "\n".join(m["content"] for m in req.messages or [])
 
@@ -97,7 +158,8 @@ class DecodeServer:
     """One decoding replica: a loaded model, the datastore version it follows, its batches."""
 
     def __init__(self, config: dict, hub):
-        self.cfg = from_dict(ServeConfig, config)
+        cfg = from_dict(ServeConfig, config)
+        self.cfg = dataclasses.replace(cfg, model=replica_model(cfg.model))
         context = serve.get_replica_context()
         self.name = str(getattr(context, "replica_tag", None) or f"decoder-{os.getpid()}")
         self.engine = ReplicaEngine(self.cfg, self.name)
@@ -127,18 +189,23 @@ class DecodeServer:
                   req.budget or self.cfg.speculative.budget, req.prompt, req.messages, sampling,
                   time.monotonic() + timeout_s)
         relay = Relay(self.detokenizer, req, method, lambda: self.engine.cancel(job, "stop"))
+        pacer = Pacer(STREAM_INTERVAL_S)
         self.engine.submit(job)
         try:
             while True:
+                due = pacer.due()
+                wait = timeout_s + DEADLINE_SLACK_S if due is None else max(0.0, due - loop.time())
                 try:
-                    events = [await asyncio.wait_for(inbox.get(), timeout_s + DEADLINE_SLACK_S)]
+                    events = [await asyncio.wait_for(inbox.get(), wait)]
                 except asyncio.TimeoutError:
-                    yield {"kind": "error", "status": 504, "message": "no answer from the decoding loop",
-                           "param": None}
-                    return
+                    if due is None:
+                        yield {"kind": "error", "status": 504, "message": "no answer from the decoding loop",
+                               "param": None}
+                        return
+                    events = []  # the held text is due
                 while not inbox.empty():  # steps that finished while we were away: one event
                     events.append(inbox.get_nowait())
-                for out in relay.feed(events):
+                for out in pacer.push(relay.feed(events), loop.time()):
                     if out["kind"] == "started":
                         out["replica"] = self.name
                     yield out

@@ -1,13 +1,21 @@
 """The decoding deployment's relay, without Ray: a job's engine events become few, small
 wire events (consecutive steps merged into one text event), a stop string cancels the job
-once and ends the text before it, and errors pass through. Over Serve it runs in
-tests/serving/test_app.py."""
+once and ends the text before it, and errors pass through; after the first text, text leaves
+at most once per interval while other events leave at once; a replica takes every core when
+no thread count is set. Over Serve it runs in tests/serving/test_app.py."""
 
 from __future__ import annotations
 
+from dresd.config import ModelConfig
 from dresd.decoding.metrics import DecodeMetrics
 from dresd.serving import openai_api as oa
-from dresd.serving.decode_server import Relay, prompt_text
+from dresd.serving.decode_server import (
+    Pacer,
+    Relay,
+    node_threads,
+    prompt_text,
+    replica_model,
+)
 from dresd.serving.replica import Event
 
 
@@ -55,3 +63,37 @@ def test_the_crash_hook_reads_prompts_and_chat_turns():
     assert prompt_text(oa.GenerationRequest("completion", prompt="a CRASH b")) == "a CRASH b"
     chat = oa.GenerationRequest("chat", messages=[{"role": "user", "content": "x"}, {"role": "user", "content": "y"}])
     assert prompt_text(chat) == "x\ny"
+
+
+def text(t: str, n: int) -> dict:
+    return {"kind": "text", "text": t, "tokens": n}
+
+
+def test_the_first_text_leaves_at_once_then_text_is_merged_per_interval():
+    p = Pacer(0.1)
+    started = {"kind": "started", "prompt_tokens": 3, "version": "v1"}
+    assert p.push([started, text("a", 1)], now=0.0) == [started, text("a", 1)]  # the first token's latency
+    assert p.due() is None
+    assert p.push([text("b", 2)], now=0.03) == [] and p.due() == 0.1
+    assert p.push([text("c", 3)], now=0.06) == []
+    assert p.push([], now=0.1) == [text("bc", 3)]  # due: what was gathered, as one event
+    assert p.push([text("d", 4)], now=0.25) == [text("d", 4)]  # a quiet interval passed
+    done = {"kind": "done", "text": "f", "tokens": 6}
+    assert p.push([text("e", 5), done], now=0.26) == [text("e", 5), done]  # done never waits, text first
+    assert p.due() is None
+
+
+def test_an_error_flushes_the_held_text_before_it_and_interval_zero_holds_nothing():
+    p = Pacer(0.1)
+    p.push([text("a", 1)], now=0.0)
+    assert p.push([text("b", 2)], now=0.01) == []
+    error = {"kind": "error", "status": 504, "message": "late", "param": None}
+    assert p.push([error], now=0.02) == [text("b", 2), error]
+    q = Pacer(0.0)
+    assert [q.push([text(c, i)], now=0.0) for i, c in enumerate("xyz")] == [[text(c, i)] for i, c in enumerate("xyz")]
+
+
+def test_a_replica_without_a_thread_count_takes_the_cores_of_its_node():
+    # Ray leaves OMP_NUM_THREADS at the actor's CPUs (1 by default); `dresd generate` uses them all.
+    assert replica_model(ModelConfig(threads=0)).threads == node_threads() >= 1
+    assert replica_model(ModelConfig(threads=3)).threads == 3
