@@ -7,9 +7,9 @@ Inside ONE Ray instance, on a published base store of >= 200k tokens:
    compressor and quantizer, timed;
 2. a full retrained rebuild of base + addition with the base's build config, timed (goal:
    update <= 20% of it);
-3. a frozen rebuild: the rebuild's freshly embedded shards filled into the BASE's compressor
-   and trained-empty index by the build's own fill stage; the updated version must return
-   the same neighbours (top-50 key positions for a fixed query set);
+3. a frozen rebuild: the rebuild's corpus streamed into the BASE's compressor and
+   trained-empty index by the build's own passes (what an update does, numbered from 0); the
+   updated version must return the same neighbours (top-50 key positions for a fixed query set);
 4. mean accepted tokens (DReSD, paper settings, no budget) of the updated version vs the
    retrained rebuild on MT-Bench prompts (goal: within 2%); outputs must equal greedy.
 
@@ -41,13 +41,12 @@ from dresd.datastore.store import Datastore, resolve_version_dir  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
 from dresd.evaluation.compare import MethodRun, markdown_table, summarize  # noqa: E402
-from dresd.datastore.index import IndexParams, empty_copy, search, set_search_params  # noqa: E402
+from dresd.datastore.index import IndexParams, empty_copy, search  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
-from pipelines.build import build_datastore, build_key, work_folder  # noqa: E402
-from pipelines.index_fill import fill_and_merge, save_trained  # noqa: E402
+from dresd.model.resolve import model_facts  # noqa: E402
+from pipelines.build import build_datastore  # noqa: E402
 from pipelines.runtime import ensure_ray  # noqa: E402
-from pipelines.scratch import Scratch  # noqa: E402
-from pipelines.shards import done_shards, first_key_ids  # noqa: E402
+from pipelines.work import build_key, encode_into, tokenize_args, work_folder  # noqa: E402
 
 
 def addition_corpus(source: Path, out: Path, target_tokens: int, tokenizer) -> int:
@@ -73,13 +72,13 @@ def copy_current(src: Path, dst: Path) -> None:
     (dst / "CURRENT").write_text(version)
 
 
-def frozen_rebuild(base: Datastore, work: Scratch) -> faiss.Index:
-    """Fill the rebuild's embedded shards into the base's compressor + trained-empty index."""
-    tag = save_trained(work, base.compressor, empty_copy(base.index))
-    metas = done_shards(work)
-    shard_ids = sorted(metas)
-    index, _ = fill_and_merge(work, shard_ids, tag, first_key_ids(metas, shard_ids))
-    set_search_params(index, IndexParams(**base.manifest["index"]["params"]))
+def frozen_rebuild(base: Datastore, cfg: BuildConfig) -> faiss.Index:
+    """The rebuild's corpus streamed into the base's compressor + trained-empty index."""
+    facts = model_facts(cfg.model.path)
+    work = work_folder(cfg, "frozen-" + build_key(cfg, facts.identity))
+    index, _, _ = encode_into(cfg, work, tokenize_args(cfg, facts, cfg.corpus.prompt_format), facts.identity,
+                              base.compressor, empty_copy(base.index), IndexParams(**base.manifest["index"]["params"]))
+    work.remove()
     return index
 
 
@@ -143,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(rebuild_root, ignore_errors=True)
     full_cfg = from_dict(BuildConfig, base.manifest["build_config"], "base build_config")
     full_cfg.corpus.paths = list(base_cfg.corpus.paths) + [str(add_path)]
-    full_cfg.output, full_cfg.keep_work = str(rebuild_root), True
+    full_cfg.output, full_cfg.keep_work = str(rebuild_root), False
     t = time.perf_counter()
     full = build_datastore(full_cfg)
     t_full = time.perf_counter() - t
     print("\n".join(full.lines()), flush=True)
     rebuilt = Datastore(rebuild_root)
 
-    work = work_folder(full_cfg, build_key(full_cfg, lm.identity))
-    frozen_index = frozen_rebuild(base, work)
+    # Scratch holds no hidden states to refill: the frozen rebuild embeds the corpus again (untimed).
+    frozen_index = frozen_rebuild(base, full_cfg)
     same_stream = (np.array_equal(np.asarray(rebuilt.tokens), np.asarray(updated.tokens))
                    and np.array_equal(np.asarray(rebuilt.key_positions), np.asarray(updated.key_positions)))
     rng = np.random.default_rng(0)
@@ -160,7 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     queries = (keys + rng.normal(0, 0.1 * keys.std(), keys.shape)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     same, overlap = neighbour_agreement(updated, frozen_index, np.asarray(rebuilt.key_positions), queries)
-    work.remove()
 
     prompts = mtbench_first_turns()[: args.prompts]
     rows = mat_rows(lm, {"base": base, "updated": updated, "rebuild": rebuilt}, prompts, args.max_new_tokens)

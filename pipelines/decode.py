@@ -22,11 +22,11 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from dresd.storage.files import is_uri, sha256_file
 from pipelines.decode_parts import META_KEY, Parts, exclusive_run
+from pipelines.decode_report import DecodeReport
 from dresd.config import ModelConfig, to_dict
 from dresd.config import DecodeConfig
 
@@ -101,6 +101,21 @@ def plan_chunks(cfg: DecodeConfig, rows: list[dict]) -> list[dict]:
         blob = common + json.dumps([[r["row"], r["id"], r["prompt"], r["reject"]] for r in group])
         chunks.append({"chunk": c, "key": hashlib.sha256(blob.encode()).hexdigest()[:20], "rows": group})
     return chunks
+
+
+def chunk_table(chunks: list[dict]):
+    """Planned chunks as the Arrow rows the actors take: one row a chunk, its rows' fields as
+    list columns (row, id, prompt, reject; a prompt or reject may be null)."""
+    import pyarrow as pa
+
+    def column(name: str) -> list:
+        return [[r[name] for r in c["rows"]] for c in chunks]
+
+    return pa.table({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
+                     "row": pa.array(column("row"), pa.list_(pa.int64())),
+                     "id": pa.array(column("id"), pa.list_(pa.string())),
+                     "prompt": pa.array(column("prompt"), pa.list_(pa.string())),
+                     "reject": pa.array(column("reject"), pa.list_(pa.string()))})
 
 
 def part_path(output: Path, chunk: int) -> Path:
@@ -242,68 +257,17 @@ class DecodeChunks:
                             ("wall_s", pa.float64())], metadata={META_KEY: json.dumps(meta).encode()})
         self.parts.write(chunk, pa.Table.from_pylist(records, schema=schema))
 
-    def __call__(self, batch: dict) -> dict:
-        receipts = [self.decode_chunk(int(c), k, json.loads(p))
-                    for c, k, p in zip(batch["chunk"], batch["key"], batch["payload"])]
+    def __call__(self, batch) -> dict:
+        """Decode the chunks of a pyarrow batch (chunk_table); one per call in the job."""
+        receipts = []
+        for c in batch.to_pylist():
+            rows = [{"row": r, "id": i, "prompt": p, "reject": j}
+                    for r, i, p, j in zip(c["row"], c["id"], c["prompt"], c["reject"])]
+            receipts.append(self.decode_chunk(int(c["chunk"]), c["key"], rows))
         return {name: [r[name] for r in receipts] for name in receipts[0]} if receipts else {}
 
 
 # ----------------------------------------------------------------------------- driver
-
-
-@dataclass
-class DecodeReport:
-    """What one run did; `lines()` is the summary table."""
-
-    output: str
-    rows_in: int = 0
-    decoded: int = 0  # rows decoded by this run
-    skipped: int = 0  # rows decoded by an earlier run (their part was reused)
-    rejected: Counter = field(default_factory=Counter)  # by reason (this run's and reused parts')
-    failed: Counter = field(default_factory=Counter)  # by reason; their chunks stay unfinished
-    chunks: int = 0
-    computed: list[int] = field(default_factory=list)  # chunk ids written by this run
-    reused: int = 0
-    replaced: int = 0  # parts found with another key (other rows or settings), recomputed
-    new_tokens: int = 0
-    accepted: int = 0  # draft tokens accepted (speculative methods)
-    drafted: int = 0  # draft positions verified
-    calls: int = 0  # target forwards after prefill, summed over sequences
-    gen_s: float = 0.0  # actor seconds in generate_batch, summed
-    stage_s: float = 0.0  # wall seconds of the Ray stage
-    corpus: str | None = None
-    corpus_records: int = 0
-    corpus_empty: int = 0
-    removed: list[str] = field(default_factory=list)  # parts outside this run's plan, removed
-
-    def lines(self) -> list[str]:
-        rej, fail = sum(self.rejected.values()), sum(self.failed.values())
-        out = [f"decode summary: {self.output} ({self.chunks} chunks: {len(self.computed)} computed, "
-               f"{self.reused} reused, {self.replaced} replaced as stale, "
-               f"{self.chunks - len(self.computed) - self.reused} failed)"]
-        table = [("rows in", self.rows_in), ("decoded now", self.decoded),
-                 ("skipped (already finished)", self.skipped), ("rejected", rej)]
-        table += [(f"  {k}", v) for k, v in sorted(self.rejected.items())]
-        table += [("failed", fail)] + [(f"  {k}", v) for k, v in sorted(self.failed.items())]
-        out += [f"  {name:<30}{value:>9}" for name, value in table]
-        ok = "ok" if self.rows_in == self.decoded + self.skipped + rej + fail else "MISMATCH"
-        out.append(f"  in = decoded + skipped + rejected + failed: {self.rows_in} = {self.decoded} + "
-                   f"{self.skipped} + {rej} + {fail} ({ok})")
-        tps = self.new_tokens / self.gen_s if self.gen_s else 0.0
-        wall_tps = self.new_tokens / self.stage_s if self.stage_s else 0.0
-        out.append(f"  new tokens {self.new_tokens}: {tps:.1f} tokens/s over {self.gen_s:.1f} s of decoding, "
-                   f"{wall_tps:.1f} tokens/s over the stage's {self.stage_s:.1f} s wall")
-        if self.drafted:
-            out.append(f"  drafting: acceptance {self.accepted / self.drafted:.3f} ({self.accepted} of "
-                       f"{self.drafted} drafted), mean accepted tokens per call per sequence "
-                       f"{self.new_tokens / max(1, self.calls):.2f}")
-        if self.removed:
-            out.append(f"  removed {len(self.removed)} part(s) outside this plan (an earlier limit or chunk_rows): "
-                       + ", ".join(self.removed[:5]) + (" ..." if len(self.removed) > 5 else ""))
-        if self.corpus:
-            out.append(f"  id corpus: {self.corpus} ({self.corpus_records} records, "
-                       f"{self.corpus_empty} empty responses left out)")
-        return out
 
 
 def _run_stage(cfg: DecodeConfig, output: str, pending: list[dict], report: DecodeReport) -> None:
@@ -314,42 +278,23 @@ def _run_stage(cfg: DecodeConfig, output: str, pending: list[dict], report: Deco
     ensure_ray(cfg.ray_address)
     if not is_uri(output):  # the actors write their parts here, on whichever node they run
         check_shared_folder(Path(output), "the decode output")
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order, ctx.target_max_block_size
-    ctx.execution_options.preserve_order = True
-    ctx.target_max_block_size = 1  # one chunk per block: chunks spread over the actors
     t0 = time.perf_counter()
-    try:
-        items = [{"chunk": c["chunk"], "key": c["key"], "payload": json.dumps(c["rows"])} for c in pending]
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            DecodeChunks,
-            fn_constructor_kwargs=dict(cfg=to_dict(cfg), output=str(output)),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(items)), max_tasks_in_flight_per_actor=1),
-            num_cpus=cfg.actor_cpus,
-            num_gpus=cfg.gpus,
-            # Read when torch loads OpenMP: it must be in the worker's environment from the start.
-            **({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy}}} if cfg.omp_wait_policy else {}),
-        )
-        for r in ds.iter_rows():
-            done, written = int(r["done"]), bool(r["written"])
-            report.decoded += done if written else 0
-            report.new_tokens += int(r["new_tokens"])
-            report.gen_s += float(r["gen_s"])
-            report.accepted += int(r["accepted"])
-            report.drafted += int(r["drafted"])
-            report.calls += int(r["calls"])
-            report.rejected.update(json.loads(r["rejects"]))
-            failed = Counter(json.loads(r["failed"]))
-            if failed:  # the chunk's decoded rows are thrown away too: they are redone on rerun
-                failed["unfinished_chunk"] += done
-            report.failed.update(failed)
-            if written:
-                report.computed.append(int(r["chunk"]))
-            print(f"chunk {r['chunk']}: {done} rows, {r['new_tokens']} tokens in {r['gen_s']:.1f} s"
-                  + ("" if written else f" NOT written ({dict(failed)})"), flush=True)
-    finally:
-        ctx.execution_options.preserve_order, ctx.target_max_block_size = saved
+    # One chunk a block (a table each) and one block a call (batch_size=1): chunks spread over
+    # the actors. Receipts come back in any order; each names its chunk.
+    ds = ray.data.from_arrow([chunk_table([c]) for c in pending]).map_batches(
+        DecodeChunks,
+        fn_constructor_kwargs=dict(cfg=to_dict(cfg), output=str(output)),
+        batch_size=1,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(cfg.actors, len(pending)), max_tasks_in_flight_per_actor=1),
+        num_cpus=cfg.actor_cpus,
+        num_gpus=cfg.gpus,
+        # Read when torch loads OpenMP: it must be in the worker's environment from the start.
+        **({"runtime_env": {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy}}} if cfg.omp_wait_policy else {}),
+    )
+    for r in ds.iter_rows():
+        report.add(r)
+    report.computed.sort()
     report.stage_s = time.perf_counter() - t0
 
 

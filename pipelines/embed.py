@@ -1,33 +1,44 @@
-"""Stage 3: token sequences -> last-layer hidden states at every key position -> shard files.
+"""Stage 3: token ids -> last-layer hidden states -> what leaves the actor: compressed keys
+(the streaming pass) or the sampled keys' states (the fit pass). Full states of the whole
+corpus never leave an actor, and nothing here writes to disk.
 
-An actor stage: each actor loads the model once, embeds a shard's records in padded
-mini-batches and writes the shard (see shards.py). Keys are the decoder's final-norm output
-at positions key_start .. len-2 of each record (the last position predicts nothing inside
-the record). Only a small metadata row travels back to the driver.
+An actor stage: each actor loads the model once and embeds one shard per call (its Arrow
+row, pipelines/rows.py) in length-sorted, padded mini-batches; each record's states are
+reduced (compressed, or cut to the sampled keys) as soon as its mini-batch is done, so even a
+shard's states are never held at once. Keys are the decoder's final-norm output at positions
+key_start .. len-2 of each record (the last position predicts nothing inside the record).
+
+- With a compressor (`ctag`, in the work folder), the actor z-scores, projects and
+  normalises every key with it and passes the shard's row on with its keys as a float16 blob
+  (`keys`, `n_keys`, `key_dim`), the node, the dtype and the compressor's summed
+  reconstruction error (an update's drift), for the write stage (encode.py).
+- Without one (the fit pass), it embeds only the records that hold a key the row's `keep`
+  column names and returns those keys' float32 states (`hidden`, `n`, `width`).
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
+import pyarrow as pa
 import ray
 import torch
 
 from dresd.config import ModelConfig
+from dresd.datastore.compression import compress, reconstruction_error
 from dresd.model.loading import load_model
 from dresd.model.resolve import check_identity
-from dresd.storage.faults import fault_point
+from pipelines.merge import load_compressor_codec
+from pipelines.rows import add_columns, blob, shard_rows
 from pipelines.scratch import Scratch
-from pipelines.shards import META, ShardData, write_shard
 
 
 class Embed:
-    """Callable class for `map_batches(compute=ActorPoolStrategy(...))`."""
+    """Callable class for `map_batches(compute=ActorPoolStrategy(...), batch_format="pyarrow")`."""
 
-    def __init__(self, model_dir: str | None, device: str, threads: int, work: str, batch_size: int, dtype: str = "auto",
-                 identity: dict | None = None):
+    def __init__(self, model_dir: str | None, device: str, threads: int, batch_size: int, dtype: str = "auto",
+                 identity: dict | None = None, work: str | None = None, ctag: str | None = None):
         # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
         threads = threads or max(1, os.cpu_count() or 1)
         # `model_dir` is the model's name as ModelConfig.path takes it, resolved on this node.
@@ -37,8 +48,8 @@ class Embed:
         if identity is not None:  # the model the driver planned with, on every node
             node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
             check_identity(identity, self.lm.identity, f"embedding actor on node {node[:12]} (model {model_dir!r})")
-        self.work = Scratch(work)
         self.batch_size = batch_size
+        self.compressor = load_compressor_codec(Scratch(work), ctag) if ctag else None
 
     @torch.inference_mode()
     def embed(self, seqs: list[np.ndarray]) -> list[np.ndarray]:
@@ -54,46 +65,70 @@ class Embed:
         hidden = out.last_hidden_state.float().cpu().numpy()
         return [hidden[i, : len(s)] for i, s in enumerate(seqs)]
 
-    def embed_keys(self, seqs: list[np.ndarray], key_starts: list[int]) -> np.ndarray:
-        """(n_keys, D) hidden states of every key position, records in order."""
+    def embed_keys(self, seqs: list[np.ndarray], key_starts: list[int], each=None) -> np.ndarray:
+        """(n_keys, D) hidden states of every key position, records in order; with `each`,
+        each record's states go through `each(record index, states)` as soon as its mini-batch
+        is done and what it returns is concatenated instead (a shard's full states are then
+        never held at once)."""
         # Length-sorted mini-batches waste less compute on padding.
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         keys: list[np.ndarray | None] = [None] * len(seqs)
         for b in range(0, len(order), self.batch_size):
             idx = order[b : b + self.batch_size]
             for i, h in zip(idx, self.embed([seqs[i] for i in idx])):
-                keys[i] = h[key_starts[i] : len(seqs[i]) - 1]
-        dim = self.lm.identity["hidden_size"]
-        return np.concatenate(keys) if keys else np.zeros((0, dim), np.float32)
+                states = h[key_starts[i] : len(seqs[i]) - 1]
+                keys[i] = states if each is None else each(i, states)
+        return np.concatenate(keys) if keys else np.zeros((0, self.lm.identity["hidden_size"]), np.float32)
 
-    def __call__(self, batch: dict) -> dict:
-        metas = []
-        for sid, file, blob in zip(batch["shard"], batch["file"], batch["payload"]):
-            p = pickle.loads(blob)
-            seqs = p["seqs"]
-            # Shard files hold fp16: a state beyond its range is as broken as a NaN (and refused).
-            with np.errstate(over="ignore"):
-                hidden = self.embed_keys(seqs, p["key_starts"]).astype(np.float16)
-            check_finite(hidden, sid, file, [len(s) - 1 - k for s, k in zip(seqs, p["key_starts"])], p["sources"])
-            lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-            meta = {
-                "shard": sid, "file": file, "rows_read": p["rows_read"], "examples": len(seqs),
-                "tokens": int(lengths.sum()), "keys": int(len(hidden)), "rejects": p["rejects"],
-                "messages": p["messages"], "node": ray.get_runtime_context().get_node_id(),
-                "dtype": self.lm.dtype,  # what the keys were made in (the manifest records it)
-            }
-            data = ShardData(
-                tokens=np.concatenate(seqs) if seqs else np.zeros(0, np.int32),
-                offsets=np.concatenate([[0], np.cumsum(lengths)]),
-                key_starts=np.asarray(p["key_starts"], dtype=np.int32),
-                hidden=hidden,
-                sources=p["sources"],
-            )
-            write_shard(self.work.path / "shards" / sid, data, meta)
-            fault_point("embed_after_shard_rename")
-            self.work.push(f"shards/{sid}", last=META)
-            metas.append(meta)
-        return {"shard": [m["shard"] for m in metas], "keys": [m["keys"] for m in metas]}
+    def _compressed(self, table: pa.Table) -> pa.Table:
+        keys, errors = [], []
+        for row in shard_rows(table):
+            error = [0.0]
+
+            def each(i: int, states: np.ndarray, row=row, error=error) -> np.ndarray:
+                check_finite(states, row.shard, row.file, [len(states)], [row.sources[i]])
+                if len(states):  # summed over keys: an update's drift is the mean over all keys it adds
+                    error[0] += reconstruction_error(self.compressor, states) * len(states)
+                return compress(self.compressor, states).astype(np.float16)
+
+            keys.append(self.embed_keys(row.seqs, list(row.key_starts), each) if len(row.sources)
+                        else np.zeros((0, self.compressor.out_dim), np.float16))
+            errors.append(error[0])
+        node = ray.get_runtime_context().get_node_id()
+        return add_columns(table, {
+            "keys": pa.array([blob(k, np.float16) for k in keys], type=pa.large_binary()),
+            "n_keys": pa.array([len(k) for k in keys], type=pa.int64()),
+            "key_dim": pa.array([self.compressor.out_dim] * len(keys), type=pa.int32()),
+            "node": [node] * len(keys), "dtype": [self.lm.dtype] * len(keys),  # the manifest records the dtype
+            "recon_error_sum": pa.array(errors, type=pa.float64())})
+
+    def _sampled(self, table: pa.Table) -> pa.Table:
+        out = {"shard": [], "key_ids": [], "hidden": [], "n": [], "width": []}
+        for row in shard_rows(table):
+            counts = row.keys_per_record
+            first = np.cumsum(counts) - counts  # each record's first key number in the shard
+            record_of = np.searchsorted(np.cumsum(counts), row.keep, side="right")
+            records = np.unique(record_of)
+            wanted = {r: row.keep[record_of == r] - first[r] for r in records}  # key offsets within a record
+
+            def each(i: int, states: np.ndarray, row=row, records=records, wanted=wanted) -> np.ndarray:
+                check_finite(states, row.shard, row.file, [len(states)], [row.sources[records[i]]])
+                return states[wanted[records[i]]]
+
+            picked = self.embed_keys([row.seqs[r] for r in records], list(row.key_starts[records]), each)
+            out["shard"].append(row.shard)
+            out["key_ids"].append(row.keep)
+            out["hidden"].append(blob(picked, np.float32))
+            out["n"].append(len(picked))
+            out["width"].append(self.lm.identity["hidden_size"])
+        return pa.table(out, schema=SAMPLE_SCHEMA)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self._compressed(table) if self.compressor is not None else self._sampled(table)
+
+
+SAMPLE_SCHEMA = pa.schema([("shard", pa.string()), ("key_ids", pa.list_(pa.int64())), ("hidden", pa.large_binary()),
+                           ("n", pa.int64()), ("width", pa.int64())])
 
 
 class NonFiniteStates(RuntimeError):
@@ -109,6 +144,6 @@ def check_finite(hidden: np.ndarray, shard: str, file: str, keys_per_record: lis
     record = np.searchsorted(np.cumsum(keys_per_record), bad, side="right")
     names = [sources[r] for r in np.unique(record)]
     raise NonFiniteStates(
-        f"work shard {shard} of {file}: {len(bad)} of {len(hidden)} hidden states are NaN or infinite "
-        f"(or beyond float16's range), in {len(names)} record(s) {names[:5]}, key rows {bad[:5].tolist()}; "
-        "the model's forward is broken on these inputs, so the shard is refused and nothing is written")
+        f"work shard {shard} of {file}: {len(bad)} of {len(hidden)} hidden states are NaN or infinite, "
+        f"in {len(names)} record(s) {names[:5]}, key rows {bad[:5].tolist()}; the model's forward is broken "
+        "on these inputs, so the shard is refused and nothing is written")

@@ -1,16 +1,25 @@
-"""Build work shards: the on-disk hand-off between the embed stage and the index stages.
+"""Build work shards: what the one streaming pass leaves of each shard, for the merge.
 
-A shard is a run of consecutive corpus rows of one file. The embed stage writes each shard
-into `<work>/shards/<shard id>/` (a Scratch: local, or a URI mirrored per node) and writes
-`meta.json` LAST, so a shard with meta.json is
-complete: a rerun of the same build skips it (resumability), and the index stages read it.
+A shard is a run of consecutive corpus rows of one file. The streaming pass (encode.py)
+writes each shard into `<work>/shards/<shard id>/` (a Scratch: local, or a URI mirrored per
+node); the code pass adds its codes once the index is trained. Full hidden states are never
+written: a shard holds its token stream, its compressed keys and their codes, a few hundred
+bytes a key at most whatever the model's width. Files that depend on the codec carry its
+fingerprint in their names (`ctag`: the compressor; `tag`: compressor + trained index), so
+a pulled copy never goes stale, and `meta-<ctag>.json` is written LAST: a shard with it is
+complete for that compressor, and a rerun skips it.
 
-    tokens.npy      int32, the shard's records concatenated
-    offsets.npy     int64, record starts within tokens (+ end)
-    key_starts.npy  int32, first key position of each record (after the shared template head)
-    hidden.npy      float16 (n_keys, D), final-norm hidden states at every key position
-    sources.json    source id per record
-    meta.json       counts, rejects by reason, the node that embedded it
+    tokens.npy                  int32, the shard's records concatenated
+    offsets.npy                 int64, record starts within tokens (+ end)
+    key_starts.npy              int32, first key position of each record
+    sources.json                source id per record
+    keys-<ctag>.npy             float16 (n_keys, dim), compressed keys: the exact vectors of a
+                                flat or refine index, the index's training sample, and the
+                                intrinsic check's ground truth
+    meta-<ctag>.json            counts, rejects by reason, node, dtype, the compressor's summed
+                                reconstruction error
+    codes-<tag>-<first>.faiss   IVF layouts: the shard's inverted lists (PQ codes, ids from
+                                key number <first>), without the coarse quantizer (merge.py)
 """
 
 from __future__ import annotations
@@ -18,8 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +35,6 @@ import numpy as np
 from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 
-META = "meta.json"
 log = logging.getLogger(__name__)
 
 
@@ -37,54 +43,84 @@ def shard_id(file_index: int, chunk: int) -> str:
     return f"{file_index:05d}-{chunk:06d}"
 
 
+def meta_name(ctag: str) -> str:
+    """The completion marker of a shard whose keys compressor `ctag` made."""
+    return f"meta-{ctag}.json"
+
+
+def keys_name(ctag: str) -> str:
+    return f"keys-{ctag}.npy"
+
+
+def codes_name(tag: str, first_id: int) -> str:
+    return f"codes-{tag}-{first_id}.faiss"
+
+
 @dataclass
 class ShardData:
-    """One shard's embedded records."""
+    """One shard's encoded records."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     key_starts: np.ndarray
-    hidden: np.ndarray
+    keys: np.ndarray  # (n_keys, dim) compressed keys, stored as float16
     sources: list[str]
 
 
-def write_shard(folder: Path, data: ShardData, meta: dict) -> None:
-    """Write a shard into a temp folder, then rename: a shard is either whole or absent."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".tmp-{folder.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    np.save(tmp / "tokens.npy", data.tokens.astype(np.int32))
-    np.save(tmp / "offsets.npy", data.offsets.astype(np.int64))
-    np.save(tmp / "key_starts.npy", data.key_starts.astype(np.int32))
-    np.save(tmp / "hidden.npy", data.hidden.astype(np.float16))
+def _put(folder: Path, name: str, write) -> None:
+    """Write file `name` through a temporary name: a reader sees it whole or not at all."""
+    tmp = folder / f".tmp-{name}"
+    write(tmp)
+    os.replace(tmp, folder / name)
+
+
+def _npy(array: np.ndarray):
+    def write(path: Path) -> None:
+        with open(path, "wb") as f:  # np.save on a path would append ".npy" to the temporary name
+            np.save(f, array)
+    return write
+
+
+def write_shard(folder: Path, data: ShardData, meta: dict, ctag: str) -> None:
+    """Write a shard's files, the compressor's marker last: a shard is complete for `ctag`
+    only once every file it names is whole."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _put(folder, "tokens.npy", _npy(data.tokens.astype(np.int32)))
+    _put(folder, "offsets.npy", _npy(data.offsets.astype(np.int64)))
+    _put(folder, "key_starts.npy", _npy(data.key_starts.astype(np.int32)))
+    _put(folder, "sources.json", lambda p: p.write_text(json.dumps(data.sources)))
+    _put(folder, keys_name(ctag), _npy(data.keys.astype(np.float16)))
     fault_point("embed_before_shard_rename")
-    (tmp / "sources.json").write_text(json.dumps(data.sources))
-    (tmp / META).write_text(json.dumps(meta))
-    if folder.exists():  # a crashed earlier attempt left an incomplete copy
-        shutil.rmtree(folder)
-    os.rename(tmp, folder)
+    _put(folder, meta_name(ctag), lambda p: p.write_text(json.dumps(meta)))
 
 
-def first_key_ids(metas: dict[str, dict], shard_ids: list[str], base: int = 0) -> list[int]:
+def write_codes(work: Scratch, sid: str, name: str, codes: np.ndarray) -> None:
+    """Add a codes file to a finished shard (the code pass; the merge, for any it left out)."""
+    _put(work.path / "shards" / sid, name, codes.tofile)
+    work.push(f"shards/{sid}/{name}")
+
+
+def first_key_ids(key_counts: dict[str, int], shard_ids: list[str], base: int = 0) -> dict[str, int]:
     """The number of each shard's first key: keys are numbered across shards in order,
     after `base` existing keys."""
-    counts = [metas[s]["keys"] for s in shard_ids]
-    return (base + np.concatenate([[0], np.cumsum(counts)[:-1]])).astype(np.int64).tolist() if counts else []
+    counts = [key_counts[s] for s in shard_ids]
+    starts = base + np.concatenate([[0], np.cumsum(counts)[:-1]]) if counts else []
+    return {s: int(f) for s, f in zip(shard_ids, starts)}
 
 
 class ShardError(RuntimeError):
     """A finished work shard whose files cannot be read (disk fault, manual edits)."""
 
 
-def _problem(folder: Path, meta: dict) -> str | None:
+def _problem(folder: Path, meta: dict, ctag: str) -> str | None:
     """Why a shard marked complete is unusable, or None. Reads array headers only."""
     try:
-        hidden = np.load(folder / "hidden.npy", mmap_mode="r")
-        if hidden.shape[0] != meta["keys"]:
-            return f"hidden.npy holds {hidden.shape[0]} keys, meta.json says {meta['keys']}"
+        keys = np.load(folder / keys_name(ctag), mmap_mode="r")
+        if keys.shape[0] != meta["keys"]:
+            return f"{keys_name(ctag)} holds {keys.shape[0]} keys, meta says {meta['keys']}"
         tokens = np.load(folder / "tokens.npy", mmap_mode="r")
         if len(tokens) != meta["tokens"]:
-            return f"tokens.npy holds {len(tokens)} tokens, meta.json says {meta['tokens']}"
+            return f"tokens.npy holds {len(tokens)} tokens, meta says {meta['tokens']}"
         for name in ("offsets.npy", "key_starts.npy"):
             np.load(folder / name, mmap_mode="r")
         json.loads((folder / "sources.json").read_text())
@@ -93,24 +129,27 @@ def _problem(folder: Path, meta: dict) -> str | None:
     return None
 
 
-def done_shards(work: Scratch) -> dict[str, dict]:
-    """Metadata of every complete, readable shard in `work`, by shard id (pulled to this
-    node when the scratch is remote).
+def done_shards(work: Scratch, ctag: str, shard_ids=None) -> dict[str, dict]:
+    """Metadata of every complete, readable shard in `work` whose keys compressor `ctag` made
+    (among `shard_ids` when given), by shard id; pulled to this node when the scratch is remote.
 
-    A shard whose files are damaged is left out (with a warning naming it), so the next run
-    embeds it again instead of failing later or publishing bad keys.
+    A damaged shard is left out (with a warning naming it), so the next pass embeds it again
+    instead of failing later or publishing bad keys.
     """
     out = {}
+    wanted = None if shard_ids is None else set(shard_ids)
     for name in work.children("shards"):
-        if name.startswith(".") or not work.exists(f"shards/{name}/{META}"):
+        if name.startswith(".") or (wanted is not None and name not in wanted):
+            continue
+        if not work.exists(f"shards/{name}/{meta_name(ctag)}"):
             continue
         p = work.pull(f"shards/{name}")
         try:
-            meta = json.loads((p / META).read_text())
+            meta = json.loads((p / meta_name(ctag)).read_text())
         except (OSError, ValueError) as err:
-            meta, why = None, f"meta.json: {err}"
+            meta, why = None, f"{meta_name(ctag)}: {err}"
         else:
-            why = _problem(p, meta)
+            why = _problem(p, meta, ctag)
         if why is None:
             out[name] = meta
         else:
@@ -128,9 +167,9 @@ def _shard_file(work: Scratch, sid: str, name: str, mmap: bool = False):
                          "and rerun the build to embed that shard again") from err
 
 
-def shard_hidden(work: Scratch, sid: str) -> np.ndarray:
-    """The shard's hidden states, memory-mapped (never fully loaded)."""
-    return _shard_file(work, sid, "hidden.npy", mmap=True)
+def shard_keys(work: Scratch, sid: str, ctag: str) -> np.ndarray:
+    """The shard's compressed keys (float16), memory-mapped."""
+    return _shard_file(work, sid, keys_name(ctag), mmap=True)
 
 
 def shard_tokens(work: Scratch, sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:

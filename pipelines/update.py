@@ -2,15 +2,19 @@
 parent: add new corpus shards (frozen compressor and quantizer, no retraining), delete
 records by source id (tombstones), and compact (drop tombstoned keys and records).
 
-Adding reuses the build's stages (read/tokenize -> embed -> shard fill) and appends the new
-keys to a copy of the current index, so ids stay equal to key numbers. A drift report
-compares how well the frozen compressor fits the new data with how it fit its own sample.
+Adding streams the new corpus through the build's passes (count; read -> tokenize -> embed
+-> compress -> write; code) with the parent's frozen codec: its compressor, and its index
+emptied of keys for the code pass (no fit pass, no training), and appends the new keys to a
+copy of the current index, so ids stay equal to key numbers. A drift report compares how well the frozen
+compressor fits the new keys (their mean reconstruction error, summed by the embedding
+actors) with how it fit its own sample.
 
 Each change publishes with its parent as the expected CURRENT (dresd.datastore.publish.publish),
 so two changes racing on one root never lose either. A delete or a compact is a pure function
 of its parent and cheap to make again, so one that loses the race is made again from the new
 CURRENT; an add embedded its corpus against the old parent and fails with PublishConflict
-instead (its embedded shards stay in the work folder, so running it again reuses them).
+instead (its written shards stay in the work folder, so running it again reuses them: only
+their codes are made again, numbered from the new parent's key count, without embedding).
 
 Every change first verifies its parent in full (`_parent`), so a damaged parent is never
 copied into a child whose fresh checksums would then vouch for the damage.
@@ -26,19 +30,17 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from dresd.datastore.compression import reconstruction_error
 from dresd.config import BuildConfig, to_dict
 from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
-from dresd.datastore.formatting import format_fingerprint, shared_prefix_len
+from dresd.datastore.formatting import format_fingerprint
 from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
 from dresd.model.resolve import model_facts
 from dresd.storage.faults import fault_point
-from pipelines.build import (assemble_stream, build_key, check_default_ids, embed_corpus, key_dtype, reservoir_sample,
-                             tally, usable_summary, work_folder)
-from pipelines.index_fill import fill_and_merge, save_trained
-from pipelines.shards import first_key_ids
+from pipelines.build import check_default_ids
+from pipelines.work import (assemble_stream, build_key, count_tally, encode_into, key_dtype, tally, tokenize_args,
+                            usable_summary, work_folder)
 
 log = logging.getLogger(__name__)
 
@@ -105,30 +107,21 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     fmt = store.manifest["prompt_format"]["name"]
     store.check_compatible(facts.identity, format_fingerprint(facts.tokenizer, fmt))
     cfg.corpus.prompt_format = fmt  # the store's format, whatever the config said
-    eos, identity = facts.eos_token_id, facts.identity
-    max_tokens = min(cfg.corpus.max_tokens or facts.max_context, facts.max_context)
-    prefix = shared_prefix_len(facts.tokenizer, fmt)
+    identity = facts.identity
     work = work_folder(cfg, "update-" + build_key(cfg, identity))
-    metas, _ = embed_corpus(cfg, work, identity, eos, max_tokens, prefix)
-    shard_ids = sorted(metas)
-    rows_read, rejected, messages = tally(metas)
-    if sum(metas[s]["keys"] for s in shard_ids) == 0:
+    # The parent's frozen compressor + its index emptied (training kept) encode the new shards;
+    # the published index is read, never written: the new version gets its own copy.
+    params = IndexParams(**store.manifest["index"]["params"])
+    index, metas, shard_ids = encode_into(cfg, work, tokenize_args(cfg, facts, fmt), identity, store.compressor,
+                                          empty_copy(store.index), params, base=store.index, base_keys=store.num_keys)
+    if index is None:
         # A version with nothing added would only bury its parent under a copy of itself.
         raise DatastoreError(f"update add: corpus {cfg.corpus.paths}: no usable records, so nothing is published "
-                             f"over version {store.version}: " + usable_summary(rows_read, rejected, messages))
+                             f"over version {store.version}: " + usable_summary(*count_tally(metas)))
+    rows_read, rejected, _ = tally(metas)
 
-    # Frozen compressor + the current index emptied (training kept) fill the new shards.
-    params = IndexParams(**store.manifest["index"]["params"])
-    empty = empty_copy(store.index)
-    tag = save_trained(work, store.compressor, empty)
-    first_ids = first_key_ids(metas, shard_ids, base=store.num_keys)
-    # The published index is read, never written: the new version gets its own copy.
-    index, _ = fill_and_merge(work, shard_ids, tag, first_ids, on_disk=params.on_disk, base=store.index)
-    set_search_params(index, params)
-
-    new_sample = reservoir_sample(work, shard_ids, min(cfg.index.sample_size, 20_000), identity["hidden_size"], cfg.index.seed)
     base_err = float(store.manifest["compressor"].get("sample_reconstruction_error", 0.0))
-    new_err = reconstruction_error(store.compressor, new_sample) if len(new_sample) else 0.0
+    new_err = sum(m.get("recon_error_sum", 0.0) for m in metas.values()) / sum(m["keys"] for m in metas.values())
     drift = {"base_error": base_err, "new_error": new_err, "ratio": new_err / base_err if base_err else 0.0}
 
     tokens, ends, key_pos, sources = assemble_stream(work, shard_ids, token_base=len(store.tokens))
@@ -155,7 +148,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     try:
         version_dir = publish(root, parts, manifest, expect_current=store.version)
     except PublishConflict as err:
-        err.add_note(f"the embedded shards stay in {work.path}: running the update again reuses them")
+        err.add_note(f"the written shards stay in {work.path}: running the update again reuses them")
         raise
     if not cfg.keep_work:
         work.remove()

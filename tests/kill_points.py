@@ -52,9 +52,9 @@ class Case:
 
 # What a kill at each point must leave, and what the rerun does with it.
 EXPECTED = {
-    "embed_before_shard_rename": "the half-written shard is never read; the rerun reuses finished shards",
-    "embed_after_shard_rename": "the renamed shard is whole; the rerun reuses it",
-    "during_index_fill": "a fill without its index file is redone; finished fills are reused",
+    "embed_before_shard_rename": "the shard without its marker is never read; the rerun reuses finished shards",
+    "embed_after_shard_rename": "the marked shard is whole; the rerun reuses it",
+    "during_index_fill": "a shard whose codes were not written is coded again; finished codes are reused",
     "during_merge": "nothing published; the rerun merges again",
     "after_version_rename": "CURRENT unchanged; the version never made current is removed by the rerun",
     "before_current_swap": "CURRENT unchanged, lock free; the never-current version is removed by the rerun",
@@ -62,7 +62,7 @@ EXPECTED = {
                             "never-current version",
     "during_upload": "the partial remote version has no manifest, so is never listed; the rerun removes it and "
                      "the staging folder",
-    "during_add": "nothing published; the rerun reuses the embedded shards",
+    "during_add": "nothing published; the rerun reuses the written shards",
     "during_delete": "nothing published; the rerun deletes",
     "during_compact": "nothing published; the rerun compacts",
     "during_part_write": "finished parts stay; the torn part never replaces its name; the rerun redoes its chunk",
@@ -266,9 +266,11 @@ class Bench:
             return [sys.executable, "-m", "jobs.decode", "--config", config, "--output", str(target)]
         if job in ("build", "build-uri"):
             output = f"file://{target}" if job == "build-uri" else str(target)
+            # IVF-PQ, though the corpus is small: its code pass is where `during_index_fill` fires.
             return dresd + ["build", "--model", str(self.model), "--corpus", str(self.folder / "more.jsonl"),
                             "--id-field", "id", "--output", output, "--dim", "16", "--value-len", "8",
-                            "--set", "shard_rows=5", "--set", "check_sample=50"]
+                            "--set", "shard_rows=5", "--set", "check_sample=50", "--set", "index.kind=ivfpq",
+                            "--set", "index.pq_m=8"]
         if job == "add":
             return dresd + ["update", "add", "--datastore", str(target), "--model", str(self.model), "--corpus",
                             str(self.folder / "more.jsonl"), "--id-field", "id", "--set", "shard_rows=5"]

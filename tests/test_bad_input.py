@@ -5,20 +5,21 @@ Every test calls `record_property("expected", ...)` with the fragment it asserts
 `record_property("message", ...)` with the whole error text or reject reason, so a
 `--junitxml` run carries both. docs/reliability.md ("Bad input") lists the cases.
 
-No Ray: stages are called directly (read, tokenize, embed, reservoir, publish), and a build
-or update runs whole with its Ray Data embedding replaced by the same stages run in this
-process (`no_ray_embedding`); the checks under test all run before or after that stage.
+No Ray: stages are called directly (read, tokenize, embed, publish), and a build or update
+runs whole with its Ray Data passes replaced by the same stages run in this process
+(`no_ray_embedding`); the checks under test all run before or after the passes.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
-import pickle
 import zlib
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import ray
 
@@ -26,17 +27,17 @@ import pipelines.build as build_mod
 from dresd.cli.main import main as dresd_main
 from dresd.config import BuildConfig, CorpusConfig, DecodeConfig, IndexConfig, ModelConfig, to_dict
 from dresd.datastore.compression import fit_compressor
-from dresd.datastore.corpus import CorpusError, list_corpus_files
+from dresd.datastore.corpus import CorpusError
 from dresd.datastore.formatting import shared_prefix_len
 from dresd.datastore.index import choose_index_params
 from dresd.datastore.store import Datastore, DatastoreError, list_versions, read_current
 from dresd.datastore.publish import publish
 from pipelines.embed import Embed, NonFiniteStates
 from pipelines.read import _file_shards
-from pipelines.scratch import Scratch
-from pipelines.shards import ShardData, done_shards, shard_id, write_shard
+from pipelines.rows import add_columns, shard_rows
+from pipelines.shards import shard_id
 from pipelines.tokenize import cached_tokenizer
-from tests_support import make_manifest, make_parts, one_torch_thread, publish_for_model
+from tests_support import make_manifest, make_parts, one_torch_thread, passes_in_process, publish_for_model
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
 
@@ -66,46 +67,36 @@ def tokenize(tiny_model_dir):
                 max_tokens=256, prefix_len=shared_prefix_len(tok, "chat"))
 
 
-def _shards(path, tokenize, shard_rows=4, corpus=None):
+def _shards(path, tokenize, rows_per_shard=4, corpus=None):
+    """(shard id, its fields) of every shard the read stage yields; rejects counted by reason."""
     tokenize = dict(tokenize, corpus=corpus) if corpus else tokenize
-    return [(b["shard"][0], pickle.loads(b["payload"][0]))
-            for b in _file_shards({"path": [str(path)], "index": [0]}, tokenize, shard_rows, None, frozenset())]
+    out = []
+    for block in _file_shards({"path": [str(path)], "index": [0]}, tokenize, rows_per_shard, None, frozenset()):
+        for r in shard_rows(block):
+            out.append((r.shard, {"seqs": r.seqs, "sources": r.sources, "rows_read": r.rows_read,
+                                  "rejects": dict(Counter(r.rejects)), "messages": r.messages}))
+    return out
 
 
 @pytest.fixture
 def no_ray_embedding(monkeypatch):
-    """Builds and updates embed in this process: the read and embed stages called directly,
-    as the Ray Data graph would call them (tests/pipelines/test_embed.py does the same)."""
-    monkeypatch.setattr(build_mod, "ensure_ray", lambda address=None: None)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
-
-    def embed_corpus(cfg, work, identity, eos, max_tokens, prefix):
-        model_dir = cfg.model.path  # the model by name, as the workers get it
-        tokenize = dict(model_dir=model_dir, corpus=cfg.corpus, eos_id=eos, max_tokens=max_tokens, prefix_len=prefix)
-        stage = None
-        for i, path in enumerate(list_corpus_files(cfg.corpus.paths)):
-            for block in _file_shards({"path": [path], "index": [i]}, tokenize, cfg.shard_rows, None, frozenset()):
-                stage = stage or Embed(model_dir, "cpu", 1, work.location, cfg.batch_size)
-                stage(block)
-        return done_shards(work), 0
-
-    import pipelines.update as update_mod
-
-    monkeypatch.setattr(build_mod, "embed_corpus", embed_corpus)
-    monkeypatch.setattr(update_mod, "embed_corpus", embed_corpus)
+    """Builds and updates run their passes in this process: the read, embed and encode stages
+    called directly, as the Ray Data graphs would call them (tests_support.passes_in_process)."""
+    passes_in_process(monkeypatch)
 
 
 @pytest.fixture
 def nothing_starts(monkeypatch):
-    """Fails the test if Ray is joined or anything is embedded."""
-    import pipelines.update as update_mod
+    """Fails the test if Ray is joined or any pass over the corpus starts."""
+    import pipelines.work as work_mod
+    from pipelines import passes
 
     def started(*args, **kwargs):
         raise AssertionError("Ray was joined or embedding started")
 
-    monkeypatch.setattr(build_mod, "ensure_ray", started)
-    monkeypatch.setattr(build_mod, "embed_corpus", started)
-    monkeypatch.setattr(update_mod, "embed_corpus", started)
+    monkeypatch.setattr(work_mod, "ensure_ray", started)
+    for name in ("count_pass", "fit_pass", "stream_pass", "code_pass"):
+        monkeypatch.setattr(passes, name, started)
 
 
 def _build_cfg(tiny_model_dir, tmp_path, paths, **corpus) -> BuildConfig:
@@ -167,41 +158,31 @@ def test_compact_of_a_store_whose_every_record_is_deleted_is_refused(tmp_path, r
 
 # ----------------------------------------------------------------------------- NaN states
 
-@pytest.mark.parametrize("bad", [np.nan, 1e6], ids=["nan", "beyond_float16"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
 def test_an_embedded_shard_with_non_finite_states_is_refused_naming_shard_and_records(
         bad, tiny_model_dir, tokenize, tmp_path, monkeypatch, record_property):
     monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
     path = _jsonl(tmp_path / "c.jsonl", _good(3))
-    [(block)] = list(_file_shards({"path": [path], "index": [0]}, tokenize, 4, None, frozenset()))
-    stage = Embed(str(tiny_model_dir), "cpu", 1, str(tmp_path / "work"), 8)
-    real = stage.embed_keys
+    [block] = list(_file_shards({"path": [path], "index": [0]}, tokenize, 4, None, frozenset()))
+    keys = int(sum(r.keys_per_record.sum() for r in shard_rows(block)))
+    block = add_columns(block, {"keep": pa.array([list(range(keys))], pa.list_(pa.int64()))})  # as the fit pass asks
+    stage = Embed(str(tiny_model_dir), "cpu", 1, 8)
+    real, [row] = stage.embed, list(shard_rows(block))
+    second = row.seqs[1]
 
-    def broken(seqs, starts):  # the second record's third key goes bad, as a broken forward would
-        keys = real(seqs, starts)
-        keys[len(seqs[0]) - 1 - starts[0] + 2, 5] = bad
-        return keys
+    def broken(seqs):  # the second record's third key goes bad, as a broken forward would
+        states = real(seqs)
+        for s, h in zip(seqs, states):
+            if np.array_equal(s, second):
+                h[row.key_starts[1] + 2, 5] = bad
+        return states
 
-    monkeypatch.setattr(stage, "embed_keys", broken)
+    monkeypatch.setattr(stage, "embed", broken)
     with pytest.raises(NonFiniteStates) as err:
         stage(block)
     msg = str(err.value)
     assert f"work shard {shard_id(0, 0)} of {path}" in msg and "1 record(s) ['c.jsonl:2']" in msg
     expect(record_property, msg, "hidden states are NaN or infinite")
-    assert done_shards(Scratch(str(tmp_path / "work"))) == {}  # nothing written
-
-
-def test_a_work_shard_holding_nan_is_refused_before_the_compressor_fit(tmp_path, record_property):
-    work = Scratch(str(tmp_path / "work"))
-    hidden = np.random.default_rng(0).normal(size=(12, 8)).astype(np.float32)
-    hidden[7, 3] = np.nan
-    sid = shard_id(0, 0)
-    write_shard(work.path / "shards" / sid, ShardData(np.arange(13, dtype=np.int32), np.array([0, 13]),
-                                                      np.array([0]), hidden, ["a"]),
-                {"keys": 12, "tokens": 13, "rows_read": 1, "rejects": {}, "messages": []})
-    with pytest.raises(DatastoreError) as err:
-        build_mod.reservoir_sample(work, [sid], 100, 8, 0)
-    assert f"work shard {sid}" in str(err.value)
-    expect(record_property, str(err.value), "hidden states at key rows [7] (1 in all) are NaN or infinite")
 
 
 def test_nan_in_the_compressor_fit_sample_is_refused_naming_rows(record_property):
@@ -318,7 +299,7 @@ def test_a_truncated_jsonl_gz_keeps_the_rows_before_the_break_and_rejects_the_br
         tokenize, tmp_path, record_property):
     path, whole = _truncated_gz(tmp_path)
     assert 4 < whole < 40
-    shards = _shards(path, tokenize, shard_rows=4)
+    shards = _shards(path, tokenize, rows_per_shard=4)
     # Every shard in order, from shard 0: none is re-emitted holding only the reject.
     assert [s for s, _ in shards] == [shard_id(0, c) for c in range(len(shards))]
     assert sum(len(p["seqs"]) for _, p in shards) == whole

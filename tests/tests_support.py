@@ -164,3 +164,50 @@ def coded_weight(out: int, inn: int, bits: int, seed: int = 0) -> torch.Tensor:
     scale = (torch.rand(out, groups, generator=gen) * 0.02 + 1e-4).half().float()
     offset = (-torch.rand(out, groups, generator=gen) * 0.1).half().float() if bits == 4 else torch.zeros(out, groups)
     return decode(WeightCodes(codes, scale, offset, bits))
+
+
+def passes_in_process(monkeypatch) -> None:
+    """Builds and updates run their passes (pipelines/passes.py) in this process: the same
+    stage callables the Ray Data graphs call (read, embed, write, code), called directly, and
+    Ray never joined. For tests whose checks run before or after the passes."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import ray
+
+    import pipelines.work as work_mod
+    from dresd.datastore.corpus import list_corpus_files
+    from pipelines import passes
+    from pipelines.embed import Embed
+    from pipelines.encode import code_shards, write_shards
+    from pipelines.read import _file_shards
+
+    def shards(cfg, tokenize, skip=frozenset(), select=None):
+        for i, path in enumerate(list_corpus_files(cfg.corpus.paths)):
+            yield from _file_shards({"path": [path], "index": [i]}, tokenize, cfg.shard_rows, cfg.corpus.max_records,
+                                    skip, select)
+
+    def stage(cfg, **codec):
+        return Embed(cfg.model.path, "cpu", 1, cfg.batch_size, cfg.model.dtype, **codec)
+
+    def count_pass(cfg, tokenize):
+        return {s: c for block in shards(cfg, tokenize) for s, c in passes.counts_of(passes._counts(block)).items()}
+
+    def fit_pass(cfg, tokenize, identity, select):
+        embed = stage(cfg)
+        return passes.sample_of([embed(block) for block in shards(cfg, tokenize, select=select)], select)
+
+    def stream_pass(cfg, tokenize, identity, work, ctag, plan, skip):
+        embed = stage(cfg, work=work, ctag=ctag)
+        return [s for block in shards(cfg, tokenize, skip=skip)
+                for s in write_shards(embed(block), work, ctag, plan).column("shard").to_pylist()]
+
+    def code_pass(cfg, work, ctag, tag, first_ids):
+        table = pa.table({"shard": sorted(first_ids), "first": [first_ids[s] for s in sorted(first_ids)]})
+        return code_shards(table, work, ctag, tag).column("shard").to_pylist()
+
+    monkeypatch.setattr(work_mod, "ensure_ray", lambda address=None: None)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "here"))
+    for name, fn in [("count_pass", count_pass), ("fit_pass", fit_pass), ("stream_pass", stream_pass),
+                     ("code_pass", code_pass)]:
+        monkeypatch.setattr(passes, name, fn)

@@ -50,12 +50,13 @@ class BuildConfig:
     ray_address: str | None = None
     # Keys scored by the intrinsic check (recall@50 vs exact, self-retrieval MRR).
     check_sample: int = 500
-    # Which keys the compressor (z-score + PCA) is fitted and the index trained on, before the
-    # one streaming pass encodes every shard (pipelines/fit.py). Both draw index.sample_size
-    # keys with index.seed. "sample": the keys of whole records in a seeded random order, so
-    # only about sample_size tokens are embedded for the fit. "all": keys drawn uniformly from
-    # the whole corpus (the reservoir the build used before fit-first), which embeds every
-    # record once more; kept to measure the sample against.
+    # Which keys the compressor (z-score + PCA) is fitted on before the one streaming pass
+    # (pipelines/fit.py); both draw index.sample_size keys with index.seed. "sample": the keys
+    # of whole records in a seeded random order, so only about sample_size tokens are embedded
+    # for the fit. "all": keys drawn uniformly from the whole corpus (the reservoir the build
+    # used before fit-first), which embeds every record once more; kept to measure the sample
+    # against (docs/index-layout.md#fit-first). Either way the index trains after the pass, on
+    # stored keys drawn uniformly.
     fit: Literal["sample", "all"] = "sample"
     # The bound on every node's cache (fetched versions, corpus copies, scratch mirrors).
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -114,7 +114,9 @@ class IndexConfig:
         if isinstance(self.ram_bytes, bool) or self.ram_bytes < 0:
             out.append(f"ram_bytes must be an integer >= 0, got {self.ram_bytes!r}")
         return out
-    # Vectors kept by the reservoir that fits z-score + PCA and trains the index.
+    # Keys the compressor's fit sample holds (embedded before the streaming pass) and keys the
+    # index trains on (stored keys drawn uniformly after it; pipelines/fit.py); the training
+    # keys also cap the index's partitions (>= 39 keys each).
     sample_size: int = 200_000
     # Seed for sampling, k-means and the intrinsic check.
     seed: int = 0

@@ -13,13 +13,22 @@ from dresd.datastore.store import Datastore, DatastoreError
 from pipelines.build import build_datastore
 from tests_support import write_small_corpus
 
+WIDE = 512  # the build's model's hidden size
+
 
 @pytest.fixture(scope="module")
-def built(ray_session, tiny_model_dir, tmp_path_factory):
+def built(ray_session, tmp_path_factory):
+    from tests_support import TINY_VOCAB
+    from tiny_models import make_tiny_llama
+
     tmp = tmp_path_factory.mktemp("build")
     path, good = write_small_corpus(tmp)
+    # Wide states (512 floats, 1 KiB a key in float16) that the build must never write to scratch.
+    # Small weights keep this random model's keys as distinct as the 64-wide one's, which the
+    # on-disk checks' self-retrieval thresholds assume.
+    wide = make_tiny_llama(tmp / "wide", vocab_size=TINY_VOCAB, hidden_size=WIDE, init_std=0.05)
     cfg = BuildConfig(
-        model=ModelConfig(path=str(tiny_model_dir)),
+        model=ModelConfig(path=str(wide)),
         corpus=CorpusConfig(paths=[str(path)], max_tokens=256),
         index=IndexConfig(dim=16, pq_m=8, flat_below=1000),  # force IVF-PQ + refine on a small store
         output=str(tmp / "store"),
@@ -38,7 +47,7 @@ def test_counts_add_up(built):
     assert any("row 6" in m and "'response'" in m for m in report.reject_examples)
 
 
-def test_store_layout_and_values(built, tiny_model_dir):
+def test_store_layout_and_values(built):
     cfg, report, good = built
     from dresd.datastore.formatting import record_ids, shared_prefix_len
     from dresd.datastore.corpus import Example
@@ -46,7 +55,7 @@ def test_store_layout_and_values(built, tiny_model_dir):
 
     store = Datastore(cfg.output)
     store.verify()
-    lm = load_model(ModelConfig(path=str(tiny_model_dir)))
+    lm = load_model(cfg.model)
     prefix = shared_prefix_len(lm.tokenizer, "chat")
     expected = [record_ids(lm.tokenizer, Example("s", r["prompt"], r["response"]), "chat", 256, lm.eos_token_id) for r in good]
     # The token stream is every record in corpus order; keys skip the shared template head.
@@ -60,6 +69,18 @@ def test_store_layout_and_values(built, tiny_model_dir):
     assert report.check["recall@50"] > 0.8
     # value of key 0 = the tokens after position prefix of record 0
     assert store.values(np.array([0]), 4)[0].tolist() == expected[0][prefix + 1 : prefix + 5]
+
+
+def test_scratch_holds_compressed_keys_and_codes_never_full_hidden_states(built):
+    """Issue 24: at most 300 B of scratch a key whatever the model's width; here a 512-wide
+    model, whose float16 states alone would be 1,024 B a key."""
+    cfg, report, _ = built
+    assert 0 < report.scratch_bytes_per_key <= 300 < 2 * WIDE
+    assert f"{report.scratch_bytes_per_key:.1f} B per key" in "\n".join(report.lines())
+    # The fit embedded its sample (every key: the corpus is below index.sample_size), not more.
+    assert report.fit == {"mode": "sample", "sample_keys": report.keys, "sample_records": report.examples_embedded,
+                          "sample_tokens": report.tokens, "explained_variance": report.fit["explained_variance"]}
+    assert Datastore(cfg.output).manifest["index"]["fit"] == "sample"
 
 
 def test_refuses_other_models_root(built, tmp_path):
@@ -101,25 +122,30 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
                        shard_rows=cfg.shard_rows, output=str(out))
 
     def crash(*a, **k):
-        raise KeyboardInterrupt("killed after embedding")
+        raise KeyboardInterrupt("killed after the streaming pass")
 
-    monkeypatch.setattr(build_mod, "reservoir_sample", crash)
+    monkeypatch.setattr(build_mod, "train_on_keys", crash)
     with pytest.raises(KeyboardInterrupt):
         build_datastore(cfg2)
     monkeypatch.undo()
     shard_root = next((out / ".build").iterdir()) / "shards"
     shards = sorted(shard_root.iterdir())
     assert len(shards) == 9 and not (out / "CURRENT").exists()
-    for d in shards[::2]:  # as if the kill had come mid-embedding: only some shards finished
+    for d in shards[::2]:  # as if the kill had come mid-pass: only some shards finished
         shutil.rmtree(d)
-    damaged = shards[1] / "hidden.npy"  # a finished shard damaged on disk: embedded again
+    damaged = next(shards[1].glob("keys-*.npy"))  # a finished shard damaged on disk: embedded again
     damaged.write_bytes(damaged.read_bytes()[:200])
+    # The counts and the fit are read back from the work folder: neither pass runs again.
+    monkeypatch.setattr(build_mod.passes, "count_pass", crash)
+    monkeypatch.setattr(build_mod.passes, "fit_pass", crash)
     resumed = build_datastore(cfg2)
     assert resumed.shards == 9 and resumed.shards_reused == 3
     assert not (out / ".build").exists() or not any((out / ".build").iterdir())
     a, b = Datastore(cfg.output), Datastore(out)
     assert (resumed.rows_read, resumed.examples_embedded, resumed.rejected) == (first.rows_read, first.examples_embedded, first.rejected)
-    assert a.manifest["files"]["tokens.npy"]["sha256"] == b.manifest["files"]["tokens.npy"]["sha256"]
+    # The same datastore, byte for byte: token stream, compressor, index.
+    for name in ("tokens.npy", "compressor.npz", "index.faiss"):
+        assert a.manifest["files"][name]["sha256"] == b.manifest["files"][name]["sha256"], name
     assert np.array_equal(a.key_positions, b.key_positions)
     rng = np.random.default_rng(0)
     queries = rng.normal(size=(20, cfg.index.dim)).astype(np.float32)

@@ -17,7 +17,7 @@ import dresd.decoding.batch as batch_mod
 import pipelines.decode as decode_mod
 from dresd.config import DecodeConfig, ModelConfig, to_dict
 from dresd.datastore.formatting import format_prompt_ids
-from pipelines.decode import DecodeChunks, part_meta, part_path, plan_chunks, read_prompts, run_decode, settings
+from pipelines.decode import DecodeChunks, chunk_table, part_meta, part_path, plan_chunks, read_prompts, run_decode, settings
 from tests_support import greedy_reference, one_torch_thread
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -108,8 +108,7 @@ def test_a_chunk_becomes_one_part_equal_to_plain_greedy_decoding(tiny_model_dir,
     cfg = _cfg(tiny_model_dir, prompts, tmp_path)
     chunks = plan_chunks(cfg, read_prompts(cfg))
     actor = DecodeChunks(to_dict(cfg), str(tmp_path))
-    receipts = actor({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
-                      "payload": [json.dumps(c["rows"]) for c in chunks]})
+    receipts = actor(chunk_table(chunks))
     assert receipts["chunk"] == [0, 1, 2] and receipts["written"] == [True] * 3
     assert receipts["done"] == [3, 2, 2]  # decodable rows per chunk
     assert [json.loads(r) for r in receipts["rejects"]] == [{"missing_field": 1}, {"bad_json": 1, "not_string": 1},
@@ -230,13 +229,11 @@ def test_a_speculative_method_gives_the_same_parts_and_counts_its_drafts(tiny_mo
     chunks = plan_chunks(cfg, read_prompts(cfg))
     assert chunks == plan_chunks(replace(cfg, speculative=SpeculativeConfig(method="greedy")), read_prompts(cfg))
     actor = DecodeChunks(to_dict(cfg), str(tmp_path))
-    receipts = actor({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
-                      "payload": [json.dumps(c["rows"]) for c in chunks]})
+    receipts = actor(chunk_table(chunks))
     assert receipts["written"] == [True] * 3 and receipts["done"] == [3, 2, 2]
     plain = DecodeChunks(to_dict(replace(cfg, speculative=SpeculativeConfig(method="greedy"))), str(tmp_path / "p"))
     (tmp_path / "p").mkdir()
-    plain({"chunk": [c["chunk"] for c in chunks], "key": [c["key"] for c in chunks],
-           "payload": [json.dumps(c["rows"]) for c in chunks]})
+    plain(chunk_table(chunks))
     for c in range(3):
         spec_rows = pq.read_table(part_path(tmp_path, c)).to_pylist()
         plain_rows = pq.read_table(part_path(tmp_path / "p", c)).to_pylist()

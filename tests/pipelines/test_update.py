@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from dresd.config import BuildConfig, CorpusConfig, IndexConfig, ModelConfig, SpeculativeConfig
+from dresd.datastore.compression import compress, fit_compressor
 from dresd.datastore.store import Datastore, DatastoreError, list_versions
 from dresd.drafters.dense import DenseDrafter
 from dresd.datastore.index import search
@@ -18,6 +19,19 @@ from pipelines.update import compact, delete_sources, update_datastore
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+def _states(model_dir, store: Datastore, records) -> np.ndarray:
+    """The model's states at every key position of `records` of `store`, embedded here."""
+    from pipelines.embed import Embed
+
+    pos, offsets = np.asarray(store.key_positions), store.record_offsets
+    seqs, starts = [], []
+    for r in records:
+        lo, hi = offsets[r], offsets[r + 1]
+        seqs.append(np.asarray(store.tokens[lo:hi]))
+        starts.append(int(pos[(pos >= lo) & (pos < hi)].min() - lo))
+    return Embed(str(model_dir), "cpu", 1, 8).embed_keys(seqs, starts)
 
 
 def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
@@ -42,6 +56,12 @@ def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
     # The old part is untouched; the compressor is frozen (identical arrays).
     assert np.array_equal(np.asarray(added.tokens[: len(base.tokens)]), np.asarray(base.tokens))
     assert np.array_equal(added.compressor.components, base.compressor.components)
+    # ... and it made the new keys: the parent's compressor applied to the new records' states.
+    hidden = _states(tiny_model_dir, added, range(len(base.sources), len(added.sources)))
+    new_keys = added.index.reconstruct_n(base.num_keys, added.num_keys - base.num_keys)
+    np.testing.assert_allclose(new_keys, compress(base.compressor, hidden), atol=2e-3)  # stored as float16
+    refit = fit_compressor(hidden, 16)
+    assert np.abs(new_keys - compress(refit, hidden)).max() > 0.1  # a compressor fitted on them differs
     assert report.drift["base_error"] > 0 and report.drift["new_error"] > 0
     # New keys are searchable: each finds itself (or an identical duplicate) first.
     new_ids = np.arange(base.num_keys, added.num_keys)
