@@ -211,14 +211,20 @@ def store_debris(root: Path, keep: set[str]) -> list[str]:
     return found
 
 
+def bookkeeping(p: Path) -> bool:
+    """A cache entry's files that stay by design (dresd.storage.leases): its lock, its last-use
+    stamp, the root marker."""
+    return p.name.endswith(".lock") or (p.name.startswith(".") and p.name.endswith(".used")) or p.name == ".root"
+
+
 def cache_debris(cache: Path) -> list[str]:
     """What a dead job left in the node's cache: staging folders, scratch mirrors, upload
-    claims, half-copied cached versions."""
+    claims, half-copied cached versions, leases of dead processes."""
     storage = cache / "storage"
     found = [f"staging/{p.name}" for p in sorted((storage / "staging").glob("*"))]
-    found += [f"scratch/{p.parent.name}/{p.name}" for p in sorted((storage / "scratch").glob("*/*"))]
-    found += [f"uploads/{p.parent.name}/{p.name}" for p in sorted((storage / "uploads").glob("*/*"))]
-    found += [f"datastores/{p.parent.name}/{p.name}" for p in sorted((storage / "datastores").glob("*/.*"))]
+    for kind, pattern in (("scratch", "*/*"), ("uploads", "*/*"), ("datastores", "*/.*")):
+        found += [f"{kind}/{p.parent.name}/{p.name}" for p in sorted((storage / kind).glob(pattern))
+                  if not bookkeeping(p)]
     return found
 
 

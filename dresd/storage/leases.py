@@ -79,6 +79,9 @@ class Lease:
             if held is not None and held[3] == self._pid:
                 held[2] += 1
             else:  # none here (or one inherited through fork, which is the parent's to release)
+                # Under the entry's lock: the lease files of holders that died (a killed job)
+                # go now, rather than at the next eviction check.
+                live_leases(self.entry, clean=True)
                 path = self.entry.parent / f".{self.entry.name}{_LEASE}{self._pid}-{uuid.uuid4().hex[:8]}"
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: nobody else holds it

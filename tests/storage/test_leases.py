@@ -79,3 +79,16 @@ def test_last_use_is_recorded_on_take_and_release(tmp_path):
     os.utime(used_path(entry), (3000, 3000))
     touch(entry)
     assert last_used(entry) > 3000
+
+
+def test_taking_a_lease_removes_the_files_of_dead_holders(tmp_path):
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    child = hold_in_child(entry)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert len(lease_files(entry)) == 1  # a killed job's lease file
+    with Lease(entry):
+        files = lease_files(entry)
+        assert len(files) == 1 and files[0].name.startswith(f".entry.lease-{os.getpid()}-")  # only ours
+    assert lease_files(entry) == []
