@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dresd.decoding.budget import STEP_SCALE_CLIP, STEP_SCALE_RATE, CostModel, DraftPlanner
+from dresd.decoding.budget import CHEAP_CONSULT, STEP_SCALE_CLIP, STEP_SCALE_RATE, CostModel, DraftPlanner
 from dresd.decoding.tree import TokenTree, subtree
 
 
@@ -101,7 +101,8 @@ class BatchPlanner:
     """The batch's share of the draft budget: one width per step, from T(b, k) and the rows' estimates.
 
     When drafting does not pay at this load (the chosen width is 1), consulting every row's
-    drafter each step still costs its time; the batch then skips consults for 0, 1, 3, 7, ...
+    drafter each step still costs its time; where that time is a noticeable share of a step
+    (CHEAP_CONSULT, as for one sequence) the batch then skips consults for 0, 1, 3, 7, ...
     steps while widths stay at 1, and consults every step again once a width above 1 pays.
     """
 
@@ -121,9 +122,14 @@ class BatchPlanner:
             return False
         return True
 
-    def record_width(self, width: int) -> None:
-        """Account for a step whose drafts were planned to `width` positions per row."""
-        if width > 1:
+    def record_width(self, width: int, rows: int = 1, drafting_s: float | None = None) -> None:
+        """Account for a step whose drafts were planned to `width` positions per row over
+        `rows` rows, its consults having taken `drafting_s` seconds in all (None: unknown)."""
+        cheap = drafting_s is not None and drafting_s < CHEAP_CONSULT * self.step_cost(rows, 1)
+        if width > 1 or cheap:
+            # A width that paid, or consults too cheap to skip: skipping them saves next to
+            # nothing and misses the drafts that come back at the next step (a row's suffix
+            # tree proposes nothing on one step and a long match on the next).
             self._unpaid = self._skip = 0
             return
         self._unpaid += 1

@@ -278,7 +278,7 @@ class BatchedSpeculativeDecoder:
         width = 0
         if self.planner is not None and any(drafted.values()):
             trees, width = self.planner.plan(trees, {s: self._planners[s] for s in trees}, sum(spent.values()))
-            self.planner.record_width(width)
+            self.planner.record_width(width, len(trees), sum(spent.values()))
         t0 = time.perf_counter()
         alone = self._alone(rows)
         if alone:

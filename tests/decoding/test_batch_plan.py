@@ -142,3 +142,14 @@ def test_the_batch_stops_consulting_while_drafts_do_not_pay():
     assert sum(consulted) <= 7 and consulted[:2] == [True, True]  # steps 1, 2, 4, 8, 16, 32, ...
     planner.record_width(3)  # a width that paid: consult every step again
     assert all(planner.should_draft() for _ in range(5))
+
+
+def test_cheap_consults_go_on_at_every_step_though_nothing_paid():
+    planner = BatchPlanner(PER_POSITION)
+    step = planner.step_cost(4, 1)
+    for _ in range(20):
+        assert planner.should_draft()
+        planner.record_width(1, rows=4, drafting_s=0.01 * step)  # 1% of a step: not worth skipping
+    planner.record_width(1, rows=4, drafting_s=0.5 * step)  # half a step for nothing: back off
+    planner.record_width(1, rows=4, drafting_s=0.5 * step)
+    assert not planner.should_draft()
