@@ -40,6 +40,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+# Prompt sets the requests cycle through (benchmarks.spec_bench.eval_sets), as the report names them.
+PROMPT_SETS = {"mtbench": "MT-Bench", "sharegpt": "held-out ShareGPT"}
+
+
 def one_request(url: str, key: str | None, prompt: str, method: str, max_tokens: int, timeout: float) -> dict:
     """Send one streamed request; its timings and whether it was answered in full."""
     u = urlparse(url)
@@ -140,8 +144,10 @@ def kill_one_replica(app_name: str):
     return kill
 
 
-def in_process(cfg, prompts: list[str], method: str, requests: int, max_tokens: int) -> float:
-    """Tokens/s of the same requests decoded one at a time here, as `dresd generate` does."""
+def in_process(cfg, prompts: list[str], method: str, requests: int, max_tokens: int) -> tuple[float, float | None]:
+    """Tokens/s and MAT of the same requests decoded one at a time here, as `dresd generate`
+    does. MAT as the served rows count it, (accepted + target calls) / target calls: a served
+    MAT is judged against this one, on the same prompts, not against another prompt set's."""
     from dataclasses import replace
 
     from dresd.datastore.store import Datastore
@@ -151,10 +157,12 @@ def in_process(cfg, prompts: list[str], method: str, requests: int, max_tokens: 
     engine = Engine(load_model(cfg.model), Datastore(cfg.datastore) if cfg.datastore else None)
     spec = replace(cfg.speculative, method=method)
     engine.generate(prompts[0], spec, 4)  # warm, as the served run is
-    t0, tokens = time.perf_counter(), 0
+    t0, tokens, accepted, calls = time.perf_counter(), 0, 0, 0
     for i in range(requests):
-        tokens += len(engine.generate(prompts[i % len(prompts)], spec, max_tokens).token_ids)
-    return tokens / (time.perf_counter() - t0)
+        gen = engine.generate(prompts[i % len(prompts)], spec, max_tokens)
+        tokens += len(gen.token_ids)
+        accepted, calls = accepted + gen.metrics.accepted, calls + gen.metrics.target_calls
+    return tokens / (time.perf_counter() - t0), ((accepted + calls) / calls if calls else None)
 
 
 def fmt(v, spec=".3f"):
@@ -178,11 +186,13 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one request")
     p.add_argument("--in-process", action="store_true",
                    help="also decode the requests one at a time in this process (the concurrency-1 baseline)")
+    p.add_argument("--prompt-set", choices=tuple(PROMPT_SETS), default="mtbench",
+                   help="MT-Bench first turns, or held-out ShareGPT first turns (the corpus the bench stores hold)")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args()
 
+    from benchmarks.spec_bench import eval_sets
     from dresd.config import ModelConfig, ServeConfig, SpeculativeConfig
-    from dresd.datastore.corpus import mtbench_first_turns
 
     cfg = ServeConfig(model=ModelConfig(path=args.model, threads=args.threads), datastore=args.datastore,
                       # Each request names its method; the replicas' default needs no datastore.
@@ -195,7 +205,7 @@ def main() -> None:
 
         url, started = start(cfg), True
     key = os.environ.get(cfg.api_key_env)
-    prompts = mtbench_first_turns()
+    prompts = eval_sets([args.prompt_set])[args.prompt_set]
     rows = []
     try:
         for method in args.methods.split(","):
@@ -217,23 +227,27 @@ def main() -> None:
     if args.in_process:
         for method in args.methods.split(","):
             local[method] = in_process(cfg, prompts, method, args.requests, args.max_tokens)
-            print(f"{method} in-process: {local[method]:.1f} tok/s", file=sys.stderr)
+            print(f"{method} in-process: {local[method][0]:.1f} tok/s, MAT {fmt(local[method][1], '.2f')}",
+                  file=sys.stderr)
         for r in rows:
-            r["in_process_tokens_per_s"] = local[r["method"]] if r["concurrency"] == 1 else None
+            base = local[r["method"]] if r["concurrency"] == 1 else (None, None)
+            r["in_process_tokens_per_s"], r["in_process_mat"] = base
     lines = ["# Serving: closed-loop clients against dresd serve", "",
-             f"{args.replicas} decoding replica(s), max batch {args.max_batch}, {args.requests} streamed MT-Bench "
-             f"requests per row, {args.max_tokens} new tokens, greedy; datastore {args.datastore}"
+             f"{args.replicas} decoding replica(s), max batch {args.max_batch}, {args.requests} streamed "
+             f"{PROMPT_SETS[args.prompt_set]} requests per row, {args.max_tokens} new tokens, greedy; "
+             f"datastore {args.datastore}"
              + ("; one decoding replica killed halfway through each row" if args.kill_replica else "")
              + f"; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end.", "",
              "| method | concurrency | requests | lost | errors | tokens/s | x in-process | TTFT p50 | TTFT p99 | "
-             "per-token p50 | per-token p99 | MAT |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "per-token p50 | per-token p99 | MAT | MAT in-process |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = r.get("in_process_tokens_per_s")
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['errors']} | "
                      f"{r['tokens_per_s']:.1f} | {ratio} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | "
-                     f"{fmt(r['tpot_p50_s'], '.4f')} | {fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} |")
+                     f"{fmt(r['tpot_p50_s'], '.4f')} | {fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} | "
+                     f"{fmt(r.get('in_process_mat'), '.2f')} |")
     print("\n".join(lines))
     from dresd.evaluation.results import save_run
 

@@ -113,3 +113,49 @@ def test_a_method_that_needs_a_datastore_is_refused_on_a_server_without_one(tiny
         assert finish(events)[-1].kind == "done"
     finally:
         eng.close()
+
+
+def publish_continuation(root, lm, prompt: str, n: int) -> list[int]:
+    """Publish a store whose one record is `prompt` laid out and the model's greedy
+    continuation of it (`n` tokens), which it returns: a corpus SuffixDecoding drafts from."""
+    from dresd.datastore.formatting import format_fingerprint
+    from dresd.datastore.publish import publish
+    from tests_support import make_manifest, make_parts
+
+    plain = Engine(lm)
+    ids = plain.prompt_ids(prompt)
+    cont = plain.generate(prompt, SpeculativeConfig(method="greedy"), n).token_ids
+    record = ids + cont
+    parts = make_parts([record, list(range(3, 40))], hidden_dim=lm.identity["hidden_size"])
+    manifest = make_manifest(lm.identity, format_fingerprint(lm.tokenizer, "chat"), lm.eos_token_id, 12)
+    publish(root, parts, manifest, "v1")
+    return cont
+
+
+@pytest.mark.parametrize("budget", ["off", "auto"])
+def test_suffix_drafts_from_the_datastore_at_concurrency_one_as_in_process(tiny_lm, tmp_path, monkeypatch, budget):
+    """Issue 22: a served request at concurrency 1 drafts as the same request decoded in-process
+    (the replica's batch of one builds the same warmed SuffixDecoding tree and verifies what
+    it drafts), so its MAT matches the in-process one; with every draft verified (budget off)
+    its counters are the in-process ones exactly."""
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "store"
+    prompt, n = "question 1?", 24
+    cont = publish_continuation(root, tiny_lm, prompt, n)
+    spec = SpeculativeConfig(method="suffix", budget=budget)
+    ref = Engine(tiny_lm, Datastore(str(root))).decoder(spec)
+    eng = ReplicaEngine(ServeConfig(speculative=SpeculativeConfig(method="greedy"), datastore=str(root), max_batch=8),
+                        "r0", tiny_lm)
+    try:
+        for _ in range(2):  # one request at a time, as a concurrency-1 client sends them
+            local = ref.generate_ids(Engine(tiny_lm).prompt_ids(prompt), n)
+            done = finish(ask(eng, prompt, n, "suffix", budget=budget)[1])[-1]
+            assert done.kind == "done" and done.tokens == local.token_ids == cont
+            served, here = done.metrics, local.metrics
+            assert here.mean_accepted_tokens > 2  # the record holds the whole answer
+            if budget == "off":
+                assert (served.target_calls, served.accepted) == (here.target_calls, here.accepted)
+            else:  # the planner's timings differ run to run; drafting must not stop
+                assert served.mean_accepted_tokens > 0.5 * here.mean_accepted_tokens
+    finally:
+        eng.close()
