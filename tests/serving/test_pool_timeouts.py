@@ -57,8 +57,9 @@ def test_a_pool_whose_actors_never_start_fails_within_its_start_timeout(fake_act
     assert time.monotonic() - t0 < 30
 
 
-def test_generate_answers_a_hung_request_with_a_timeout_and_control_calls_fail_clearly(fake_actors):
-    with DecoderPool(ModelConfig(), "root", size=1, num_cpus=0.25, timeout_s=1) as pool:
+def test_generate_answers_a_hung_request_with_a_timeout_and_control_calls_fail_clearly(fake_actors, tmp_path):
+    # A root of its own: pinning records the pin under it (dresd.storage.pins).
+    with DecoderPool(ModelConfig(), str(tmp_path / "root"), size=1, num_cpus=0.25, timeout_s=1) as pool:
         t0 = time.monotonic()
         fast, hung = pool.generate([DecodeRequest("fine"), DecodeRequest("hang")])
         assert fast.ok and fast.text == "ok"
