@@ -272,13 +272,15 @@ class BatchedSpeculativeDecoder:
             return done
         trees, drafted, spent = {}, {}, {}
         consult = self.planner is None or self.planner.should_draft()
+        drafting = time.perf_counter()
         for slot, row in rows.items():
             trees[slot], drafted[slot], spent[slot] = self._tree(slot, row, consult)
             row.metrics.retrieval_s += spent[slot]
         width = 0
         if self.planner is not None and any(drafted.values()):
             trees, width = self.planner.plan(trees, {s: self._planners[s] for s in trees}, sum(spent.values()))
-            self.planner.record_width(width, len(trees), sum(spent.values()))
+            # What consulting cost this step, planning included: what skipping it would save.
+            self.planner.record_width(width, len(trees), time.perf_counter() - drafting)
         t0 = time.perf_counter()
         alone = self._alone(rows)
         if alone:
