@@ -33,7 +33,7 @@ from ray import serve
 
 from dresd.config import ModelConfig, SamplingParams, ServeConfig, from_dict
 from dresd.serving import openai_api as oa
-from dresd.serving.failover import DEADLINE_SLACK_S
+from dresd.serving.failover import DEADLINE_SLACK_S, within
 from dresd.serving.hub import Reporter
 from dresd.serving.replica import Event, Job, ReplicaEngine
 
@@ -196,7 +196,7 @@ class DecodeServer:
                 due = pacer.due()
                 wait = timeout_s + DEADLINE_SLACK_S if due is None else max(0.0, due - loop.time())
                 try:
-                    events = [await asyncio.wait_for(inbox.get(), wait)]
+                    events = [await within(inbox.get(), wait)]
                 except asyncio.TimeoutError:
                     if due is None:
                         yield {"kind": "error", "status": 504, "message": "no answer from the decoding loop",

@@ -32,6 +32,15 @@ RETRIES = 1
 DEADLINE_SLACK_S = 10.0
 
 
+async def within(awaitable: Any, seconds: float) -> Any:
+    """`await awaitable`, or TimeoutError after `seconds`. Unlike `asyncio.wait_for` on Python
+    3.11, a cancellation that lands in the loop turn where the awaitable completes is never
+    swallowed: wait_for returns the result instead, and a replica or ingress whose client
+    has left keeps decoding the abandoned request to its end."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
 class Call(Protocol):
     """One streaming call to a decoding replica (Serve's DeploymentResponseGenerator)."""
 
@@ -82,7 +91,7 @@ class Attempts:
             try:
                 while True:
                     try:
-                        event = await asyncio.wait_for(call.__anext__(), max(self._left(), 0.0) + self.slack_s)
+                        event = await within(call.__anext__(), max(self._left(), 0.0) + self.slack_s)
                     except StopAsyncIteration:
                         finished = True
                         return

@@ -37,7 +37,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from dresd.config import ServeConfig, from_dict
 from dresd.datastore.errors import DatastoreError
 from dresd.serving import openai_api as oa
-from dresd.serving.failover import Attempts, ReplicaDied
+from dresd.serving.failover import Attempts, ReplicaDied, within
 from dresd.serving.hub import Reporter, live_decoders, main_version
 from dresd.serving.metrics import ServeMetrics, render
 
@@ -255,7 +255,7 @@ class DresdIngress:
     async def _snapshots(self) -> list[dict] | None:
         """Every replica's latest metrics (this one's fresh); None when the hub is unreachable."""
         try:
-            others = await asyncio.wait_for(self.hub.collect.remote(), HUB_TIMEOUT_S)
+            others = await within(self.hub.collect.remote(), HUB_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - the hub restarting: the caller answers without it
             log.warning("%s: metrics hub unreachable", self.name, exc_info=True)
             return None

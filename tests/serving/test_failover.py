@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from dresd.serving.failover import Attempts, ReplicaDied
+from dresd.serving.failover import Attempts, ReplicaDied, within
 
 
 class Died(Exception):
@@ -102,4 +102,47 @@ def test_a_consumer_that_leaves_early_cancels_the_call():
         await events.aclose()
 
     asyncio.run(leave())
+    assert opened[0].cancelled
+
+
+def test_a_cancel_that_lands_as_an_event_arrives_is_not_swallowed():
+    """asyncio.wait_for (Python 3.11) returns the result when the cancel and the event land in
+    one loop turn: a replica then decodes an abandoned request to its end."""
+
+    async def race():
+        inbox = asyncio.Queue()
+        task = asyncio.create_task(within(inbox.get(), 10))
+        await asyncio.sleep(0.01)
+        inbox.put_nowait("event")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(race())
+
+
+class QueueCall(FakeCall):
+    """A call whose events arrive when the test puts them in `inbox`."""
+
+    def __init__(self):
+        super().__init__([])
+        self.inbox = asyncio.Queue()
+
+    async def __anext__(self):
+        return await self.inbox.get()
+
+
+def test_a_consumer_cancelled_as_the_next_event_arrives_cancels_the_call():
+    call = QueueCall()
+    run, opened = attempts([call])
+
+    async def consume():
+        task = asyncio.create_task(run.events().__anext__())
+        await asyncio.sleep(0.01)
+        call.inbox.put_nowait(STARTED)  # the event and the client's leaving, in one loop turn
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(consume())
     assert opened[0].cancelled
