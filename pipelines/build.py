@@ -5,7 +5,8 @@
     [fit pass]    read -> tokenize -> embed.py the sampled records -> their keys' states
     [driver]      fit z-score + PCA + L2: the compressor
     [stream pass] read -> tokenize -> embed -> compress (embed.py, actor pool) -> write (encode.py,
-                  tasks) -> each shard's tokens and float16 compressed keys (shards.py)
+                  tasks) -> each shard's tokens and float16 compressed keys (shards.py); when the
+                  fit sample was every key, its states are compressed instead (nothing embedded twice)
     [driver]      train the index on stored keys drawn uniformly (fit.py): the codec (merge.py)
     [code pass]   each shard's keys -> IVF codes with global ids (encode.py, tasks)
     [driver]      merge the shards in shard order -> intrinsic check -> atomic publish
@@ -80,7 +81,9 @@ class BuildReport:
             + (f" ({reasons})" if rej else "") + f"; examples embedded {self.examples_embedded}",
             f"keys {self.keys}, tokens {self.tokens}, shards {self.shards} ({self.shards_reused} reused)",
             f"fit ({fit.get('mode')}): {fit.get('sample_keys')} keys of {fit.get('sample_records')} records, "
-            f"{fit.get('sample_tokens')} tokens embedded for it; explained variance {fit.get('explained_variance', 0):.3f}",
+            f"{fit.get('sample_tokens')} tokens embedded for it; explained variance {fit.get('explained_variance', 0):.3f}"
+            + ("; the sample was every key, so the stream pass compressed its states (nothing embedded twice)"
+               if fit.get("embedded_once") else ""),
             f"scratch: {self.scratch_bytes} B, {self.scratch_bytes_per_key:.1f} B per key (no full hidden states)",
             "intrinsic check: " + ", ".join(f"{k} {v:.3f}" for k, v in self.check.items()),
             f"index: {self.index_layout}",
@@ -187,14 +190,16 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
                              + usable_summary(*count_tally(counts)))
     t_count = time.perf_counter()
     params, layout = plan_index(n_keys, cfg.index)
-    fit = fit_compressor_first(cfg, work, {s: c["record_keys"] for s, c in counts.items()},
-                               {s: c["record_tokens"] for s, c in counts.items()},
-                               lambda select: passes.fit_pass(cfg, tokenize, identity, select))
+    fit, held = fit_compressor_first(cfg, work, {s: c["record_keys"] for s, c in counts.items()},
+                                     {s: c["record_tokens"] for s, c in counts.items()},
+                                     lambda select: passes.fit_pass(cfg, tokenize, identity, select))
     comp = load_compressor_codec(work, fit.ctag)
     t_fit = time.perf_counter()
     starts = first_key_ids(key_counts, shard_ids)
     metas, reused = stream_corpus(cfg, work, tokenize, identity, fit.ctag,
-                                  {s: (starts[s], key_counts[s]) for s in shard_ids})
+                                  {s: (starts[s], key_counts[s]) for s in shard_ids}, held)
+    embedded_once = held is not None
+    del held
     t_stream = time.perf_counter()
     tag = train_on_keys(cfg, work, params, comp, fit.ctag, key_counts)
     index = code_and_merge(cfg, work, params, fit.ctag, tag, starts)
@@ -240,6 +245,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
                  "train+code+merge": t_index - t_stream, "check+publish": t_end - t_index, "total": t_end - t0},
         check=check, reject_examples=messages, index_layout=f"{params.factory}: {layout}",
         fit={"mode": fit.mode, "sample_keys": fit.sample_keys, "sample_records": fit.sample_records,
-             "sample_tokens": fit.sample_tokens, "explained_variance": fit.explained_variance},
+             "sample_tokens": fit.sample_tokens, "explained_variance": fit.explained_variance,
+             "embedded_once": embedded_once},
         scratch_bytes=scratch,
     )

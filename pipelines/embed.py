@@ -14,11 +14,16 @@ key_start .. len-2 of each record (the last position predicts nothing inside the
   reconstruction error (an update's drift), for the write stage (encode.py).
 - Without one (the fit pass), it embeds only the records that hold a key the row's `keep`
   column names and returns those keys' float32 states (`hidden`, `n`, `width`).
+
+When the fit sample holds every key (a corpus of at most index.sample_size keys), the stream
+pass does not embed the corpus again: `compress_held`, a task stage, compresses the states
+the fit pass returned, record by record as the actors do, and the datastore is the same.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -86,21 +91,13 @@ class Embed:
             error = [0.0]
 
             def each(i: int, states: np.ndarray, row=row, error=error) -> np.ndarray:
-                check_finite(states, row.shard, row.file, [len(states)], [row.sources[i]])
-                if len(states):  # summed over keys: an update's drift is the mean over all keys it adds
-                    error[0] += reconstruction_error(self.compressor, states) * len(states)
-                return compress(self.compressor, states).astype(np.float16)
+                return compress_record(self.compressor, states, row, i, error)
 
             keys.append(self.embed_keys(row.seqs, list(row.key_starts), each) if len(row.sources)
                         else np.zeros((0, self.compressor.out_dim), np.float16))
             errors.append(error[0])
         node = ray.get_runtime_context().get_node_id()
-        return add_columns(table, {
-            "keys": pa.array([blob(k, np.float16) for k in keys], type=pa.large_binary()),
-            "n_keys": pa.array([len(k) for k in keys], type=pa.int64()),
-            "key_dim": pa.array([self.compressor.out_dim] * len(keys), type=pa.int32()),
-            "node": [node] * len(keys), "dtype": [self.lm.dtype] * len(keys),  # the manifest records the dtype
-            "recon_error_sum": pa.array(errors, type=pa.float64())})
+        return keyed(table, keys, errors, self.compressor.out_dim, [node] * len(keys), [self.lm.dtype] * len(keys))
 
     def _sampled(self, table: pa.Table) -> pa.Table:
         out = {"shard": [], "key_ids": [], "hidden": [], "n": [], "width": []}
@@ -121,6 +118,8 @@ class Embed:
             out["hidden"].append(blob(picked, np.float32))
             out["n"].append(len(picked))
             out["width"].append(self.lm.identity["hidden_size"])
+        node = ray.get_runtime_context().get_node_id()
+        out["node"], out["dtype"] = [node] * len(out["shard"]), [self.lm.dtype] * len(out["shard"])
         return pa.table(out, schema=SAMPLE_SCHEMA)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -128,7 +127,64 @@ class Embed:
 
 
 SAMPLE_SCHEMA = pa.schema([("shard", pa.string()), ("key_ids", pa.list_(pa.int64())), ("hidden", pa.large_binary()),
-                           ("n", pa.int64()), ("width", pa.int64())])
+                           ("n", pa.int64()), ("width", pa.int64()), ("node", pa.string()), ("dtype", pa.string())])
+
+
+def compress_record(compressor, states: np.ndarray, row, i: int, error: list[float]) -> np.ndarray:
+    """Record `i` of shard `row`: its keys' states checked, compressed to float16, and their
+    reconstruction error added to `error[0]` (summed over keys: an update's drift is the mean
+    over all the keys it adds)."""
+    check_finite(states, row.shard, row.file, [len(states)], [row.sources[i]])
+    if len(states):
+        error[0] += reconstruction_error(compressor, states) * len(states)
+    return compress(compressor, states).astype(np.float16)
+
+
+def keyed(table: pa.Table, keys: list[np.ndarray], errors: list[float], dim: int, nodes: list[str],
+          dtypes: list[str]) -> pa.Table:
+    """The shard rows of `table` with their compressed keys and what the write stage records:
+    the node that embedded them, the model's dtype, the summed reconstruction error."""
+    return add_columns(table, {
+        "keys": pa.array([blob(k, np.float16) for k in keys], type=pa.large_binary()),
+        "n_keys": pa.array([len(k) for k in keys], type=pa.int64()),
+        "key_dim": pa.array([dim] * len(keys), type=pa.int32()),
+        "node": nodes, "dtype": dtypes,  # the manifest records the dtype
+        "recon_error_sum": pa.array(errors, type=pa.float64())})
+
+
+@dataclass
+class Held:
+    """A shard's states that the fit pass embedded (every key of it), kept for the stream pass."""
+
+    states: object  # float32 (keys, D), records in order: an array, or its Ray object ref
+    node: str  # the node whose actor embedded them
+    dtype: str  # the model's dtype there
+
+
+def compress_held(table: pa.Table, work: str, ctag: str, held: dict[str, Held]) -> pa.Table:
+    """The stream pass's stage in place of the actors when the fit sample was the whole corpus:
+    each shard's keys compressed from the states the fit pass already embedded (the same
+    records, so the same states), record by record as the actors compress them."""
+    compressor = load_compressor_codec(Scratch(work), ctag)
+    keys, errors, nodes, dtypes = [], [], [], []
+    some = next(iter(held.values()))
+    for row in shard_rows(table):
+        h = held.get(row.shard)
+        error = [0.0]
+        if h is None:  # the fit reads no shard without keys (rejects only)
+            if row.keys_per_record.sum():
+                raise RuntimeError(f"work shard {row.shard} of {row.file}: the fit pass returned no states for it")
+            keys.append(np.zeros((0, compressor.out_dim), np.float16))
+            h = some
+        else:
+            states = ray.get(h.states) if isinstance(h.states, ray.ObjectRef) else h.states
+            per_record = np.split(states, np.cumsum(row.keys_per_record)[:-1])
+            keys.append(np.concatenate([compress_record(compressor, s, row, i, error)
+                                        for i, s in enumerate(per_record)]))
+        errors.append(error[0])
+        nodes.append(h.node)
+        dtypes.append(h.dtype)
+    return keyed(table, keys, errors, compressor.out_dim, nodes, dtypes)
 
 
 class NonFiniteStates(RuntimeError):

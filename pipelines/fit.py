@@ -11,7 +11,9 @@ the size the reservoir took before.
 
 The fit pass (passes.py) returns just those keys' states; the driver fits z-score + PCA + L2
 on them and saves the compressor, which the streaming pass applies in the embedding actors. A
-record of the fit (`fit-<key>.json`) lets a rerun of the same build skip the fit pass.
+record of the fit (`fit-<key>.json`) lets a rerun of the same build skip the fit pass. When
+the sample is every key (a corpus of at most sample_size keys), its states go on to the
+streaming pass, which compresses them instead of embedding the corpus a second time.
 
 The index is trained after the stream, on min(index.sample_size, keys) of the stored
 compressed keys drawn uniformly (`train_on_keys`): no embedding is needed for it, and its
@@ -100,16 +102,21 @@ def fit_key(cfg: BuildConfig) -> str:
 
 
 def fit_compressor_first(cfg: BuildConfig, work: Scratch, record_keys: dict[str, np.ndarray],
-                         tokens_per_record: dict[str, np.ndarray], embed_sample) -> FitRecord:
+                         tokens_per_record: dict[str, np.ndarray], embed_sample) -> tuple[FitRecord, dict | None]:
     """The compressor of this build: read back from an earlier run's record, or fitted now on
-    the states `embed_sample(select)` returns for the selected keys (passes.fit_pass)."""
+    the states `embed_sample(select)` returns for the selected keys (passes.fit_pass, by shard).
+    Also returns those states by shard when they are every key of the corpus (the stream pass
+    then compresses them instead of embedding the corpus again), else None."""
     name = f"fit-{fit_key(cfg)}.json"
     if work.exists(name):
         record = FitRecord(**json.loads(work.pull(name).read_text()))
         if work.exists(f"compressor-{record.ctag}.npz"):
-            return record
+            return record, None
     select = select_sample(record_keys, cfg.index.sample_size, cfg.fit, cfg.index.seed)
-    sample = embed_sample(select)
+    held = embed_sample(select)
+    sample = np.concatenate([h.states for h in held.values()])
+    if len(sample) < sum(int(c.sum()) for c in record_keys.values()):
+        held = None  # a sample of the corpus: the stream pass embeds every shard
     comp = fit_compressor(sample, cfg.index.dim)
     records, tokens = _embedded(record_keys, tokens_per_record, select)
     record = FitRecord(ctag=save_compressor_codec(work, comp), mode=cfg.fit, sample_keys=int(len(sample)),
@@ -118,7 +125,7 @@ def fit_compressor_first(cfg: BuildConfig, work: Scratch, record_keys: dict[str,
                        sample_reconstruction_error=reconstruction_error(comp, sample))
     (work.path / name).write_text(json.dumps(asdict(record)))
     work.push(name)
-    return record
+    return record, held
 
 
 def train_on_keys(cfg: BuildConfig, work: Scratch, params: IndexParams, comp: Compressor, ctag: str,

@@ -3,6 +3,7 @@
     count   read -> tokenize -> key counts per record             (tasks; nothing embedded)
     fit     read -> tokenize -> embed the sampled records         (actor pool) -> sampled states
     stream  read -> tokenize -> embed -> compress -> write        (actors, then tasks) -> shard files
+            read -> tokenize -> compress held states -> write      (tasks: the fit sample was every key)
     code    shard ids -> stored keys -> IVF codes                 (tasks, once the index is trained)
 
 One shard per task comes from the stages' own arguments: the read stage yields a table per
@@ -23,7 +24,7 @@ import pyarrow as pa
 import ray
 
 from dresd.config import BuildConfig
-from pipelines.embed import Embed
+from pipelines.embed import Embed, Held, compress_held
 from pipelines.encode import code_shards, write_shards
 from pipelines.read import read_shards
 from pipelines.rows import shard_rows, unblob
@@ -76,37 +77,46 @@ def _embed_stage(ds: ray.data.Dataset, cfg: BuildConfig, identity: dict, shards:
         num_cpus=cfg.embed_cpus, num_gpus=gpus)
 
 
-def fit_pass(cfg: BuildConfig, tokenize: dict, identity: dict, select: dict[str, np.ndarray]) -> np.ndarray:
+def fit_pass(cfg: BuildConfig, tokenize: dict, identity: dict, select: dict[str, np.ndarray]) -> dict[str, Held]:
     """The float32 hidden states of the selected keys (shard id -> key numbers in the shard),
-    in shard and key order, whatever order the actors finish in."""
+    by shard id in shard order, whatever order the actors finish in."""
     ensure_ray(cfg.ray_address)
     ds = _embed_stage(read_shards(cfg.corpus, tokenize, cfg.shard_rows, select=select), cfg, identity, len(select))
     return sample_of(ds.iter_batches(batch_format="pyarrow", batch_size=None), select)
 
 
-def sample_of(batches, select: dict[str, np.ndarray]) -> np.ndarray:
-    """The fit stage's rows (Arrow batches, any order) as one array in shard and key order."""
+def sample_of(batches, select: dict[str, np.ndarray]) -> dict[str, Held]:
+    """The fit stage's rows (Arrow batches, any order) as each shard's states, in shard order."""
     parts = {}
     for batch in batches:
         for i in range(batch.num_rows):
             n, width = batch.column("n")[i].as_py(), batch.column("width")[i].as_py()
-            parts[batch.column("shard")[i].as_py()] = unblob(batch.column("hidden")[i].as_py(), n, width, np.float32)
+            parts[batch.column("shard")[i].as_py()] = Held(
+                unblob(batch.column("hidden")[i].as_py(), n, width, np.float32),
+                batch.column("node")[i].as_py(), batch.column("dtype")[i].as_py())
     missing = sorted(set(select) - set(parts))
     if missing:
         raise RuntimeError(f"fit pass: no states came back for shard(s) {missing[:5]}")
-    return np.concatenate([parts[s] for s in sorted(parts)])
+    return {s: parts[s] for s in sorted(parts)}
 
 
 def stream_pass(cfg: BuildConfig, tokenize: dict, identity: dict, work: str, ctag: str,
-                plan: dict[str, tuple[int, int]], skip: frozenset) -> list[str]:
+                plan: dict[str, tuple[int, int]], skip: frozenset, held: dict[str, Held] | None = None) -> list[str]:
     """Embed, compress (compressor `ctag`) and write every shard of `plan` (shard id ->
-    (first key id, keys)) not in `skip` into the work folder; returns the shard ids written."""
+    (first key id, keys)) not in `skip` into the work folder; returns the shard ids written.
+    With `held` (every shard's states from the fit pass), nothing is embedded again."""
     ensure_ray(cfg.ray_address)
     todo = len(set(plan) - skip)
     if not todo:
         return []
     ds = read_shards(cfg.corpus, tokenize, cfg.shard_rows, skip=skip)
-    ds = _embed_stage(ds, cfg, identity, todo, work=work, ctag=ctag)
+    if held is None:
+        ds = _embed_stage(ds, cfg, identity, todo, work=work, ctag=ctag)
+    else:
+        # Through the object store: each task fetches its own shard's states only.
+        refs = {s: Held(ray.put(h.states), h.node, h.dtype) for s, h in held.items()}
+        ds = ds.map_batches(compress_held, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
+                            fn_kwargs=dict(work=work, ctag=ctag, held=refs))
     # Writing is a task per shard beside the actors: a small CPU share.
     ds = ds.map_batches(write_shards, batch_size=1, batch_format="pyarrow", num_cpus=0.25,
                         fn_kwargs=dict(work=work, ctag=ctag, plan=plan))

@@ -80,14 +80,15 @@ def count_shards(cfg: BuildConfig, work: Scratch, tokenize: dict) -> dict[str, d
 
 
 def stream_corpus(cfg: BuildConfig, work: Scratch, tokenize: dict, identity: dict, ctag: str,
-                  plan: dict[str, tuple[int, int]]) -> tuple[dict[str, dict], int]:
+                  plan: dict[str, tuple[int, int]], held: dict | None = None) -> tuple[dict[str, dict], int]:
     """Embed, compress (compressor `ctag`) and write every shard of `plan` (shard id ->
-    (first key id, keys)) that the work folder does not hold for that compressor yet.
+    (first key id, keys)) that the work folder does not hold for that compressor yet; with
+    `held` (every shard's states from the fit pass), compress those instead of embedding.
 
     Returns (metadata of every shard by id, shards reused from an earlier run).
     """
     done = done_shards(work, ctag, plan)
-    passes.stream_pass(cfg, tokenize, identity, work.location, ctag, plan, frozenset(done))
+    passes.stream_pass(cfg, tokenize, identity, work.location, ctag, plan, frozenset(done), held)
     return done_shards(work, ctag, plan), len(done)
 
 

@@ -178,7 +178,9 @@ def passes_in_process(monkeypatch) -> None:
     import pipelines.work as work_mod
     from dresd.datastore.corpus import list_corpus_files
     from pipelines import passes
-    from pipelines.embed import Embed
+    from functools import partial
+
+    from pipelines.embed import Embed, compress_held
     from pipelines.encode import code_shards, write_shards
     from pipelines.read import _file_shards
 
@@ -197,8 +199,9 @@ def passes_in_process(monkeypatch) -> None:
         embed = stage(cfg)
         return passes.sample_of([embed(block) for block in shards(cfg, tokenize, select=select)], select)
 
-    def stream_pass(cfg, tokenize, identity, work, ctag, plan, skip):
-        embed = stage(cfg, work=work, ctag=ctag)
+    def stream_pass(cfg, tokenize, identity, work, ctag, plan, skip, held=None):
+        embed = stage(cfg, work=work, ctag=ctag) if held is None else partial(compress_held, work=work, ctag=ctag,
+                                                                              held=held)
         return [s for block in shards(cfg, tokenize, skip=skip)
                 for s in write_shards(embed(block), work, ctag, plan).column("shard").to_pylist()]
 

@@ -77,9 +77,12 @@ def test_scratch_holds_compressed_keys_and_codes_never_full_hidden_states(built)
     cfg, report, _ = built
     assert 0 < report.scratch_bytes_per_key <= 300 < 2 * WIDE
     assert f"{report.scratch_bytes_per_key:.1f} B per key" in "\n".join(report.lines())
-    # The fit embedded its sample (every key: the corpus is below index.sample_size), not more.
+    # The fit embedded its sample (every key: the corpus is below index.sample_size), not more,
+    # and the stream pass compressed those states instead of embedding the corpus again.
     assert report.fit == {"mode": "sample", "sample_keys": report.keys, "sample_records": report.examples_embedded,
-                          "sample_tokens": report.tokens, "explained_variance": report.fit["explained_variance"]}
+                          "sample_tokens": report.tokens, "explained_variance": report.fit["explained_variance"],
+                          "embedded_once": True}
+    assert "nothing embedded twice" in "\n".join(report.lines())
     assert Datastore(cfg.output).manifest["index"]["fit"] == "sample"
 
 
@@ -133,13 +136,15 @@ def test_interrupted_build_resumes_to_the_same_datastore(built, tmp_path, monkey
     assert len(shards) == 9 and not (out / "CURRENT").exists()
     for d in shards[::2]:  # as if the kill had come mid-pass: only some shards finished
         shutil.rmtree(d)
+    # Those shards were compressed from the fit's states; the resumed run embeds them (the fit is
+    # read back, so no states are held), and the datastore is the same bit for bit.
     damaged = next(shards[1].glob("keys-*.npy"))  # a finished shard damaged on disk: embedded again
     damaged.write_bytes(damaged.read_bytes()[:200])
     # The counts and the fit are read back from the work folder: neither pass runs again.
     monkeypatch.setattr(build_mod.passes, "count_pass", crash)
     monkeypatch.setattr(build_mod.passes, "fit_pass", crash)
     resumed = build_datastore(cfg2)
-    assert resumed.shards == 9 and resumed.shards_reused == 3
+    assert resumed.shards == 9 and resumed.shards_reused == 3 and not resumed.fit["embedded_once"]
     assert not (out / ".build").exists() or not any((out / ".build").iterdir())
     a, b = Datastore(cfg.output), Datastore(out)
     assert (resumed.rows_read, resumed.examples_embedded, resumed.rejected) == (first.rows_read, first.examples_embedded, first.rejected)

@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from dresd.datastore.compression import compress, fit_compressor, reconstruction_error
-from pipelines.embed import SAMPLE_SCHEMA, Embed
+from pipelines.embed import SAMPLE_SCHEMA, Embed, Held, compress_held
 from pipelines.merge import save_compressor_codec
 from pipelines.rows import shard_table, unblob
 from pipelines.scratch import Scratch
@@ -141,3 +141,20 @@ def test_the_fit_call_returns_the_kept_keys_states_embedding_only_their_records(
     every = _expected(reference, seqs, starts)
     assert sum(per_record) == len(every)
     np.testing.assert_allclose(got, every[[1, 6, 7, 14]], atol=1e-4)
+
+
+def test_states_held_from_a_fit_of_every_key_compress_to_the_actors_keys_bit_for_bit(tiny_model_dir, seqs, codec):
+    """The fit pass embeds a whole-corpus sample in the same mini-batches as the stream pass:
+    compressing its states (compress_held) instead of embedding again changes no bit."""
+    work, tag, _ = codec
+    starts = [1, 0, 2, 3]
+    table = _shard(seqs[:4], starts, rejects=["bad_json"])
+    every = table.append_column("keep", pa.array([list(range(sum(n - 1 - k for n, k in zip(LENGTHS, starts))))]))
+    fit = _embed(tiny_model_dir)(every)
+    states = unblob(fit.column("hidden")[0].as_py(), fit.column("n")[0].as_py(), 64, np.float32)
+    held = compress_held(table, work.location, tag, {"00000-000000": Held(states, "fit-node", "float32")})
+    actor = _embed(tiny_model_dir, work=work.location, ctag=tag)(table)
+    assert held.column_names == actor.column_names
+    for name in ("keys", "n_keys", "key_dim", "recon_error_sum", "dtype", "rejects", "tokens"):
+        assert held.column(name).equals(actor.column(name)), name
+    assert held.column("node")[0].as_py() == "fit-node"  # where the states were embedded

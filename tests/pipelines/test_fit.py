@@ -11,6 +11,7 @@ import pytest
 import pipelines.fit as fit_mod
 from dresd.config import BuildConfig, IndexConfig
 from dresd.datastore.index import IndexParams
+from pipelines.embed import Held
 from pipelines.fit import fit_compressor_first, select_sample
 from pipelines.merge import load_compressor_codec
 from pipelines.scratch import Scratch
@@ -54,25 +55,39 @@ def test_a_corpus_smaller_than_the_sample_gives_every_key():
         assert sum(len(k) for k in select.values()) == N_KEYS
 
 
+def _fake_embed(asked: list):
+    def embed(select):
+        asked.append(select)
+        rng = np.random.default_rng(len(asked))
+        return {s: Held(rng.normal(size=(len(k), 32)).astype(np.float32), "node", "float32")
+                for s, k in sorted(select.items())}
+    return embed
+
+
 def test_the_fit_is_saved_and_a_rerun_reads_it_back_without_embedding(tmp_path):
     work = Scratch(str(tmp_path))
     cfg = BuildConfig(index=IndexConfig(dim=8, sample_size=300, seed=1))
     tokens = {s: k + 12 for s, k in RECORD_KEYS.items()}
     asked = []
-
-    def embed(select):
-        asked.append(select)
-        n = sum(len(k) for k in select.values())
-        return np.random.default_rng(0).normal(size=(n, 32)).astype(np.float32)
-
-    first = fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed)
+    embed = _fake_embed(asked)
+    first, held = fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed)
     assert len(asked) == 1 and first.sample_keys == 300 and first.mode == "sample"
+    assert held is None  # a sample of the corpus: the stream pass embeds it all
     assert first.sample_records == _records_hit(asked[0])
     assert load_compressor_codec(work, first.ctag).out_dim == 8
-    again = fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed)
-    assert again == first and len(asked) == 1  # read back: nothing embedded a second time
+    again, held = fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed)
+    assert again == first and held is None and len(asked) == 1  # read back: nothing embedded a second time
     cfg.fit = "all"  # another fit is another record
-    assert fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed).mode == "all" and len(asked) == 2
+    assert fit_compressor_first(cfg, work, RECORD_KEYS, tokens, embed)[0].mode == "all" and len(asked) == 2
+
+
+def test_a_sample_of_every_key_is_handed_on_to_the_stream_pass(tmp_path):
+    cfg = BuildConfig(index=IndexConfig(dim=8, sample_size=N_KEYS, seed=1))
+    tokens = {s: k + 12 for s, k in RECORD_KEYS.items()}
+    asked = []
+    record, held = fit_compressor_first(cfg, Scratch(str(tmp_path)), RECORD_KEYS, tokens, _fake_embed(asked))
+    assert record.sample_keys == N_KEYS and list(held) == sorted(RECORD_KEYS)
+    assert all(len(held[s].states) == RECORD_KEYS[s].sum() for s in RECORD_KEYS)
 
 
 def test_the_index_trains_on_stored_keys_drawn_uniformly(tmp_path, monkeypatch):

@@ -25,13 +25,15 @@ def test_the_count_stage_keeps_counts_and_drops_the_tokens():
 
 def _sample_row(sid: str, states: np.ndarray) -> pa.Table:
     return pa.table({"shard": [sid], "key_ids": [list(range(len(states)))], "hidden": [blob(states, np.float32)],
-                     "n": [len(states)], "width": [states.shape[1]]}, schema=SAMPLE_SCHEMA)
+                     "n": [len(states)], "width": [states.shape[1]], "node": ["n1"], "dtype": ["float32"]},
+                    schema=SAMPLE_SCHEMA)
 
 
 def test_the_sample_is_in_shard_order_whatever_order_the_actors_finish_in():
     a, b = np.ones((2, 3), np.float32), np.full((1, 3), 2.0, np.float32)
     select = {"00000-000000": np.array([0, 1]), "00001-000000": np.array([4])}
     got = sample_of([_sample_row("00001-000000", b), _sample_row("00000-000000", a)], select)
-    np.testing.assert_array_equal(got, np.concatenate([a, b]))
+    assert list(got) == ["00000-000000", "00001-000000"] and got["00000-000000"].dtype == "float32"
+    np.testing.assert_array_equal(np.concatenate([h.states for h in got.values()]), np.concatenate([a, b]))
     with pytest.raises(RuntimeError, match=r"no states came back for shard\(s\) \['00001-000000'\]"):
         sample_of([_sample_row("00000-000000", a)], select)
