@@ -14,8 +14,9 @@ is killed halfway through each run (Serve starts a new one; the ingress retries 
 it held that had sent no text, and ends the streams that had with an error event). A request is answered (ok), answered with an error (an HTTP error
 status, or a stream's terminal error event), or lost (no answer: a broken connection, a
 timeout); lost must be 0. With --in-process, the same requests also run one at a time in
-this process (dresd.decoding.engine.Engine, same model and threads) after the server
-stops, and concurrency 1's tokens/s is reported against them. Results: a markdown table
+this process (dresd.decoding.engine.Engine, same model and threads), alternating with the
+served ones in --passes passes at concurrency 1 (so a change of load on the machine falls
+on both alike), and concurrency 1's tokens/s is reported against them. Results: a markdown table
 on stdout and serve_bench.json in --out.
 """
 
@@ -96,8 +97,10 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
-def run_level(url, key, prompts, method, concurrency, requests, max_tokens, timeout, kill=None) -> dict:
-    """C closed-loop clients until `requests` are sent; `kill()` is called halfway."""
+def run_requests(url, key, prompts, method, concurrency, requests, max_tokens, timeout, kill=None,
+                 first: int = 0) -> tuple[list[dict], float]:
+    """C closed-loop clients until `requests` are sent (prompts from number `first` on);
+    `kill()` is called halfway. Returns every request's result and the wall time."""
     results, lock, sent = [], threading.Lock(), [0]
 
     def client():
@@ -109,7 +112,7 @@ def run_level(url, key, prompts, method, concurrency, requests, max_tokens, time
                 sent[0] += 1
                 if kill is not None and i == requests // 2:
                     threading.Thread(target=kill, daemon=True).start()
-            r = one_request(url, key, prompts[i % len(prompts)], method, max_tokens, timeout)
+            r = one_request(url, key, prompts[(first + i) % len(prompts)], method, max_tokens, timeout)
             with lock:
                 results.append(r)
 
@@ -119,7 +122,10 @@ def run_level(url, key, prompts, method, concurrency, requests, max_tokens, time
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
+    return results, time.perf_counter() - t0
+
+
+def summary(method: str, concurrency: int, results: list[dict], wall: float) -> dict:
     ok = [r for r in results if r["ok"]]
     calls = sum(r["calls"] for r in ok)
     errored = sum(r["errored"] for r in results)
@@ -144,25 +150,41 @@ def kill_one_replica(app_name: str):
     return kill
 
 
-def in_process(cfg, prompts: list[str], method: str, requests: int, max_tokens: int) -> tuple[float, float | None]:
-    """Tokens/s and MAT of the same requests decoded one at a time here, as `dresd generate`
-    does. MAT as the served rows count it, (accepted + target calls) / target calls: a served
-    MAT is judged against this one, on the same prompts, not against another prompt set's."""
-    from dataclasses import replace
+class InProcess:
+    """The same requests decoded one at a time in this process, as `dresd generate` does."""
 
-    from dresd.datastore.store import Datastore
-    from dresd.decoding.engine import Engine
-    from dresd.model.loading import load_model
+    def __init__(self, cfg):
+        from dresd.datastore.store import Datastore
+        from dresd.decoding.engine import Engine
+        from dresd.model.loading import load_model
 
-    engine = Engine(load_model(cfg.model), Datastore(cfg.datastore) if cfg.datastore else None)
-    spec = replace(cfg.speculative, method=method)
-    engine.generate(prompts[0], spec, 4)  # warm, as the served run is
-    t0, tokens, accepted, calls = time.perf_counter(), 0, 0, 0
-    for i in range(requests):
-        gen = engine.generate(prompts[i % len(prompts)], spec, max_tokens)
-        tokens += len(gen.token_ids)
-        accepted, calls = accepted + gen.metrics.accepted, calls + gen.metrics.target_calls
-    return tokens / (time.perf_counter() - t0), ((accepted + calls) / calls if calls else None)
+        self.cfg = cfg
+        self.engine = Engine(load_model(cfg.model), Datastore(cfg.datastore) if cfg.datastore else None)
+        self.tokens, self.seconds, self.accepted, self.calls = {}, {}, {}, {}
+
+    def run(self, prompts: list[str], method: str, requests: int, max_tokens: int, first: int = 0) -> None:
+        """Decode requests `first` .. `first + requests` and add them to the method's totals.
+        MAT as the served rows count it, (accepted + target calls) / target calls: a served
+        MAT is judged against this one, on the same prompts, not against another prompt set's."""
+        from dataclasses import replace
+
+        spec = replace(self.cfg.speculative, method=method)
+        if method not in self.tokens:
+            self.engine.generate(prompts[0], spec, 4)  # warm, as the served run is
+            self.tokens[method] = self.seconds[method] = self.accepted[method] = self.calls[method] = 0
+        t0 = time.perf_counter()
+        for i in range(first, first + requests):
+            gen = self.engine.generate(prompts[i % len(prompts)], spec, max_tokens)
+            self.tokens[method] += len(gen.token_ids)
+            self.accepted[method] += gen.metrics.accepted
+            self.calls[method] += gen.metrics.target_calls
+        self.seconds[method] += time.perf_counter() - t0
+
+    def figures(self, method: str) -> tuple[float, float | None]:
+        """(tokens/s, MAT) over every run of `method`."""
+        calls = self.calls[method]
+        mat = (self.accepted[method] + calls) / calls if calls else None
+        return self.tokens[method] / self.seconds[method], mat
 
 
 def fmt(v, spec=".3f"):
@@ -186,6 +208,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one request")
     p.add_argument("--in-process", action="store_true",
                    help="also decode the requests one at a time in this process (the concurrency-1 baseline)")
+    p.add_argument("--passes", type=int, default=2,
+                   help="with --in-process: concurrency 1 alternates this many served and in-process passes")
     p.add_argument("--prompt-set", choices=tuple(PROMPT_SETS), default="mtbench",
                    help="MT-Bench first turns, or held-out ShareGPT first turns (the corpus the bench stores hold)")
     p.add_argument("--out", default="runs/bench")
@@ -206,13 +230,30 @@ def main() -> None:
         url, started = start(cfg), True
     key = os.environ.get(cfg.api_key_env)
     prompts = eval_sets([args.prompt_set])[args.prompt_set]
+    # Loaded while the server is up: concurrency 1 alternates served and in-process passes
+    # over the same prompts, so a change of load on the machine falls on both alike.
+    local = InProcess(cfg) if args.in_process else None
     rows = []
     try:
         for method in args.methods.split(","):
             one_request(url, key, prompts[0], method, 4, args.timeout)  # warm: drafters, cost model
             for c in (int(x) for x in args.concurrency.split(",")):
                 kill = kill_one_replica(cfg.app_name) if args.kill_replica else None
-                row = run_level(url, key, prompts, method, c, args.requests, args.max_tokens, args.timeout, kill)
+                if c == 1 and local is not None:
+                    results, wall, per = [], 0.0, -(-args.requests // args.passes)
+                    for first in range(0, args.requests, per):
+                        n = min(per, args.requests - first)
+                        got, took = run_requests(url, key, prompts, method, 1, n, args.max_tokens, args.timeout,
+                                                 kill if first == 0 else None, first)
+                        results, wall = results + got, wall + took
+                        local.run(prompts, method, n, args.max_tokens, first)
+                    row = summary(method, c, results, wall)
+                    row["in_process_tokens_per_s"], row["in_process_mat"] = local.figures(method)
+                    print(f"{method} in-process: {row['in_process_tokens_per_s']:.1f} tok/s, "
+                          f"MAT {fmt(row['in_process_mat'], '.2f')}", file=sys.stderr)
+                else:
+                    row = summary(method, c, *run_requests(url, key, prompts, method, c, args.requests,
+                                                           args.max_tokens, args.timeout, kill))
                 rows.append(row)
                 print(f"{method} c={c}: {row['tokens_per_s']:.1f} tok/s, lost {row['lost']}", file=sys.stderr)
     finally:
@@ -223,15 +264,6 @@ def main() -> None:
 
             stop(cfg)
             serve.shutdown()
-    local = {}
-    if args.in_process:
-        for method in args.methods.split(","):
-            local[method] = in_process(cfg, prompts, method, args.requests, args.max_tokens)
-            print(f"{method} in-process: {local[method][0]:.1f} tok/s, MAT {fmt(local[method][1], '.2f')}",
-                  file=sys.stderr)
-        for r in rows:
-            base = local[r["method"]] if r["concurrency"] == 1 else (None, None)
-            r["in_process_tokens_per_s"], r["in_process_mat"] = base
     lines = ["# Serving: closed-loop clients against dresd serve", "",
              f"{args.replicas} decoding replica(s), max batch {args.max_batch}, {args.requests} streamed "
              f"{PROMPT_SETS[args.prompt_set]} requests per row, {args.max_tokens} new tokens, greedy; "
