@@ -8,9 +8,10 @@ exactly as `dresd.decoding.loop.SpeculativeDecoder` does for one sequence.
 
 The shared KV cache is laid out so that column j of a row holds that row's position j: a
 row's committed entries fill columns [0, committed) and anything after them in the view is
-masked. A step appends the trees' entries after the widest row, then moves each row's
-accepted path down to its own end (only the accepted entries are copied), so rows advance
-by different amounts without padding that grows or a compaction pass. A row that finishes
+masked. A step writes each row's tree right after the row's own entries, so an accepted
+path in node order (a lone root above all: every row of a step without drafts) is already
+in place and only accepted nodes from elsewhere in a tree are moved (dresd.decoding.row_cache);
+rows advance by different amounts without padding that grows or a compaction pass. A row that finishes
 frees its slot between steps, and a waiting request joins there: its prompt is prefilled
 on its own (no padded position is computed) and written into the slot.
 """
@@ -64,7 +65,7 @@ class _Row:
     started: float
     out: list[int] = field(default_factory=list)
     fresh_keys: list[torch.Tensor] = field(default_factory=list)
-    moves: list[int] = field(default_factory=list)  # cache columns of the last step's accepted path, to settle
+    moves: list[tuple[int, int]] = field(default_factory=list)  # (from, to) columns of accepted nodes out of place
 
 
 class BatchedSpeculativeDecoder:
@@ -165,12 +166,16 @@ class BatchedSpeculativeDecoder:
         """One forward over every slot's tree; returns (hidden, logits) shaped (B, K, ...)."""
         device, batch = self.model.device, len(cache.layers[0].keys)
         committed = {slot: row.committed for slot, row in rows.items()}
-        ids, positions, mask = batch_inputs(trees, committed, batch, cache.get_seq_length(), max(self.eos_id, 0),
-                                            self.model.dtype)
-        # On a CPU the LM head runs later, on the rows acceptance reads (LazyGreedyTokens); on a
-        # GPU one head over every position is one cheap kernel.
-        return forward(self.model, ids.to(device), cache, positions.to(device), mask.to(device),
-                       logits=device.type != "cpu")
+        ids, positions, mask, columns = batch_inputs(trees, committed, batch, cache.get_seq_length(),
+                                                     max(self.eos_id, 0), self.model.dtype)
+        cache.target(columns.to(device))
+        try:
+            # On a CPU the LM head runs later, on the rows acceptance reads (LazyGreedyTokens);
+            # on a GPU one head over every position is one cheap kernel.
+            return forward(self.model, ids.to(device), cache, positions.to(device), mask.to(device),
+                           logits=device.type != "cpu")
+        finally:
+            cache.target(None)
 
     def submit(self, request: BatchRequest) -> int:
         """Queue `request`; it joins the batch at the next step with a free slot. Returns its
@@ -322,8 +327,7 @@ class BatchedSpeculativeDecoder:
 
     def _verify_rows(self, cache: RowCache, rows: dict[int, _Row], trees: dict[int, TokenTree]) -> dict[int, tuple]:
         """Verify every row's tree in one forward; per slot (accepted path, bonus token, the
-        path's hidden states). Each path's entries move down to its row's end (`_settle`)."""
-        width = cache.get_seq_length()
+        path's hidden states). Accepted nodes out of place move down to their row's end (`_settle`)."""
         hidden, logits = self._verify(cache, rows, trees)
         head = self.model.get_output_embeddings()
         # Greedy rows verifying their root alone read one position each: one head call over
@@ -343,18 +347,19 @@ class BatchedSpeculativeDecoder:
             else:
                 path, bonus = row.accept(tree, logits[slot, :n] if logits is not None else head(hidden[slot, :n]))
             outcomes[slot] = (path, bonus, hidden[slot, path])
-            row.moves = [width + node for node in path]
+            # Node j sits at column committed + j: the path's i-th node belongs at committed + i.
+            row.moves = [(row.committed + node, row.committed + i) for i, node in enumerate(path) if node != i]
         return outcomes
 
     @torch.inference_mode()
     def _settle(self, cache: RowCache, rows: dict[int, _Row]) -> None:
-        """Move each row's accepted entries (row.moves, cache columns) to just after its
-        committed ones, and view as many columns as the longest row holds."""
+        """Move each row's accepted entries that are out of place (row.moves: cache columns,
+        from and to) and view as many columns as the longest row holds."""
         move_rows, move_src, move_dst = [], [], []
         for slot, row in rows.items():
             move_rows += [slot] * len(row.moves)
-            move_src += row.moves
-            move_dst += range(row.committed - len(row.moves), row.committed)
+            move_src += [src for src, _ in row.moves]
+            move_dst += [dst for _, dst in row.moves]
             row.moves = []
         device = self.model.device
         index, src, dst = (torch.tensor(x, dtype=torch.long, device=device) for x in (move_rows, move_src, move_dst))

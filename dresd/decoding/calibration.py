@@ -108,10 +108,13 @@ def calibrate_batch_cost(model, single: CostModel, context: int = 256, batches: 
         for _ in range(reps + 1):
             for k in positions:
                 trees = {slot: chains[k] for slot in range(b)}
-                ids, pos, mask = batch_inputs(trees, dict.fromkeys(range(b), context), b, context, 0, model.dtype)
+                ids, pos, mask, columns = batch_inputs(trees, dict.fromkeys(range(b), context), b, context, 0,
+                                                       model.dtype)
                 t0 = time.perf_counter()
+                cache.target(columns.to(device))
                 hidden, _ = forward(model, ids.to(device), cache, pos.to(device), mask.to(device),
                                     logits=device.type != "cpu")
+                cache.target(None)
                 if device.type == "cpu":  # the lazy head reads about one row per sequence
                     model.get_output_embeddings()(hidden[:, :1])
                 else:

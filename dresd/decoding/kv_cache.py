@@ -111,10 +111,12 @@ def cached_forward(decoder, cache: DynamicCache, **inputs):
     cache would attend to nothing before them, and every method, plain greedy included,
     would decode the same wrong text without any check noticing.
     """
-    before = cache.get_seq_length()
+    before, writes = cache.get_seq_length(), getattr(cache, "writes", None)
     out = decoder(**inputs, use_cache=True, **{_cache_argument(type(decoder).forward): cache})
     grown, new = cache.get_seq_length() - before, inputs["input_ids"].shape[1]
-    if grown != new:
+    # A row cache writes each row's entries at columns of its own (dresd.decoding.row_cache):
+    # its view need not grow by the new positions, but the forward must have written.
+    if (cache.writes == writes) if writes is not None else grown != new:
         raise RuntimeError(f"{type(decoder).__name__}'s forward put {grown} of {new} new positions in the KV cache "
                            f"(transformers {transformers.__version__}): decoding would be wrong")
     return out

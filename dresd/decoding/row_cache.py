@@ -2,9 +2,11 @@
 
 The cache is laid out so that column j of a row holds that row's position j: a row's
 committed entries fill columns [0, committed) and anything after them in the view is masked.
-A step appends the trees' entries after the widest row, then moves each row's accepted path
-down to its own end (`RowLayer.settle`, only the accepted entries are copied), so rows
-advance by different amounts without padding that grows or a compaction pass.
+A step writes each row's tree right after the row's own entries (node j at column
+committed + j: `RowCache.target`), so a path accepted in node order, a lone root above all,
+is already in place; only an accepted node that sat elsewhere in its tree is moved down
+(`RowLayer.settle`). Rows advance by different amounts without padding that grows, a
+compaction pass, or a copy of every row's new entry at every step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,27 @@ class RowLayer(GrowingLayer):
     """A growing layer whose rows hold sequences of different lengths (see the module docstring)."""
 
     _zero_room = True
+    # Set by RowCache.target for one forward: (B, k) cache columns of each row's new entries.
+    targets: torch.Tensor | None = None
+    target_end: int = 0  # 1 + the largest target column
+    writes: int = 0  # forwards that wrote into this layer (dresd.decoding.kv_cache.cached_forward checks it)
+
+    @torch.inference_mode()
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Write the new entries at their target columns (after the filled part when none are
+        set); returns the viewed keys and values."""
+        self.writes += 1
+        if self.targets is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        width = max(self.get_seq_length(), self.target_end)
+        self._room_for(width, key_states, value_states)
+        rows = torch.arange(self.targets.shape[0], device=self.targets.device)[:, None].expand_as(self.targets)
+        self._key_buf[rows, :, self.targets] = key_states.transpose(1, 2)
+        self._value_buf[rows, :, self.targets] = value_states.transpose(1, 2)
+        self._view(width)
+        return self.keys, self.values
 
     @torch.inference_mode()
     def write_row(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -34,10 +57,11 @@ class RowLayer(GrowingLayer):
     def settle(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor, width: int) -> None:
         """Move entry (rows[i], src[i]) to (rows[i], dst[i]); then view `width` columns."""
         self._room_for(self.get_seq_length(), self.keys, self.values)
-        moved_k = self._key_buf[rows, :, src]  # advanced indexing copies: safe to write back
-        moved_v = self._value_buf[rows, :, src]
-        self._key_buf[rows, :, dst] = moved_k
-        self._value_buf[rows, :, dst] = moved_v
+        if len(rows):
+            moved_k = self._key_buf[rows, :, src]  # advanced indexing copies: safe to write back
+            moved_v = self._value_buf[rows, :, src]
+            self._key_buf[rows, :, dst] = moved_k
+            self._value_buf[rows, :, dst] = moved_v
         self._view(width)
 
 
@@ -55,28 +79,31 @@ class RowLayer(GrowingLayer):
 
 
 def batch_inputs(trees: dict[int, TokenTree], committed: dict[int, int], batch: int, width: int, pad_id: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token ids, positions and the additive 4-D mask of one batched verification.
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token ids, positions, the additive 4-D mask and the cache columns of one batched verification.
 
-    Row `slot` holds `trees[slot]` after its `committed[slot]` cache entries (columns
-    [0, committed)); rows without a tree, and every row past its tree's end, hold padding
-    nodes that see only themselves. `width` is the cache's current view.
+    Row `slot` holds `trees[slot]` after its `committed[slot]` cache entries: node j goes to
+    column committed + j; rows without a tree (idle), and every row past its tree's end,
+    hold padding nodes that see only themselves (an idle row's from column 0). `width` is
+    the cache's view before the step; the mask spans the view after it.
     """
     k = max(len(t) for t in trees.values())
+    start = torch.tensor([committed.get(slot, 0) if slot in trees else 0 for slot in range(batch)])
+    columns = start[:, None] + torch.arange(k)
+    after = max(width, int(start.max()) + k)
     ids = torch.full((batch, k), pad_id, dtype=torch.long)  # padding: any valid id, masked
-    positions = torch.zeros((batch, k), dtype=torch.long)
-    allowed = torch.zeros((batch, 1, k, width + k), dtype=torch.bool)
-    allowed[:, 0, torch.arange(k), width + torch.arange(k)] = True  # padding nodes see themselves
+    positions = start[:, None].expand(batch, k).clone()
+    allowed = torch.zeros((batch, 1, k, after), dtype=torch.bool)
+    allowed[torch.arange(batch)[:, None], 0, torch.arange(k), columns] = True  # padding nodes see themselves
     for slot, tree in trees.items():
         n, c = len(tree), committed[slot]
         ids[slot, :n] = torch.tensor(tree.tokens)
-        positions[slot, :n] = torch.tensor(tree.depths) + c
-        positions[slot, n:] = c
+        positions[slot, :n] += torch.tensor(tree.depths)
         allowed[slot, 0, :n, :c] = True
-        allowed[slot, 0, :n, width:width + n] = ancestor_matrix(tree)
+        allowed[slot, 0, :n, c:c + n] = ancestor_matrix(tree)
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return ids, positions, mask
+    return ids, positions, mask, columns
 
 
 class RowCache(GrowingCache):
@@ -91,3 +118,15 @@ class RowCache(GrowingCache):
         empty = torch.zeros(slots, heads, 0, head_dim, dtype=model.dtype, device=model.device)
         for index in range(config.num_hidden_layers):
             self.update(empty, empty, index)
+
+    @property
+    def writes(self) -> int:
+        """Forwards that wrote into the cache (a forward that ignored it leaves this unchanged)."""
+        return self.layers[0].writes
+
+    def target(self, columns: torch.Tensor | None) -> None:
+        """Write the next forward's entries at `columns` ((B, k): row b's position j at column
+        columns[b, j]), or after the view again (None)."""
+        end = int(columns.max()) + 1 if columns is not None else 0
+        for layer in self.layers:
+            layer.targets, layer.target_end = columns, end

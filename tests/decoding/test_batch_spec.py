@@ -48,7 +48,24 @@ def test_batched_greedy_without_drafts_equals_one_at_a_time(tiny_lm, prompts):
         assert [g.token_ids for g in out] == alone
 
 
-def test_each_row_accepts_its_own_drafts_and_stays_identical(tiny_lm, prompts):
+@pytest.fixture(scope="module")
+def hf_lm(tmp_path_factory):
+    """The tiny model without the CPU fast path: transformers' own forward, as on a GPU."""
+    from dresd.config import ModelConfig
+    from dresd.model.fastpath import lean_forward
+    from dresd.model.loading import load_model
+    from tiny_models import make_tiny_llama
+    from tests_support import TINY_VOCAB
+
+    folder = make_tiny_llama(tmp_path_factory.mktemp("tiny-hf") / "m", vocab_size=TINY_VOCAB, init_std=0.5)
+    lm = load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=False))
+    assert not lean_forward.applies(lm.model)
+    return lm
+
+
+@pytest.mark.parametrize("forward", ["lean", "transformers"])
+def test_each_row_accepts_its_own_drafts_and_stays_identical(request, prompts, forward):
+    tiny_lm = request.getfixturevalue("tiny_lm" if forward == "lean" else "hf_lm")
     eos = -1
     ref = [g.token_ids for g in _alone(tiny_lm, prompts, eos)]
 
