@@ -28,6 +28,7 @@ import torch
 
 from dresd.config import SpeculativeConfig
 from dresd.decoding.acceptance import acceptor
+from dresd.decoding.batch import PADDED_PREFILL_DEVICES
 from dresd.decoding.batch_plan import BatchCostModel, BatchPlanner
 from dresd.decoding.budget import CostModel, DraftPlanner
 from dresd.decoding.kv_cache import GrowingCache
@@ -126,25 +127,62 @@ class BatchedSpeculativeDecoder:
         if req.max_new_tokens < 0:
             raise ValueError(f"request {i}: max_new_tokens must be >= 0, got {req.max_new_tokens}")
 
-    def _join(self, cache: RowCache, slot: int, index: int, req: BatchRequest) -> _Row:
-        """Prefill `req` alone and write its entries into `slot`."""
+    def _join(self, cache: RowCache, joins: list[tuple[int, int, BatchRequest]]) -> list[_Row]:
+        """Prefill the prompts of `joins` ((slot, request id, request) each) and write their
+        entries into their slots; their rows, in order. Where one padded forward beats a
+        forward per prompt (dresd.decoding.batch.PADDED_PREFILL_DEVICES), the prompts that
+        join together are prefilled together, right-padded, as plain batched decoding does."""
         start = time.perf_counter()
-        prompt, query = list(req.prompt_ids), None
-        fresh: list[torch.Tensor] = []
-        if len(prompt) > 1:
-            alone = GrowingCache()
-            hidden, _ = forward(self.model, torch.tensor([prompt[:-1]], device=self.model.device), alone, logits=False)
-            query, fresh = hidden[0, -1], [hidden[0]]
-            for layer, own in zip(cache.layers, alone.layers):
-                layer.write_row(slot, own.keys, own.values)
-        accept = acceptor(req.sampling)
-        metrics = DecodeMetrics()
-        metrics.prefill_s = time.perf_counter() - start
-        drafter, _ = self._slot_tools(slot)
-        if drafter is not None:
-            drafter.begin(prompt)
-        return _Row(index, min(req.max_new_tokens, self.max_context - len(prompt)), prompt, len(prompt) - 1,
-                    query, accept, metrics, start, fresh_keys=fresh)
+        prefill = [i for i, (_, _, req) in enumerate(joins) if len(req.prompt_ids) > 1]
+        states: dict[int, torch.Tensor] = {}
+        if len(prefill) > 1 and self.model.device.type in PADDED_PREFILL_DEVICES:
+            seqs = [joins[i][2].prompt_ids[:-1] for i in prefill]
+            own, hidden = self._padded_prefill(seqs)
+            for j, i in enumerate(prefill):
+                n = len(seqs[j])
+                for layer, layer_own in zip(cache.layers, own.layers):
+                    layer.write_row(joins[i][0], layer_own.keys[j:j + 1, :, :n], layer_own.values[j:j + 1, :, :n])
+                states[i] = hidden[j, :n]
+        else:
+            for i in prefill:
+                alone = GrowingCache()
+                prompt = joins[i][2].prompt_ids
+                hidden, _ = forward(self.model, torch.tensor([prompt[:-1]], device=self.model.device), alone,
+                                    logits=False)
+                for layer, own in zip(cache.layers, alone.layers):
+                    layer.write_row(joins[i][0], own.keys, own.values)
+                states[i] = hidden[0]
+        each_s = (time.perf_counter() - start) / max(len(joins), 1)
+        rows = []
+        for i, (slot, index, req) in enumerate(joins):
+            prompt = list(req.prompt_ids)
+            metrics = DecodeMetrics()
+            metrics.prefill_s = each_s
+            drafter, _ = self._slot_tools(slot)
+            if drafter is not None:
+                drafter.begin(prompt)
+            fresh = [states[i]] if i in states else []
+            rows.append(_Row(index, min(req.max_new_tokens, self.max_context - len(prompt)), prompt, len(prompt) - 1,
+                             states[i][-1] if i in states else None, acceptor(req.sampling), metrics, start,
+                             fresh_keys=fresh))
+        return rows
+
+    def _padded_prefill(self, seqs: list[list[int]]) -> tuple[GrowingCache, torch.Tensor]:
+        """One forward over `seqs` right-padded to the longest: each row attends to its own
+        tokens only, so its entries and states are what it computes alone."""
+        device, width = self.model.device, max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), max(self.eos_id, 0), dtype=torch.long)
+        lengths = torch.tensor([len(q) for q in seqs])
+        for j, q in enumerate(seqs):
+            ids[j, : len(q)] = torch.tensor(q)
+        cols = torch.arange(width)
+        allowed = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] < lengths[:, None, None])
+        mask = torch.zeros(len(seqs), 1, width, width, dtype=self.model.dtype)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(self.model.dtype).min)
+        own = GrowingCache()
+        hidden, _ = forward(self.model, ids.to(device), own, cols.expand(len(seqs), width).to(device), mask.to(device),
+                            logits=False)
+        return own, hidden
 
     def _tree(self, slot: int, row: _Row, consult: bool = True) -> tuple[TokenTree, bool, float]:
         """The row's tree for this step: its drafts (every one when budgeted: the batch planner cuts
@@ -252,10 +290,12 @@ class BatchedSpeculativeDecoder:
         want = min(self.max_batch, len(self._rows) + len(self._waiting))
         if want > self._slots():
             self._resize(want)
-        for slot in range(self._slots()):
-            while slot not in self._rows and self._waiting:
-                rid, req = self._waiting.popleft()
-                row = self._join(self._cache, slot, rid, req)
+        while self._waiting:  # again when a request with nothing to generate left its slot at once
+            free = [slot for slot in range(self._slots()) if slot not in self._rows]
+            if not free:
+                return
+            joins = [(slot, *self._waiting.popleft()) for slot in free[: len(self._waiting)]]
+            for (slot, rid, _), row in zip(joins, self._join(self._cache, joins)):
                 if row.budget <= 0:
                     done.append((rid, self._finish(slot, row)))
                 else:

@@ -209,3 +209,23 @@ def test_a_replacing_decoder_inherits_the_calibration(tiny_lm, prompts):
     assert new._planners[0].acceptance is learnt[0][0] and old._planners[0].acceptance is not learnt[0][0]
     with pytest.raises(RuntimeError, match="before the first request"):
         new.inherit(learnt)
+
+
+@pytest.mark.parametrize("forward", ["lean", "transformers"])
+def test_prompts_that_join_together_share_one_padded_prefill_where_it_pays(request, prompts, forward, monkeypatch):
+    """On a device listed in PADDED_PREFILL_DEVICES (a GPU) the joining prompts are prefilled
+    in one right-padded forward; every row still decodes what it decodes alone."""
+    import dresd.decoding.batch_spec as batch_spec
+
+    lm = request.getfixturevalue("tiny_lm" if forward == "lean" else "hf_lm")
+    eos = _eos_for(lm, prompts)
+    alone = [g.token_ids for g in _alone(lm, prompts, eos)]
+    monkeypatch.setattr(batch_spec, "PADDED_PREFILL_DEVICES", ("cpu",))
+    widths = []
+    real = BatchedSpeculativeDecoder._padded_prefill
+    monkeypatch.setattr(BatchedSpeculativeDecoder, "_padded_prefill",
+                        lambda self, seqs: widths.append(len(seqs)) or real(self, seqs))
+    dec = BatchedSpeculativeDecoder(lm.model, eos, lm.max_context, SpeculativeConfig(method="greedy"), max_batch=3)
+    out = dec.generate([BatchRequest(p, NEW) for p in prompts])
+    assert [g.token_ids for g in out] == alone
+    assert widths and widths[0] == 2  # the first three join at once; the 1-token prompt needs no prefill
