@@ -32,7 +32,7 @@ from dresd.decoding.batch import PADDED_PREFILL_DEVICES
 from dresd.decoding.batch_plan import BatchCostModel, BatchPlanner
 from dresd.decoding.budget import CostModel, DraftPlanner
 from dresd.decoding.kv_cache import GrowingCache
-from dresd.decoding.row_cache import RowCache, batch_inputs
+from dresd.decoding.row_cache import RowCache, batch_inputs, padded_prefill
 from dresd.decoding.loop import Generation
 from dresd.decoding.metrics import DecodeMetrics
 from dresd.decoding.tree import TokenTree, build_tree, greedy_accept
@@ -137,7 +137,7 @@ class BatchedSpeculativeDecoder:
         states: dict[int, torch.Tensor] = {}
         if len(prefill) > 1 and self.model.device.type in PADDED_PREFILL_DEVICES:
             seqs = [joins[i][2].prompt_ids[:-1] for i in prefill]
-            own, hidden = self._padded_prefill(seqs)
+            own, hidden = padded_prefill(self.model, seqs, max(self.eos_id, 0))
             for j, i in enumerate(prefill):
                 n = len(seqs[j])
                 for layer, layer_own in zip(cache.layers, own.layers):
@@ -166,23 +166,6 @@ class BatchedSpeculativeDecoder:
                              states[i][-1] if i in states else None, acceptor(req.sampling), metrics, start,
                              fresh_keys=fresh))
         return rows
-
-    def _padded_prefill(self, seqs: list[list[int]]) -> tuple[GrowingCache, torch.Tensor]:
-        """One forward over `seqs` right-padded to the longest: each row attends to its own
-        tokens only, so its entries and states are what it computes alone."""
-        device, width = self.model.device, max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), max(self.eos_id, 0), dtype=torch.long)
-        lengths = torch.tensor([len(q) for q in seqs])
-        for j, q in enumerate(seqs):
-            ids[j, : len(q)] = torch.tensor(q)
-        cols = torch.arange(width)
-        allowed = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] < lengths[:, None, None])
-        mask = torch.zeros(len(seqs), 1, width, width, dtype=self.model.dtype)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(self.model.dtype).min)
-        own = GrowingCache()
-        hidden, _ = forward(self.model, ids.to(device), own, cols.expand(len(seqs), width).to(device), mask.to(device),
-                            logits=False)
-        return own, hidden
 
     def _tree(self, slot: int, row: _Row, consult: bool = True) -> tuple[TokenTree, bool, float]:
         """The row's tree for this step: its drafts (every one when budgeted: the batch planner cuts

@@ -15,6 +15,7 @@ import torch
 
 from dresd.decoding.kv_cache import GrowingCache, GrowingLayer
 from dresd.decoding.tree import TokenTree, ancestor_matrix
+from dresd.decoding.verify import forward
 
 
 class RowLayer(GrowingLayer):
@@ -104,6 +105,26 @@ def batch_inputs(trees: dict[int, TokenTree], committed: dict[int, int], batch: 
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return ids, positions, mask, columns
+
+
+def padded_prefill(model, seqs: list[list[int]], pad_id: int) -> tuple[GrowingCache, torch.Tensor]:
+    """One forward over `seqs` right-padded to the longest (a cache of its own, and the
+    last-layer states (len(seqs), width, D)): each row attends to its own tokens only, so its
+    first len(seq) entries and states are what it computes alone."""
+    width = max(len(q) for q in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(q) for q in seqs])
+    for j, q in enumerate(seqs):
+        ids[j, : len(q)] = torch.tensor(q)
+    cols = torch.arange(width)
+    allowed = (cols[None, :] <= cols[:, None])[None] & (cols[None, None, :] < lengths[:, None, None])
+    mask = torch.zeros(len(seqs), 1, width, width, dtype=model.dtype)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(model.dtype).min)
+    own = GrowingCache()
+    device = model.device
+    hidden, _ = forward(model, ids.to(device), own, cols.expand(len(seqs), width).to(device), mask.to(device),
+                        logits=False)
+    return own, hidden
 
 
 class RowCache(GrowingCache):

@@ -222,9 +222,9 @@ def test_prompts_that_join_together_share_one_padded_prefill_where_it_pays(reque
     alone = [g.token_ids for g in _alone(lm, prompts, eos)]
     monkeypatch.setattr(batch_spec, "PADDED_PREFILL_DEVICES", ("cpu",))
     widths = []
-    real = BatchedSpeculativeDecoder._padded_prefill
-    monkeypatch.setattr(BatchedSpeculativeDecoder, "_padded_prefill",
-                        lambda self, seqs: widths.append(len(seqs)) or real(self, seqs))
+    real = batch_spec.padded_prefill
+    monkeypatch.setattr(batch_spec, "padded_prefill",
+                        lambda model, seqs, pad: widths.append(len(seqs)) or real(model, seqs, pad))
     dec = BatchedSpeculativeDecoder(lm.model, eos, lm.max_context, SpeculativeConfig(method="greedy"), max_batch=3)
     out = dec.generate([BatchRequest(p, NEW) for p in prompts])
     assert [g.token_ids for g in out] == alone
