@@ -146,12 +146,11 @@ class DecodeChunks:
         import torch
 
         from dresd.config import from_dict
-        from dresd.model.loading import load_model
+        from dresd.model.loading import load_model, node_threads
 
         self.cfg = from_dict(DecodeConfig, cfg)
         m = self.cfg.model
-        # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
-        threads = self.cfg.threads or max(1, (os.cpu_count() or 1) // self.cfg.actors)
+        threads = self.cfg.threads or node_threads(self.cfg.actors)  # not Ray's OMP_NUM_THREADS
         self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads, dtype=m.dtype))
         torch.set_num_threads(threads)
         self.parts = Parts(output)

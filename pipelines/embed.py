@@ -22,7 +22,6 @@ the fit pass returned, record by record as the actors do, and the datastore is t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +31,7 @@ import torch
 
 from dresd.config import ModelConfig
 from dresd.datastore.compression import compress, reconstruction_error
-from dresd.model.loading import load_model
+from dresd.model.loading import load_model, node_threads
 from dresd.model.resolve import check_identity
 from pipelines.merge import load_compressor_codec
 from pipelines.rows import add_columns, blob, shard_rows
@@ -44,8 +43,7 @@ class Embed:
 
     def __init__(self, model_dir: str | None, device: str, threads: int, batch_size: int, dtype: str = "auto",
                  identity: dict | None = None, work: str | None = None, ctag: str | None = None):
-        # Ray pins OMP threads to the actor's CPU reservation; set the real count explicitly.
-        threads = threads or max(1, os.cpu_count() or 1)
+        threads = threads or node_threads()  # not Ray's OMP_NUM_THREADS (the CPU reservation)
         # `model_dir` is the model's name as ModelConfig.path takes it, resolved on this node.
         # Embedding runs long forwards only: the decode-step weight copy would be dead memory.
         self.lm = load_model(ModelConfig(path=model_dir, device=device, threads=threads, dual_layout=False,

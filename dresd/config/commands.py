@@ -41,7 +41,8 @@ class BuildConfig:
     # CPUs each embedding actor reserves in Ray's accounting. Below the thread count on a
     # small machine, so the read/tokenize stages still get scheduled beside it.
     embed_cpus: float = 1.0
-    # torch threads inside each embedding actor (0 = this node's cores / embed_actors).
+    # torch threads inside each embedding actor (0 = its node's physical cores; set it when
+    # several actors share a node).
     embed_threads: int = 0
     # GPUs each embedding actor requests: -1 = one when the cluster has GPUs, else none;
     # 0 = CPU only; a fraction shares a GPU between actors.

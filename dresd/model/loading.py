@@ -69,6 +69,17 @@ class LoadedModel:
         return dtype_name(self.model.dtype)
 
 
+def node_threads(share: int = 1) -> int:
+    """Torch threads for one of `share` model processes on this node: the physical cores this
+    process may run on (torch's own default outside Ray), divided among them. Inside a Ray
+    actor torch follows OMP_NUM_THREADS, which Ray sets to the actor's CPU reservation, so
+    actors that load a model set this count explicitly instead."""
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(usable, psutil.cpu_count(logical=False) or usable) // max(1, share))
+
+
 def resolve_device(spec: str) -> torch.device:
     """Turn "auto" (CUDA if available, else CPU) or a torch device string into a device."""
     if spec == "auto":

@@ -33,6 +33,7 @@ from ray import serve
 
 from dresd.config import ModelConfig, SamplingParams, ServeConfig, from_dict
 from dresd.serving import openai_api as oa
+from dresd.model.loading import node_threads
 from dresd.serving.failover import DEADLINE_SLACK_S, within
 from dresd.serving.hub import Reporter
 from dresd.serving.replica import Event, Job, ReplicaEngine
@@ -129,14 +130,6 @@ class Pacer:
             return []
         out, self.held, self.last = self.held, None, now
         return [out]
-
-
-def node_threads() -> int:
-    """Torch's own default thread count outside Ray: the physical cores this process may run on."""
-    import psutil
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(usable, psutil.cpu_count(logical=False) or usable))
 
 
 def replica_model(model: ModelConfig) -> ModelConfig:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from dresd.config import ModelConfig
 from dresd.decoding.metrics import DecodeMetrics
+from dresd.model.loading import node_threads
 from dresd.serving import openai_api as oa
 from dresd.serving.decode_server import (
     Pacer,
     Relay,
-    node_threads,
     prompt_text,
     replica_model,
 )
@@ -96,4 +96,5 @@ def test_an_error_flushes_the_held_text_before_it_and_interval_zero_holds_nothin
 def test_a_replica_without_a_thread_count_takes_the_cores_of_its_node():
     # Ray leaves OMP_NUM_THREADS at the actor's CPUs (1 by default); `dresd generate` uses them all.
     assert replica_model(ModelConfig(threads=0)).threads == node_threads() >= 1
+    assert node_threads(2) == max(1, node_threads() // 2)  # a node's cores shared by two model processes
     assert replica_model(ModelConfig(threads=3)).threads == 3
