@@ -255,6 +255,33 @@ def deserialize(blob: np.ndarray) -> faiss.Index:
     return faiss.deserialize_index(blob)
 
 
+def append_invlists(dst: faiss.InvertedLists, src: faiss.InvertedLists) -> None:
+    """Append every entry of `src` to the end of the same list of `dst` (ids kept), as
+    InvertedLists.merge_from does, except where that corrupts memory: faiss's
+    BlockInvertedLists.add_entries (fast-scan layouts) copies whole blocks, past the end of
+    its buffer, when a list already holds a non-zero multiple of `block_size` entries (it
+    compares an entry count with a byte size). Those lists are extended here, entry by entry,
+    through the layout's code packer; every other list takes faiss's own path."""
+    d, s = faiss.downcast_InvertedLists(dst), faiss.downcast_InvertedLists(src)
+    if not isinstance(d, faiss.BlockInvertedLists):
+        d.merge_from(s, 0)
+        return
+    packer, flat = d.packer, np.empty(d.packer.code_size, np.uint8)
+    for j in range(d.nlist):
+        n, old = s.list_size(j), d.list_size(j)
+        if n == 0:
+            continue
+        if old == 0 or old % d.block_size:
+            d.add_entries(j, n, s.get_ids(j), s.get_codes(j))
+            continue
+        d.resize(j, old + n)  # room for the new entries, in whole blocks
+        codes, src_codes = d.get_codes(j), s.get_codes(j)
+        for i in range(n):
+            packer.unpack_1_c(src_codes, i, faiss.swig_ptr(flat))
+            packer.pack_1_c(faiss.swig_ptr(flat), old + i, codes)
+        faiss.rev_swig_ptr(d.get_ids(j), old + n)[old:] = faiss.rev_swig_ptr(s.get_ids(j), n)
+
+
 def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
     """Append every vector of `src` to `dst` (same layout, same training), keeping src's
     ids (global: see add_keys); shards are merged in order for the flat/refine rows."""
@@ -267,8 +294,11 @@ def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
     if isinstance(dst_r, faiss.IndexFlat):
         dst_r.merge_from(src_r, 0)
         return
-    faiss.extract_index_ivf(dst).merge_from(faiss.extract_index_ivf(src), 0)
-    dst.ntotal = faiss.extract_index_ivf(dst).ntotal
+    d, s = faiss.extract_index_ivf(dst), faiss.extract_index_ivf(src)
+    d.check_compatible_for_merge(s)
+    append_invlists(d.invlists, s.invlists)
+    d.ntotal += s.ntotal
+    dst.ntotal = d.ntotal
 
 
 def merge_on_disk(empty: faiss.Index, sources: list[faiss.Index], ivfdata: str) -> faiss.Index:

@@ -15,6 +15,7 @@ from dresd.datastore.index import (
     add_keys,
     choose_index_params,
     deserialize,
+    merge_into,
     recall_at_k,
     search,
     self_retrieval_mrr,
@@ -399,3 +400,51 @@ def test_read_index_maps_the_exact_vectors_instead_of_loading_them(tmp_path, lay
     q = keys[::40]
     assert np.array_equal(search(index, q, 10)[1], search(opened, q, 10)[1])
     del opened
+
+
+def _list_entries(index: faiss.Index) -> list[tuple[list[int], list[bytes]]]:
+    """Every inverted list's ids and codes (unpacked from fast-scan blocks), list by list."""
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    out = []
+    for j in range(lists.nlist):
+        n = lists.list_size(j)
+        ids = faiss.rev_swig_ptr(lists.get_ids(j), n).tolist() if n else []
+        codes = []
+        for i in range(n):
+            flat = np.empty(lists.packer.code_size, np.uint8)
+            lists.packer.unpack_1_c(lists.get_codes(j), i, faiss.swig_ptr(flat))
+            codes.append(flat.tobytes())
+        out.append((ids, codes))
+    return out
+
+
+@pytest.mark.parametrize("merge", ["merge_into", "append_lists"])
+def test_fast_scan_lists_merge_across_whole_blocks(merge):
+    """faiss's BlockInvertedLists.add_entries writes past its buffer when a list already holds
+    a multiple of block_size entries (a 1M-token build aborted in its merge): shards whose
+    sizes land the one list on 0, 1, 2 and 3 block_size entries merge into exactly the index
+    filled in one go."""
+    from pipelines.merge import append_lists
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    trained = faiss.index_factory(16, "IVF1,PQ8x4fs")  # one list: every shard lands in it
+    trained.train(x)
+    block = faiss.downcast_InvertedLists(faiss.extract_index_ivf(trained).invlists).block_size
+    bounds = [0, block, 2 * block, 3 * block, 3 * block + 40]
+
+    def filled(lo, hi):
+        index = deserialize(serialize(trained))
+        index.add_with_ids(x[lo:hi], np.arange(lo, hi))
+        return index
+
+    merged = filled(0, 0)
+    for lo, hi in zip(bounds, bounds[1:]):
+        if merge == "merge_into":
+            merge_into(merged, filled(lo, hi))
+        else:
+            append_lists(merged, filled(lo, hi))
+    whole = filled(0, bounds[-1])
+    assert merged.ntotal == whole.ntotal == bounds[-1]
+    assert _list_entries(merged) == _list_entries(whole)
+    np.testing.assert_array_equal(merged.search(x[:50], 10)[1], whole.search(x[:50], 10)[1])
