@@ -22,9 +22,11 @@ class RowLayer(GrowingLayer):
     """A growing layer whose rows hold sequences of different lengths (see the module docstring)."""
 
     _zero_room = True
-    # Set by RowCache.target for one forward: (B, k) cache columns of each row's new entries.
+    # Set by RowCache.target for one forward: (B, k) cache columns of each row's new entries,
+    # the matching (B, k) row numbers, and 1 + the largest column.
     targets: torch.Tensor | None = None
-    target_end: int = 0  # 1 + the largest target column
+    target_rows: torch.Tensor | None = None
+    target_end: int = 0
     writes: int = 0  # forwards that wrote into this layer (dresd.decoding.kv_cache.cached_forward checks it)
 
     @torch.inference_mode()
@@ -38,9 +40,8 @@ class RowLayer(GrowingLayer):
             self.lazy_initialization(key_states, value_states)
         width = max(self.get_seq_length(), self.target_end)
         self._room_for(width, key_states, value_states)
-        rows = torch.arange(self.targets.shape[0], device=self.targets.device)[:, None].expand_as(self.targets)
-        self._key_buf[rows, :, self.targets] = key_states.transpose(1, 2)
-        self._value_buf[rows, :, self.targets] = value_states.transpose(1, 2)
+        self._key_buf[self.target_rows, :, self.targets] = key_states.transpose(1, 2)
+        self._value_buf[self.target_rows, :, self.targets] = value_states.transpose(1, 2)
         self._view(width)
         return self.keys, self.values
 
@@ -89,7 +90,7 @@ def batch_inputs(trees: dict[int, TokenTree], committed: dict[int, int], batch: 
     the cache's view before the step; the mask spans the view after it.
     """
     k = max(len(t) for t in trees.values())
-    start = torch.tensor([committed.get(slot, 0) if slot in trees else 0 for slot in range(batch)])
+    start = torch.tensor([committed[slot] if slot in trees else 0 for slot in range(batch)])
     columns = start[:, None] + torch.arange(k)
     after = max(width, int(start.max()) + k)
     ids = torch.full((batch, k), pad_id, dtype=torch.long)  # padding: any valid id, masked
@@ -148,6 +149,10 @@ class RowCache(GrowingCache):
     def target(self, columns: torch.Tensor | None) -> None:
         """Write the next forward's entries at `columns` ((B, k): row b's position j at column
         columns[b, j]), or after the view again (None)."""
+        # Derived once here, not in each layer's update.
+        rows = None
+        if columns is not None:
+            rows = torch.arange(len(columns), device=columns.device)[:, None].expand_as(columns)
         end = int(columns.max()) + 1 if columns is not None else 0
         for layer in self.layers:
-            layer.targets, layer.target_end = columns, end
+            layer.targets, layer.target_rows, layer.target_end = columns, rows, end

@@ -34,7 +34,8 @@ def test_a_targeted_write_puts_each_rows_entries_after_its_own_and_counts_the_wr
     base = torch.zeros(2, 1, 5, 1)
     layer.update(base, base.clone())
     new = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).reshape(2, 1, 2, 1)
-    layer.targets, layer.target_end = torch.tensor([[2, 3], [5, 6]]), 7
+    layer.targets, layer.target_rows = torch.tensor([[2, 3], [5, 6]]), torch.tensor([[0, 0], [1, 1]])
+    layer.target_end = 7
     keys, _ = layer.update(new, new.clone())
     assert keys.shape[-2] == 7 and layer.writes == 2
     assert keys[0, 0, :, 0].tolist() == [0, 0, 1, 2, 0, 0, 0]
