@@ -192,7 +192,7 @@ def build_datastore(cfg: BuildConfig) -> BuildReport:
     params, layout = plan_index(n_keys, cfg.index)
     fit, held = fit_compressor_first(cfg, work, {s: c["record_keys"] for s, c in counts.items()},
                                      {s: c["record_tokens"] for s, c in counts.items()},
-                                     lambda select: passes.fit_pass(cfg, tokenize, identity, select))
+                                     lambda select, per_call: passes.fit_pass(cfg, tokenize, identity, select, per_call))
     comp = load_compressor_codec(work, fit.ctag)
     t_fit = time.perf_counter()
     starts = first_key_ids(key_counts, shard_ids)

@@ -98,27 +98,39 @@ class Embed:
         return keyed(table, keys, errors, self.compressor.out_dim, [node] * len(keys), [self.lm.dtype] * len(keys))
 
     def _sampled(self, table: pa.Table) -> pa.Table:
-        out = {"shard": [], "key_ids": [], "hidden": [], "n": [], "width": []}
-        for row in shard_rows(table):
+        # The wanted records of every row in the call are embedded together: a fit sample holds
+        # a few records a shard, and mini-batches sorted over those few alone pad far more.
+        rows = list(shard_rows(table))
+        seqs, starts, owner, wanted = [], [], [], []
+        for j, row in enumerate(rows):
             counts = row.keys_per_record
             first = np.cumsum(counts) - counts  # each record's first key number in the shard
             record_of = np.searchsorted(np.cumsum(counts), row.keep, side="right")
-            records = np.unique(record_of)
-            wanted = {r: row.keep[record_of == r] - first[r] for r in records}  # key offsets within a record
+            for r in np.unique(record_of):
+                seqs.append(row.seqs[r])
+                starts.append(int(row.key_starts[r]))
+                owner.append((j, int(r)))
+                wanted.append(row.keep[record_of == r] - first[r])  # key offsets within the record
+        picked: list[np.ndarray | None] = [None] * len(seqs)  # filled in mini-batch (length) order
 
-            def each(i: int, states: np.ndarray, row=row, records=records, wanted=wanted) -> np.ndarray:
-                check_finite(states, row.shard, row.file, [len(states)], [row.sources[records[i]]])
-                return states[wanted[records[i]]]
+        def each(i: int, states: np.ndarray) -> np.ndarray:
+            j, r = owner[i]
+            check_finite(states, rows[j].shard, rows[j].file, [len(states)], [rows[j].sources[r]])
+            picked[i] = states[wanted[i]]
+            return states[:0]
 
-            picked = self.embed_keys([row.seqs[r] for r in records], list(row.key_starts[records]), each)
-            out["shard"].append(row.shard)
-            out["key_ids"].append(row.keep)
-            out["hidden"].append(blob(picked, np.float32))
-            out["n"].append(len(picked))
-            out["width"].append(self.lm.identity["hidden_size"])
+        if seqs:
+            self.embed_keys(seqs, starts, each)
+        width = self.lm.identity["hidden_size"]
+        by_row: list[list[np.ndarray]] = [[] for _ in rows]
+        for (j, _), p in zip(owner, picked):  # `owner` runs rows, then records, in order
+            by_row[j].append(p)
+        states = [np.concatenate(p) if p else np.zeros((0, width), np.float32) for p in by_row]
         node = ray.get_runtime_context().get_node_id()
-        out["node"], out["dtype"] = [node] * len(out["shard"]), [self.lm.dtype] * len(out["shard"])
-        return pa.table(out, schema=SAMPLE_SCHEMA)
+        return pa.table({"shard": [row.shard for row in rows], "key_ids": [row.keep for row in rows],
+                         "hidden": [blob(h, np.float32) for h in states], "n": [len(h) for h in states],
+                         "width": [width] * len(rows), "node": [node] * len(rows),
+                         "dtype": [self.lm.dtype] * len(rows)}, schema=SAMPLE_SCHEMA)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         return self._compressed(table) if self.compressor is not None else self._sampled(table)

@@ -72,6 +72,14 @@ def select_sample(record_keys: dict[str, np.ndarray], size: int, mode: str, seed
     return _by_shard(picked, [int(c.sum()) for c in counts], shard_ids)
 
 
+def shards_per_call(record_keys: dict[str, np.ndarray], sampled_records: int) -> int:
+    """Shards an actor call of the fit pass takes, so that a call embeds about a shard's worth of
+    records, as a streaming call does: sorted by length over a shard's few sampled records
+    alone, the mini-batches pad several times more tokens (docs/index-layout.md#fit-first)."""
+    total = sum(len(c) for c in record_keys.values())
+    return max(1, min(len(record_keys), round(total / max(1, sampled_records))))
+
+
 def _by_shard(picked: np.ndarray, key_counts: list[int], shard_ids: list[str]) -> dict[str, np.ndarray]:
     """Sorted global key numbers as shard id -> key numbers within the shard."""
     shard_start = np.concatenate([[0], np.cumsum(key_counts)])
@@ -104,7 +112,7 @@ def fit_key(cfg: BuildConfig) -> str:
 def fit_compressor_first(cfg: BuildConfig, work: Scratch, record_keys: dict[str, np.ndarray],
                          tokens_per_record: dict[str, np.ndarray], embed_sample) -> tuple[FitRecord, dict | None]:
     """The compressor of this build: read back from an earlier run's record, or fitted now on
-    the states `embed_sample(select)` returns for the selected keys (passes.fit_pass, by shard).
+    the states `embed_sample(select, shards per call)` returns for the selected keys (passes.fit_pass, by shard).
     Also returns those states by shard when they are every key of the corpus (the stream pass
     then compresses them instead of embedding the corpus again), else None."""
     name = f"fit-{fit_key(cfg)}.json"
@@ -113,12 +121,12 @@ def fit_compressor_first(cfg: BuildConfig, work: Scratch, record_keys: dict[str,
         if work.exists(f"compressor-{record.ctag}.npz"):
             return record, None
     select = select_sample(record_keys, cfg.index.sample_size, cfg.fit, cfg.index.seed)
-    held = embed_sample(select)
+    records, tokens = _embedded(record_keys, tokens_per_record, select)
+    held = embed_sample(select, shards_per_call(record_keys, records))
     sample = np.concatenate([h.states for h in held.values()])
     if len(sample) < sum(int(c.sum()) for c in record_keys.values()):
         held = None  # a sample of the corpus: the stream pass embeds every shard
     comp = fit_compressor(sample, cfg.index.dim)
-    records, tokens = _embedded(record_keys, tokens_per_record, select)
     record = FitRecord(ctag=save_compressor_codec(work, comp), mode=cfg.fit, sample_keys=int(len(sample)),
                        sample_records=records, sample_tokens=tokens,
                        explained_variance=float(comp.explained_variance_ratio.sum()),

@@ -64,24 +64,29 @@ def count_pass(cfg: BuildConfig, tokenize: dict) -> dict[str, dict]:
     return out
 
 
-def _embed_stage(ds: ray.data.Dataset, cfg: BuildConfig, identity: dict, shards: int, **codec) -> ray.data.Dataset:
+def _embed_stage(ds: ray.data.Dataset, cfg: BuildConfig, identity: dict, shards: int, per_call: int = 1,
+                 **codec) -> ray.data.Dataset:
     gpus = cfg.embed_gpus if cfg.embed_gpus >= 0 else (1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0)
     # Workers get the model's name, resolved on each node (dresd.model.resolve), and the
     # identity the driver saw, which each embedding actor checks its own copy against.
     kwargs = dict(model_dir=cfg.model.path, device=cfg.model.device, threads=cfg.embed_threads,
                   batch_size=cfg.batch_size, dtype=cfg.model.dtype, identity=identity, **codec)
     return ds.repartition(target_num_rows_per_block=1).materialize().map_batches(
-        Embed, fn_constructor_kwargs=kwargs, batch_size=1, batch_format="pyarrow",
-        # One shard in flight per actor: shards are large, so this balances them over actors.
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.embed_actors, shards)), max_tasks_in_flight_per_actor=1),
+        Embed, fn_constructor_kwargs=kwargs, batch_size=per_call, batch_format="pyarrow",
+        # One call in flight per actor: calls are large, so this balances them over actors.
+        compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.embed_actors, -(-shards // per_call))),
+                                           max_tasks_in_flight_per_actor=1),
         num_cpus=cfg.embed_cpus, num_gpus=gpus)
 
 
-def fit_pass(cfg: BuildConfig, tokenize: dict, identity: dict, select: dict[str, np.ndarray]) -> dict[str, Held]:
+def fit_pass(cfg: BuildConfig, tokenize: dict, identity: dict, select: dict[str, np.ndarray],
+             per_call: int = 1) -> dict[str, Held]:
     """The float32 hidden states of the selected keys (shard id -> key numbers in the shard),
-    by shard id in shard order, whatever order the actors finish in."""
+    by shard id in shard order, whatever order the actors finish in. An actor call embeds
+    `per_call` shards' sampled records together (fit.shards_per_call)."""
     ensure_ray(cfg.ray_address)
-    ds = _embed_stage(read_shards(cfg.corpus, tokenize, cfg.shard_rows, select=select), cfg, identity, len(select))
+    ds = _embed_stage(read_shards(cfg.corpus, tokenize, cfg.shard_rows, select=select), cfg, identity, len(select),
+                      per_call)
     return sample_of(ds.iter_batches(batch_format="pyarrow", batch_size=None), select)
 
 

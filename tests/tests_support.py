@@ -195,7 +195,7 @@ def passes_in_process(monkeypatch) -> None:
     def count_pass(cfg, tokenize):
         return {s: c for block in shards(cfg, tokenize) for s, c in passes.counts_of(passes._counts(block)).items()}
 
-    def fit_pass(cfg, tokenize, identity, select):
+    def fit_pass(cfg, tokenize, identity, select, per_call=1):
         embed = stage(cfg)
         return passes.sample_of([embed(block) for block in shards(cfg, tokenize, select=select)], select)
 

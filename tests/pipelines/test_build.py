@@ -247,3 +247,22 @@ def test_unreadable_corpus_file_is_counted_in_skip_mode_and_named_in_fail_mode(b
     skip.corpus.paths, skip.corpus.on_error, skip.output = [str(broken)], "fail", str(tmp_path / "f")
     with pytest.raises(Exception, match="broken.parquet"):
         build_datastore(skip)
+
+
+def test_a_fit_pass_of_several_shards_a_call_returns_what_one_shard_a_call_does(built):
+    """The fit pass groups shards into an actor call when it samples a few records of each
+    (fit.shards_per_call): a real Ray Data stage of several rows a batch, split back by shard."""
+    from dresd.model.resolve import model_facts
+    from pipelines import passes
+    from pipelines.work import tokenize_args
+
+    cfg, _, _ = built
+    facts = model_facts(cfg.model.path)
+    tokenize = tokenize_args(cfg, facts, cfg.corpus.prompt_format)
+    select = {f"00000-{i:06d}": np.array([0, 3]) for i in range(0, 8, 2)}  # 4 of the 9 shards
+    one = passes.fit_pass(cfg, tokenize, facts.identity, select, per_call=1)
+    grouped = passes.fit_pass(cfg, tokenize, facts.identity, select, per_call=3)
+    assert list(grouped) == list(one) == sorted(select)
+    for sid in select:
+        assert grouped[sid].states.shape == (2, WIDE)
+        np.testing.assert_allclose(grouped[sid].states, one[sid].states, atol=1e-4)

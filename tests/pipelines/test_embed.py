@@ -143,6 +143,22 @@ def test_the_fit_call_returns_the_kept_keys_states_embedding_only_their_records(
     np.testing.assert_allclose(got, every[[1, 6, 7, 14]], atol=1e-4)
 
 
+def test_a_fit_call_of_several_shards_embeds_their_records_together_and_splits_them_back(tiny_model_dir, seqs,
+                                                                                         reference, monkeypatch):
+    stage = _embed(tiny_model_dir)
+    a = _shard(seqs[:2], [2, 0]).append_column("keep", pa.array([[0, 5]]))  # record 0 key 0, record 1 key 1
+    b = _shard(seqs[2:], [4, 1, 8], sid="00000-000001").append_column("keep", pa.array([[6, 8]]))  # 2: 6; 3: 1
+    embedded = []
+    real = stage.embed_keys
+    monkeypatch.setattr(stage, "embed_keys", lambda s, k, each=None: embedded.append(len(s)) or real(s, k, each))
+    out = stage(pa.concat_tables([a, b]))
+    assert embedded == [4]  # one sorted batch run over both shards' wanted records
+    assert out.column("shard").to_pylist() == ["00000-000000", "00000-000001"]
+    for i, (part, starts, keep) in enumerate([(seqs[:2], [2, 0], [0, 5]), (seqs[2:], [4, 1, 8], [6, 8])]):
+        got = unblob(out.column("hidden")[i].as_py(), out.column("n")[i].as_py(), 64, np.float32)
+        np.testing.assert_allclose(got, _expected(reference, part, starts)[keep], atol=1e-4)
+
+
 def test_states_held_from_a_fit_of_every_key_compress_to_the_actors_keys_bit_for_bit(tiny_model_dir, seqs, codec):
     """The fit pass embeds a whole-corpus sample in the same mini-batches as the stream pass:
     compressing its states (compress_held) instead of embedding again changes no bit."""

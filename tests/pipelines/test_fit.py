@@ -12,7 +12,7 @@ import pipelines.fit as fit_mod
 from dresd.config import BuildConfig, IndexConfig
 from dresd.datastore.index import IndexParams
 from pipelines.embed import Held
-from pipelines.fit import fit_compressor_first, select_sample
+from pipelines.fit import fit_compressor_first, select_sample, shards_per_call
 from pipelines.merge import load_compressor_codec
 from pipelines.scratch import Scratch
 from pipelines.shards import ShardData, write_shard
@@ -56,7 +56,8 @@ def test_a_corpus_smaller_than_the_sample_gives_every_key():
 
 
 def _fake_embed(asked: list):
-    def embed(select):
+    def embed(select, per_call):
+        assert 1 <= per_call <= len(select)
         asked.append(select)
         rng = np.random.default_rng(len(asked))
         return {s: Held(rng.normal(size=(len(k), 32)).astype(np.float32), "node", "float32")
@@ -110,3 +111,10 @@ def test_the_index_trains_on_stored_keys_drawn_uniformly(tmp_path, monkeypatch):
     assert (ids < 50).any() and (ids >= 50).any()
     fit_mod.train_on_keys(cfg, work, params, None, "c", counts)
     np.testing.assert_array_equal(seen[1], seen[0])  # the same draw every time
+
+
+def test_a_fit_call_takes_enough_shards_to_hold_about_a_shard_of_sampled_records():
+    keys = {f"s{i}": np.ones(100, np.int64) for i in range(40)}
+    assert shards_per_call(keys, 4000) == 1  # every record sampled: one shard a call, as the stream
+    assert shards_per_call(keys, 800) == 5
+    assert shards_per_call(keys, 1) == 40  # never more than there are shards
