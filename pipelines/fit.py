@@ -123,11 +123,12 @@ def fit_compressor_first(cfg: BuildConfig, work: Scratch, record_keys: dict[str,
     select = select_sample(record_keys, cfg.index.sample_size, cfg.fit, cfg.index.seed)
     records, tokens = _embedded(record_keys, tokens_per_record, select)
     held = embed_sample(select, shards_per_call(record_keys, records))
-    sample = np.concatenate([h.states for h in held.values()])
-    if len(sample) < sum(int(c.sum()) for c in record_keys.values()):
+    sample = [h.states for h in held.values()]  # by shard: fitted a chunk at a time, never concatenated
+    n_sample = sum(len(s) for s in sample)
+    if n_sample < sum(int(c.sum()) for c in record_keys.values()):
         held = None  # a sample of the corpus: the stream pass embeds every shard
     comp = fit_compressor(sample, cfg.index.dim)
-    record = FitRecord(ctag=save_compressor_codec(work, comp), mode=cfg.fit, sample_keys=int(len(sample)),
+    record = FitRecord(ctag=save_compressor_codec(work, comp), mode=cfg.fit, sample_keys=n_sample,
                        sample_records=records, sample_tokens=tokens,
                        explained_variance=float(comp.explained_variance_ratio.sum()),
                        sample_reconstruction_error=reconstruction_error(comp, sample))

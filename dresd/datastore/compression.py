@@ -35,27 +35,47 @@ class Compressor:
         return int(self.components.shape[1])
 
 
-def fit_compressor(sample: np.ndarray, dim: int) -> Compressor:
-    """Fit z-score statistics and a `dim`-component PCA on a (n, D) sample of hidden states."""
-    x = np.asarray(sample, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"sample must be 2-D (n, D), got shape {x.shape}")
-    n, d_in = x.shape
+# Rows of a sample converted to float64 at a time: the fit's working memory is a few such
+# chunks, not float64 copies of the whole sample (200,000 x 4,096 floats would be 6.6 GB each).
+FIT_CHUNK = 8192
+
+
+def _chunks(parts: list[np.ndarray]):
+    """(first row, float64 rows) of the parts in order, FIT_CHUNK rows at a time."""
+    first = 0
+    for part in parts:
+        for a in range(0, len(part), FIT_CHUNK):
+            yield first + a, np.asarray(part[a : a + FIT_CHUNK], dtype=np.float64)
+        first += len(part)
+
+
+def fit_compressor(sample: np.ndarray | list[np.ndarray], dim: int) -> Compressor:
+    """Fit z-score statistics and a `dim`-component PCA on a (n, D) sample of hidden states,
+    given whole or as parts (the rows of the parts in order: a sample is never concatenated)."""
+    parts = [np.asarray(p) for p in sample] if isinstance(sample, (list, tuple)) else [np.asarray(sample)]
+    if any(p.ndim != 2 for p in parts) or len({p.shape[1] for p in parts}) > 1:
+        raise ValueError(f"sample must be 2-D (n, D), got shape(s) {sorted({p.shape for p in parts})}")
+    n, d_in = sum(len(p) for p in parts), parts[0].shape[1]
     if dim > d_in:
         raise ValueError(f"PCA dim {dim} exceeds hidden size {d_in}")
     if n < 2:
         raise ValueError(f"need at least 2 sample vectors to fit the compressor, got {n}")
-    bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+    bad = np.concatenate([first + np.flatnonzero(~np.isfinite(x).all(axis=1)) for first, x in _chunks(parts)])
     if len(bad):
         # One NaN would turn every mean, axis and key into NaN: an index that finds nothing.
         raise ValueError(f"compressor fit sample: {len(bad)} of {n} rows hold NaN or infinite values "
                          f"(rows {bad[:5].tolist()}); the hidden states they came from are broken")
-    mean = x.mean(axis=0)
-    std = x.std(axis=0)
+    # Two passes over the chunks: the mean, then the centred sums of squares and products.
+    mean = sum(x.sum(axis=0) for _, x in _chunks(parts)) / n
+    gram = np.zeros((d_in, d_in))
+    for _, x in _chunks(parts):
+        c = x - mean
+        gram += c.T @ c
+    std = np.sqrt(np.diag(gram) / n)
     std = np.where(std < _MIN_STD, 1.0, std)
-    z = (x - mean) / std
-    # PCA on the z-scored sample: eigen-decomposition of the covariance (D x D is small).
-    cov = (z.T @ z) / max(n - 1, 1)
+    # PCA on the z-scored sample: eigen-decomposition of its covariance (D x D is small),
+    # which is the centred one scaled by the stds.
+    cov = gram / np.outer(std, std) / max(n - 1, 1)
     eigval, eigvec = np.linalg.eigh(cov)
     order = np.argsort(eigval)[::-1][:dim]
     total = float(eigval.clip(min=0).sum()) or 1.0
@@ -83,16 +103,23 @@ def compress(comp: Compressor, hidden: np.ndarray) -> np.ndarray:
     return (y / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def reconstruction_error(comp: Compressor, hidden: np.ndarray) -> float:
-    """Mean share of z-scored energy lost by the PCA projection (0 = perfect fit).
+def reconstruction_error(comp: Compressor, hidden: np.ndarray | list[np.ndarray]) -> float:
+    """Mean share of z-scored energy lost by the PCA projection (0 = perfect fit), over the
+    rows of `hidden` (whole or as parts, a chunk at a time).
 
     Used as a drift signal: new data the compressor fits poorly loses more energy.
     """
-    z = (np.asarray(hidden, dtype=np.float32) - comp.mean) / comp.std
-    proj = z @ comp.components
-    total = (z * z).sum(axis=1)
-    kept = (proj * proj).sum(axis=1)
-    return float(np.mean(1.0 - kept / np.maximum(total, 1e-12)))
+    parts = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden]
+    lost, n = 0.0, 0
+    for part in parts:
+        for a in range(0, len(part), FIT_CHUNK):
+            z = (np.asarray(part[a : a + FIT_CHUNK], dtype=np.float32) - comp.mean) / comp.std
+            proj = z @ comp.components
+            total = (z * z).sum(axis=1)
+            kept = (proj * proj).sum(axis=1)
+            lost += float((1.0 - kept / np.maximum(total, 1e-12)).sum(dtype=np.float64))
+            n += len(z)
+    return lost / n if n else float("nan")
 
 
 def save_compressor(comp: Compressor, path: str | Path) -> None:

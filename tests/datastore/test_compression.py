@@ -133,3 +133,27 @@ def test_bad_shapes_raise():
     comp = fit_compressor(x, dim=4)
     with pytest.raises(ValueError, match="does not match"):
         compress(comp, np.zeros((3, D + 1), dtype=np.float32))
+
+
+def test_a_fit_from_parts_a_chunk_at_a_time_is_the_textbook_fit_of_the_whole(monkeypatch):
+    """Builds hand the fit their sample by shard and it works a chunk at a time (a float64 copy
+    of a 7B model's 200,000-key sample would be 6.6 GB): the same z-score and axes as
+    z-scoring and decomposing the whole sample at once."""
+    import dresd.datastore.compression as compression
+
+    x = low_rank(1000, seed=12)
+    monkeypatch.setattr(compression, "FIT_CHUNK", 64)  # many chunks, some parts shorter than one
+    comp = fit_compressor([x[:10], x[10:500], x[500:]], dim=R)
+    x64 = x.astype(np.float64)
+    mean, std = x64.mean(0), x64.std(0)
+    z = (x64 - mean) / std
+    eigval, eigvec = np.linalg.eigh(z.T @ z / (len(x) - 1))
+    np.testing.assert_allclose(comp.mean, mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(comp.std, std, rtol=1e-5)
+    top = eigvec[:, np.argsort(eigval)[::-1][:R]]
+    np.testing.assert_allclose(np.abs(comp.components.T @ top), np.eye(R), atol=1e-4)  # the same axes
+    assert reconstruction_error(comp, [x[:10], x[10:]]) == pytest.approx(reconstruction_error(comp, x), rel=1e-5)
+    with pytest.raises(ValueError, match=r"rows \[507\]"):  # rows are counted across parts
+        bad = x[500:].copy()
+        bad[7, 3] = np.inf
+        fit_compressor([x[:500], bad], dim=R)
