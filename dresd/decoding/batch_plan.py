@@ -17,8 +17,13 @@ tokens per second
 
 k = 1 is plain batched decoding: drafting does not pay at this load. One width per step is
 what the padded layout makes optimal: a row verifying fewer nodes than the widest saves
-nothing. The calibrated costs are scaled by what this batch's own steps measure, one running
-factor for one-position steps and one for wider ones, as the one-sequence planner does.
+nothing. The calibrated costs are scaled by what this batch's own steps measure: a running
+factor for every step (the machine's load, the contexts' length, cold caches move all widths
+alike) and, on top of it, one for wider steps. Wider steps are rare where drafting seldom
+pays, so a factor of their own would lag the machine by hundreds of steps and price a wide
+step at what it cost under another load: the relative factor carries only what wide steps
+cost beyond the common one. Both learn as a plain mean over their first observations and as
+a running one after (STEP_SCALE_RATE), so the first wide steps correct the calibration at once.
 """
 
 from __future__ import annotations
@@ -109,11 +114,19 @@ class BatchPlanner:
     def __init__(self, cost: BatchCostModel, max_width: int = 64):
         self.cost = cost
         self.max_width = max_width  # most positions a row may verify (root included)
-        # Measured / calibrated forward time, running averages: [one-position steps, wider ones].
+        # Measured / calibrated forward time, running averages: [every step's factor, wider
+        # steps' factor on top of it].
         self.step_scale = [1.0, 1.0]
+        self._seen = [0, 0]  # observations behind each factor (a plain mean over the first ones)
         self._shares: dict[int, CostModel] = {}
         self._unpaid = 0  # drafted steps in a row whose chosen width was 1
         self._skip = 0  # steps left without consulting
+
+    def adopt(self, step_scale: list[float]) -> None:
+        """Start from another planner's factors (a decoder replacing one over the same model),
+        trusted as a running average is: new steps move them at STEP_SCALE_RATE."""
+        self.step_scale = list(step_scale)
+        self._seen = [round(1 / STEP_SCALE_RATE)] * 2
 
     def should_draft(self) -> bool:
         """False while backing off after consults whose drafts did not pay at this load."""
@@ -137,7 +150,7 @@ class BatchPlanner:
 
     def step_cost(self, rows: int, k: int) -> float:
         """Expected seconds of this batch's forward: calibrated, scaled by what steps measured."""
-        return self.cost.cost(rows, k) * self.step_scale[int(k > 1)]
+        return self.cost.cost(rows, k) * self.step_scale[0] * (self.step_scale[1] if k > 1 else 1.0)
 
     def row_share(self, rows: int) -> CostModel:
         """One row's share of a step at this batch size, T(rows, k) / rows: what a row's own
@@ -159,10 +172,14 @@ class BatchPlanner:
         return {slot: subtree(tree, orders[slot][: k - 1]) for slot, tree in trees.items()}, k
 
     def observe_step(self, rows: int, k: int, seconds: float) -> None:
-        """Correct the calibrated cost with one measured forward over `rows` x `k` positions."""
+        """Correct the calibrated cost with one measured forward over `rows` x `k` positions:
+        a one-position step moves the common factor, a wider one its own factor on top of it."""
         if seconds <= 0:
             return
         lo, hi = STEP_SCALE_CLIP
-        ratio = min(max(seconds / self.cost.cost(rows, k), lo), hi)
         i = int(k > 1)
-        self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])
+        expected = self.cost.cost(rows, k) * (self.step_scale[0] if i else 1.0)
+        ratio = min(max(seconds / expected, lo), hi)
+        self._seen[i] += 1
+        rate = max(STEP_SCALE_RATE, 1.0 / self._seen[i])
+        self.step_scale[i] += rate * (ratio - self.step_scale[i])

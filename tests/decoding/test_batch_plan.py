@@ -10,7 +10,7 @@ import torch
 from dresd.config import SpeculativeConfig
 from dresd.decoding.batch_plan import BatchCostModel, BatchPlanner, select_width
 from dresd.decoding.batch_spec import BatchedSpeculativeDecoder, BatchRequest
-from dresd.decoding.budget import CostModel, DraftPlanner
+from dresd.decoding.budget import STEP_SCALE_RATE, CostModel, DraftPlanner
 from dresd.decoding.loop import SpeculativeDecoder
 from dresd.decoding.tree import build_tree
 from fake_drafters import FakeDrafter, continuation
@@ -65,6 +65,21 @@ def test_planner_cuts_every_row_to_one_width():
     planner.observe_step(3, 3, 2 * FLAT.cost(3, 3))
     assert planner.step_scale[1] > 1.0 and planner.step_scale[0] == 1.0
     assert planner.row_share(4).cost(1) == pytest.approx(FLAT.cost(4, 1) / 4)
+
+
+def test_a_load_that_slows_every_step_prices_wide_steps_at_once():
+    """Wide steps are rare where drafts seldom pay: what one-position steps measure moves the
+    price of every width, and the first wide step corrects its own calibration at once."""
+    planner = BatchPlanner(PER_POSITION)
+    for _ in range(30):
+        planner.observe_step(16, 1, 1.8 * PER_POSITION.cost(16, 1))  # the machine got busier
+    assert planner.step_cost(16, 2) == pytest.approx(1.8 * PER_POSITION.cost(16, 2), rel=0.01)
+    planner.observe_step(16, 2, 1.8 * 1.2 * PER_POSITION.cost(16, 2))  # and wide steps cost 20% more besides
+    assert planner.step_cost(16, 2) == pytest.approx(1.8 * 1.2 * PER_POSITION.cost(16, 2), rel=0.01)
+    assert planner.step_cost(16, 1) == pytest.approx(1.8 * PER_POSITION.cost(16, 1), rel=0.01)
+    planner.adopt([1.3, 0.9])  # a successor's factors are trusted as a running average
+    planner.observe_step(16, 1, 2.0 * PER_POSITION.cost(16, 1))
+    assert planner.step_scale[0] == pytest.approx(1.3 + STEP_SCALE_RATE * 0.7)
 
 
 @pytest.fixture(scope="module")
