@@ -39,6 +39,15 @@ from dresd.evaluation.results import save_run
 from dresd.model.loading import load_model
 
 
+def _label(cmdline: list[str], name: str) -> str:
+    """A process's label: a Ray worker's title (ray::IDLE, ray::MapWorker(...)), a Python
+    script's file name, else the executable's name."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0][:48]
+    scripts = [Path(a).name for a in cmdline if a.endswith(".py")]
+    return scripts[0] if scripts else name
+
+
 class PeakMemory:
     """The peak summed memory of this process and all its descendants (Ray's are ours): RSS
     every `interval` seconds (cheap), PSS every `pss_every` (reading it walks each process's
@@ -48,18 +57,24 @@ class PeakMemory:
     def __init__(self, interval: float = 0.5, pss_every: float = 10.0):
         self.interval, self.pss_every = interval, pss_every
         self.peak = self.peak_rss = 0
+        self.at_peak: dict[str, int] = {}  # PSS by process name at the peak PSS reading: where the memory was
         self._stop = threading.Event()
 
     @staticmethod
-    def _total(pss: bool) -> int:
+    def _each(pss: bool) -> dict[str, int]:
         me = psutil.Process()
-        total = 0
+        out: dict[str, int] = {}
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_full_info().pss if pss else p.memory_info().rss
+                name = "driver" if p.pid == me.pid else _label(p.cmdline(), p.name())
+                out[name] = out.get(name, 0) + (p.memory_full_info().pss if pss else p.memory_info().rss)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
-        return total
+        return out
+
+    @classmethod
+    def _total(cls, pss: bool) -> int:
+        return sum(cls._each(pss).values())
 
     def __enter__(self):
         def loop():
@@ -68,7 +83,10 @@ class PeakMemory:
                 rss = self._total(False)
                 # PSS on its schedule, and as soon as RSS has grown 5% past its last reading.
                 if time.monotonic() - last >= self.pss_every or rss > 1.05 * rss_then:
-                    self.peak, last, rss_then = max(self.peak, self._total(True)), time.monotonic(), rss
+                    each = self._each(True)
+                    if sum(each.values()) > self.peak:
+                        self.peak, self.at_peak = sum(each.values()), each
+                    last, rss_then = time.monotonic(), rss
                 self.peak_rss = max(self.peak_rss, rss)
                 time.sleep(self.interval)
         self._t = threading.Thread(target=loop, daemon=True)
@@ -190,29 +208,15 @@ def build(label: str, corpus: Path, out: Path, tokens: int) -> dict:
            "published_bytes_per_token": folder_bytes(Path(report.version_dir)) / tokens,
            "index_bytes_per_key": (Path(report.version_dir) / "index.faiss").stat().st_size / report.keys,
            "embedded_tokens": embedded, "embed_s": t["fit"] + t["read+tokenize+embed+write"],
-           "total_s": t["total"], "layout": report.index_layout, "store": str(report.version_dir)}
+           "total_s": t["total"], "layout": report.index_layout, "store": str(report.version_dir),
+           "at_peak_mib": {k: round(v / 2**20) for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])}}
     row["pipeline_tok_s"] = embedded / row["embed_s"]
     print(label, {k: v for k, v in row.items() if k != "layout"}, flush=True)
     return row
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--small", type=int, default=100_000, help="corpus tokens of the smaller build")
-    ap.add_argument("--large", type=int, default=1_000_000, help="corpus tokens of the larger build")
-    ap.add_argument("--out", default="runs/bench/build")
-    args = ap.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    lm = load_model(ModelConfig(dual_layout=False))
-    corpora = {label: (out / f"corpus_{label}.jsonl", target) for label, target in
-               [("small", args.small), ("large", args.large)]}
-    tokens = {label: write_corpus(path, lm.tokenizer, lm.eos_token_id, target)
-              for label, (path, target) in corpora.items()}
-    del lm
-    results = {label: build(label, corpora[label][0], out, tokens[label]) for label in corpora}
-    loop = plain_loop_tokens_per_s(corpora["small"][0], BuildConfig().batch_size, SHARD_ROWS)
-    replica = replica_memory(Path(results["large"]["store"]))
+def report(results: dict, loop: float, replica: dict, note: str = "") -> list[str]:
+    """The benchmark's markdown: the two builds, the plain loop, the replica, the projection."""
     small, large = results["small"], results["large"]
     growth = large["peak_gib"] / small["peak_gib"] - 1
     gib = 2**30
@@ -242,6 +246,9 @@ def main() -> None:
         "| pipeline / plain loop | " + " | ".join(f"{r['pipeline_tok_s'] / loop:.2f}" for r in results.values())
         + " | >= 0.85 |",
         "",
+        *(["Where each peak was (PSS by process at the peak reading, MiB):", "",
+            *[f"- {r['tokens']:,} tokens: " + ", ".join(f"{k} {v:,}" for k, v in r["at_peak_mib"].items() if v >= 20)
+              for r in results.values()], ""] if all("at_peak_mib" in r for r in results.values()) else []),
         f"Serving replica (a fresh process, the {large['tokens']:,}-token store open, index memory-mapped, one "
         "DReSD generation):",
         "",
@@ -259,6 +266,27 @@ def main() -> None:
         "|---|---|",
         *projection(large),
     ]
+    return lines + (["", note] if note else [])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", type=int, default=100_000, help="corpus tokens of the smaller build")
+    ap.add_argument("--large", type=int, default=1_000_000, help="corpus tokens of the larger build")
+    ap.add_argument("--out", default="runs/bench/build")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_model(ModelConfig(dual_layout=False))
+    corpora = {label: (out / f"corpus_{label}.jsonl", target) for label, target in
+               [("small", args.small), ("large", args.large)]}
+    tokens = {label: write_corpus(path, lm.tokenizer, lm.eos_token_id, target)
+              for label, (path, target) in corpora.items()}
+    del lm
+    results = {label: build(label, corpora[label][0], out, tokens[label]) for label in corpora}
+    loop = plain_loop_tokens_per_s(corpora["small"][0], BuildConfig().batch_size, SHARD_ROWS)
+    replica = replica_memory(Path(results["large"]["store"]))
+    lines = report(results, loop, replica)
     text = "\n".join(lines) + "\n"
     (out / "build_bench.md").write_text(text)
     (out / "build_bench_figures.json").write_text(json.dumps({"builds": results, "loop_tok_s": loop,
