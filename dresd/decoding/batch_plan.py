@@ -22,8 +22,9 @@ factor for every step (the machine's load, the contexts' length, cold caches mov
 alike) and, on top of it, one for wider steps. Wider steps are rare where drafting seldom
 pays, so a factor of their own would lag the machine by hundreds of steps and price a wide
 step at what it cost under another load: the relative factor carries only what wide steps
-cost beyond the common one. Both learn as a plain mean over their first observations and as
-a running one after (STEP_SCALE_RATE), so the first wide steps correct the calibration at once.
+cost beyond the common one. Both are running averages (STEP_SCALE_RATE): a factor set by one
+step would let a slow first wide step (a cold cache) price every later one out of reach, and
+with no wide step verified it could never come back down.
 """
 
 from __future__ import annotations
@@ -117,16 +118,13 @@ class BatchPlanner:
         # Measured / calibrated forward time, running averages: [every step's factor, wider
         # steps' factor on top of it].
         self.step_scale = [1.0, 1.0]
-        self._seen = [0, 0]  # observations behind each factor (a plain mean over the first ones)
         self._shares: dict[int, CostModel] = {}
         self._unpaid = 0  # drafted steps in a row whose chosen width was 1
         self._skip = 0  # steps left without consulting
 
     def adopt(self, step_scale: list[float]) -> None:
-        """Start from another planner's factors (a decoder replacing one over the same model),
-        trusted as a running average is: new steps move them at STEP_SCALE_RATE."""
+        """Start from another planner's factors (a decoder replacing one over the same model)."""
         self.step_scale = list(step_scale)
-        self._seen = [round(1 / STEP_SCALE_RATE)] * 2
 
     def should_draft(self) -> bool:
         """False while backing off after consults whose drafts did not pay at this load."""
@@ -180,6 +178,4 @@ class BatchPlanner:
         i = int(k > 1)
         expected = self.cost.cost(rows, k) * (self.step_scale[0] if i else 1.0)
         ratio = min(max(seconds / expected, lo), hi)
-        self._seen[i] += 1
-        rate = max(STEP_SCALE_RATE, 1.0 / self._seen[i])
-        self.step_scale[i] += rate * (ratio - self.step_scale[i])
+        self.step_scale[i] += STEP_SCALE_RATE * (ratio - self.step_scale[i])

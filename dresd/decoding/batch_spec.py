@@ -30,7 +30,7 @@ from dresd.config import SpeculativeConfig
 from dresd.decoding.acceptance import acceptor
 from dresd.decoding.batch import PADDED_PREFILL_DEVICES
 from dresd.decoding.batch_plan import BatchCostModel, BatchPlanner
-from dresd.decoding.budget import AcceptanceModel, CostModel, DraftPlanner
+from dresd.decoding.budget import CostModel, DraftPlanner
 from dresd.decoding.kv_cache import GrowingCache
 from dresd.decoding.row_cache import RowCache, batch_inputs, padded_prefill
 from dresd.decoding.loop import Generation
@@ -104,9 +104,6 @@ class BatchedSpeculativeDecoder:
         self._drafters: list[Drafter | None] = []
         self._planners: list[DraftPlanner] = []
         self._seeds: list = []  # acceptance estimates new slots start from (inherit)
-        # What every slot's estimates lean on before their own evidence: the batch's, learnt
-        # from every row (a slot alone sees 1/B of the trees and would start over per request).
-        self._shared = AcceptanceModel()
         self._cache: RowCache | None = None  # made at the first step, `max_batch` slots
         self._rows: dict[int, _Row] = {}  # slot -> the sequence decoding there
         self._waiting: deque[tuple[int, BatchRequest]] = deque()
@@ -118,7 +115,6 @@ class BatchedSpeculativeDecoder:
             planner = DraftPlanner(self.cost.single() if self.cost else None, self.spec.max_verify)
             if len(self._planners) < len(self._seeds):
                 planner.acceptance = self._seeds[len(self._planners)]
-            planner.acceptance.parent = self._shared
             self._planners.append(planner)
         return self._drafters[slot], self._planners[slot]
 
@@ -232,8 +228,7 @@ class BatchedSpeculativeDecoder:
     def calibration(self) -> tuple[list, list[float] | None]:
         """A copy of what this decoder learnt: its slots' acceptance estimates and the batch
         planner's measured step-cost factors (for `inherit`; holds no model or drafter)."""
-        # One deepcopy: the copies share one copy of the batch's shared estimates.
-        return (copy.deepcopy([p.acceptance for p in self._planners]),
+        return ([copy.deepcopy(p.acceptance) for p in self._planners],
                 list(self.planner.step_scale) if self.planner is not None else None)
 
     def inherit(self, calibration: tuple[list, list[float] | None]) -> None:
@@ -244,8 +239,6 @@ class BatchedSpeculativeDecoder:
         if self._drafters:
             raise RuntimeError("inherit() before the first request: this decoder has begun learning")
         self._seeds, scale = calibration
-        if self._seeds and self._seeds[0].parent is not None:
-            self._shared = self._seeds[0].parent
         if self.planner is not None and scale is not None:
             self.planner.adopt(scale)
 

@@ -95,9 +95,7 @@ class AcceptanceModel:
 
     With `shrink`, a cell's prior is not a constant but its coarser cell's estimate:
     (source, depth, bin) leans on (source, bin), which leans on (source), which leans on the
-    optimistic constant, or, with a `parent` model, the parent's estimate for the cell: the
-    batched decoder gives every slot's model the batch's shared one, so a request starts
-    from what the batch's other requests taught and follows its own text as it goes. Most cells of a tree are rare (deep nodes, nodes several sources
+    optimistic constant. Most cells of a tree are rare (deep nodes, nodes several sources
     agree on), and a constant prior keeps them near prior_rate long after the source has
     shown what nodes with that support are worth. The support bin comes before the depth
     because it tells more: a node most of its parent's evidence goes to is accepted far more
@@ -113,9 +111,6 @@ class AcceptanceModel:
     decay: float = 0.995
     # Each cell's prior is its coarser cell's estimate (see above); False = the constant prior in every cell.
     shrink: bool = True
-    # The model whose estimate stands in for the constant prior (None: the constant);
-    # every update here updates it too.
-    parent: AcceptanceModel | None = None
     offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
     accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
 
@@ -134,7 +129,7 @@ class AcceptanceModel:
 
     def rate(self, cell: tuple) -> float:
         """P(accepted | parent accepted) in this cell."""
-        prior = self.prior_rate if self.parent is None else self.parent.rate(cell)
+        prior = self.prior_rate
         for key in self._levels(cell):
             prior = (self.accepted.get(key, 0.0) + prior * self.prior_weight) / (self.offered.get(key, 0.0)
                                                                                + self.prior_weight)
@@ -149,8 +144,6 @@ class AcceptanceModel:
 
     def update(self, tree: TokenTree, path: list[int]) -> None:
         """Learn from one verified tree and the node path the target accepted."""
-        if self.parent is not None:
-            self.parent.update(tree, path)
         for key in self.offered:
             self.offered[key] *= self.decay
             self.accepted[key] *= self.decay

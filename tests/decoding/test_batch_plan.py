@@ -67,17 +67,21 @@ def test_planner_cuts_every_row_to_one_width():
     assert planner.row_share(4).cost(1) == pytest.approx(FLAT.cost(4, 1) / 4)
 
 
-def test_a_load_that_slows_every_step_prices_wide_steps_at_once():
+def test_a_load_that_slows_every_step_prices_wide_steps_alike():
     """Wide steps are rare where drafts seldom pay: what one-position steps measure moves the
-    price of every width, and the first wide step corrects its own calibration at once."""
+    price of every width; wide steps' own factor carries only what they cost beyond it."""
     planner = BatchPlanner(PER_POSITION)
-    for _ in range(30):
+    for _ in range(200):
         planner.observe_step(16, 1, 1.8 * PER_POSITION.cost(16, 1))  # the machine got busier
     assert planner.step_cost(16, 2) == pytest.approx(1.8 * PER_POSITION.cost(16, 2), rel=0.01)
-    planner.observe_step(16, 2, 1.8 * 1.2 * PER_POSITION.cost(16, 2))  # and wide steps cost 20% more besides
+    for _ in range(200):
+        planner.observe_step(16, 2, 1.8 * 1.2 * PER_POSITION.cost(16, 2))  # and wide steps cost 20% more besides
     assert planner.step_cost(16, 2) == pytest.approx(1.8 * 1.2 * PER_POSITION.cost(16, 2), rel=0.01)
     assert planner.step_cost(16, 1) == pytest.approx(1.8 * PER_POSITION.cost(16, 1), rel=0.01)
-    planner.adopt([1.3, 0.9])  # a successor's factors are trusted as a running average
+    slow = BatchPlanner(PER_POSITION)
+    slow.observe_step(1, 4, 10 * PER_POSITION.cost(1, 4))  # one slow first wide step (a cold cache) ...
+    assert slow.step_scale[1] < 1.1  # ... barely moves the price of the next ones
+    planner.adopt([1.3, 0.9])  # a successor starts from its predecessor's factors
     planner.observe_step(16, 1, 2.0 * PER_POSITION.cost(16, 1))
     assert planner.step_scale[0] == pytest.approx(1.3 + STEP_SCALE_RATE * 0.7)
 

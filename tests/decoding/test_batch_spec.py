@@ -207,9 +207,6 @@ def test_a_replacing_decoder_inherits_the_calibration(tiny_lm, prompts):
     assert new.planner.step_scale == [1.3, 0.8]
     new.generate([BatchRequest(prompts[0], 4)])
     assert new._planners[0].acceptance is learnt[0][0] and old._planners[0].acceptance is not learnt[0][0]
-    # The slots still lean on one shared estimate: the copy of the predecessor's.
-    shared = learnt[0][0].parent
-    assert shared is learnt[0][1].parent is new._shared and shared is not old._shared and shared.offered
     with pytest.raises(RuntimeError, match="before the first request"):
         new.inherit(learnt)
 

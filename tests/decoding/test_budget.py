@@ -412,18 +412,3 @@ def test_a_rare_cell_leans_on_its_source_and_support():
     for _ in range(20):
         flat.update(weak, [0])
     assert flat.rate(("s", 6, 2)) == pytest.approx(0.7)  # the constant prior: still optimistic
-
-
-def test_a_model_with_a_parent_starts_from_the_parents_estimate_and_teaches_it():
-    """The batched decoder's slots lean on the batch's shared estimates: a request's first
-    trees are priced by what the other rows taught, not by the optimistic constant."""
-    shared = AcceptanceModel()
-    taught, fresh = AcceptanceModel(parent=shared), AcceptanceModel(parent=shared)
-    tree = build_tree(1, [[2, 3]])
-    cell = AcceptanceModel.cell(tree, 1)
-    assert fresh.rate(cell) == pytest.approx(AcceptanceModel.prior_rate)
-    for _ in range(30):
-        taught.update(tree, [0])  # the first draft token is always rejected
-    assert shared.rate(cell) < 0.15 and fresh.rate(cell) == pytest.approx(shared.rate(cell))
-    assert taught.rate(cell) < shared.rate(cell) + 0.01
-    assert AcceptanceModel().rate(cell) == pytest.approx(AcceptanceModel.prior_rate)  # no parent: the constant
