@@ -40,19 +40,24 @@ class Compressor:
 FIT_CHUNK = 8192
 
 
-def _chunks(parts: list[np.ndarray]):
-    """(first row, float64 rows) of the parts in order, FIT_CHUNK rows at a time."""
+def _parts(sample: np.ndarray | list[np.ndarray]) -> list[np.ndarray]:
+    """A sample given whole or as parts, as a list of parts."""
+    return [np.asarray(p) for p in sample] if isinstance(sample, (list, tuple)) else [np.asarray(sample)]
+
+
+def _chunks(parts: list[np.ndarray], dtype=np.float64):
+    """(first row, rows as `dtype`) of the parts in order, FIT_CHUNK rows at a time."""
     first = 0
     for part in parts:
         for a in range(0, len(part), FIT_CHUNK):
-            yield first + a, np.asarray(part[a : a + FIT_CHUNK], dtype=np.float64)
+            yield first + a, np.asarray(part[a : a + FIT_CHUNK], dtype=dtype)
         first += len(part)
 
 
 def fit_compressor(sample: np.ndarray | list[np.ndarray], dim: int) -> Compressor:
     """Fit z-score statistics and a `dim`-component PCA on a (n, D) sample of hidden states,
     given whole or as parts (the rows of the parts in order: a sample is never concatenated)."""
-    parts = [np.asarray(p) for p in sample] if isinstance(sample, (list, tuple)) else [np.asarray(sample)]
+    parts = _parts(sample)
     if any(p.ndim != 2 for p in parts) or len({p.shape[1] for p in parts}) > 1:
         raise ValueError(f"sample must be 2-D (n, D), got shape(s) {sorted({p.shape for p in parts})}")
     n, d_in = sum(len(p) for p in parts), parts[0].shape[1]
@@ -60,13 +65,18 @@ def fit_compressor(sample: np.ndarray | list[np.ndarray], dim: int) -> Compresso
         raise ValueError(f"PCA dim {dim} exceeds hidden size {d_in}")
     if n < 2:
         raise ValueError(f"need at least 2 sample vectors to fit the compressor, got {n}")
-    bad = np.concatenate([first + np.flatnonzero(~np.isfinite(x).all(axis=1)) for first, x in _chunks(parts)])
+    # Two passes over the chunks: the mean (and the rows that are not finite), then the
+    # centred sums of squares and products.
+    sums, bad = np.zeros(d_in), []
+    for first, x in _chunks(parts):
+        bad.append(first + np.flatnonzero(~np.isfinite(x).all(axis=1)))
+        sums += x.sum(axis=0)
+    bad = np.concatenate(bad)
     if len(bad):
         # One NaN would turn every mean, axis and key into NaN: an index that finds nothing.
         raise ValueError(f"compressor fit sample: {len(bad)} of {n} rows hold NaN or infinite values "
                          f"(rows {bad[:5].tolist()}); the hidden states they came from are broken")
-    # Two passes over the chunks: the mean, then the centred sums of squares and products.
-    mean = sum(x.sum(axis=0) for _, x in _chunks(parts)) / n
+    mean = sums / n
     gram = np.zeros((d_in, d_in))
     for _, x in _chunks(parts):
         c = x - mean
@@ -109,16 +119,14 @@ def reconstruction_error(comp: Compressor, hidden: np.ndarray | list[np.ndarray]
 
     Used as a drift signal: new data the compressor fits poorly loses more energy.
     """
-    parts = list(hidden) if isinstance(hidden, (list, tuple)) else [hidden]
     lost, n = 0.0, 0
-    for part in parts:
-        for a in range(0, len(part), FIT_CHUNK):
-            z = (np.asarray(part[a : a + FIT_CHUNK], dtype=np.float32) - comp.mean) / comp.std
-            proj = z @ comp.components
-            total = (z * z).sum(axis=1)
-            kept = (proj * proj).sum(axis=1)
-            lost += float((1.0 - kept / np.maximum(total, 1e-12)).sum(dtype=np.float64))
-            n += len(z)
+    for _, x in _chunks(_parts(hidden), np.float32):
+        z = (x - comp.mean) / comp.std
+        proj = z @ comp.components
+        total = (z * z).sum(axis=1)
+        kept = (proj * proj).sum(axis=1)
+        lost += float((1.0 - kept / np.maximum(total, 1e-12)).sum(dtype=np.float64))
+        n += len(z)
     return lost / n if n else float("nan")
 
 
