@@ -20,7 +20,7 @@ import faiss
 import numpy as np
 
 from dresd.datastore.compression import Compressor, load_compressor, save_compressor
-from dresd.datastore.index import IVFDATA, append_invlists, deserialize, merge_into, merge_on_disk, serialize
+from dresd.datastore.index import IVFDATA, append_ivf, deserialize, merge_into, merge_on_disk, serialize
 from dresd.storage.faults import fault_point
 from pipelines.scratch import Scratch
 from pipelines.shards import codes_name, shard_keys, write_codes
@@ -122,9 +122,7 @@ def append_lists(dst: faiss.Index, src: faiss.Index) -> None:
     if (d.nlist, d.code_size) != (s.nlist, s.code_size):
         raise ValueError(f"shard codes of {s.nlist} lists x {s.code_size} B do not fit an index of "
                          f"{d.nlist} lists x {d.code_size} B")
-    append_invlists(d.invlists, s.invlists)
-    d.ntotal += s.ntotal
-    dst.ntotal = d.ntotal
+    append_ivf(dst, src)
 
 
 def clear_block_padding(index: faiss.Index) -> None:

@@ -282,6 +282,15 @@ def append_invlists(dst: faiss.InvertedLists, src: faiss.InvertedLists) -> None:
         faiss.rev_swig_ptr(d.get_ids(j), old + n)[old:] = faiss.rev_swig_ptr(s.get_ids(j), n)
 
 
+def append_ivf(dst: faiss.Index, src: faiss.Index) -> None:
+    """Append IVF `src`'s list entries (ids kept) to IVF `dst`'s and count them in both the
+    IVF and its wrapper; the caller has checked that their lists fit."""
+    d, s = faiss.extract_index_ivf(dst), faiss.extract_index_ivf(src)
+    append_invlists(d.invlists, s.invlists)
+    d.ntotal += s.ntotal
+    dst.ntotal = d.ntotal
+
+
 def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
     """Append every vector of `src` to `dst` (same layout, same training), keeping src's
     ids (global: see add_keys); shards are merged in order for the flat/refine rows."""
@@ -294,11 +303,8 @@ def merge_into(dst: faiss.Index, src: faiss.Index) -> None:
     if isinstance(dst_r, faiss.IndexFlat):
         dst_r.merge_from(src_r, 0)
         return
-    d, s = faiss.extract_index_ivf(dst), faiss.extract_index_ivf(src)
-    d.check_compatible_for_merge(s)
-    append_invlists(d.invlists, s.invlists)
-    d.ntotal += s.ntotal
-    dst.ntotal = d.ntotal
+    faiss.extract_index_ivf(dst).check_compatible_for_merge(faiss.extract_index_ivf(src))
+    append_ivf(dst, src)
 
 
 def merge_on_disk(empty: faiss.Index, sources: list[faiss.Index], ivfdata: str) -> faiss.Index:
