@@ -61,29 +61,41 @@ class PeakMemory:
         self._stop = threading.Event()
 
     @staticmethod
-    def _each(pss: bool) -> dict[str, int]:
+    def _processes():
         me = psutil.Process()
+        return me, [me, *me.children(recursive=True)]
+
+    @classmethod
+    def _each(cls) -> dict[str, int]:
+        """PSS by process label (read on the PSS schedule only: labels read each command line)."""
+        me, procs = cls._processes()
         out: dict[str, int] = {}
-        for p in [me, *me.children(recursive=True)]:
+        for p in procs:
             try:
                 name = "driver" if p.pid == me.pid else _label(p.cmdline(), p.name())
-                out[name] = out.get(name, 0) + (p.memory_full_info().pss if pss else p.memory_info().rss)
+                out[name] = out.get(name, 0) + p.memory_full_info().pss
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         return out
 
     @classmethod
-    def _total(cls, pss: bool) -> int:
-        return sum(cls._each(pss).values())
+    def _rss(cls) -> int:
+        total = 0
+        for p in cls._processes()[1]:
+            try:
+                total += p.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        return total
 
     def __enter__(self):
         def loop():
             last, rss_then = 0.0, 0
             while not self._stop.is_set():
-                rss = self._total(False)
+                rss = self._rss()
                 # PSS on its schedule, and as soon as RSS has grown 5% past its last reading.
                 if time.monotonic() - last >= self.pss_every or rss > 1.05 * rss_then:
-                    each = self._each(True)
+                    each = self._each()
                     if sum(each.values()) > self.peak:
                         self.peak, self.at_peak = sum(each.values()), each
                     last, rss_then = time.monotonic(), rss
