@@ -101,6 +101,11 @@ def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
 # Most steps the batch goes without consulting its drafters after widths of 1 in a row;
 # trades drafting time wasted at a load where drafts do not pay against drafts missed when they would.
 MAX_BATCH_BACKOFF = 32
+# Consulted steps at width 1 with drafts on the table before a probe; trades wide steps spent on
+# evidence against estimates that stay stale (the interval doubles while probes lead nowhere).
+PROBE_AFTER = 8
+# Longest interval between probes, in consulted steps.
+MAX_PROBE_INTERVAL = 256
 
 
 class BatchPlanner:
@@ -110,6 +115,15 @@ class BatchPlanner:
     drafter each step still costs its time; where that time is a noticeable share of a step
     (CHEAP_CONSULT, as for one sequence) the batch then skips consults for 0, 1, 3, 7, ...
     steps while widths stay at 1, and consults every step again once a width above 1 pays.
+
+    A width of 1 verifies no node, so the rows' estimates learn nothing and a batch whose
+    estimates fell after a few misses would never draft again, even once its drafts would
+    pay (the one-sequence planner has the same trap and probes after its back-off). After
+    PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
+    verifies each drafting row's likeliest node (width 2), then waits twice as long before
+    the next probe unless a width above 1 pays meanwhile. It probes only where a node as
+    likely as the estimates' prior would pay at this load: elsewhere (a busy CPU at batch 16)
+    no evidence could make drafting pay, and a probe is a wide step bought for nothing.
     """
 
     def __init__(self, cost: BatchCostModel, max_width: int = 64):
@@ -121,6 +135,9 @@ class BatchPlanner:
         self._shares: dict[int, CostModel] = {}
         self._unpaid = 0  # drafted steps in a row whose chosen width was 1
         self._skip = 0  # steps left without consulting
+        self._quiet = 0  # consulted steps in a row planned to width 1 with drafts on the table
+        self._probe_at = PROBE_AFTER  # consulted quiet steps before the next probe
+        self.probes = 0  # probes made (what a report or test reads)
 
     def adopt(self, step_scale: list[float]) -> None:
         """Start from another planner's factors (a decoder replacing one over the same model)."""
@@ -166,8 +183,23 @@ class BatchPlanner:
             p = planners[slot].acceptance.node_probs(tree)
             orders[slot] = likeliest_first(tree, p)[: self.max_width - 1]
             probs.append([p[i] for i in orders[slot]])
-        k, _ = select_width(probs, lambda w: self.step_cost(len(trees), w), self.max_width, overhead_s)
+        cost = lambda w: self.step_cost(len(trees), w)  # noqa: E731
+        k, _ = select_width(probs, cost, self.max_width, overhead_s)
+        if k > 1:
+            self._quiet, self._probe_at = 0, PROBE_AFTER
+        elif any(probs):
+            self._quiet += 1
+            if self._quiet >= self._probe_at and self._probe_pays(trees, planners, probs, cost, overhead_s):
+                k, self._quiet = 2, 0
+                self._probe_at = min(2 * self._probe_at, MAX_PROBE_INTERVAL)
+                self.probes += 1
         return {slot: subtree(tree, orders[slot][: k - 1]) for slot, tree in trees.items()}, k
+
+    def _probe_pays(self, trees, planners, probs, cost, overhead_s: float) -> bool:
+        """Whether a width of 2 would pay at this load if every drafting row's likeliest node
+        were as likely as its estimates' prior: what evidence could bring them back to."""
+        prior = [[planners[slot].acceptance.prior_rate] if p else [] for slot, p in zip(trees, probs)]
+        return select_width(prior, cost, 2, overhead_s)[0] == 2
 
     def observe_step(self, rows: int, k: int, seconds: float) -> None:
         """Correct the calibrated cost with one measured forward over `rows` x `k` positions:

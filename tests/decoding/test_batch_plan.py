@@ -86,6 +86,26 @@ def test_a_load_that_slows_every_step_prices_wide_steps_alike():
     assert planner.step_scale[0] == pytest.approx(1.3 + STEP_SCALE_RATE * 0.7)
 
 
+def test_a_batch_whose_estimates_fell_probes_its_likeliest_nodes_now_and_then():
+    """A width of 1 verifies nothing, so fallen estimates would never recover: the batch
+    verifies each drafting row's likeliest node after 8, 16, 32 ... quiet steps, but only
+    where a node at the estimates' prior would pay at this load."""
+    third = BatchCostModel(B, K, [[0.01 * b * (1 + 0.3 * (k - 1)) for k in K] for b in B])  # a node pays above 0.3
+    trees = {0: build_tree(5, [[1, 2], [3]]), 1: build_tree(6, [[7]]), 2: build_tree(8, [])}
+    planners = {s: DraftPlanner(third.single()) for s in trees}
+    for p in planners.values():
+        for _ in range(30):  # misses: every estimate far below 0.3
+            p.acceptance.update(trees[0], [0])
+    planner = BatchPlanner(third)
+    plans = [planner.plan(trees, planners) for _ in range(60)]
+    assert [i for i, (_, w) in enumerate(plans) if w > 1] == [7, 23, 55] and planner.probes == 3
+    cut, _ = plans[7]
+    assert [len(cut[s]) for s in (0, 1, 2)] == [2, 2, 1]  # each drafting row's likeliest node
+    # Where even a node at the prior's rate would not pay, evidence could change nothing.
+    busy = BatchPlanner(PER_POSITION)
+    assert all(busy.plan(trees, planners)[1] == 1 for _ in range(60)) and busy.probes == 0
+
+
 @pytest.fixture(scope="module")
 def prompts():
     g = torch.Generator().manual_seed(5)
