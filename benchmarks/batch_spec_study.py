@@ -13,9 +13,11 @@ prompt joining the slot of one that finishes):
 - auto: the job's default: method "auto" with the batch-aware budget (dresd.decoding.
   batch_plan), which verifies drafts only where they pay at this batch size;
 - at batch 1, also the one-sequence loop (dresd.decoding.loop) with --method and its budget.
-Configurations run in turn within each pass, so load on the machine hits them alike; the
-table reports the median tokens/s over the passes, and every output is checked against
-one-at-a-time greedy decoding.
+Configurations run in turn within each pass, each pass starting the turn of a batch size at
+the next configuration, so load on the machine hits them alike. This machine's speed drifts
+by 20% or more between passes a few minutes apart, so comparisons are paired: "x plain" and
+"auto / better" are medians over passes of the ratio within each pass, not ratios of medians.
+Every output is checked against one-at-a-time greedy decoding.
 """
 
 from __future__ import annotations
@@ -84,16 +86,17 @@ def spec_study(args) -> None:
         dec = engine.decoder(SpeculativeConfig(method=method))
         return [dec.generate_ids(i, n_new) for i in ids]
 
-    configs = []
+    groups = []
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        configs.append((bs, "plain batched", plain(bs)))
-        configs.append((bs, f"{method} batched", batched(SpeculativeConfig(method=method), unaware, bs)))
-        configs.append((bs, "auto", batched(SpeculativeConfig(method="auto"), batch_cost, bs)))
+        group = [(bs, "plain batched", plain(bs)),
+                 (bs, f"{method} batched", batched(SpeculativeConfig(method=method), unaware, bs)),
+                 (bs, "auto", batched(SpeculativeConfig(method="auto"), batch_cost, bs))]
         if bs == 1:
-            configs.append((bs, f"{method} one-sequence loop", single_loop))
-    results: dict[tuple[int, str], list[dict]] = {(bs, name): [] for bs, name, _ in configs}
+            group.append((bs, f"{method} one-sequence loop", single_loop))
+        groups.append(group)
+    results: dict[tuple[int, str], list[dict]] = {(bs, name): [] for g in groups for bs, name, _ in g}
     for p in range(args.passes):
-        for bs, name, run in configs:
+        for bs, name, run in [c for g in groups for c in g[p % len(g):] + g[: p % len(g)]]:
             t0 = time.perf_counter()
             gens = run()
             wall = time.perf_counter() - t0
@@ -112,24 +115,34 @@ def spec_study(args) -> None:
 def _report(args, lm, method: str, auto_method: str, results: dict, n: int, cost: BatchCostModel) -> list[str]:
     lines = ["# Speculative batched decoding at each batch size", "",
              f"{lm.identity['name']}, {os.cpu_count()} cores, {n} {args.prompt_set} prompts, {args.max_new_tokens} new "
-             f"tokens, greedy, datastore {args.datastore}; {args.passes} interleaved passes, median tok/s. "
-             f"auto drafts with {auto_method} under the batch-aware budget.", "",
+             f"tokens, greedy, datastore {args.datastore}; {args.passes} interleaved passes, median tok/s; "
+             f"ratios are medians of each pass's ratio. auto drafts with {auto_method} under the batch-aware budget.", "",
              "| batch | run | tok/s (median) | x plain batched | tokens per call | positions per call | same as greedy |",
              "|---|---|---|---|---|---|---|"]
+
+    def rates(bs: int, name: str) -> list[float]:
+        return [r["tokens"] / r["wall"] for r in results[(bs, name)]]
+
+    def paired(bs: int, name: str, base: str) -> float:
+        """The median over passes of name's rate over base's in the same pass."""
+        return statistics.median(a / b for a, b in zip(rates(bs, name), rates(bs, base)))
+
     for (bs, name), runs in results.items():
-        rate = statistics.median(r["tokens"] / r["wall"] for r in runs)
-        base = statistics.median(r["tokens"] / r["wall"] for r in results[(bs, "plain batched")])
         r0 = runs[0]
-        lines.append(f"| {bs} | {name} | {rate:.1f} | {rate / base:.2f} | {r0['tokens'] / r0['calls']:.2f} | "
+        lines.append(f"| {bs} | {name} | {statistics.median(rates(bs, name)):.1f} | "
+                     f"{paired(bs, name, 'plain batched'):.2f} | {r0['tokens'] / r0['calls']:.2f} | "
                      f"{r0['verified'] / r0['calls']:.2f} | {min(r['same'] for r in runs)}/{n} |")
     lines += ["", "Which wins, and why (the measured forward cost T(b, k) of b rows of k positions):", ""]
     for bs in sorted({b for b, _ in results}):
-        rates = {name: statistics.median(r["tokens"] / r["wall"] for r in runs)
-                 for (b, name), runs in results.items() if b == bs}
-        best = max(rates, key=rates.get)
-        plain, spec = rates["plain batched"], rates[f"{method} batched"]
-        lines.append(f"- batch {bs}: {best} is fastest; auto at {rates['auto'] / max(plain, spec):.2f}x the better of "
-                     f"plain and {method} batched. A second position per row costs T({bs}, 2) / T({bs}, 1) = "
+        medians = {name: statistics.median(rates(b, name)) for b, name in results if b == bs}
+        best = max(medians, key=medians.get)
+        better = max(["plain batched", f"{method} batched"], key=medians.get)
+        lines.append(f"- batch {bs}: {best} is fastest; auto at {paired(bs, 'auto', better):.2f}x the better of "
+                     f"plain and {method} batched ({better}; per pass: "
+                     f"{', '.join(f'{a / b:.2f}' for a, b in zip(rates(bs, 'auto'), rates(bs, better)))})"
+                     + (f", {paired(bs, 'auto', f'{method} one-sequence loop'):.2f}x the one-sequence loop"
+                        if (bs, f"{method} one-sequence loop") in results else "")
+                     + f". A second position per row costs T({bs}, 2) / T({bs}, 1) = "
                      f"{cost.cost(bs, 2) / cost.cost(bs, 1):.2f}x a step, so a draft pays only when it is accepted "
                      f"more often than that excess.")
     return lines + [""]
