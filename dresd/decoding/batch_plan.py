@@ -106,6 +106,9 @@ MAX_BATCH_BACKOFF = 32
 PROBE_AFTER = 8
 # Longest interval between probes, in consulted steps.
 MAX_PROBE_INTERVAL = 256
+# Least gain in tokens/s that drafts at the estimates' prior would bring for a probe to be
+# made; near break-even the evidence cannot buy back the wide steps it costs.
+PROBE_MIN_GAIN = 0.1
 
 
 class BatchPlanner:
@@ -121,9 +124,10 @@ class BatchPlanner:
     pay (the one-sequence planner has the same trap and probes after its back-off). After
     PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
     verifies each drafting row's likeliest node (width 2), then waits twice as long before
-    the next probe unless a width above 1 pays meanwhile. It probes only where a node as
-    likely as the estimates' prior would pay at this load: elsewhere (a busy CPU at batch 16)
-    no evidence could make drafting pay, and a probe is a wide step bought for nothing.
+    the next probe unless a width above 1 pays meanwhile. It probes only where nodes as
+    likely as the estimates' prior would pay at this load by PROBE_MIN_GAIN: elsewhere (a
+    small CPU at batch 16, where a second position nearly doubles a step) no evidence could
+    make drafting pay much, and a probe is a wide step bought for next to nothing.
     """
 
     def __init__(self, cost: BatchCostModel, max_width: int = 64):
@@ -196,10 +200,11 @@ class BatchPlanner:
         return {slot: subtree(tree, orders[slot][: k - 1]) for slot, tree in trees.items()}, k
 
     def _probe_pays(self, trees, planners, probs, cost, overhead_s: float) -> bool:
-        """Whether a width of 2 would pay at this load if every drafting row's likeliest node
-        were as likely as its estimates' prior: what evidence could bring them back to."""
+        """Whether a width of 2 would pay at this load by PROBE_MIN_GAIN if every drafting row's
+        likeliest node were as likely as its estimates' prior: what evidence could bring them back to."""
         prior = [[planners[slot].acceptance.prior_rate] if p else [] for slot, p in zip(trees, probs)]
-        return select_width(prior, cost, 2, overhead_s)[0] == 2
+        k, rate = select_width(prior, cost, 2, overhead_s)
+        return k == 2 and rate >= (1 + PROBE_MIN_GAIN) * len(trees) / (cost(1) + overhead_s)
 
     def observe_step(self, rows: int, k: int, seconds: float) -> None:
         """Correct the calibrated cost with one measured forward over `rows` x `k` positions:

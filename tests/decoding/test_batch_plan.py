@@ -101,9 +101,12 @@ def test_a_batch_whose_estimates_fell_probes_its_likeliest_nodes_now_and_then():
     assert [i for i, (_, w) in enumerate(plans) if w > 1] == [7, 23, 55] and planner.probes == 3
     cut, _ = plans[7]
     assert [len(cut[s]) for s in (0, 1, 2)] == [2, 2, 1]  # each drafting row's likeliest node
-    # Where even a node at the prior's rate would not pay, evidence could change nothing.
-    busy = BatchPlanner(PER_POSITION)
-    assert all(busy.plan(trees, planners)[1] == 1 for _ in range(60)) and busy.probes == 0
+    # Where nodes at the prior's rate would not pay, or barely (two of three rows' nodes at
+    # 0.7 for a step 40% dearer: 5% more tokens/s), evidence could change next to nothing.
+    near = BatchCostModel(B, K, [[0.01 * b * (1 + 0.4 * (k - 1)) for k in K] for b in B])
+    for cost in (PER_POSITION, near):
+        busy = BatchPlanner(cost)
+        assert all(busy.plan(trees, planners)[1] == 1 for _ in range(60)) and busy.probes == 0
 
 
 @pytest.fixture(scope="module")
