@@ -93,6 +93,13 @@ def select_width(row_probs: list[list[float]], cost: Callable[[int], float], max
     return best_k, best_rate
 
 
+def prior_gain(row_probs: list[list[float]], cost: Callable[[int], float], overhead_s: float = 0.0) -> float:
+    """How many times plain decoding's tokens/s a width of at most 2 would give with these
+    rows' likeliest nodes (1.0: a width of 2 does not pay): what estimates that recovered to
+    their prior would be worth at this load."""
+    return select_width(row_probs, cost, 2, overhead_s)[1] * (cost(1) + overhead_s) / len(row_probs)
+
+
 def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
     """The tree's draft nodes, likeliest first (shallower on ties): every prefix is a subtree."""
     return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
@@ -106,9 +113,10 @@ MAX_BATCH_BACKOFF = 32
 PROBE_AFTER = 8
 # Longest interval between probes, in consulted steps.
 MAX_PROBE_INTERVAL = 256
-# Least gain in tokens/s that drafts at the estimates' prior would bring for a probe to be
-# made; near break-even the evidence cannot buy back the wide steps it costs.
-PROBE_MIN_GAIN = 0.1
+# Least gain in tokens/s that drafts at the estimates' prior would bring at this load for the
+# batch to probe, or to consult its drafters at every step however cheap the consults; trades
+# probes and consults near break-even, which cannot buy back their cost, against drafts missed.
+MIN_PRIOR_GAIN = 0.1
 
 
 class BatchPlanner:
@@ -116,8 +124,10 @@ class BatchPlanner:
 
     When drafting does not pay at this load (the chosen width is 1), consulting every row's
     drafter each step still costs its time; where that time is a noticeable share of a step
-    (CHEAP_CONSULT, as for one sequence) the batch then skips consults for 0, 1, 3, 7, ...
-    steps while widths stay at 1, and consults every step again once a width above 1 pays.
+    (CHEAP_CONSULT, as for one sequence), or where drafts as likely as the estimates' prior
+    would not pay by MIN_PRIOR_GAIN at this load (a small CPU at batch 16), the batch then
+    skips consults for 0, 1, 3, 7, ... steps while widths stay at 1, and consults every step
+    again once a width above 1 pays.
 
     A width of 1 verifies no node, so the rows' estimates learn nothing and a batch whose
     estimates fell after a few misses would never draft again, even once its drafts would
@@ -125,7 +135,7 @@ class BatchPlanner:
     PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
     verifies each drafting row's likeliest node (width 2), then waits twice as long before
     the next probe unless a width above 1 pays meanwhile. It probes only where nodes as
-    likely as the estimates' prior would pay at this load by PROBE_MIN_GAIN: elsewhere (a
+    likely as the estimates' prior would pay at this load by MIN_PRIOR_GAIN: elsewhere (a
     small CPU at batch 16, where a second position nearly doubles a step) no evidence could
     make drafting pay much, and a probe is a wide step bought for next to nothing.
     """
@@ -142,6 +152,7 @@ class BatchPlanner:
         self._quiet = 0  # consulted steps in a row planned to width 1 with drafts on the table
         self._probe_at = PROBE_AFTER  # consulted quiet steps before the next probe
         self.probes = 0  # probes made (what a report or test reads)
+        self._promising = True  # whether drafts at the prior's rate paid by MIN_PRIOR_GAIN at the last plan's load
 
     def adopt(self, step_scale: list[float]) -> None:
         """Start from another planner's factors (a decoder replacing one over the same model)."""
@@ -158,10 +169,10 @@ class BatchPlanner:
         """Account for a step whose drafts were planned to `width` positions per row over
         `rows` rows, its consults having taken `drafting_s` seconds in all (None: unknown)."""
         cheap = drafting_s is not None and drafting_s < CHEAP_CONSULT * self.step_cost(rows, 1)
-        if width > 1 or cheap:
-            # A width that paid, or consults too cheap to skip: skipping them saves next to
-            # nothing and misses the drafts that come back at the next step (a row's suffix
-            # tree proposes nothing on one step and a long match on the next).
+        if width > 1 or (cheap and self._promising):
+            # A width that paid, or consults too cheap to skip at a load where drafts can pay:
+            # skipping them saves next to nothing and misses the drafts that come back at the
+            # next step (a row's suffix tree proposes nothing on one step and a long match on the next).
             self._unpaid = self._skip = 0
             return
         self._unpaid += 1
@@ -189,22 +200,18 @@ class BatchPlanner:
             probs.append([p[i] for i in orders[slot]])
         cost = lambda w: self.step_cost(len(trees), w)  # noqa: E731
         k, _ = select_width(probs, cost, self.max_width, overhead_s)
+        prior = [planners[slot].acceptance.prior_rate for slot in trees]
+        self._promising = prior_gain([[p] for p in prior], cost, overhead_s) >= 1 + MIN_PRIOR_GAIN
         if k > 1:
             self._quiet, self._probe_at = 0, PROBE_AFTER
         elif any(probs):
             self._quiet += 1
-            if self._quiet >= self._probe_at and self._probe_pays(trees, planners, probs, cost, overhead_s):
+            drafting = [[p] if row else [] for p, row in zip(prior, probs)]
+            if self._quiet >= self._probe_at and prior_gain(drafting, cost, overhead_s) >= 1 + MIN_PRIOR_GAIN:
                 k, self._quiet = 2, 0
                 self._probe_at = min(2 * self._probe_at, MAX_PROBE_INTERVAL)
                 self.probes += 1
         return {slot: subtree(tree, orders[slot][: k - 1]) for slot, tree in trees.items()}, k
-
-    def _probe_pays(self, trees, planners, probs, cost, overhead_s: float) -> bool:
-        """Whether a width of 2 would pay at this load by PROBE_MIN_GAIN if every drafting row's
-        likeliest node were as likely as its estimates' prior: what evidence could bring them back to."""
-        prior = [[planners[slot].acceptance.prior_rate] if p else [] for slot, p in zip(trees, probs)]
-        k, rate = select_width(prior, cost, 2, overhead_s)
-        return k == 2 and rate >= (1 + PROBE_MIN_GAIN) * len(trees) / (cost(1) + overhead_s)
 
     def observe_step(self, rows: int, k: int, seconds: float) -> None:
         """Correct the calibrated cost with one measured forward over `rows` x `k` positions:

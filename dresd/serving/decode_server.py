@@ -45,7 +45,9 @@ CRASH_EXIT_CODE = 70  # as dresd.storage.faults' kill: a planned crash, told apa
 # proxy, about 5 ms of CPU over the three processes, competing with the decoding step on a
 # small node; sent at every step (~25 ms for the packaged model on 2 cores) that took about a
 # tenth of a concurrency-1 stream's throughput (issue 22). 10 text events a second at most,
-# several tokens each on a fast model (Ray Serve LLM batches its streams every 50 ms).
+# several tokens each on a fast model (Ray Serve LLM batches its streams every 50 ms). The
+# decoding thread tells a job its tokens at the same pace (Job.every): each event it tells
+# wakes this replica's event loop, whose Python competes with decoding for the GIL.
 STREAM_INTERVAL_S = 0.1
 
 
@@ -180,7 +182,7 @@ class DecodeServer:
         method = req.method or self.cfg.speculative.method
         job = Job(lambda e: loop.call_soon_threadsafe(inbox.put_nowait, e), req.max_tokens, method,
                   req.budget or self.cfg.speculative.budget, req.prompt, req.messages, sampling,
-                  time.monotonic() + timeout_s)
+                  time.monotonic() + timeout_s, every=STREAM_INTERVAL_S)
         relay = Relay(self.detokenizer, req, method, lambda: self.engine.cancel(job, "stop"))
         pacer = Pacer(STREAM_INTERVAL_S)
         self.engine.submit(job)

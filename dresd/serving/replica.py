@@ -76,11 +76,15 @@ class Job:
     messages: list[dict] | None = None
     sampling: SamplingParams | None = None
     deadline: float = float("inf")  # time.monotonic() past which it is cancelled (504)
+    # Least seconds between "tokens" events after the first: the stream's pace. Each event
+    # carries every token so far, so a step left untold loses nothing.
+    every: float = 0.0
     arrived: float = field(default_factory=time.monotonic)
     # Set by the replica.
     prompt_tokens: int = 0
     version: str | None = None
     sent: int = 0  # tokens already notified
+    told_at: float = float("-inf")  # time.monotonic() of the last "tokens" event
     first_token_at: float | None = None
 
 
@@ -162,6 +166,7 @@ class VersionBatches:
     def step(self) -> list[tuple[Job, list[int], DecodeMetrics]]:
         """One step of every busy batch: notifies new tokens; returns the jobs that finished."""
         done = []
+        now = time.monotonic()
         for key, decoder in self.decoders.items():
             if not decoder.busy:
                 continue
@@ -171,9 +176,12 @@ class VersionBatches:
                     done.append((job, gen.token_ids, gen.metrics))
             for rid, tokens in decoder.partial().items():
                 job = self.jobs.get((key, rid))
-                if job is not None and len(tokens) > job.sent:
-                    job.sent = len(tokens)
-                    job.first_token_at = job.first_token_at or time.monotonic()
+                if job is not None and len(tokens) > job.sent and now >= job.told_at + job.every:
+                    # Paced here, not only where the stream is written: every event wakes the
+                    # replica's event loop, whose Python competes with this thread's for the
+                    # GIL and, on a small node, for the cores.
+                    job.sent, job.told_at = len(tokens), now
+                    job.first_token_at = job.first_token_at or now
                     tell(job, Event("tokens", tokens, job.version))
         return done
 

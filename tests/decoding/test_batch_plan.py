@@ -195,3 +195,16 @@ def test_cheap_consults_go_on_at_every_step_though_nothing_paid():
     planner.record_width(1, rows=4, drafting_s=0.5 * step)  # half a step for nothing: back off
     planner.record_width(1, rows=4, drafting_s=0.5 * step)
     assert not planner.should_draft()
+
+
+def test_cheap_consults_back_off_too_where_drafts_could_not_pay_at_this_load():
+    trees = {s: build_tree(5, [[1, 2]]) for s in range(4)}
+    planners = {s: DraftPlanner(PER_POSITION.single()) for s in trees}
+    for cost, backs_off in ((PER_POSITION, True), (FLAT, False)):  # a second position doubles a step / is free
+        planner = BatchPlanner(cost)
+        step = planner.step_cost(4, 1)
+        for _ in range(2):
+            assert planner.should_draft()
+            assert planner.plan(trees, planners)[1] == 1 or not backs_off
+            planner.record_width(1, rows=4, drafting_s=0.01 * step)  # 1% of a step, nothing verified
+        assert planner.should_draft() is not backs_off

@@ -67,6 +67,18 @@ def test_jobs_of_several_methods_batch_and_answer_as_in_process_decoding(replica
     assert finish(events)[-1].kind == "done"
 
 
+def test_a_paced_job_hears_its_first_tokens_at_once_and_then_at_most_once_an_interval(replica):
+    eng, _ = replica
+    _, every_step = ask(eng, n=12, method="greedy")
+    _, paced = ask(eng, n=12, method="greedy", every=3600.0)
+    every_step, paced = finish(every_step), finish(paced)
+    # Greedy: a token a step, the last one told by "done".
+    assert len([e for e in every_step if e.kind == "tokens"]) == len(every_step[-1].tokens) - 1 > 2
+    told = [e.tokens for e in paced if e.kind == "tokens"]
+    assert len(told) == 1 and len(told[0]) == 1  # the first token, then nothing until done
+    assert paced[-1].tokens == every_step[-1].tokens  # each event carries every token so far
+
+
 def test_a_new_version_serves_the_next_job_while_the_running_one_finishes_on_its_own(replica, tiny_lm):
     eng, root = replica
     _, events1 = ask(eng, n=60, method="greedy")
