@@ -13,10 +13,13 @@ latency (end - first token) / (tokens - 1). With --kill-replica, one decoding re
 is killed halfway through each run (Serve starts a new one; the ingress retries the requests
 it held that had sent no text, and ends the streams that had with an error event). A request is answered (ok), answered with an error (an HTTP error
 status, or a stream's terminal error event), or lost (no answer: a broken connection, a
-timeout); lost must be 0. With --in-process, the same requests also run one at a time in
-this process (dresd.decoding.engine.Engine, same model and threads), alternating with the
-served ones in --passes passes at concurrency 1 (so a change of load on the machine falls
-on both alike), and concurrency 1's tokens/s is reported against them. Results: a markdown table
+timeout); lost must be 0. Every concurrency runs in --passes passes, the methods in turn
+within each from a rotating start, so a change of load on the machine falls on all alike;
+"x greedy" is the median over passes of a method's tokens/s over greedy's in the same pass.
+At concurrency 1 --requests are split over the passes; above it, each pass sends at least
+as many requests as clients. With --in-process, the same requests also run one at a time in
+this process (dresd.decoding.engine.Engine, same model and threads) after each served run at
+concurrency 1, and concurrency 1's tokens/s is reported against them. Results: a markdown table
 on stdout and serve_bench.json in --out.
 """
 
@@ -26,6 +29,7 @@ import argparse
 import http.client
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -209,7 +213,8 @@ def main() -> None:
     p.add_argument("--in-process", action="store_true",
                    help="also decode the requests one at a time in this process (the concurrency-1 baseline)")
     p.add_argument("--passes", type=int, default=2,
-                   help="with --in-process: concurrency 1 alternates this many served and in-process passes")
+                   help="passes per concurrency, methods in turn within each (with --in-process, concurrency 1 "
+                        "alternates served and in-process runs)")
     p.add_argument("--prompt-set", choices=tuple(PROMPT_SETS), default="mtbench",
                    help="MT-Bench first turns, or held-out ShareGPT first turns (the corpus the bench stores hold)")
     p.add_argument("--out", default="runs/bench")
@@ -234,28 +239,43 @@ def main() -> None:
     # over the same prompts, so a change of load on the machine falls on both alike.
     local = InProcess(cfg) if args.in_process else None
     rows = []
+    methods = args.methods.split(",")
     try:
-        for method in args.methods.split(","):
+        for method in methods:
             one_request(url, key, prompts[0], method, 4, args.timeout)  # warm: drafters, cost model
-            for c in (int(x) for x in args.concurrency.split(",")):
-                kill = kill_one_replica(cfg.app_name) if args.kill_replica else None
+        for c in (int(x) for x in args.concurrency.split(",")):
+            # Each pass sends every method a share of the requests (at least c, so c clients
+            # stay busy), methods in turn from a rotating start: load that drifts over minutes
+            # falls on every method alike, and "x greedy" pairs each pass's figures.
+            per = max(c, -(-args.requests // args.passes))
+            got = {m: ([], 0.0, []) for m in methods}
+            sent = 0
+            for p in range(args.passes):
+                n = min(per, args.requests - sent) if c == 1 else per
+                if n <= 0:
+                    break
+                for method in methods[p % len(methods):] + methods[: p % len(methods)]:
+                    kill = kill_one_replica(cfg.app_name) if args.kill_replica and p == 0 else None
+                    res, took = run_requests(url, key, prompts, method, c, n, args.max_tokens, args.timeout, kill, sent)
+                    results, wall, rates = got[method]
+                    rates.append(sum(r["tokens"] for r in res if r["ok"]) / took)
+                    got[method] = (results + res, wall + took, rates)
+                    if c == 1 and local is not None:
+                        local.run(prompts, method, n, args.max_tokens, sent)
+                sent += n
+            for method in methods:
+                results, wall, rates = got[method]
+                row = summary(method, c, results, wall)
+                row["pass_tokens_per_s"] = rates
+                if "greedy" in got:
+                    row["x_greedy"] = statistics.median(a / b for a, b in zip(rates, got["greedy"][2]))
                 if c == 1 and local is not None:
-                    results, wall, per = [], 0.0, -(-args.requests // args.passes)
-                    for first in range(0, args.requests, per):
-                        n = min(per, args.requests - first)
-                        got, took = run_requests(url, key, prompts, method, 1, n, args.max_tokens, args.timeout,
-                                                 kill if first == 0 else None, first)
-                        results, wall = results + got, wall + took
-                        local.run(prompts, method, n, args.max_tokens, first)
-                    row = summary(method, c, results, wall)
                     row["in_process_tokens_per_s"], row["in_process_mat"] = local.figures(method)
                     print(f"{method} in-process: {row['in_process_tokens_per_s']:.1f} tok/s, "
                           f"MAT {fmt(row['in_process_mat'], '.2f')}", file=sys.stderr)
-                else:
-                    row = summary(method, c, *run_requests(url, key, prompts, method, c, args.requests,
-                                                           args.max_tokens, args.timeout, kill))
                 rows.append(row)
-                print(f"{method} c={c}: {row['tokens_per_s']:.1f} tok/s, lost {row['lost']}", file=sys.stderr)
+                print(f"{method} c={c}: {row['tokens_per_s']:.1f} tok/s (passes: "
+                      f"{', '.join(f'{x:.1f}' for x in rates)}), lost {row['lost']}", file=sys.stderr)
     finally:
         if started:
             from ray import serve
@@ -265,19 +285,22 @@ def main() -> None:
             stop(cfg)
             serve.shutdown()
     lines = ["# Serving: closed-loop clients against dresd serve", "",
-             f"{args.replicas} decoding replica(s), max batch {args.max_batch}, {args.requests} streamed "
-             f"{PROMPT_SETS[args.prompt_set]} requests per row, {args.max_tokens} new tokens, greedy; "
+             f"{args.replicas} decoding replica(s), max batch {args.max_batch}, streamed "
+             f"{PROMPT_SETS[args.prompt_set]} requests ({args.requests} per row at concurrency 1, at least the "
+             f"concurrency per pass above it), {args.max_tokens} new tokens, greedy, {args.passes} passes with the "
+             f"methods in turn; x greedy: the median over passes of each pass's ratio; "
              f"datastore {args.datastore}"
-             + ("; one decoding replica killed halfway through each row" if args.kill_replica else "")
+             + ("; one decoding replica killed halfway through each row's first pass" if args.kill_replica else "")
              + f"; {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end.", "",
-             "| method | concurrency | requests | lost | errors | tokens/s | x in-process | TTFT p50 | TTFT p99 | "
-             "per-token p50 | per-token p99 | MAT | MAT in-process |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | concurrency | requests | lost | errors | tokens/s | x greedy | x in-process | TTFT p50 | "
+             "TTFT p99 | per-token p50 | per-token p99 | MAT | MAT in-process |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = r.get("in_process_tokens_per_s")
         ratio = f"{r['tokens_per_s'] / base:.2f}" if base else "-"
         lines.append(f"| {r['method']} | {r['concurrency']} | {r['requests']} | {r['lost']} | {r['errors']} | "
-                     f"{r['tokens_per_s']:.1f} | {ratio} | {fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | "
+                     f"{r['tokens_per_s']:.1f} | {fmt(r.get('x_greedy'), '.2f')} | {ratio} | "
+                     f"{fmt(r['ttft_p50_s'])} | {fmt(r['ttft_p99_s'])} | "
                      f"{fmt(r['tpot_p50_s'], '.4f')} | {fmt(r['tpot_p99_s'], '.4f')} | {fmt(r['mat'], '.2f')} | "
                      f"{fmt(r.get('in_process_mat'), '.2f')} |")
     print("\n".join(lines))
