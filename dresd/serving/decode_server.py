@@ -92,12 +92,16 @@ class Relay:
         return [{"kind": "text", "text": new, "tokens": len(tokens)}] if new else []
 
     def _done(self, event: Event) -> dict:
-        new = ""
+        new, finish = "", event.finish
         if event.tokens and not self.stopped:
             self.tokens = event.tokens
-            new, _ = self.text.update(event.tokens, final=True)
+            # A stop string can first show in the last tokens: those a paced stream had not
+            # been told yet, or the last step's.
+            new, self.stopped = self.text.update(event.tokens, final=True)
+        if self.stopped:
+            finish = "stop"
         stats = oa.dresd_stats(event.version, self.method, event.metrics)
-        return {"kind": "done", "text": new, "tokens": len(self.tokens), "finish": event.finish, "stats": stats}
+        return {"kind": "done", "text": new, "tokens": len(self.tokens), "finish": finish, "stats": stats}
 
 
 class Pacer:

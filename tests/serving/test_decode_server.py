@@ -53,6 +53,14 @@ def test_a_stop_string_cancels_the_job_once_and_ends_the_text_before_it(byte_tok
     assert stops == [True] and later == [] and done["finish"] == "stop" and done["tokens"] == 9
 
 
+def test_a_stop_string_first_seen_in_the_last_tokens_still_ends_the_text_and_finishes_with_stop(byte_tokenizer):
+    r, _ = relay(byte_tokenizer, stop=["wor"])
+    tokens = ids(byte_tokenizer, "hello world")
+    first = r.feed([Event("tokens", tokens[:2])])  # a paced stream heard nothing since
+    done, = r.feed([Event("done", tokens, "v1", 5, "length", DecodeMetrics())])
+    assert "".join(e["text"] for e in first) + done["text"] == "hello " and done["finish"] == "stop"
+
+
 def test_an_error_passes_through_with_the_field_it_names(byte_tokenizer):
     r, _ = relay(byte_tokenizer)
     out = r.feed([Event("error", status=400, message="too long", param="prompt")])
