@@ -166,7 +166,6 @@ class VersionBatches:
     def step(self) -> list[tuple[Job, list[int], DecodeMetrics]]:
         """One step of every busy batch: notifies new tokens; returns the jobs that finished."""
         done = []
-        now = time.monotonic()
         for key, decoder in self.decoders.items():
             if not decoder.busy:
                 continue
@@ -174,6 +173,7 @@ class VersionBatches:
                 job = self.jobs.pop((key, rid), None)
                 if job is not None:
                     done.append((job, gen.token_ids, gen.metrics))
+            now = time.monotonic()  # when this step's tokens exist: a first token's time, and the pace's
             for rid, tokens in decoder.partial().items():
                 job = self.jobs.get((key, rid))
                 if job is not None and len(tokens) > job.sent and now >= job.told_at + job.every:
