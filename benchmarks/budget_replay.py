@@ -74,6 +74,9 @@ class TreeLog:
     def should_draft(self) -> bool:
         return self.inner.should_draft()
 
+    def begin(self, sampled: bool) -> None:
+        self.inner.begin(sampled)
+
     def plan(self, tree: TokenTree) -> TokenTree:
         return self.inner.plan(tree)
 

@@ -108,23 +108,27 @@ def decode_answers(workdir: Path, raw: Path, name: str, overrides: list[str]) ->
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
-def id_corpus(workdir: Path, banned: set[str]) -> Path:
-    """The model's own answers (decode job, resumable), minus any evaluation prompt."""
+def id_corpus(workdir: Path, banned: set[str], rows: int | None = None) -> Path:
+    """The model's own answers to `rows` ShareGPT turns (ID_ROWS when None; decode job,
+    resumable), minus any evaluation prompt; MIN_ID_RECORDS of every ID_ROWS must survive."""
+    rows = ID_ROWS if rows is None else rows
     raw = workdir / "sharegpt_id.jsonl"
-    decode_answers(workdir, raw, "id", ["--set", f"skip={HELD_OUT}", "--set", f"limit={ID_ROWS}"])
-    return filtered_corpus(raw, workdir / "corpora" / "id.jsonl", banned, MIN_ID_RECORDS, "ID_ROWS")
+    decode_answers(workdir, raw, "id", ["--set", f"skip={HELD_OUT}", "--set", f"limit={rows}"])
+    return filtered_corpus(raw, workdir / "corpora" / "id.jsonl", banned, rows * MIN_ID_RECORDS // ID_ROWS, "--id-rows")
 
 
-def code_id_corpus(workdir: Path, functions: list[CodeFunction], banned: set[str]) -> Path:
-    """The model's own answers to the CODE_ID_ROWS functions after the held-out ones."""
+def code_id_corpus(workdir: Path, functions: list[CodeFunction], banned: set[str], rows: int | None = None) -> Path:
+    """The model's own answers to the `rows` functions (CODE_ID_ROWS when None) after the held-out ones."""
+    rows = CODE_ID_ROWS if rows is None else rows
     _, rest = split_functions(functions, CODE_HELD_OUT)
     prompts = workdir / "corpora" / "code_prompts.jsonl"
     prompts.parent.mkdir(parents=True, exist_ok=True)
-    prompts.write_text("".join(json.dumps({"id": f.id, "prompt": f.prompt}) + "\n" for f in rest[:CODE_ID_ROWS]))
+    prompts.write_text("".join(json.dumps({"id": f.id, "prompt": f.prompt}) + "\n" for f in rest[:rows]))
     raw = workdir / "code_id.jsonl"
     decode_answers(workdir, raw, "code-id", ["--set", f"prompts={prompts}", "--set", "id_field=id",
-                                             "--set", "skip=0", "--set", f"limit={CODE_ID_ROWS}"])
-    return filtered_corpus(raw, workdir / "corpora" / "code-id.jsonl", banned, MIN_CODE_ID_RECORDS, "CODE_ID_ROWS")
+                                             "--set", "skip=0", "--set", f"limit={rows}"])
+    return filtered_corpus(raw, workdir / "corpora" / "code-id.jsonl", banned,
+                           rows * MIN_CODE_ID_RECORDS // CODE_ID_ROWS, "--code-id-rows")
 
 
 def filtered_corpus(raw: Path, out: Path, banned: set[str], min_records: int, knob: str) -> Path:
@@ -209,16 +213,16 @@ def load_results(path: Path) -> dict[tuple[str, str, int], dict]:
 
 
 def build_corpora(workdir: Path, set_names: list[str], functions: list[CodeFunction] | None, banned: set[str],
-                  lm) -> dict[str, Path]:
+                  lm, id_rows: int | None = None, code_id_rows: int | None = None) -> dict[str, Path]:
     """The corpora of the stores the named sets' scenarios draft from, by store name."""
     scenarios = {SCENARIO[n] for n in set_names}
     corpora = {}
     if "chat" in scenarios:
-        corpora["id"] = id_corpus(workdir, banned)
+        corpora["id"] = id_corpus(workdir, banned, id_rows)
         id_tokens = corpus_tokens(corpora["id"], lm.tokenizer, lm.eos_token_id)
         corpora["ood"] = ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens)
     if "code" in scenarios:
-        corpora["code-id"] = code_id_corpus(workdir, functions, banned)
+        corpora["code-id"] = code_id_corpus(workdir, functions, banned, code_id_rows)
         id_tokens = corpus_tokens(corpora["code-id"], lm.tokenizer, lm.eos_token_id)
         _, rest = split_functions(functions, CODE_HELD_OUT)
         corpora["code-ood"] = ood_corpus(workdir, banned, lm.tokenizer, lm.eos_token_id, id_tokens,
@@ -237,7 +241,7 @@ def run(args) -> Path | None:
     # The external references run as users run HF: a fresh process, plain transformers, the
     # model folder, generate()'s defaults (dresd.evaluation.hf_reference.PlainHFProcess).
     stock = None
-    corpora = build_corpora(workdir, args.sets, functions, banned, lm)
+    corpora = build_corpora(workdir, args.sets, functions, banned, lm, args.id_rows, args.code_id_rows)
     if args.only_store:
         if args.only_store not in corpora:
             raise SystemExit(f"--only-store {args.only_store}: no set of --sets {','.join(args.sets)} drafts from it")
@@ -308,6 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="",
                    help="comma list of method names (greedy is always run); any registered method may be named")
     p.add_argument("--workdir", default=str(ROOT / "runs" / "bench"))
+    p.add_argument("--id-rows", type=int, default=ID_ROWS,
+                   help=f"ShareGPT turns the model answers for the chat ID store (default {ID_ROWS}); a smaller "
+                        "store builds sooner: give it its own --workdir, since stores are cached there")
+    p.add_argument("--code-id-rows", type=int, default=CODE_ID_ROWS,
+                   help=f"functions the model answers for the code ID store (default {CODE_ID_ROWS}); as --id-rows")
     p.add_argument("--sets", default=",".join(SCENARIO),
                    help=f"comma list of evaluation sets (default all: {','.join(SCENARIO)}); only their stores are built")
     p.add_argument("--only-store", choices=[name for stores in STORES.values() for name in stores.values()],

@@ -157,8 +157,8 @@ class DecodeConfig:
     top_p: float = 1.0
     # Sampling seed: batch b of chunk c draws from a generator seeded by (seed, c, b).
     seed: int = 0
-    # Drafting for the batch: "auto" = the best method at hand (dresd.drafters.registry.
-    # resolve_method) with the draft budget choosing per step how many positions each
+    # Drafting for the batch: "auto" = the default method (dresd.drafters.registry.
+    # auto_spec) with the draft budget choosing per step how many positions each
     # sequence verifies at this batch size (dresd.decoding.batch_plan; none when drafts do
     # not pay); "greedy" = plain batched decoding (dresd.decoding.batch); any other method
     # drafts per sequence and verifies every sequence's tree in one forward

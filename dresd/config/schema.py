@@ -132,9 +132,9 @@ class SpeculativeConfig:
     # 10-token continuations; our numpy implementation, dresd.drafters.suffix_array);
     # "rest-dr" = PyPI draftretriever 0.1.1, which is ADED's trigram-table fork (drafts of
     # <= 4 tokens keyed on 2); "suffix" = SuffixDecoding (arctic-inference); "hybrid" =
-    # dense + exact-match candidates (hybrid_exact) in one tree; "auto" = the best of these
-    # at hand (dresd.drafters.registry.resolve_method: the benchmark's best with a datastore,
-    # prompt lookup without). Other names: methods added with
+    # dense + exact-match candidates (hybrid_exact) in one tree; "auto" = the default chosen
+    # by measurement (dresd.drafters.registry.auto_spec: with a datastore, the hybrid with
+    # SuffixDecoding; prompt lookup without; docs/speed-study.md#the-default-method). Other names: methods added with
     # dresd.drafters.registry.register_method or an installed "dresd.drafters" plugin.
     method: str = "auto"
     # "tree" = drafts merged into a token trie verified with tree attention;

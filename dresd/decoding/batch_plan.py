@@ -195,7 +195,7 @@ class BatchPlanner:
         """Each row's tree cut to the chosen width, and that width (positions per row)."""
         orders, probs = {}, []
         for slot, tree in trees.items():
-            p = planners[slot].acceptance.node_probs(tree)
+            p = planners[slot].acceptance.node_probs(tree, planners[slot].sampled)
             orders[slot] = likeliest_first(tree, p)[: self.max_width - 1]
             probs.append([p[i] for i in orders[slot]])
         cost = lambda w: self.step_cost(len(trees), w)  # noqa: E731

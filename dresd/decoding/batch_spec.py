@@ -158,9 +158,10 @@ class BatchedSpeculativeDecoder:
             prompt = list(req.prompt_ids)
             metrics = DecodeMetrics()
             metrics.prefill_s = each_s
-            drafter, _ = self._slot_tools(slot)
+            drafter, planner = self._slot_tools(slot)
             if drafter is not None:
                 drafter.begin(prompt)
+            planner.begin(req.sampling is not None and not req.sampling.greedy)
             fresh = [states[i]] if i in states else []
             rows.append(_Row(index, min(req.max_new_tokens, self.max_context - len(prompt)), prompt, len(prompt) - 1,
                              states[i][-1] if i in states else None, acceptor(req.sampling), metrics, start,

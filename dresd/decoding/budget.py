@@ -101,6 +101,12 @@ class AcceptanceModel:
     because it tells more: a node most of its parent's evidence goes to is accepted far more
     often than a weak sibling, at any depth. Replayed on the same logged trees, this planner
     against the constant prior: docs/speed-study.md#acceptance-shrinkage.
+
+    Sampled requests (temperature > 0) count in cells of their own: under speculative
+    sampling a draft token is accepted with the target's probability of it, not whenever it
+    is the argmax, so the same node is worth less than under greedy acceptance, and one
+    decoder serves both kinds of request. A sampled cell's coarsest prior is the greedy
+    (source)'s estimate, the evidence at hand before any sampled step.
     """
 
     # Optimistic; trades exploring new cells against wasted positions; docs/speed-study.md#budget-constants.
@@ -120,29 +126,32 @@ class AcceptanceModel:
         cond = tree.weight[node] / tree.weight[parent] if tree.weight[parent] > 0 else 0.0
         return tree.source[node], min(tree.depths[node], MAX_DEPTH_BUCKET), support_bin(cond)
 
-    def _levels(self, cell: tuple) -> list[tuple]:
+    def _levels(self, cell: tuple, sampled: bool = False) -> list[tuple]:
         """The cells an observation counts in, coarsest first (the cell itself last)."""
-        if not self.shrink:
-            return [cell]
         source, _, support = cell
-        return [(source,), (source, "bin", support), cell]
+        if sampled:
+            own = ("sampled", *cell)
+            return [own] if not self.shrink else [("sampled", source), ("sampled", source, "bin", support), own]
+        return [cell] if not self.shrink else [(source,), (source, "bin", support), cell]
 
-    def rate(self, cell: tuple) -> float:
-        """P(accepted | parent accepted) in this cell."""
+    def rate(self, cell: tuple, sampled: bool = False) -> float:
+        """P(accepted | parent accepted) in this cell, under sampling or greedy acceptance."""
         prior = self.prior_rate
-        for key in self._levels(cell):
+        # A sampled cell's chain starts from the greedy source's estimate (read, never updated by it).
+        chain = ([(cell[0],)] if sampled and self.shrink else []) + self._levels(cell, sampled)
+        for key in chain:
             prior = (self.accepted.get(key, 0.0) + prior * self.prior_weight) / (self.offered.get(key, 0.0)
                                                                                + self.prior_weight)
         return prior
 
-    def node_probs(self, tree: TokenTree) -> list[float]:
+    def node_probs(self, tree: TokenTree, sampled: bool = False) -> list[float]:
         """Estimated probability that each node is accepted (1.0 for the root)."""
         probs = [1.0] * len(tree)
         for i in range(1, len(tree)):
-            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i))
+            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i), sampled)
         return probs
 
-    def update(self, tree: TokenTree, path: list[int]) -> None:
+    def update(self, tree: TokenTree, path: list[int], sampled: bool = False) -> None:
         """Learn from one verified tree and the node path the target accepted."""
         for key in self.offered:
             self.offered[key] *= self.decay
@@ -152,7 +161,7 @@ class AcceptanceModel:
             # Only nodes whose parent was accepted had a chance: the others say nothing.
             if tree.parents[i] in on_path:
                 cell = self.cell(tree, i)
-                for key in self._levels(cell):
+                for key in self._levels(cell, sampled):
                     self.offered[key] += 1.0
                     self.accepted[key] += 1.0 if i in on_path else 0.0
 
@@ -191,6 +200,11 @@ class DraftPlanner:
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
         # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
         self.step_scale = [1.0, 1.0]
+        self.sampled = False  # whether the current request samples (its acceptance counts in cells of its own)
+
+    def begin(self, sampled: bool) -> None:
+        """A request starts: whether it samples (temperature > 0) or decodes greedily."""
+        self.sampled = sampled
 
     def should_draft(self) -> bool:
         """False while backing off after drafts that did not pay."""
@@ -209,7 +223,7 @@ class DraftPlanner:
             # never grows along a path, so these always form a subtree.
             order = sorted(range(1, len(tree)), key=lambda i: (-tree.weight[i], tree.depths[i], i))
             return subtree(tree, order[: self.max_nodes - 1])
-        probs = self.acceptance.node_probs(tree)
+        probs = self.acceptance.node_probs(tree, self.sampled)
         cost = self.cost.scaled(*self.step_scale)
         keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
         self._probing = self._probe and len(keep) < self.probe_nodes
@@ -235,7 +249,7 @@ class DraftPlanner:
             return
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
         if len(tree) > 1:
-            self.acceptance.update(tree, path)
+            self.acceptance.update(tree, path, self.sampled)
         step = self.cost.cost(1) if self.cost is not None else 0.0
         if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0

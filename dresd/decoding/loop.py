@@ -102,6 +102,7 @@ class SpeculativeDecoder:
         drafter, planner = self.drafter, self.planner
         if drafter is not None:
             drafter.begin(list(prompt_ids))
+            planner.begin(accept is not None)
         context = list(prompt_ids)
         out: list[int] = []
         while len(out) < budget:

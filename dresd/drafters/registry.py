@@ -203,18 +203,18 @@ def _rest_dr(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int) 
     return RestDrafter(str(path), eos_id, choices=spec.rest_choices, name="rest-dr")
 
 
-# What "auto" drafts with: with a datastore, the method measured fastest under the draft
-# budget (docs/speed-study.md#the-default-method: SuffixDecoding on a small CPU, where each
-# verified position costs a good share of a step and its short, sure drafts pay best; the
-# dense drafts accept more per call but need a flatter cost curve to pay for it); the dense
-# drafts where SuffixDecoding is not installed; prompt lookup, which needs no datastore,
-# without one. The budget then decides per step how much of the drafts to verify.
-AUTO_WITH_DATASTORE = ("suffix", "dresd")
-AUTO_WITHOUT_DATASTORE = "pld"
+# What "auto" drafts with: with a datastore, the hybrid of the dense drafts (the datastore's
+# neighbours and the request's own keys) and SuffixDecoding in one tree, the budget keeping
+# the nodes that pay (docs/speed-study.md#the-default-method: it holds SuffixDecoding's speed
+# where the suffix tree drafts well and the dense drafts' where it does not); the dense
+# drafts with prompt lookup where SuffixDecoding is not installed; prompt lookup, which needs
+# no datastore, without one. Each entry: (method, settings it implies).
+AUTO_WITH_DATASTORE = (("hybrid", {"hybrid_exact": "suffix"}), ("hybrid", {"hybrid_exact": "pld"}))
+AUTO_WITHOUT_DATASTORE = ("pld", {})
 
 
-def _installed(method: str) -> bool:
-    if method != "suffix":
+def _installed(settings: dict) -> bool:
+    if settings.get("hybrid_exact") != "suffix":
         return True
     try:
         import arctic_inference.suffix_decoding  # noqa: F401
@@ -223,17 +223,22 @@ def _installed(method: str) -> bool:
     return True
 
 
+def auto_spec(spec: SpeculativeConfig, has_datastore: bool) -> SpeculativeConfig:
+    """`spec` with "auto" made concrete (a named method is returned as it is)."""
+    if spec.method != "auto":
+        return spec
+    method, settings = (AUTO_WITHOUT_DATASTORE if not has_datastore else
+                        next(c for c in AUTO_WITH_DATASTORE if _installed(c[1]) or c == AUTO_WITH_DATASTORE[-1]))
+    return replace(spec, method=method, **settings)
+
+
 def resolve_method(method: str, has_datastore: bool) -> str:
     """The concrete method `method` names ("auto" picks by whether a datastore is at hand)."""
-    if method != "auto":
-        return method
-    if not has_datastore:
-        return AUTO_WITHOUT_DATASTORE
-    return next(m for m in AUTO_WITH_DATASTORE if _installed(m) or m == AUTO_WITH_DATASTORE[-1])
+    return auto_spec(SpeculativeConfig(method=method), has_datastore).method
 
 
 def _auto(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int) -> Drafter | None:
-    return make_drafter(replace(spec, method=resolve_method("auto", store is not None)), store, tokenizer, eos_id)
+    return make_drafter(auto_spec(spec, store is not None), store, tokenizer, eos_id)
 
 
 for _name, _build, _store in (("greedy", lambda spec, store, tokenizer, eos_id: None, False),

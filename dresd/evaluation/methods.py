@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dresd.config import SpeculativeConfig
-from dresd.drafters.registry import available_methods, method_entry
+from dresd.drafters.registry import available_methods
 
 
 @dataclass
@@ -48,6 +48,7 @@ def methods() -> list[Method]:
             Method(f"rest{tag}", store, S(method="rest", budget="off")),
             Method(f"rest-dr{tag}", store, S(method="rest-dr", budget="off")),
             Method(f"suffix{tag}", store, S(method="suffix", budget="off", **SUFFIX_AS_PUBLISHED)),
+            Method(f"suffix+budget{tag}", store, S(method="suffix", **SUFFIX_AS_PUBLISHED)),
             Method(f"dresd{tag}", store, S(method="dresd")),
             Method(f"hybrid{tag}", store, S(method="hybrid")),
             Method(f"hybrid-sfx{tag}", store, S(method="hybrid", hybrid_exact="suffix", **SUFFIX_AS_PUBLISHED)),
@@ -56,7 +57,6 @@ def methods() -> list[Method]:
             out += [
                 Method("rest+budget", store, S(method="rest")),
                 Method("rest-dr+budget", store, S(method="rest-dr")),
-                Method("suffix+budget", store, S(method="suffix", **SUFFIX_AS_PUBLISHED)),
                 # Ablation: the datastore alone, without the request's own keys.
                 Method("dresd-store", store, S(method="dresd", context_keys=False)),
                 # The paper's settings: the datastore alone, everything verified.
@@ -86,6 +86,7 @@ def chosen_methods(names: str) -> list[Method]:
         if method not in available_methods() or store not in ("", "ood"):
             raise ValueError(f"--methods: unknown method {name!r}; benchmark methods: {', '.join(by_name)}; "
                              f"registered methods (on the ID store, or name@ood): {', '.join(available_methods())}")
-        needs = method_entry(method).needs_datastore
-        out.append(Method(name, (store or "id") if needs else None, SpeculativeConfig(method=method)))
+        # Every one gets the store, not only those that need one: "auto" drafts from it when it
+        # is there, as it does for users who give a datastore.
+        out.append(Method(name, store or "id", SpeculativeConfig(method=method)))
     return out

@@ -73,7 +73,7 @@ class RecordingPlanner:
         planned = self._planner.plan(tree, *args, **kwargs)
         # The predictions the planner holds now, before record() learns this step's outcome.
         # A subtree keeps each node's source, depth and weight, so these are the values it priced.
-        self._planned = (planned, self._planner.acceptance.node_probs(planned))
+        self._planned = (planned, self._planner.acceptance.node_probs(planned, self._planner.sampled))
         return planned
 
     def record(self, tree, path, *args, **kwargs):

@@ -412,3 +412,34 @@ def test_a_rare_cell_leans_on_its_source_and_support():
     for _ in range(20):
         flat.update(weak, [0])
     assert flat.rate(("s", 6, 2)) == pytest.approx(0.7)  # the constant prior: still optimistic
+
+
+def test_sampled_requests_learn_in_cells_of_their_own():
+    """Under sampling a node is accepted with the target's probability of its token, so sampled
+    outcomes must not drag down (or lift) what greedy requests expect, and the reverse; an
+    unseen sampled cell starts from the greedy source's record, not from the constant."""
+    acc = AcceptanceModel()
+    chain = build_tree(0, [[1, 2]], sources=["s"])
+    for _ in range(30):
+        acc.update(chain, [0, 1, 2])  # greedy: always accepted
+    greedy_before = acc.rate(("s", 1, 4))
+    sampled_unseen = acc.rate(("s", 1, 4), sampled=True)
+    assert greedy_before > 0.9 and sampled_unseen > 0.8  # the greedy record is the sampled prior
+    for _ in range(30):
+        acc.update(chain, [0], sampled=True)  # sampled: always rejected
+    assert acc.rate(("s", 1, 4)) == pytest.approx(greedy_before, rel=0.2)  # greedy cells untouched (only decayed)
+    assert acc.rate(("s", 1, 4), sampled=True) < 0.1
+    assert acc.node_probs(chain, sampled=True)[1] < 0.1 < 0.9 < acc.node_probs(chain)[1]
+    assert ("sampled", "s", 1, 4) in acc.offered and acc.offered[("s", 1, 4)] < 31
+
+
+def test_the_planner_prices_nodes_by_the_request_it_serves():
+    planner = DraftPlanner(CostModel([1, 64], [0.01, 0.01]))
+    chain = build_tree(0, [[1, 2]], sources=["s"])
+    planner.begin(sampled=True)
+    for _ in range(30):
+        planner.record(planner.plan(chain), [0], True, 0.0)  # sampled requests miss
+    assert planner.acceptance.node_probs(chain, sampled=True)[1] < 0.1
+    assert planner.acceptance.node_probs(chain)[1] > 0.6  # greedy still at its prior
+    planner.begin(sampled=False)
+    assert len(planner.plan(chain)) == 3  # a flat cost: greedy verifies the chain at its prior's rate

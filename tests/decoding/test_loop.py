@@ -360,3 +360,15 @@ def test_auto_budget_random_drafts_stay_greedy(tiny_lm, tiny_case, cost, seed):
     # The decoder keeps its calibration across requests: a second request is still greedy.
     again = dec.generate_ids(tiny_case["prompt"], 12)
     assert again.token_ids == tiny_case["ref"][:12]
+
+
+def test_sampled_and_greedy_requests_calibrate_apart(tiny_lm, tiny_case):
+    """One decoder serves both: a sampled request's outcomes land in the sampled cells."""
+    drafter = FakeDrafter(continuation(tiny_case["seq"], 6, strict=False), "oracle")
+    dec = auto_decoder(tiny_lm, drafter, CostModel([1, 64], [0.1, 0.1]), tiny_case["no_eos"])
+    dec.generate_ids(tiny_case["prompt"], BUDGET)
+    assert dec.planner.sampled is False
+    assert not any(k[0] == "sampled" for k in dec.planner.acceptance.offered)
+    dec.generate_ids(tiny_case["prompt"], BUDGET, SamplingParams(temperature=1.0, seed=0))
+    assert dec.planner.sampled is True
+    assert any(k[0] == "sampled" and v > 0 for k, v in dec.planner.acceptance.offered.items())

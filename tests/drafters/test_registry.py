@@ -150,15 +150,22 @@ def test_builtin_methods_and_which_need_a_datastore():
 
 def test_auto_drafts_with_the_best_method_at_hand(store, byte_tokenizer, monkeypatch):
     import dresd.drafters.registry as registry
-    from dresd.drafters.registry import resolve_method
+    from dresd.drafters.registry import auto_spec, resolve_method
 
-    assert resolve_method("auto", True) == "suffix" and resolve_method("auto", False) == "pld"
+    assert resolve_method("auto", True) == "hybrid" and resolve_method("auto", False) == "pld"
     assert resolve_method("dresd", False) == "dresd"  # a named method is never replaced
+    named = SpeculativeConfig(method="hybrid", hybrid_exact="pld")
+    assert auto_spec(named, True) is named
+    assert auto_spec(SpeculativeConfig(method="auto", top_k=7), True) == SpeculativeConfig(
+        method="hybrid", hybrid_exact="suffix", top_k=7)  # the user's other settings kept
     assert type(make("auto", None, byte_tokenizer)).__name__ == "PromptLookupDrafter"
-    assert type(make("auto", store, byte_tokenizer)) is type(make("suffix", store, byte_tokenizer))
-    # Without SuffixDecoding installed, the dense drafts.
-    monkeypatch.setattr(registry, "_installed", lambda method: method != "suffix")
-    assert resolve_method("auto", True) == "dresd"
+    auto = make("auto", store, byte_tokenizer)
+    # The dense drafts (the datastore's and the request's own keys) and SuffixDecoding in one tree.
+    assert [type(d).__name__ for d in auto.drafters] == ["DenseDrafter", "ContextDenseDrafter", "SuffixDrafter"]
+    # Without SuffixDecoding installed, the dense drafts with prompt lookup.
+    monkeypatch.setattr(registry, "_installed", lambda settings: settings.get("hybrid_exact") != "suffix")
+    assert auto_spec(SpeculativeConfig(method="auto"), True).hybrid_exact == "pld"
+    assert type(make("auto", store, byte_tokenizer).drafters[-1]).__name__ == "PromptLookupDrafter"
 
 
 def test_unknown_method_names_the_known_ones(store, byte_tokenizer):

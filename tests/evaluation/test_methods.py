@@ -36,11 +36,13 @@ def test_a_typo_is_an_error_naming_it():
         chosen_methods("suffix@elsewhere")
 
 
-def test_registered_methods_run_on_the_store_they_need(monkeypatch):
+def test_registered_methods_run_on_the_store_they_name(monkeypatch):
     monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
     register_method("mine", lambda spec, store, tokenizer, eos_id: None, needs_datastore=True)
     register_method("mine-plain", lambda spec, store, tokenizer, eos_id: None)
     chosen = {m.name: m for m in chosen_methods("mine,mine@ood,mine-plain")}
     assert [(chosen[n].store, chosen[n].spec.method, chosen[n].spec.budget) for n in ("mine", "mine@ood")] == [
         ("id", "mine", "auto"), ("ood", "mine", "auto")]
-    assert chosen["mine-plain"].store is None
+    # A method that needs no store gets one all the same: "auto" drafts from it when it is there.
+    assert chosen["mine-plain"].store == "id"
+    assert [(m.store, m.spec.method) for m in chosen_methods("auto,auto@ood")[1:]] == [("id", "auto"), ("ood", "auto")]
