@@ -77,24 +77,24 @@ def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
 def table(cell: dict, names: list[str], cost, base: str) -> list[str]:
     """One scenario's rows: the figures of every method, paired per pass."""
     passes = cell["passes"]  # [{method: [DecodeMetrics per prompt]}]
-    rate = [{n: aggregate(p[n]).tokens_per_s for n in p} for p in passes]
-    mat = [{n: aggregate(p[n]).mean_accepted_tokens for n in p} for p in passes]
-    oracle = []
-    for p in passes:
-        step = plain_step_s(aggregate(p[PLAIN]))
-        oracle.append({n: oracle_tokens_per_s(aggregate(p[n]), cost, step) for n in p})
+    totals = [{n: aggregate(ms) for n, ms in p.items()} for p in passes]  # per pass: all prompts summed
+    rate = [{n: m.tokens_per_s for n, m in t.items()} for t in totals]
+    mat = [{n: m.mean_accepted_tokens for n, m in t.items()} for t in totals]
+    # Each method's oracle speed, beside plain decoding's measured speed of the same pass.
+    oracle = [{**{n: oracle_tokens_per_s(m, cost, plain_step_s(t[PLAIN])) for n, m in t.items()}, PLAIN: r[PLAIN]}
+              for t, r in zip(totals, rate)]
     lines = ["| method | tok/s | x plain | x base | MAT | MAT x base | verified/call | oracle x plain | identical |",
              "|---" * 9 + "|"]
     for n in names:
         if not any(n in p for p in passes):
             continue
-        last: DecodeMetrics = aggregate([m for p in passes for m in p[n]])
+        every: DecodeMetrics = aggregate([m for p in passes for m in p[n]])  # every pass's prompts
         lines.append("| " + " | ".join([
             n, fmt(statistics.median(r[n] for r in rate)), fmt(median_ratio(rate, n, PLAIN), ".3f", "x"),
-            fmt(median_ratio(rate, n, base), ".3f", "x"), fmt(last.mean_accepted_tokens),
+            fmt(median_ratio(rate, n, base), ".3f", "x"), fmt(every.mean_accepted_tokens),
             fmt(median_ratio(mat, n, base), ".3f", "x"),
-            fmt(last.verified_positions / last.target_calls if last.target_calls else None, ".1f"),
-            fmt(median_ratio([{**o, PLAIN: r[PLAIN]} for o, r in zip(oracle, rate)], n, PLAIN), ".3f", "x"),
+            fmt(every.verified_positions / every.target_calls if every.target_calls else None, ".1f"),
+            fmt(median_ratio(oracle, n, PLAIN), ".3f", "x"),
             f"{cell['identical'][n]}/{cell['runs'][n]}"]) + " |")
     return lines
 
@@ -151,7 +151,7 @@ def run(args) -> tuple[list[str], Path]:
            f"tokens; {args.passes} passes, methods in rotating order per prompt; ratios are medians of per-pass "
            f"ratios, 'x base' against {args.base}; temperature > 0 samples with top-p 1 and a seed per prompt, and 'identical' compares with plain "
            f"sampling of the same seed. Stores: " + ", ".join(
-               f"{k} {Datastore(r).manifest.get('counts', {}).get('records', '?')} records" for k, r in roots.items())]
+               f"{k} {engines[k].datastore.manifest.get('counts', {}).get('records', '?')} records" for k in roots)]
     for (set_name, t), cell in cells.items():
         out += ["", f"## {set_name}, temperature {t:g}", ""]
         for tag in ("", "@ood"):

@@ -161,10 +161,11 @@ class BatchedSpeculativeDecoder:
             drafter, planner = self._slot_tools(slot)
             if drafter is not None:
                 drafter.begin(prompt)
-            planner.begin(req.sampling is not None and not req.sampling.greedy)
+            accept = acceptor(req.sampling)
+            planner.begin(accept is not None)
             fresh = [states[i]] if i in states else []
             rows.append(_Row(index, min(req.max_new_tokens, self.max_context - len(prompt)), prompt, len(prompt) - 1,
-                             states[i][-1] if i in states else None, acceptor(req.sampling), metrics, start,
+                             states[i][-1] if i in states else None, accept, metrics, start,
                              fresh_keys=fresh))
         return rows
 
