@@ -61,6 +61,7 @@ SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; -
     "suffix": dict(method="suffix", **SUFFIX_AS_PUBLISHED),
     "pld": dict(method="pld"),
     "rest": dict(method="rest"),
+    "auto": dict(method="auto"),  # the default: with a datastore, the dense drafts and SuffixDecoding in one tree
 }
 
 
@@ -207,14 +208,18 @@ def record_texts(engine, prompts: list[str], max_new_tokens: int) -> list[dict]:
 EVICT_BYTES = 64 * 2**20
 
 
-def policy_rate(engine, method: str, texts: list[dict], cost: CostModel) -> float:
+def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale: bool = True,
+                acceptance: dict | None = None, detail: dict | None = None) -> float:
     """Tokens per unit time relative to plain decoding when the planner walks the texts itself.
 
     The calibration's one-token forward runs over a fixed 256-token context and costs more
     than decoding's plain steps, while its trees match decoding's within a few percent
     (docs/speed-study.md#budget-constants); decoding's planner corrects this as it measures
     its own steps (DraftPlanner.observe_step). The walk starts from that correction: plain steps cost what
-    the recorded ones did, trees what the calibration says.
+    the recorded ones did, trees what the calibration says. `rescale=False` takes `cost` as it
+    is (a curve measured on another machine, whose plain steps this one's do not match).
+    `acceptance` overrides fields of the planner's AcceptanceModel (planner variants).
+    `detail`, when given, is filled with where the walk's time went (walk_detail).
     """
     from statistics import median
 
@@ -223,17 +228,61 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel) -> floa
     from dresd.config import SpeculativeConfig
     from dresd.drafters.registry import make_drafter
 
-    plain = median(t["plain_s"] for t in texts)
+    plain = median(t["plain_s"] for t in texts) if rescale else cost.cost(1)
     cost = cost.scaled(plain / cost.cost(1), 1.0)
     spec = SpeculativeConfig(**SPECS[method])
     drafter = make_drafter(spec, engine.datastore, engine.lm.tokenizer, engine.lm.eos_token_id)
     planner = DraftPlanner(cost, spec.max_verify)
+    for name, value in (acceptance or {}).items():
+        setattr(planner.acceptance, name, value)
+    log = TreeLog(planner)
     evict = np.ones(EVICT_BYTES // 8)
     tokens = seconds = 0.0
     for text in texts:
-        n, s = walk(drafter, planner, cost, text, evict)
+        n, s = walk(drafter, log, cost, text, evict)
         tokens, seconds = tokens + n, seconds + s
+    if detail is not None:
+        detail.update(walk_detail(log.steps, tokens, seconds))
     return tokens / seconds * plain
+
+
+def walk_detail(steps: list[dict], tokens: float, seconds: float) -> dict:
+    """Where a walk's time went: its consults, the plain steps between them (back-off), tokens
+    and verified positions per consult, drafting's share, and per source (nodes labelled
+    by every drafter that proposed them) the verified nodes and the share accepted."""
+    from collections import Counter
+
+    verified, accepted = Counter(), Counter()
+    for step in steps:
+        on_path = set(step["path"])
+        for i in range(1, len(step["tokens"])):
+            verified[step["source"][i]] += 1
+            accepted[step["source"][i]] += i in on_path
+    consults = max(len(steps), 1)
+    drafting = sum(step["retrieval_s"] for step in steps)
+    return dict(consults=len(steps), plain_steps=int(tokens - sum(len(step["path"]) for step in steps)),
+                tokens_per_consult=sum(len(step["path"]) for step in steps) / consults,
+                positions_per_consult=sum(len(step["tokens"]) - 1 for step in steps) / consults,
+                drafting_ms_per_consult=1000 * drafting / consults, drafting_share=drafting / seconds if seconds else 0.0,
+                sources={src: (n, accepted[src] / n) for src, n in verified.most_common()})
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'current' or 'field=value,...' (AcceptanceModel fields; numbers, 0/1 for flags) -> (label, fields)."""
+    from dresd.decoding.budget import AcceptanceModel
+
+    text = text.strip()
+    if text in ("", "current"):
+        return "current", {}
+    fields = {}
+    known = AcceptanceModel.__dataclass_fields__
+    for pair in text.split(","):
+        name, _, value = pair.partition("=")
+        if name not in known or not value:
+            raise SystemExit(f"--variants: {pair!r} is not field=value with an AcceptanceModel field ({', '.join(known)})")
+        kind = type(getattr(AcceptanceModel(), name))
+        fields[name] = bool(int(value)) if kind is bool else kind(value)
+    return text, fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration: replays then compare planners on a curve measured when the machine was quiet")
     p.add_argument("--policy", action="store_true",
                    help="walk the recorded greedy texts with the planner instead of replaying logged steps")
+    p.add_argument("--variants", default="current",
+                   help="with --policy: planner variants to walk, ';'-separated, each 'current' or "
+                        "AcceptanceModel field=value pairs joined by ',' (e.g. 'current;prior_rate=0.5,decay=0.999')")
     args = p.parse_args(argv)
 
     from benchmarks.spec_bench import eval_sets
@@ -280,10 +332,25 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_bytes(pickle.dumps(record_texts(engine, prompts, args.max_new_tokens)))
             tmp.replace(path)
         texts = pickle.loads(path.read_bytes())
-        print("| method | budget (the planner walking the greedy texts) |")
-        print("|---|---|")
+        variants = [parse_variant(v) for v in args.variants.split(";")]
+        print("| method | " + " | ".join(name for name, _ in variants) + " |")
+        print("|---|" + "---|" * len(variants))
+        details = {}
         for method in args.methods.split(","):
-            print(f"| {method} | {policy_rate(engine, method, texts, cost):.3f}x |", flush=True)
+            details[method] = {}
+            rates = [policy_rate(engine, method, texts, cost, rescale=not args.cost_file, acceptance=fields,
+                                 detail=details[method] if i == 0 else None)
+                     for i, (_, fields) in enumerate(variants)]
+            print(f"| {method} | " + " | ".join(f"{r:.3f}x" for r in rates) + " |", flush=True)
+        print(f"\nWhere the walks' time went ({variants[0][0]}; sources: verified nodes, share accepted):\n")
+        print("| method | consults | plain steps | tokens / consult | positions / consult | drafting ms / consult "
+              "| drafting share | by source |")
+        print("|---|---|---|---|---|---|---|---|")
+        for method, d in details.items():
+            by_source = ", ".join(f"{src} {n} ({rate:.2f})" for src, (n, rate) in d["sources"].items())
+            print(f"| {method} | {d['consults']} | {d['plain_steps']} | {d['tokens_per_consult']:.2f} | "
+                  f"{d['positions_per_consult']:.2f} | {d['drafting_ms_per_consult']:.2f} | "
+                  f"{100 * d['drafting_share']:.1f}% | {by_source} |")
         return 0
     print("| method | logged steps | budget (replayed) | flat prior | verify all proposed | oracle | "
           "each source alone (budget) |")

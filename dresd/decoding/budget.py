@@ -15,7 +15,9 @@ Per step the planner:
    drafter costs a noticeable share of a step (CHEAP_CONSULT), it is consulted again after a
    back-off that doubles while drafts keep failing; the retry verifies a small probe so the
    estimates can recover when the text changes. A cheaper consult runs at every step:
-   skipping it saves next to nothing and misses the drafts that come back. A verified tree
+   skipping it saves next to nothing and misses the drafts that come back; after a run of
+   such consults cut to the root (IDLE_PROBE_MIN, doubling while probes miss) it verifies
+   a probe too, since estimates only move on verified nodes. A verified tree
    that accepts nothing backs off only when drafting itself is costly (COSTLY_DRAFT): the
    budget chose the tree knowing the risk, and its estimates learn from the miss.
 
@@ -66,6 +68,14 @@ class CostModel:
         return CostModel(self.positions, seconds, self.context, self.key)
 
 
+# Cheap consults cut to the root in a row before a probe (the run doubles while probes miss, up
+# to IDLE_PROBE_MAX); trades the probes' positions against drafts that came back unseen;
+# docs/speed-study.md#idle-probes.
+IDLE_PROBE_MIN = 8
+IDLE_PROBE_MAX = 64
+# A probe's extra positions cost at most this share of the idle run's steps (where a verified
+# position is dear, runs grow longer); trades the same; docs/speed-study.md#idle-probes.
+IDLE_PROBE_SHARE = 0.05
 # Drafting's share of a step; trades costly drafters' wasted retries against missed drafts; docs/speed-study.md#budget-constants.
 COSTLY_DRAFT = 0.3
 # A consult's share of a step; trades time on empty consults against missed drafts; docs/speed-study.md#budget-constants.
@@ -197,6 +207,9 @@ class DraftPlanner:
         self._skip = 0
         self._probe = False
         self._probing = False
+        self._idle = 0  # cheap consults in a row that the budget cut to the root
+        self._idle_run = IDLE_PROBE_MIN  # idle consults before the next idle probe
+        self._idle_probing = False  # the current step verifies an idle probe
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
         # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
         self.step_scale = [1.0, 1.0]
@@ -227,10 +240,19 @@ class DraftPlanner:
         cost = self.cost.scaled(*self.step_scale)
         keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
         self._probing = self._probe and len(keep) < self.probe_nodes
-        if self._probing:
-            # Retrying after a back-off: without verifying something the estimates that
-            # stopped drafting could never change. The probe is the likeliest few nodes.
+        # A cheap consult never backs off, so nothing else would retry a drafter whose
+        # estimates fell while its drafts were poor: estimates only move on verified nodes,
+        # and the drafts of the request's own text may have become good since (an
+        # out-of-distribution prompt's suffix tree fills with its own answer).
+        idle = not keep and not self._probing and self.retrieval_ema < CHEAP_CONSULT * cost.cost(1)
+        self._idle = self._idle + 1 if idle else 0
+        extra = cost.cost(1 + self.probe_nodes) / cost.cost(1) - 1
+        self._idle_probing = self._idle >= max(self._idle_run, extra / IDLE_PROBE_SHARE)
+        if self._probing or self._idle_probing:
+            # Without verifying something the estimates that stopped drafting could never
+            # change. The probe is the likeliest few nodes.
             keep = sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))[: self.probe_nodes]
+            self._idle = 0
         self._probe = False
         return subtree(tree, keep)
 
@@ -250,6 +272,12 @@ class DraftPlanner:
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
         if len(tree) > 1:
             self.acceptance.update(tree, path, self.sampled)
+        if self._idle_probing:
+            # The next idle run is as short as ever after a probe that found drafts, twice as
+            # long after one that missed; the back-off is not touched (the consult is cheap).
+            self._idle_probing = False
+            self._idle_run = IDLE_PROBE_MIN if len(path) > 1 else min(2 * self._idle_run, IDLE_PROBE_MAX)
+            return
         step = self.cost.cost(1) if self.cost is not None else 0.0
         if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0

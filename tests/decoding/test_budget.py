@@ -325,6 +325,42 @@ def test_a_probe_that_misses_keeps_backing_off():
     assert [planner.should_draft() for _ in range(4)] == [False, False, False, True]
 
 
+def test_a_cheap_drafter_the_budget_gave_up_on_is_probed_after_idle_runs():
+    tree = build_tree(0, [[1, 2, 3], [4]], sources=["s", "s"])
+
+    def probes(cost: CostModel, consults: int) -> list[int]:
+        planner = DraftPlanner(cost)
+        planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: plans are cut to the root
+        sizes = []
+        for _ in range(consults):
+            assert planner.should_draft()  # a cheap consult never backs off ...
+            kept = planner.plan(tree)
+            sizes.append(len(kept) - 1)
+            planner.record(kept, [0], True, budget.CHEAP_CONSULT / 4 * cost.cost(1))  # ... and every probe misses
+        assert {n for n in sizes if n} <= {planner.probe_nodes}  # the likeliest nodes
+        return [i for i, n in enumerate(sizes) if n]
+
+    # A position costs 2% of a step (more than these nodes are worth; a probe, 3%): probes
+    # after idle runs of 8, 16, 32 and 64 consults.
+    assert probes(CostModel([1, 2, 64], [0.030, 0.0306, 0.040]), 120) == [7, 23, 55, 119]
+    # A steep one (a probe's 3 positions cost 0.47 of a step): runs of at least 0.47 / IDLE_PROBE_SHARE.
+    assert probes(smol_cpu_cost(), 60) == [9, 25, 57]
+    cheap = budget.CHEAP_CONSULT / 4 * smol_cpu_cost().cost(1)
+    # A probe that finds drafts: the estimates rise, and the budget drafts again.
+    planner = DraftPlanner(smol_cpu_cost())
+    planner.acceptance.prior_rate = 0.01
+    for _ in range(10):
+        kept = planner.plan(tree)
+        planner.record(kept, [0, 1, 2, 3][: len(kept)] if len(kept) > 1 else [0], True, cheap)
+    assert len(kept) > 1  # the probe
+    assert len(planner.plan(tree)) > 1
+    # A costly consult is not probed this way: it backs off, and its retries probe.
+    costly = DraftPlanner(smol_cpu_cost())
+    costly.acceptance.prior_rate = 0.01
+    costly.record(costly.plan(tree), [0], True, 0.5 * costly.cost.cost(1))
+    assert all(len(costly.plan(tree)) == 1 for _ in range(3 * budget.IDLE_PROBE_MIN))
+
+
 def test_planner_success_resets_backoff():
     declined = build_tree(0, [])
     planner = DraftPlanner(smol_cpu_cost())
