@@ -131,7 +131,8 @@ class BatchPlanner:
 
     A width of 1 verifies no node, so the rows' estimates learn nothing and a batch whose
     estimates fell after a few misses would never draft again, even once its drafts would
-    pay (the one-sequence planner has the same trap and probes after its back-off). After
+    pay (the one-sequence planner has the same trap: it probes after its back-off, and after
+    runs of cheap consults cut to the root, dresd.decoding.budget.IDLE_PROBE_MIN). After
     PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
     verifies each drafting row's likeliest node (width 2), then waits twice as long before
     the next probe unless a width above 1 pays meanwhile. It probes only where nodes as
