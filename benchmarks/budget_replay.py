@@ -260,8 +260,9 @@ def walk_detail(steps: list[dict], tokens: float, seconds: float) -> dict:
             accepted[step["source"][i]] += i in on_path
     consults = max(len(steps), 1)
     drafting = sum(step["retrieval_s"] for step in steps)
-    return dict(consults=len(steps), plain_steps=int(tokens - sum(len(step["path"]) for step in steps)),
-                tokens_per_consult=sum(len(step["path"]) for step in steps) / consults,
+    drafted_tokens = sum(len(step["path"]) for step in steps)
+    return dict(consults=len(steps), plain_steps=int(tokens - drafted_tokens),
+                tokens_per_consult=drafted_tokens / consults,
                 positions_per_consult=sum(len(step["tokens"]) - 1 for step in steps) / consults,
                 drafting_ms_per_consult=1000 * drafting / consults, drafting_share=drafting / seconds if seconds else 0.0,
                 sources={src: (n, accepted[src] / n) for src, n in verified.most_common()})

@@ -32,7 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from dresd.decoding.budget import CHEAP_CONSULT, STEP_SCALE_CLIP, STEP_SCALE_RATE, CostModel, DraftPlanner
+from dresd.decoding.budget import (CHEAP_CONSULT, STEP_SCALE_CLIP, STEP_SCALE_RATE, CostModel, DraftPlanner,
+                                   likeliest_first)
 from dresd.decoding.tree import TokenTree, subtree
 
 
@@ -98,11 +99,6 @@ def prior_gain(row_probs: list[list[float]], cost: Callable[[int], float], overh
     rows' likeliest nodes (1.0: a width of 2 does not pay): what estimates that recovered to
     their prior would be worth at this load."""
     return select_width(row_probs, cost, 2, overhead_s)[1] * (cost(1) + overhead_s) / len(row_probs)
-
-
-def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
-    """The tree's draft nodes, likeliest first (shallower on ties): every prefix is a subtree."""
-    return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
 
 
 # Most steps the batch goes without consulting its drafters after widths of 1 in a row;

@@ -176,6 +176,11 @@ class AcceptanceModel:
                     self.accepted[key] += 1.0 if i in on_path else 0.0
 
 
+def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
+    """The tree's draft nodes, likeliest first (shallower on ties): every prefix is a subtree."""
+    return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
+
+
 def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,
                  overhead_s: float = 0.0) -> tuple[list[int], float]:
     """Nodes to verify (root excluded) maximising expected tokens per second, and that rate.
@@ -251,7 +256,7 @@ class DraftPlanner:
         if self._probing or self._idle_probing:
             # Without verifying something the estimates that stopped drafting could never
             # change. The probe is the likeliest few nodes.
-            keep = sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))[: self.probe_nodes]
+            keep = likeliest_first(tree, probs)[: self.probe_nodes]
             self._idle = 0
         self._probe = False
         return subtree(tree, keep)
