@@ -206,9 +206,12 @@ def test_a_published_version_is_served_from_the_next_request_and_pins_hold(clien
 def test_beyond_the_ongoing_and_queued_limits_requests_get_503_with_retry_after(served, client):
     from concurrent.futures import ThreadPoolExecutor
 
-    body = json.dumps({"prompt": PROMPT, "max_tokens": 150, "temperature": 0, "dresd": {"method": "greedy"}}).encode()
-    with ThreadPoolExecutor(12) as pool:
-        answers = list(pool.map(lambda _: raw(served, "POST", "/v1/completions", body), range(12)))
+    # A prompt that decodes past max_tokens: every admitted request holds its slot for the whole burst
+    # (a prompt that meets EOS early frees slots before a busy machine has sent the burst's tail).
+    body = json.dumps({"prompt": LONG_PROMPT, "max_tokens": 400, "temperature": 0,
+                       "dresd": {"method": "greedy"}}).encode()
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: raw(served, "POST", "/v1/completions", body), range(16)))
     statuses = sorted(status for status, _, _ in answers)
     # Serve counts a request as queued until a replica takes it: a burst fills the queue at once.
     assert set(statuses) == {200, 503}, statuses
