@@ -157,8 +157,12 @@ class AcceptanceModel:
     def node_probs(self, tree: TokenTree, sampled: bool = False) -> list[float]:
         """Estimated probability that each node is accepted (1.0 for the root)."""
         probs = [1.0] * len(tree)
+        rates: dict[tuple, float] = {}  # a tree's nodes fall in a few cells: each cell's chain is read once
         for i in range(1, len(tree)):
-            probs[i] = probs[tree.parents[i]] * self.rate(self.cell(tree, i), sampled)
+            cell = self.cell(tree, i)
+            if cell not in rates:
+                rates[cell] = self.rate(cell, sampled)
+            probs[i] = probs[tree.parents[i]] * rates[cell]
         return probs
 
     def update(self, tree: TokenTree, path: list[int], sampled: bool = False) -> None:
