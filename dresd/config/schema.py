@@ -80,8 +80,10 @@ class IndexConfig:
     dim: int = 64
     # "auto" = flat below `flat_below` keys, IVF-PQ with exact refine above.
     kind: Literal["auto", "flat", "ivfpq"] = "auto"
-    # Stores with fewer keys than this get an exact flat index under "auto".
-    flat_below: int = 50_000
+    # Stores with fewer keys than this get an exact flat index under "auto". An exact search
+    # streams every key per query, a decode step's drafting time; past about this size IVF-PQ
+    # answers faster (docs/index-layout.md#small-stores).
+    flat_below: int = 10_000
     # IVF partitions (0 = derived: about 5*sqrt(N), capped so each gets >= 39 training points).
     nlist: int = 0
     # Partitions searched per query (0 = derived from nlist).

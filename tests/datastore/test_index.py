@@ -179,7 +179,7 @@ def test_recall_on_faiss_synthetic_dataset_and_nprobe():
 
 def test_flat_index_is_exact(clustered):
     keys, queries = clustered
-    params = choose_index_params(len(keys), IndexConfig(dim=DIM))
+    params = choose_index_params(len(keys), IndexConfig(dim=DIM, kind="flat"))
     assert params.kind == "flat"
     index = train_index(params, keys)
     add_keys(index, keys)
