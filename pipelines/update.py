@@ -1,6 +1,7 @@
 """Incremental datastore changes, each published as a new version whose manifest names its
 parent: add new corpus shards (frozen compressor and quantizer, no retraining), delete
-records by source id (tombstones), and compact (drop tombstoned keys and records).
+records by source id (tombstones), compact (drop tombstoned keys and records), and reindex
+(the same keys in the index layout the config now chooses).
 
 Adding streams the new corpus through the build's passes (count; read -> tokenize -> embed
 -> compress -> write; code) with the parent's frozen codec: its compressor, and its index
@@ -10,8 +11,8 @@ compressor fits the new keys (their mean reconstruction error, summed by the emb
 actors) with how it fit its own sample.
 
 Each change publishes with its parent as the expected CURRENT (dresd.datastore.publish.publish),
-so two changes racing on one root never lose either. A delete or a compact is a pure function
-of its parent and cheap to make again, so one that loses the race is made again from the new
+so two changes racing on one root never lose either. A delete, a compact or a reindex is a
+pure function of its parent and cheap to make again, so one that loses the race is made again from the new
 CURRENT; an add embedded its corpus against the old parent and fails with PublishConflict
 instead (its written shards stay in the work folder, so running it again reuses them: only
 their codes are made again, numbered from the new parent's key count, without embedding).
@@ -24,18 +25,19 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from dresd.config import BuildConfig, to_dict
+from dresd.config import BuildConfig, IndexConfig, to_dict
 from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint
-from dresd.datastore.index import IndexParams, add_keys, empty_copy, set_search_params
+from dresd.datastore.index import (IndexParams, add_keys, empty_copy, exact_topk, overlap_at_k, plan_index, search,
+                                  self_retrieval_mrr, set_search_params, train_index)
 from dresd.model.resolve import model_facts
 from dresd.storage.faults import fault_point
 from pipelines.build import check_default_ids
@@ -223,10 +225,7 @@ def _compact_change(store: Datastore) -> tuple[DatastoreParts, dict]:
                              "would publish an empty datastore, which is refused; nothing is published. To drop "
                              "the text, remove the datastore root (or `update add` records, then compact)")
     params = IndexParams(**store.manifest["index"]["params"])
-    if params.kind != "flat" and not params.refine:
-        raise DatastoreError(f"{store.path}: a PQ-only index keeps no exact vectors; rebuild instead of compacting")
-    exact = store.index if params.kind == "flat" else faiss.downcast_index(store.index).refine_index
-    vectors = exact.reconstruct_n(0, store.num_keys)
+    vectors = _exact_keys(store, "compacting")
     pos = np.asarray(store.key_positions, dtype=np.int64)
     rec_of_key = np.searchsorted(store.record_offsets, pos, side="right") - 1
     dead_records = set(np.unique(rec_of_key[store.deleted]).tolist())
@@ -246,3 +245,47 @@ def _compact_change(store: Datastore) -> tuple[DatastoreParts, dict]:
     parts = _parts_from(store, tokens=np.concatenate(tokens), record_offsets=np.asarray(offsets, dtype=np.int64),
                         key_positions=new_pos, sources=[store.sources[r] for r in keep_rec], index=index, deleted=None)
     return parts, _child_manifest(store, change)
+
+
+def _exact_keys(store: Datastore, doing: str) -> np.ndarray:
+    """Every key's compressed vector, read back from the flat index or the refine stage."""
+    params = IndexParams(**store.manifest["index"]["params"])
+    if params.kind != "flat" and not params.refine:
+        raise DatastoreError(f"{store.path}: a PQ-only index keeps no exact vectors; rebuild instead of {doing}")
+    exact = store.index if params.kind == "flat" else faiss.downcast_index(store.index).refine_index
+    return exact.reconstruct_n(0, store.num_keys)
+
+
+def reindex(root: str | Path, cfg: IndexConfig, check_sample: int = 500) -> Path:
+    """Publish CURRENT's keys again in the index layout `cfg` chooses for their count (a store
+    built under older defaults, or with other index settings); tokens, keys and tombstones
+    are unchanged, and ids stay key numbers. Needs the exact vectors (flat or refine indexes).
+    The manifest's intrinsic check is made again on `check_sample` keys, as a build makes it."""
+    return _publish_change(root, lambda store: _reindex_change(store, cfg, check_sample), "reindex")
+
+
+def _reindex_change(store: Datastore, cfg: IndexConfig, check_sample: int) -> tuple[DatastoreParts, dict]:
+    old = IndexParams(**store.manifest["index"]["params"])
+    # The keys' dimension was fixed by the build's compressor: `cfg.dim` cannot change it.
+    params, layout = plan_index(store.num_keys, replace(cfg, dim=old.dim))
+    if params.on_disk:
+        raise DatastoreError(f"{store.path}: the layout chosen is on-disk lists ({layout}), which only a build "
+                             "merges; rebuild instead of reindexing")
+    if params == old:
+        raise DatastoreError(f"{store.path}: version {store.version} is already in the layout {params.factory} "
+                             "that these index settings choose; nothing to publish")
+    vectors = _exact_keys(store, "reindexing")
+    rng = np.random.default_rng(cfg.seed)
+    sample = vectors[np.sort(rng.choice(len(vectors), min(cfg.sample_size, len(vectors)), replace=False))]
+    index = train_index(params, sample, seed=cfg.seed)
+    add_keys(index, vectors)
+    manifest = _child_manifest(store, {"kind": "reindex", "from": old.factory, "to": params.factory})
+    manifest["index"] = {**store.manifest["index"], "params": params.to_dict(), "factory": params.factory,
+                         "layout": layout, "sample_size": len(sample)}
+    ids = np.sort(np.random.default_rng(cfg.seed + 1).choice(len(vectors), min(check_sample, len(vectors)),
+                                                             replace=False))
+    k = min(50, len(vectors))
+    truth = exact_topk([(0, vectors)], vectors[ids], k)
+    manifest["check"] = {"recall@50": overlap_at_k(search(index, vectors[ids], k)[1], truth),
+                         "self_mrr@50": self_retrieval_mrr(index, vectors[ids], ids, k)}
+    return _parts_from(store, index=index), manifest

@@ -36,7 +36,7 @@ def _build(cfg: BuildConfig, args: argparse.Namespace) -> int:
 
 
 def _update(cfg: UpdateConfig, args: argparse.Namespace) -> int:
-    from pipelines.update import compact, delete_sources, update_datastore
+    from pipelines.update import compact, delete_sources, reindex, update_datastore
 
     if args.action == "add":
         if not cfg.corpus.paths:
@@ -46,6 +46,8 @@ def _update(cfg: UpdateConfig, args: argparse.Namespace) -> int:
         if not cfg.sources:
             raise ConfigError("update delete: no source ids given (--source ID)")
         print(f"published {delete_sources(cfg.output, cfg.sources)}")
+    elif args.action == "reindex":
+        print(f"published {reindex(cfg.output, cfg.index, cfg.check_sample)}")
     else:
         print(f"published {compact(cfg.output)}")
     return 0
@@ -289,8 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(b, "--embed-actors", BuildConfig, "embed_actors")
 
     u = _command(sub, "update", UpdateConfig, _update,
-                 "add a corpus, delete sources, or compact: each publishes a new version")
-    u.add_argument("action", choices=["add", "delete", "compact"])
+                 "add a corpus, delete sources, compact, or reindex (the layout the index settings "
+                 "choose now): each publishes a new version")
+    u.add_argument("action", choices=["add", "delete", "compact", "reindex"])
     add_flag(u, "--datastore", UpdateConfig, "output", "datastore root")
     _corpus_flags(u, UpdateConfig)
     add_flag(u, "--source", UpdateConfig, "sources", "delete: a source id (repeatable)", append=True)

@@ -65,9 +65,9 @@ class BuildConfig:
 
 @dataclass
 class UpdateConfig(BuildConfig):
-    """`dresd update add|delete|compact`: a build's settings for the corpus added (`output` is
-    the datastore root; the index and compression are the store's own), plus the sources a
-    delete removes."""
+    """`dresd update add|delete|compact|reindex`: a build's settings for the corpus added
+    (`output` is the datastore root; an add keeps the store's index and compression, a reindex
+    lays its keys out as `index` chooses), plus the sources a delete removes."""
 
     # The datastore root to update (`--datastore`); required.
     output: str = ""

@@ -126,3 +126,49 @@ def test_a_damaged_parent_is_refused_before_any_change(tmp_path, monkeypatch):
     tokens.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0xFF])))  # repaired: the change goes through
     delete_sources(root, ["src-1"])
     assert len(list_versions(root)) == 2
+
+
+def test_reindex_lays_the_same_keys_out_as_the_settings_choose_now(tmp_path, capsys):
+    from dresd.cli.main import main
+    from dresd.datastore.index import IndexParams, exact_topk
+    from dresd.datastore.publish import publish
+    from pipelines.update import reindex
+    from tests_support import make_manifest, make_parts
+
+    rng = np.random.default_rng(0)
+    records = [rng.integers(3, 259, 101).tolist() for _ in range(20)]  # 2,000 keys
+    root = tmp_path / "store"
+    publish(root, make_parts(records, hidden_dim=32, dim=16), make_manifest(dim=16))
+    delete_sources(root, ["src-3"])  # tombstones survive a reindex
+    flat = Datastore(root)
+    assert flat.manifest["index"]["params"]["kind"] == "flat"
+
+    # The command line, as a user would: the layout IVF-PQ takes for 2,000 keys below flat_below 1,000.
+    assert main(["update", "reindex", "--datastore", str(root), "--set", "index.flat_below=1000",
+                 "--set", "index.pq_m=8"]) == 0
+    assert "published" in capsys.readouterr().out
+    ivf = Datastore(root)
+    params = IndexParams(**ivf.manifest["index"]["params"])
+    assert params.kind == "ivfpq" and params.refine and params.dim == 16 and ivf.manifest["index"]["factory"] == params.factory
+    assert ivf.manifest["parent"] == flat.version
+    assert ivf.manifest["change"] == {"kind": "reindex", "from": "Flat", "to": params.factory}
+    assert np.array_equal(np.asarray(ivf.tokens), np.asarray(flat.tokens)) and ivf.sources == flat.sources
+    assert np.array_equal(np.asarray(ivf.key_positions), np.asarray(flat.key_positions))
+    assert np.array_equal(ivf.deleted, flat.deleted) and ivf.deleted.any()
+    # Ids are still key numbers: the new index finds what exact search over the same keys finds.
+    keys = flat.index.reconstruct_n(0, flat.num_keys)
+    queries = keys[rng.choice(len(keys), 50, replace=False)]
+    truth = exact_topk([(0, keys)], queries, 10)
+    _, got = search(ivf.index, queries, 10)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]) > 0.9
+    assert (got[:, 0] == truth[:, 0]).mean() > 0.9
+    # The intrinsic check is made on the new index (this parent has none to carry over).
+    assert "check" not in flat.manifest and 0.5 < ivf.manifest["check"]["recall@50"] <= 1.0
+    assert 0.5 < ivf.manifest["check"]["self_mrr@50"] <= 1.0
+
+    with pytest.raises(DatastoreError, match="already in the layout"):
+        reindex(root, IndexConfig(flat_below=1000, pq_m=8))
+    reindex(root, IndexConfig(flat_below=1000, pq_m=8, refine=False))  # the compact layout
+    with pytest.raises(DatastoreError, match="PQ-only index keeps no exact vectors; rebuild instead of reindexing"):
+        reindex(root, IndexConfig(kind="flat"))
+    assert len(list_versions(root)) == 4  # built, delete, two reindexes: the refused ones published nothing
