@@ -182,7 +182,7 @@ def shared_nothing_cluster():
             for folder in private:
                 folder.mkdir(parents=True)
             cluster.nodes[name] = home
-            for attempt in (1, 2):  # a worker that fails to register on a busy machine gets one more try
+            for attempt in (1, 2, 3):  # a worker that fails to register on a busy machine gets more tries
                 with open(logs / f"{name}.log", "w") as log:
                     cluster.procs[name] = subprocess.Popen(_node_command(private, args), env=env, stdout=log,
                                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=root)
@@ -192,7 +192,7 @@ def shared_nothing_cluster():
                     _wait_for_nodes(env, gcs, len(cluster.procs), cluster.procs, logs)
                     break
                 except NodeExited as exc:
-                    if exc.name != name or name == "head" or attempt == 2:
+                    if exc.name != name or name == "head" or attempt == 3:
                         raise
                     del cluster.procs[name]
         yield cluster
