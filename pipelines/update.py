@@ -264,6 +264,14 @@ def reindex(root: str | Path, cfg: IndexConfig, check_sample: int = 500) -> Path
     return _publish_change(root, lambda store: _reindex_change(store, cfg, check_sample), "reindex")
 
 
+def same_layout(root: str | Path, cfg: IndexConfig) -> str | None:
+    """The factory string of CURRENT's layout when `cfg` would choose it again (a reindex
+    would be refused), else None."""
+    store = Datastore(root)
+    old = IndexParams(**store.manifest["index"]["params"])
+    return old.factory if plan_index(store.num_keys, replace(cfg, dim=old.dim))[0] == old else None
+
+
 def _reindex_change(store: Datastore, cfg: IndexConfig, check_sample: int) -> tuple[DatastoreParts, dict]:
     old = IndexParams(**store.manifest["index"]["params"])
     # The keys' dimension was fixed by the build's compressor: `cfg.dim` cannot change it.

@@ -76,6 +76,9 @@ class UpdateConfig(BuildConfig):
     # The update job (jobs/update.py) only: compact after its add and delete (drop the
     # tombstoned keys and records). `dresd update` takes the action on its command line.
     compact: bool = False
+    # The update job only: last, lay the keys out again in the layout `index` chooses for
+    # their count (pipelines.update.reindex); a layout equal to the store's is skipped.
+    reindex: bool = False
 
     def problems(self) -> list[str]:
         return [] if self.output else ["output is empty (give the datastore root: --datastore ROOT)"]

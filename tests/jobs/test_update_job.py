@@ -20,6 +20,9 @@ def test_the_shipped_config_loads_and_set_chooses_the_steps():
     assert steps(cfg) == ["add"] and cfg.embed_actors == 3 and cfg.work_dir == "file:///tmp/w"
     cfg = parse(base + ["--set", "sources=[a:1,b:2]", "--set", "compact=true"])
     assert steps(cfg) == ["delete", "compact"] and cfg.sources == ["a:1", "b:2"]
+    cfg = parse(base + ["--set", "compact=true", "--set", "reindex=true", "--set", "index.flat_below=1000"])
+    assert steps(cfg) == ["compact", "reindex"] and cfg.index.flat_below == 1000
+    assert steps(parse(base + ["--set", "reindex=true"])) == ["reindex"]
 
 
 def test_nothing_to_do_and_bad_keys_are_one_line_errors():

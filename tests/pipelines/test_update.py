@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +169,13 @@ def test_reindex_lays_the_same_keys_out_as_the_settings_choose_now(tmp_path, cap
 
     with pytest.raises(DatastoreError, match="already in the layout"):
         reindex(root, IndexConfig(flat_below=1000, pq_m=8))
+    # The update job's reindex step says so and moves on.
+    from jobs.update import main as update_job
+
+    config = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "update.yaml"
+    assert update_job(["--config", str(config), "--output", str(root), "--set", "reindex=true", "--set", "index.flat_below=1000",
+                       "--set", "index.pq_m=8"]) == 0
+    assert f"reindex: skipped, the store already has the layout {params.factory}" in capsys.readouterr().out
     reindex(root, IndexConfig(flat_below=1000, pq_m=8, refine=False))  # the compact layout
     with pytest.raises(DatastoreError, match="PQ-only index keeps no exact vectors; rebuild instead of reindexing"):
         reindex(root, IndexConfig(kind="flat"))
