@@ -39,6 +39,7 @@ Points (POINTS) and where they sit:
                                filled; nothing is published
     during_delete              pipelines.update: a delete's new version is computed, not published
     during_compact             pipelines.update: a compact's new version is computed, not published
+    during_reindex             pipelines.update: a reindex's new version is computed, not published
     during_part_write          pipelines.decode.DecodeChunks (decode actor): a part file is written
                                under its temporary name, not renamed into place
 """
@@ -53,7 +54,7 @@ from pathlib import Path
 
 POINTS = ("embed_before_shard_rename", "embed_after_shard_rename", "during_index_fill", "during_merge",
           "after_version_rename", "before_current_swap", "during_current_write", "during_upload",
-          "during_add", "during_delete", "during_compact", "during_part_write")
+          "during_add", "during_delete", "during_compact", "during_reindex", "during_part_write")
 FAULT_EXIT_CODE = 70  # distinct from Python's own exit codes, so a test can tell a planned kill
 DEFAULT_TIMEOUT_S = 60.0
 _hits: dict[str, int] = {}  # times this process reached each armed point
