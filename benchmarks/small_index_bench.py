@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dresd.config import IndexConfig  # noqa: E402
-from dresd.datastore.index import add_keys, choose_index_params, search, train_index  # noqa: E402
+from dresd.datastore.index import add_keys, choose_index_params, overlap_at_k, search, train_index  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
 
 # Swept before each query: past the last-level cache, as a decode step's weights are.
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         add_keys(ivf, part)
         _, truth = exact.search(q, args.top_k)
         _, got = ivf.search(q, args.top_k)
-        recall = np.mean([len(set(a) & set(b)) / args.top_k for a, b in zip(truth, got)])
+        recall = overlap_at_k(got, truth)
         # Interleaved, twice each: the machine's drift falls on both.
         f1, i1, f2, i2 = (per_query_ms(ix, q, args.top_k, evict) for ix in (exact, ivf, exact, ivf))
         fm, im = (f1 + f2) / 2, (i1 + i2) / 2

@@ -60,8 +60,8 @@ def main(argv: list[str]) -> int:
             print(f"delete {len(cfg.sources)} source(s): published {delete_sources(cfg.output, cfg.sources)}", flush=True)
         elif step == "compact":
             print(f"compact: published {compact(cfg.output)}", flush=True)
-        elif same_layout(cfg.output, cfg.index):
-            print(f"reindex: skipped, the store already has the layout {same_layout(cfg.output, cfg.index)}", flush=True)
+        elif layout := same_layout(cfg.output, cfg.index):
+            print(f"reindex: skipped, the store already has the layout {layout}", flush=True)
         else:
             print(f"reindex: published {reindex(cfg.output, cfg.index, cfg.check_sample)}", flush=True)
     return 0

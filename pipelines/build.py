@@ -32,7 +32,7 @@ import numpy as np
 from dresd.config import BuildConfig, CorpusConfig, to_dict
 from dresd.datastore.corpus import SHAREGPT, list_corpus_files, sharegpt_path
 from dresd.datastore.formatting import format_fingerprint
-from dresd.datastore.index import (exact_topk, forced_ivfpq_keys, overlap_at_k, plan_index, search, self_retrieval_mrr)
+from dresd.datastore.index import forced_ivfpq_keys, intrinsic_check, plan_index
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.store import Datastore, DatastoreError, read_current
 from dresd.model.resolve import model_facts
@@ -94,22 +94,13 @@ class BuildReport:
 
 def _check(index: faiss.Index, work: Scratch, shard_ids: list[str], starts: dict[str, int], n_keys: int, ctag: str,
            sample: int, seed: int) -> dict[str, float]:
-    """recall@50 of the index vs exact search over the stored keys, and self-retrieval MRR,
-    on sampled keys."""
-    ids = np.sort(np.random.default_rng(seed + 1).choice(n_keys, size=min(sample, n_keys), replace=False))
+    """intrinsic_check over the shards' stored keys."""
 
     def chunks():
         for sid in shard_ids:
             yield starts[sid], np.asarray(shard_keys(work, sid, ctag), dtype=np.float32)
 
-    queries = np.concatenate([keys[ids[(ids >= first) & (ids < first + len(keys))] - first]
-                              for first, keys in chunks()])
-    k = min(50, n_keys)
-    truth = exact_topk(chunks(), queries, k)
-    return {
-        "recall@50": overlap_at_k(search(index, queries, k)[1], truth),
-        "self_mrr@50": self_retrieval_mrr(index, queries, ids, k),
-    }
+    return intrinsic_check(index, chunks, n_keys, sample, seed)
 
 
 def _file_name(path: str) -> str:

@@ -36,8 +36,8 @@ from dresd.datastore.integrity import verify_once
 from dresd.datastore.store import Datastore, DatastoreError
 from dresd.datastore.publish import DatastoreParts, PublishConflict, publish
 from dresd.datastore.formatting import format_fingerprint
-from dresd.datastore.index import (IndexParams, add_keys, empty_copy, exact_topk, overlap_at_k, plan_index, search,
-                                  self_retrieval_mrr, set_search_params, train_index)
+from dresd.datastore.index import (IndexParams, add_keys, empty_copy, intrinsic_check, plan_index, set_search_params,
+                                  train_index)
 from dresd.model.resolve import model_facts
 from dresd.storage.faults import fault_point
 from pipelines.build import check_default_ids
@@ -267,15 +267,19 @@ def reindex(root: str | Path, cfg: IndexConfig, check_sample: int = 500) -> Path
 def same_layout(root: str | Path, cfg: IndexConfig) -> str | None:
     """The factory string of CURRENT's layout when `cfg` would choose it again (a reindex
     would be refused), else None."""
-    store = Datastore(root)
+    old, params, _ = _relayout(Datastore(root), cfg)
+    return old.factory if params == old else None
+
+
+def _relayout(store: Datastore, cfg: IndexConfig) -> tuple[IndexParams, IndexParams, str]:
+    """The store's layout, and the layout `cfg` chooses for its keys with the reason."""
     old = IndexParams(**store.manifest["index"]["params"])
-    return old.factory if plan_index(store.num_keys, replace(cfg, dim=old.dim))[0] == old else None
+    # The keys' dimension was fixed by the build's compressor: `cfg.dim` cannot change it.
+    return old, *plan_index(store.num_keys, replace(cfg, dim=old.dim))
 
 
 def _reindex_change(store: Datastore, cfg: IndexConfig, check_sample: int) -> tuple[DatastoreParts, dict]:
-    old = IndexParams(**store.manifest["index"]["params"])
-    # The keys' dimension was fixed by the build's compressor: `cfg.dim` cannot change it.
-    params, layout = plan_index(store.num_keys, replace(cfg, dim=old.dim))
+    old, params, layout = _relayout(store, cfg)
     if params.on_disk:
         raise DatastoreError(f"{store.path}: the layout chosen is on-disk lists ({layout}), which only a build "
                              "merges; rebuild instead of reindexing")
@@ -290,10 +294,5 @@ def _reindex_change(store: Datastore, cfg: IndexConfig, check_sample: int) -> tu
     manifest = _child_manifest(store, {"kind": "reindex", "from": old.factory, "to": params.factory})
     manifest["index"] = {**store.manifest["index"], "params": params.to_dict(), "factory": params.factory,
                          "layout": layout, "sample_size": len(sample)}
-    ids = np.sort(np.random.default_rng(cfg.seed + 1).choice(len(vectors), min(check_sample, len(vectors)),
-                                                             replace=False))
-    k = min(50, len(vectors))
-    truth = exact_topk([(0, vectors)], vectors[ids], k)
-    manifest["check"] = {"recall@50": overlap_at_k(search(index, vectors[ids], k)[1], truth),
-                         "self_mrr@50": self_retrieval_mrr(index, vectors[ids], ids, k)}
+    manifest["check"] = intrinsic_check(index, lambda: [(0, vectors)], len(vectors), check_sample, cfg.seed)
     return _parts_from(store, index=index), manifest

@@ -245,6 +245,20 @@ def self_retrieval_mrr(index: faiss.Index, queries: np.ndarray, own_ids: np.ndar
     return float(np.mean(rr)) if rr else 0.0
 
 
+def intrinsic_check(index: faiss.Index, chunks, n_keys: int, sample: int, seed: int) -> dict[str, float]:
+    """recall@50 of the index vs exact search over the stored keys, and self-retrieval MRR,
+    on sampled keys. `chunks()` yields the keys as (first id, keys) chunks, each call anew."""
+    ids = np.sort(np.random.default_rng(seed + 1).choice(n_keys, size=min(sample, n_keys), replace=False))
+    queries = np.concatenate([keys[ids[(ids >= first) & (ids < first + len(keys))] - first]
+                              for first, keys in chunks()])
+    k = min(50, n_keys)
+    truth = exact_topk(chunks(), queries, k)
+    return {
+        "recall@50": overlap_at_k(search(index, queries, k)[1], truth),
+        "self_mrr@50": self_retrieval_mrr(index, queries, ids, k),
+    }
+
+
 def serialize(index: faiss.Index) -> np.ndarray:
     """Index as a uint8 array (fits the Ray object store)."""
     return faiss.serialize_index(index)

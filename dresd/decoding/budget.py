@@ -184,7 +184,11 @@ class AcceptanceModel:
 
 def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
     """The tree's draft nodes, likeliest first (shallower on ties): every prefix is a subtree."""
-    return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))
+    return _by_likelihood(probs, tree.depths)
+
+
+def _by_likelihood(probs: list[float], depths: list[int]) -> list[int]:
+    return sorted(range(1, len(probs)), key=lambda i: (-probs[i], depths[i], i))
 
 
 def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nodes: int,
@@ -194,7 +198,7 @@ def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nod
     Candidates are taken in order of probability (shallower first on ties), which keeps
     every prefix of the order a subtree because a child is never likelier than its parent.
     """
-    order = sorted(range(1, len(probs)), key=lambda i: (-probs[i], depths[i], i))[: max(0, max_nodes - 1)]
+    order = _by_likelihood(probs, depths)[: max(0, max_nodes - 1)]
     best_k, best_rate = 0, 1.0 / (cost.cost(1) + overhead_s)
     expected = 1.0
     for k, node in enumerate(order, start=1):
