@@ -48,9 +48,9 @@ from pathlib import Path  # noqa: E402
 from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
-from dresd.decoding.tree import TokenTree, subtree  # noqa: E402
+from dresd.decoding.tree import TokenTree, accepted_in, offered_nodes, settled_path, subtree  # noqa: E402
 from dresd.evaluation.methods import SUFFIX_AS_PUBLISHED  # noqa: E402
-from dresd.evaluation.replay import accepted_in, walk  # noqa: E402
+from dresd.evaluation.replay import walk  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; --policy keeps the budget)
@@ -66,20 +66,44 @@ SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; -
 
 
 class TreeLog:
-    """Stands in for a decoder's planner: delegates to it and keeps every drafted step."""
+    """Stands in for a decoder's planner: delegates to it and keeps every drafted step, and
+    scores the planner's estimates over each whole drafted tree against the emitted text:
+    `calibration` holds (depth, predicted P(accepted | parent accepted), accepted) for every
+    node whose parent the text accepted, predicted before the tree's outcome was known."""
 
     def __init__(self, inner: DraftPlanner):
         self.inner = inner
         self.steps: list[dict] = []
+        self.calibration: list[tuple[int, float, bool]] = []
+        self._unsettled: list[tuple[TokenTree, list[float], list[int]]] = []
 
     def should_draft(self) -> bool:
         return self.inner.should_draft()
 
     def begin(self, sampled: bool) -> None:
+        self._unsettled = []  # a text that ended inside a tree leaves it unscored
         self.inner.begin(sampled)
 
     def plan(self, tree: TokenTree) -> TokenTree:
+        if len(tree) > 1:
+            self._unsettled.append((tree, self.inner.acceptance.node_probs(tree, self.inner.sampled), []))
         return self.inner.plan(tree)
+
+    def drafted(self, tree: TokenTree) -> None:
+        self.inner.drafted(tree)
+
+    def emitted(self, tokens: list[int]) -> None:
+        still = []
+        for tree, probs, seen in self._unsettled:
+            seen.extend(tokens)
+            if (path := settled_path(tree, seen)) is None:
+                still.append((tree, probs, seen))
+                continue
+            for i, accepted in offered_nodes(tree, path):
+                parent = probs[tree.parents[i]]
+                self.calibration.append((tree.depths[i], probs[i] / parent if parent else 0.0, accepted))
+        self._unsettled = still
+        self.inner.emitted(tokens)
 
     def observe_step(self, positions: int, seconds: float) -> None:
         self.inner.observe_step(positions, seconds)
@@ -153,6 +177,8 @@ def replay(steps: list[dict], cost: CostModel, mode: str = "budget") -> float:
             path = accepted_in(kept, true_tokens)
             tokens, seconds = tokens + len(path), seconds + cost.cost(len(kept)) + step["retrieval_s"]
             planner.record(kept, path, True, step["retrieval_s"])
+            # The logged path is where the text left the whole logged tree (-1: no token is).
+            planner.emitted(true_tokens + [-1])
     return tokens / seconds * plain if seconds else 0.0
 
 
@@ -209,7 +235,8 @@ EVICT_BYTES = 64 * 2**20
 
 
 def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale: bool = True,
-                acceptance: dict | None = None, detail: dict | None = None) -> float:
+                acceptance: dict | None = None, detail: dict | None = None, oracle: bool = False,
+                verified_only: bool = False) -> float:
     """Tokens per unit time relative to plain decoding when the planner walks the texts itself.
 
     The calibration's one-token forward runs over a fixed 256-token context and costs more
@@ -220,6 +247,8 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
     is (a curve measured on another machine, whose plain steps this one's do not match).
     `acceptance` overrides fields of the planner's AcceptanceModel (planner variants).
     `detail`, when given, is filled with where the walk's time went (walk_detail).
+    `oracle` walks the bound instead of the planner (dresd.evaluation.replay.walk);
+    `verified_only` plans with estimates learnt from verified nodes alone (no hindsight).
     """
     from statistics import median
 
@@ -232,18 +261,42 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
     cost = cost.scaled(plain / cost.cost(1), 1.0)
     spec = SpeculativeConfig(**SPECS[method])
     drafter = make_drafter(spec, engine.datastore, engine.lm.tokenizer, engine.lm.eos_token_id)
-    planner = DraftPlanner(cost, spec.max_verify)
+    planner = DraftPlanner(cost, spec.max_verify, hindsight=not verified_only)
     for name, value in (acceptance or {}).items():
         setattr(planner.acceptance, name, value)
     log = TreeLog(planner)
     evict = np.ones(EVICT_BYTES // 8)
     tokens = seconds = 0.0
     for text in texts:
-        n, s = walk(drafter, log, cost, text, evict)
+        n, s = walk(drafter, log, cost, text, evict, oracle)
         tokens, seconds = tokens + n, seconds + s
     if detail is not None:
-        detail.update(walk_detail(log.steps, tokens, seconds))
+        detail.update(walk_detail(log.steps, tokens, seconds), calibration=calibration_summary(log.calibration))
     return tokens / seconds * plain
+
+
+# Depth groups of the calibration summary: deep nodes are few, and a planner that rarely
+# verifies them is where estimates learnt from verified nodes alone go wrong.
+CALIBRATION_DEPTHS = ((1, 1), (2, 2), (3, 4), (5, 1 << 30))
+
+
+def depth_label(lo: int, hi: int) -> str:
+    return str(lo) if lo == hi else f"{lo}+" if hi > 64 else f"{lo}-{hi}"
+
+
+def calibration_summary(rows: list[tuple[int, float, bool]]) -> dict:
+    """Mean log-loss per node of the predicted conditionals, and per depth group (nodes,
+    mean predicted, observed)."""
+    import math
+
+    eps = 1e-4
+    loss = [-math.log(min(max(p, eps), 1 - eps) if a else 1 - min(max(p, eps), 1 - eps)) for _, p, a in rows]
+    groups = {}
+    for lo, hi in CALIBRATION_DEPTHS:
+        sel = [(p, a) for d, p, a in rows if lo <= d <= hi]
+        if sel:
+            groups[depth_label(lo, hi)] = (len(sel), sum(p for p, _ in sel) / len(sel), sum(a for _, a in sel) / len(sel))
+    return dict(nodes=len(rows), log_loss=sum(loss) / len(loss) if loss else 0.0, depths=groups)
 
 
 def walk_detail(steps: list[dict], tokens: float, seconds: float) -> dict:
@@ -269,12 +322,13 @@ def walk_detail(steps: list[dict], tokens: float, seconds: float) -> dict:
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
-    """'current' or 'field=value,...' (AcceptanceModel fields; numbers, 0/1 for flags) -> (label, fields)."""
+    """'current', 'oracle', 'verified-only' or 'field=value,...' (AcceptanceModel fields;
+    numbers, 0/1 for flags) -> (label, fields)."""
     from dresd.decoding.budget import AcceptanceModel
 
     text = text.strip()
-    if text in ("", "current"):
-        return "current", {}
+    if text in ("", "current", "oracle", "verified-only"):
+        return text or "current", {}
     fields = {}
     known = AcceptanceModel.__dataclass_fields__
     for pair in text.split(","):
@@ -302,8 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policy", action="store_true",
                    help="walk the recorded greedy texts with the planner instead of replaying logged steps")
     p.add_argument("--variants", default="current",
-                   help="with --policy: planner variants to walk, ';'-separated, each 'current' or "
-                        "AcceptanceModel field=value pairs joined by ',' (e.g. 'current;prior_rate=0.5,decay=0.999')")
+                   help="with --policy: planner variants to walk, ';'-separated, each 'current', 'oracle' (the "
+                        "bound: exactly the confirmed nodes of the whole tree, consults that find none skipped), "
+                        "'verified-only' (estimates learnt from verified nodes alone, without hindsight) or "
+                        "AcceptanceModel field=value pairs joined by ',' (e.g. 'current;oracle;prior_rate=0.5,decay=0.999')")
     args = p.parse_args(argv)
 
     from benchmarks.spec_bench import eval_sets
@@ -339,10 +395,28 @@ def main(argv: list[str] | None = None) -> int:
         details = {}
         for method in args.methods.split(","):
             details[method] = {}
-            rates = [policy_rate(engine, method, texts, cost, rescale=not args.cost_file, acceptance=fields,
-                                 detail=details[method] if i == 0 else None)
-                     for i, (_, fields) in enumerate(variants)]
+            rates = []
+            for label, fields in variants:
+                details[method][label] = {}
+                rates.append(policy_rate(engine, method, texts, cost, rescale=not args.cost_file, acceptance=fields,
+                                         detail=details[method][label], oracle=label == "oracle",
+                                         verified_only=label == "verified-only"))
             print(f"| {method} | " + " | ".join(f"{r:.3f}x" for r in rates) + " |", flush=True)
+        print("\nCalibration over whole drafted trees (nodes whose parent the text accepted; predicted "
+              "P(accepted | parent accepted) before the outcome, against observed; per depth: nodes, predicted, "
+              "observed):\n")
+        labels = [depth_label(lo, hi) for lo, hi in CALIBRATION_DEPTHS]
+        print("| method | variant | nodes | log-loss / node | " + " | ".join(f"depth {x}" for x in labels) + " |")
+        print("|---|---|---|---|" + "---|" * len(CALIBRATION_DEPTHS))
+        for method, by_variant in details.items():
+            for label, d in by_variant.items():
+                if label == "oracle":
+                    continue
+                c = d["calibration"]
+                cells = [(lambda n, p, o: f"{n} / {p:.3f} / {o:.3f}")(*c["depths"][x]) if x in c["depths"] else "-"
+                         for x in labels]
+                print(f"| {method} | {label} | {c['nodes']} | {c['log_loss']:.3f} | " + " | ".join(cells) + " |")
+        details = {method: by_variant[variants[0][0]] for method, by_variant in details.items()}
         print(f"\nWhere the walks' time went ({variants[0][0]}; sources: verified nodes, share accepted):\n")
         print("| method | consults | plain steps | tokens / consult | positions / consult | drafting ms / consult "
               "| drafting share | by source |")

@@ -67,6 +67,7 @@ class UpdateReport:
     keys_added: int
     drift: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    layout: str = ""  # the index layout kept, and the one the index settings choose for the new count when it differs
 
     def lines(self) -> list[str]:
         rej = sum(self.rejected.values())
@@ -77,7 +78,7 @@ class UpdateReport:
             f"keys added {self.keys_added}, examples added {self.examples_added}, {self.seconds:.1f}s",
             f"drift: reconstruction error {self.drift.get('new_error', 0):.4f} vs fit sample "
             f"{self.drift.get('base_error', 0):.4f} (ratio {self.drift.get('ratio', 0):.2f}): {advice}",
-        ]
+        ] + ([f"index layout: {self.layout}"] if self.layout else [])
 
 
 def _parts_from(store: Datastore, **changes) -> DatastoreParts:
@@ -155,7 +156,17 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
     if not cfg.keep_work:
         work.remove()
     return UpdateReport(version_dir, store.version, rows_read, len(sources), dict(rejected), int(len(key_pos)),
-                        drift, time.perf_counter() - t0)
+                        drift, time.perf_counter() - t0, _layout_advice(root, params, store.num_keys + len(key_pos), cfg.index))
+
+
+def _layout_advice(root: str | Path, kept: IndexParams, n_keys: int, cfg: IndexConfig) -> str:
+    """An add keeps the parent's layout (its index is filled, not retrained); past a size
+    threshold the settings choose another, which only a reindex or a rebuild gives."""
+    chosen, _ = plan_index(n_keys, replace(cfg, dim=kept.dim))
+    if chosen == kept:
+        return f"{kept.factory}, what the index settings choose for {n_keys} keys"
+    how = "a rebuild gives it" if chosen.on_disk else f"`dresd update reindex --datastore {root}` lays the keys out so"
+    return f"{kept.factory} kept; for {n_keys} keys the index settings choose {chosen.factory}: {how}"
 
 
 def _parent(root: str | Path) -> Datastore:

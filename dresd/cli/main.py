@@ -88,11 +88,14 @@ def _generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
     specs = generate_specs(cfg)
     from dresd.drafters.registry import method_entry
 
-    for spec in specs.values():  # before the model loads: a typo costs no start-up
+    for spec in specs.values():  # before the model loads: a typo or a missing store costs no start-up
         try:
-            method_entry(spec.method)
+            entry = method_entry(spec.method)
         except ValueError as err:
             raise ConfigError(f"--method (methods, speculative.method): {err}") from None
+        if entry.needs_datastore and not cfg.datastore:
+            raise ConfigError(f"--method {spec.method!r} drafts from a datastore: give --datastore ROOT "
+                              "(or use pld, or auto, which drafts from the prompt without one)")
     from dresd.decoding.engine import Engine
     from dresd.evaluation.compare import markdown_table, run_methods, summarize
 

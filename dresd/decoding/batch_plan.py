@@ -125,11 +125,10 @@ class BatchPlanner:
     skips consults for 0, 1, 3, 7, ... steps while widths stay at 1, and consults every step
     again once a width above 1 pays.
 
-    A width of 1 verifies no node, so the rows' estimates learn nothing and a batch whose
-    estimates fell after a few misses would never draft again, even once its drafts would
-    pay (the one-sequence planner has the same trap: it probes after its back-off, and after
-    runs of cheap consults cut to the root, dresd.decoding.budget.IDLE_PROBE_MIN). After
-    PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
+    A width of 1 verifies no node. The rows' estimates still learn from every tree they
+    draft, in hindsight (DraftPlanner.drafted), but the wider steps' cost factor learns only
+    from wide steps, and a factor gone stale after a busy spell can keep every width at 1
+    for good. After PROBE_AFTER consulted steps in a row at width 1 with drafts on the table, the batch
     verifies each drafting row's likeliest node (width 2), then waits twice as long before
     the next probe unless a width above 1 pays meanwhile. It probes only where nodes as
     likely as the estimates' prior would pay at this load by MIN_PRIOR_GAIN: elsewhere (a

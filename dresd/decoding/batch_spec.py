@@ -182,7 +182,10 @@ class BatchedSpeculativeDecoder:
         row.fresh_keys.clear()
         cands = drafter.propose(DraftRequest(row.context, remaining - 1, q, keys))
         tree = build_tree(pending, cands.paths, None, cands.weights, cands.sources, cands.total)
-        return (tree if self.planner is not None else planner.plan(tree)), True, time.perf_counter() - t0
+        if self.planner is not None:
+            planner.drafted(tree)  # the batch planner cuts it; this row's estimates learn from all of it
+            return tree, True, time.perf_counter() - t0
+        return planner.plan(tree), True, time.perf_counter() - t0
 
     @torch.inference_mode()
     def _verify(self, cache: RowCache, rows: dict[int, _Row], trees: dict[int, TokenTree]):
@@ -336,6 +339,7 @@ class BatchedSpeculativeDecoder:
                 if share is not None:
                     planner.cost = share  # back-off weighs drafting against this row's share of a step
                 planner.record(tree, path, True, spent[slot])
+            self._planners[slot].emitted(new)
             row.out.extend(new)
             row.context.extend(new)
             row.query = keys[-1]

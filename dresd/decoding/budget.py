@@ -7,7 +7,8 @@ Per step the planner:
 
 1. estimates each draft node's probability of being accepted: the product, down its path,
    of P(accepted | parent accepted), learned online per (drafter, depth, bin of the node's
-   share of its parent's evidence: neighbour counts, suffix frequencies);
+   share of its parent's evidence: neighbour counts, suffix frequencies) from every drafted
+   tree, verified or not, scored in hindsight against the tokens the request goes on to emit;
 2. keeps the k most probable nodes (p never grows along a path, so the top k form a
    subtree) for the k that maximises expected tokens per second
    (1 + sum of p) / (cost(k + 1) + overhead), cost(.) measured on this machine;
@@ -15,9 +16,8 @@ Per step the planner:
    drafter costs a noticeable share of a step (CHEAP_CONSULT), it is consulted again after a
    back-off that doubles while drafts keep failing; the retry verifies a small probe so the
    estimates can recover when the text changes. A cheaper consult runs at every step:
-   skipping it saves next to nothing and misses the drafts that come back; after a run of
-   such consults cut to the root (IDLE_PROBE_MIN, doubling while probes miss) it verifies
-   a probe too, since estimates only move on verified nodes. A verified tree
+   skipping it saves next to nothing and misses the drafts that come back, and its trees,
+   even cut to the root, still teach the estimates in hindsight. A verified tree
    that accepts nothing backs off only when drafting itself is costly (COSTLY_DRAFT): the
    budget chose the tree knowing the risk, and its estimates learn from the miss.
 
@@ -36,7 +36,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from dresd.decoding.tree import TokenTree, subtree
+from dresd.decoding.tree import TokenTree, accepted_in, offered_nodes, settled_path, subtree
 
 @dataclass
 class CostModel:
@@ -69,14 +69,6 @@ class CostModel:
         return CostModel(self.positions, seconds, self.context, self.key)
 
 
-# Cheap consults cut to the root in a row before a probe (the run doubles while probes miss, up
-# to IDLE_PROBE_MAX); trades the probes' positions against drafts that came back unseen;
-# docs/speed-study.md#idle-probes.
-IDLE_PROBE_MIN = 8
-IDLE_PROBE_MAX = 64
-# A probe's extra positions cost at most this share of the idle run's steps (where a verified
-# position is dear, runs grow longer); trades the same; docs/speed-study.md#idle-probes.
-IDLE_PROBE_SHARE = 0.05
 # Drafting's share of a step; trades costly drafters' wasted retries against missed drafts; docs/speed-study.md#budget-constants.
 COSTLY_DRAFT = 0.3
 # A consult's share of a step; trades time on empty consults against missed drafts; docs/speed-study.md#budget-constants.
@@ -167,19 +159,16 @@ class AcceptanceModel:
             probs[i] = probs[tree.parents[i]] * rates[cell]
         return probs
 
-    def update(self, tree: TokenTree, path: list[int], sampled: bool = False) -> None:
-        """Learn from one verified tree and the node path the target accepted."""
+    def update(self, tree: TokenTree, path: list[int], sampled: bool = False, open_end: bool = False) -> None:
+        """Learn from one tree and the node path the target accepted in it. `open_end`: the
+        text ran out at the path's last node (the request ended), so its children say nothing."""
         for key in self.offered:
             self.offered[key] *= self.decay
             self.accepted[key] *= self.decay
-        on_path = set(path)
-        for i in range(1, len(tree)):
-            # Only nodes whose parent was accepted had a chance: the others say nothing.
-            if tree.parents[i] in on_path:
-                cell = self.cell(tree, i)
-                for key in self._levels(cell, sampled):
-                    self.offered[key] += 1.0
-                    self.accepted[key] += 1.0 if i in on_path else 0.0
+        for i, accepted in offered_nodes(tree, path, open_end):
+            for key in self._levels(self.cell(tree, i), sampled):
+                self.offered[key] += 1.0
+                self.accepted[key] += 1.0 if accepted else 0.0
 
 
 def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:
@@ -212,8 +201,12 @@ def select_nodes(probs: list[float], depths: list[int], cost: CostModel, max_nod
 class DraftPlanner:
     """Per-decoder state of the budget: the cost model, acceptance calibration and back-off."""
 
-    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 32, probe_nodes: int = 3):
+    def __init__(self, cost: CostModel | None, max_nodes: int = 64, max_backoff: int = 32, probe_nodes: int = 3,
+                 hindsight: bool = True):
         self.cost = cost  # None = no budget: verify every proposed node up to max_nodes
+        # Learn from whole drafted trees against the emitted text (drafted); False = from the
+        # verified nodes alone (what benchmarks/budget_replay.py compares it with).
+        self.hindsight = hindsight
         self.max_nodes = max_nodes
         self.max_backoff = max_backoff
         self.acceptance = AcceptanceModel()
@@ -222,17 +215,41 @@ class DraftPlanner:
         self._skip = 0
         self._probe = False
         self._probing = False
-        self._idle = 0  # cheap consults in a row that the budget cut to the root
-        self._idle_run = IDLE_PROBE_MIN  # idle consults before the next idle probe
-        self._idle_probing = False  # the current step verifies an idle probe
         self.retrieval_ema = 0.0  # seconds of drafting per step, part of each step's overhead
         # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
         self.step_scale = [1.0, 1.0]
         self.sampled = False  # whether the current request samples (its acceptance counts in cells of its own)
+        self._unsettled: list[tuple[TokenTree, list[int]]] = []  # drafted trees and the tokens emitted since
 
     def begin(self, sampled: bool) -> None:
         """A request starts: whether it samples (temperature > 0) or decodes greedily."""
+        for tree, tokens in self._unsettled:  # the last request's text ended inside them
+            self.acceptance.update(tree, accepted_in(tree, tokens), self.sampled, open_end=True)
+        self._unsettled = []
         self.sampled = sampled
+
+    def drafted(self, tree: TokenTree) -> None:
+        """A consult's whole tree, before any cut: the estimates learn from all of it once the
+        request's next tokens are known (emitted). Learning only from verified nodes would
+        leave the cells the planner rarely verifies (deep nodes, weak sources) at estimates
+        too low to ever be verified, however often the text would have confirmed them. The
+        emitted tokens are what acceptance would have given: under greedy acceptance the
+        target's argmax, under speculative sampling a draw from the target's distribution, in
+        which a drafted token appears with the probability that it would have been accepted."""
+        if len(tree) > 1 and self.hindsight:
+            self._unsettled.append((tree, []))
+
+    def emitted(self, tokens: list[int]) -> None:
+        """The tokens a step emitted (accepted drafts and the bonus, or one plain token): every
+        drafted tree the text has now left, or followed to a leaf, teaches the estimates."""
+        still = []
+        for tree, seen in self._unsettled:
+            seen.extend(tokens)
+            if (path := settled_path(tree, seen)) is not None:
+                self.acceptance.update(tree, path, self.sampled)
+            else:
+                still.append((tree, seen))
+        self._unsettled = still
 
     def should_draft(self) -> bool:
         """False while backing off after drafts that did not pay."""
@@ -246,6 +263,7 @@ class DraftPlanner:
         """The part of `tree` worth verifying (the root alone when nothing pays)."""
         if len(tree) <= 1:
             return tree
+        self.drafted(tree)
         if self.cost is None:
             # No budget: the max_nodes - 1 best-supported nodes (REST's top-64 tree). Support
             # never grows along a path, so these always form a subtree.
@@ -255,19 +273,10 @@ class DraftPlanner:
         cost = self.cost.scaled(*self.step_scale)
         keep, _ = select_nodes(probs, tree.depths, cost, self.max_nodes, self.retrieval_ema)
         self._probing = self._probe and len(keep) < self.probe_nodes
-        # A cheap consult never backs off, so nothing else would retry a drafter whose
-        # estimates fell while its drafts were poor: estimates only move on verified nodes,
-        # and the drafts of the request's own text may have become good since (an
-        # out-of-distribution prompt's suffix tree fills with its own answer).
-        idle = not keep and not self._probing and self.retrieval_ema < CHEAP_CONSULT * cost.cost(1)
-        self._idle = self._idle + 1 if idle else 0
-        extra = cost.cost(1 + self.probe_nodes) / cost.cost(1) - 1
-        self._idle_probing = self._idle >= max(self._idle_run, extra / IDLE_PROBE_SHARE)
-        if self._probing or self._idle_probing:
-            # Without verifying something the estimates that stopped drafting could never
-            # change. The probe is the likeliest few nodes.
+        if self._probing:
+            # The back-off's retry: drafts came back after steps without any, so the estimates
+            # are stale; the likeliest few nodes say at once whether drafting pays again.
             keep = likeliest_first(tree, probs)[: self.probe_nodes]
-            self._idle = 0
         self._probe = False
         return subtree(tree, keep)
 
@@ -285,14 +294,8 @@ class DraftPlanner:
         if not drafted:
             return
         self.retrieval_ema = 0.9 * self.retrieval_ema + 0.1 * retrieval_s if self.retrieval_ema else retrieval_s
-        if len(tree) > 1:
+        if not self.hindsight and len(tree) > 1:
             self.acceptance.update(tree, path, self.sampled)
-        if self._idle_probing:
-            # The next idle run is as short as ever after a probe that found drafts, twice as
-            # long after one that missed; the back-off is not touched (the consult is cheap).
-            self._idle_probing = False
-            self._idle_run = IDLE_PROBE_MIN if len(path) > 1 else min(2 * self._idle_run, IDLE_PROBE_MAX)
-            return
         step = self.cost.cost(1) if self.cost is not None else 0.0
         if self.cost is None or (len(path) > 1 and not self._probing):  # as-published drafting never backs off
             self._failures = 0

@@ -137,6 +137,8 @@ class SpeculativeDecoder:
             if self.eos_id in new:
                 new = new[: new.index(self.eos_id) + 1]
             metrics.record_step(step.accepted, step.drafted, step.verified, step.offered_depth, len(new))
+            if drafter is not None:
+                planner.emitted(new)
             out.extend(new)
             context.extend(new)
             if (on_tokens is not None and on_tokens(new)) or out[-1] == self.eos_id:

@@ -143,3 +143,31 @@ def greedy_accept(tree: TokenTree, predicted: list[int]) -> list[int]:
         node = child
         path.append(node)
     return path
+
+
+def accepted_in(tree: TokenTree, true_tokens: list[int]) -> list[int]:
+    """The node path greedy acceptance takes in `tree` when the target's tokens are `true_tokens`."""
+    path = [0]
+    for token in true_tokens:
+        child = tree.children[path[-1]].get(token)
+        if child is None:
+            break
+        path.append(child)
+    return path
+
+
+def settled_path(tree: TokenTree, tokens: list[int]) -> list[int] | None:
+    """The node path `tokens` (the text emitted after the root) take in `tree`, once they
+    settle it: the text has left the tree, or followed it to a leaf. None while the text
+    could still go deeper."""
+    path = accepted_in(tree, tokens)
+    return path if len(path) <= len(tokens) or not tree.children[path[-1]] else None
+
+
+def offered_nodes(tree: TokenTree, path: list[int], open_end: bool = False) -> list[tuple[int, bool]]:
+    """(node, accepted) for every node whose parent is on `path`: the nodes that had a chance
+    (the others say nothing about acceptance). `open_end`: the text stopped at the path's last
+    node, so its children had no chance either."""
+    on_path = set(path)
+    live = on_path - ({path[-1]} if open_end else set())
+    return [(i, i in on_path) for i in range(1, len(tree)) if tree.parents[i] in live]

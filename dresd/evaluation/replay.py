@@ -13,22 +13,12 @@ from __future__ import annotations
 import time
 
 from dresd.decoding.budget import CostModel, DraftPlanner
-from dresd.decoding.tree import TokenTree, build_tree
+from dresd.decoding.tree import accepted_in, build_tree, subtree
 from dresd.drafters import Drafter, DraftRequest
 
 
-def accepted_in(tree: TokenTree, true_tokens: list[int]) -> list[int]:
-    """The node path greedy acceptance takes in `tree` when the target's tokens are `true_tokens`."""
-    path = [0]
-    for token in true_tokens:
-        child = tree.children[path[-1]].get(token)
-        if child is None:
-            break
-        path.append(child)
-    return path
-
-
-def walk(drafter: Drafter, planner: DraftPlanner, cost: CostModel, text: dict, evict=None) -> tuple[int, float]:
+def walk(drafter: Drafter, planner: DraftPlanner, cost: CostModel, text: dict, evict=None,
+         oracle: bool = False) -> tuple[int, float]:
     """The planner decoding one recorded text on its own: (tokens, seconds).
 
     `text` holds `tokens` (prompt + greedy output), `prompt_len`, and `hidden`: row i is the
@@ -36,6 +26,12 @@ def walk(drafter: Drafter, planner: DraftPlanner, cost: CostModel, text: dict, e
     its drafters. `evict` (an array) is read through before each consult, uncharged: in
     decoding a forward streams the weights between two consults, so drafting runs from cold
     caches.
+
+    `oracle` walks the bound no planner can pass with these drafts: every step consults the
+    drafter and keeps exactly the drafted nodes the text confirms (all of them, from the
+    whole untrimmed tree), and a consult whose tree holds none is charged as a plain step
+    without its drafting time, as if a perfect gate had skipped it. The planner only
+    records the steps (for walk_detail); its decisions are not used.
     """
     tokens, hidden, t = text["tokens"], text["hidden"], text["prompt_len"] - 1
     drafter.begin(tokens[: t + 1])
@@ -44,21 +40,29 @@ def walk(drafter: Drafter, planner: DraftPlanner, cost: CostModel, text: dict, e
         remaining = len(tokens) - 1 - t
         # As in the decoding loop: the bonus token is always emitted, so a step with one
         # token left does not draft.
-        if remaining > 1 and planner.should_draft():
+        if remaining > 1 and (oracle or planner.should_draft()):
             if evict is not None:
                 evict.sum()
             start = time.perf_counter()
             request = DraftRequest(tokens[: t + 1], remaining - 1, hidden[t - 1], hidden[handed:t])
             handed = t
             cands = drafter.propose(request)
-            kept = planner.plan(build_tree(tokens[t], cands.paths, None, cands.weights, cands.sources, cands.total))
+            tree = build_tree(tokens[t], cands.paths, None, cands.weights, cands.sources, cands.total)
+            if oracle:
+                kept = subtree(tree, accepted_in(tree, tokens[t + 1 :])[1:])
+            else:
+                kept = planner.plan(tree)
             drafting = time.perf_counter() - start
             path = accepted_in(kept, tokens[t + 1 :])
-            planner.record(kept, path, True, drafting)
-            seconds += cost.cost(len(kept)) + drafting
+            if oracle and len(path) == 1:
+                seconds += cost.cost(1)  # the perfect gate: a consult that finds nothing is not made
+            else:
+                planner.record(kept, path, True, drafting)
+                seconds += cost.cost(len(kept)) + drafting
         else:
             path = [0]
             seconds += cost.cost(1)
+        planner.emitted(tokens[t + 1 : t + 1 + len(path)])
         t += len(path)
         emitted += len(path)
     drafter.end(tokens[text["prompt_len"] :])

@@ -325,40 +325,41 @@ def test_a_probe_that_misses_keeps_backing_off():
     assert [planner.should_draft() for _ in range(4)] == [False, False, False, True]
 
 
-def test_a_cheap_drafter_the_budget_gave_up_on_is_probed_after_idle_runs():
+def test_a_cheap_drafter_the_budget_gave_up_on_drafts_again_once_the_text_confirms_its_drafts():
     tree = build_tree(0, [[1, 2, 3], [4]], sources=["s", "s"])
-
-    def probes(cost: CostModel, consults: int) -> list[int]:
-        planner = DraftPlanner(cost)
-        planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: plans are cut to the root
-        sizes = []
-        for _ in range(consults):
-            assert planner.should_draft()  # a cheap consult never backs off ...
-            kept = planner.plan(tree)
-            sizes.append(len(kept) - 1)
-            planner.record(kept, [0], True, budget.CHEAP_CONSULT / 4 * cost.cost(1))  # ... and every probe misses
-        assert {n for n in sizes if n} <= {planner.probe_nodes}  # the likeliest nodes
-        return [i for i, n in enumerate(sizes) if n]
-
-    # A position costs 2% of a step (more than these nodes are worth; a probe, 3%): probes
-    # after idle runs of 8, 16, 32 and 64 consults.
-    assert probes(CostModel([1, 2, 64], [0.030, 0.0306, 0.040]), 120) == [7, 23, 55, 119]
-    # A steep one (a probe's 3 positions cost 0.47 of a step): runs of at least 0.47 / IDLE_PROBE_SHARE.
-    assert probes(smol_cpu_cost(), 60) == [9, 25, 57]
     cheap = budget.CHEAP_CONSULT / 4 * smol_cpu_cost().cost(1)
-    # A probe that finds drafts: the estimates rise, and the budget drafts again.
     planner = DraftPlanner(smol_cpu_cost())
-    planner.acceptance.prior_rate = 0.01
-    for _ in range(10):
-        kept = planner.plan(tree)
-        planner.record(kept, [0, 1, 2, 3][: len(kept)] if len(kept) > 1 else [0], True, cheap)
-    assert len(kept) > 1  # the probe
-    assert len(planner.plan(tree)) > 1
-    # A costly consult is not probed this way: it backs off, and its retries probe.
-    costly = DraftPlanner(smol_cpu_cost())
-    costly.acceptance.prior_rate = 0.01
-    costly.record(costly.plan(tree), [0], True, 0.5 * costly.cost.cost(1))
-    assert all(len(costly.plan(tree)) == 1 for _ in range(3 * budget.IDLE_PROBE_MIN))
+    planner.acceptance.prior_rate = 0.01  # estimates that say nothing pays: plans are cut to the root
+    kept = []
+    for _ in range(12):
+        assert planner.should_draft()  # a cheap consult never backs off ...
+        kept.append(len(planner.plan(tree)) - 1)
+        planner.record(build_tree(0, []), [0], True, cheap)
+        planner.emitted([1])  # ... and the text goes on as its unverified chain said
+        planner.emitted([2])
+        planner.emitted([3, 9])
+    # Nothing was verified, yet the estimates learnt the chain is right: the budget drafts it again.
+    assert kept[0] == 0 and kept[-1] >= 3
+
+
+def test_drafted_trees_are_scored_once_the_text_leaves_them():
+    planner = DraftPlanner(smol_cpu_cost())
+    tree = build_tree(0, [[1, 2, 3], [1, 5], [4]], sources=["s", "s", "s"])
+    planner.drafted(tree)
+    before = dict(planner.acceptance.offered)
+    planner.emitted([1, 2])  # still inside the tree: node 3 (after 1, 2) is unsettled
+    assert dict(planner.acceptance.offered) == before
+    planner.emitted([7])  # the text left the tree after 1, 2
+    offered, accepted = planner.acceptance.offered, planner.acceptance.accepted
+    # Children of the path's nodes were offered: 1 and 4 (root), 2 and 5 (after 1), 3 (after 2).
+    assert sum(v for k, v in offered.items() if len(k) == 1) == pytest.approx(5)
+    assert sum(v for k, v in accepted.items() if len(k) == 1) == pytest.approx(2)
+    assert planner._unsettled == []
+    # A request that ends inside a tree: the children of its last node say nothing.
+    planner.drafted(tree)
+    planner.emitted([1])
+    planner.begin(sampled=False)
+    assert sum(v for k, v in offered.items() if len(k) == 1) == pytest.approx(5 * planner.acceptance.decay + 2)  # 1 and 4
 
 
 def test_planner_success_resets_backoff():
@@ -475,6 +476,7 @@ def test_the_planner_prices_nodes_by_the_request_it_serves():
     planner.begin(sampled=True)
     for _ in range(30):
         planner.record(planner.plan(chain), [0], True, 0.0)  # sampled requests miss
+        planner.emitted([9])
     assert planner.acceptance.node_probs(chain, sampled=True)[1] < 0.1
     assert planner.acceptance.node_probs(chain)[1] > 0.6  # greedy still at its prior
     planner.begin(sampled=False)

@@ -7,6 +7,7 @@ import torch
 
 from dresd.decoding.tree import (
     TokenTree,
+    accepted_in,
     ancestor_matrix,
     build_tree,
     greedy_accept,
@@ -239,3 +240,10 @@ def test_subtree_needs_parents():
         subtree(tree, [1, 3])  # 3's parent 2 is missing
     with pytest.raises(ValueError, match="parent"):
         subtree(tree, [2])  # 2's parent 1 is missing
+
+
+def test_accepted_in_follows_the_true_tokens_until_the_tree_leaves_them():
+    tree = build_tree(7, [[1, 2, 3], [1, 5], [4]])
+    assert [tree.tokens[n] for n in accepted_in(tree, [1, 2, 9, 3])] == [7, 1, 2]
+    assert [tree.tokens[n] for n in accepted_in(tree, [1, 5, 6])] == [7, 1, 5]
+    assert accepted_in(tree, [9]) == [0] and accepted_in(tree, []) == [0]

@@ -56,6 +56,9 @@ def test_recording_planner_plans_and_learns_exactly_like_the_planner():
         path = [0, 1, 2] if len(b) > 2 and step % 2 else [0]  # accepts 5-6 on odd steps
         plain.record(a, path, True, 0.0)
         wrapped.record(b, path, True, 0.0)
+        emitted = [b.tokens[n] for n in path[1:]] + [0]  # the accepted tokens, then a bonus no draft holds
+        plain.emitted(emitted)
+        wrapped.emitted(emitted)
         assert dict(plain.acceptance.offered) == dict(wrapped_inner.acceptance.offered) != before
         if step == 0:
             # The first step's nodes, with the prediction made before its outcome was learnt.

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from dresd.decoding.budget import CostModel, DraftPlanner
-from dresd.decoding.tree import build_tree
 from dresd.drafters import Candidates
-from dresd.evaluation.replay import accepted_in, walk
+from dresd.evaluation.replay import walk
 from fake_drafters import FakeDrafter
 
 TEXT = list(range(100, 140))
@@ -30,13 +29,6 @@ def next_three_and_a_wrong_one(request):
 
 def recorded(text=TEXT):
     return dict(prompt_len=PROMPT_LEN, tokens=text, hidden=np.zeros((len(text) - 2, 4), dtype=np.float32))
-
-
-def test_accepted_in_follows_the_true_tokens_until_the_tree_leaves_them():
-    tree = build_tree(7, [[1, 2, 3], [1, 5], [4]])
-    assert [tree.tokens[n] for n in accepted_in(tree, [1, 2, 9, 3])] == [7, 1, 2]
-    assert [tree.tokens[n] for n in accepted_in(tree, [1, 5, 6])] == [7, 1, 5]
-    assert accepted_in(tree, [9]) == [0] and accepted_in(tree, []) == [0]
 
 
 def test_the_walk_drafts_where_its_own_steps_land_and_counts_every_token():
@@ -63,3 +55,21 @@ def test_a_walk_without_drafts_costs_a_plain_step_per_token_plus_the_drafting():
     assert len(drafter.requests) == emitted - 1
     # Each step a one-position forward; the consults' own (tiny) time on top.
     assert emitted * 0.5 <= seconds < emitted * 0.5 + 0.5
+
+
+def test_the_oracle_walk_verifies_only_confirmed_nodes_and_never_pays_for_empty_consults():
+    # Positions cost: the planner must price the wrong sibling in; the oracle never verifies it.
+    cost = CostModel([1, 2, 3, 4, 5], [1.0, 1.5, 2.0, 2.5, 3.0])
+    drafter = FakeDrafter(next_three_and_a_wrong_one, "oracle")
+    emitted, seconds = walk(drafter, DraftPlanner(cost), cost, recorded(), oracle=True)
+    assert emitted == len(TEXT) - PROMPT_LEN
+    positions = [len(c) - 1 for c in drafter.contexts]
+    assert all(b - a == 4 for a, b in zip(positions, positions[1:]))  # three drafts + the bonus from the first step
+    # Each drafted step: root + 3 confirmed nodes = cost(4); the tail's steps are shorter.
+    steps = len(positions)
+    assert seconds < steps * 2.5 + 0.5
+    planned, planned_s = walk(FakeDrafter(next_three_and_a_wrong_one, "oracle"), DraftPlanner(cost), cost, recorded())
+    assert planned == emitted and seconds < planned_s
+    # Drafts that never hold the next token: the oracle skips every consult, a plain step each.
+    emitted, seconds = walk(FakeDrafter(), DraftPlanner(cost), cost, recorded(), oracle=True)
+    assert seconds == emitted * 1.0

@@ -64,6 +64,8 @@ def test_add_delete_compact(ray_session, tiny_model_dir, tmp_path):
     refit = fit_compressor(hidden, 16)
     assert np.abs(new_keys - compress(refit, hidden)).max() > 0.1  # a compressor fitted on them differs
     assert report.drift["base_error"] > 0 and report.drift["new_error"] > 0
+    assert report.layout == f"Flat, what the index settings choose for {added.num_keys} keys"
+    assert report.lines()[-1] == f"index layout: {report.layout}"
     # New keys are searchable: each finds itself (or an identical duplicate) first.
     new_ids = np.arange(base.num_keys, added.num_keys)
     vecs = added.index.reconstruct_n(0, added.num_keys)[new_ids]
@@ -127,6 +129,17 @@ def test_a_damaged_parent_is_refused_before_any_change(tmp_path, monkeypatch):
     tokens.write_bytes(bytes(data[:-1] + bytes([data[-1] ^ 0xFF])))  # repaired: the change goes through
     delete_sources(root, ["src-1"])
     assert len(list_versions(root)) == 2
+
+
+def test_an_add_that_grows_a_store_past_its_layout_says_how_to_reach_the_one_chosen_now():
+    from dresd.datastore.index import IndexParams
+    from pipelines.update import _layout_advice
+
+    flat = IndexParams(kind="flat", dim=16, nlist=0, nprobe=0, pq_m=0, refine=False, refine_k_factor=1.0)
+    advice = _layout_advice("/data/s", flat, 2000, IndexConfig(flat_below=1000, pq_m=8))
+    assert advice.startswith("Flat kept; for 2000 keys the index settings choose IVF") and advice.endswith(
+        "`dresd update reindex --datastore /data/s` lays the keys out so")
+    assert "a rebuild gives it" in _layout_advice("/data/s", flat, 2000, IndexConfig(flat_below=1000, pq_m=8, on_disk=True))
 
 
 def test_reindex_lays_the_same_keys_out_as_the_settings_choose_now(tmp_path, capsys):
