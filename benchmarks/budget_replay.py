@@ -43,6 +43,7 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import pickle  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
@@ -76,6 +77,7 @@ class TreeLog:
         self.steps: list[dict] = []
         self.calibration: list[tuple[int, float, bool]] = []
         self._unsettled: list[tuple[TokenTree, list[float], list[int]]] = []
+        self.learning_s = 0.0  # the planner's own time in emitted(): a decoding step pays it too
 
     def should_draft(self) -> bool:
         return self.inner.should_draft()
@@ -103,7 +105,9 @@ class TreeLog:
                 parent = probs[tree.parents[i]]
                 self.calibration.append((tree.depths[i], probs[i] / parent if parent else 0.0, accepted))
         self._unsettled = still
+        start = time.perf_counter()
         self.inner.emitted(tokens)
+        self.learning_s += time.perf_counter() - start
 
     def observe_step(self, positions: int, seconds: float) -> None:
         self.inner.observe_step(positions, seconds)
@@ -270,8 +274,10 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
     for text in texts:
         n, s = walk(drafter, log, cost, text, evict, oracle)
         tokens, seconds = tokens + n, seconds + s
+    seconds += log.learning_s
     if detail is not None:
-        detail.update(walk_detail(log.steps, tokens, seconds), calibration=calibration_summary(log.calibration))
+        detail.update(walk_detail(log.steps, tokens, seconds), calibration=calibration_summary(log.calibration),
+                      learning_ms_per_consult=1000 * log.learning_s / max(len(log.steps), 1))
     return tokens / seconds * plain
 
 
@@ -419,12 +425,13 @@ def main(argv: list[str] | None = None) -> int:
         details = {method: by_variant[variants[0][0]] for method, by_variant in details.items()}
         print(f"\nWhere the walks' time went ({variants[0][0]}; sources: verified nodes, share accepted):\n")
         print("| method | consults | plain steps | tokens / consult | positions / consult | drafting ms / consult "
-              "| drafting share | by source |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| learning ms / consult | drafting share | by source |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for method, d in details.items():
             by_source = ", ".join(f"{src} {n} ({rate:.2f})" for src, (n, rate) in d["sources"].items())
             print(f"| {method} | {d['consults']} | {d['plain_steps']} | {d['tokens_per_consult']:.2f} | "
                   f"{d['positions_per_consult']:.2f} | {d['drafting_ms_per_consult']:.2f} | "
+                  f"{d['learning_ms_per_consult']:.2f} | "
                   f"{100 * d['drafting_share']:.1f}% | {by_source} |")
         return 0
     print("| method | logged steps | budget (replayed) | flat prior | verify all proposed | oracle | "
