@@ -60,6 +60,7 @@ SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; -
     "hybrid": dict(method="hybrid"),
     "hybrid-sfx": dict(method="hybrid", hybrid_exact="suffix", **SUFFIX_AS_PUBLISHED),
     "suffix": dict(method="suffix", **SUFFIX_AS_PUBLISHED),
+    "suffix-own": dict(method="suffix"),  # the defaults: no response crosses requests (without a store: the request's own text)
     "pld": dict(method="pld"),
     "rest": dict(method="rest"),
     "auto": dict(method="auto"),  # the default: with a datastore, the dense drafts and SuffixDecoding in one tree
@@ -361,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration: replays then compare planners on a curve measured when the machine was quiet")
     p.add_argument("--policy", action="store_true",
                    help="walk the recorded greedy texts with the planner instead of replaying logged steps")
+    p.add_argument("--no-store", action="store_true",
+                   help="with --policy: the drafters draft without a datastore (pld, suffix, suffix-own, auto); "
+                        "--store still names the recorded texts (and records them when missing)")
     p.add_argument("--variants", default="current",
                    help="with --policy: planner variants to walk, ';'-separated, each 'current', 'oracle' (the "
                         "bound: exactly the confirmed nodes of the whole tree, consults that find none skipped), "
@@ -395,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_bytes(pickle.dumps(record_texts(engine, prompts, args.max_new_tokens)))
             tmp.replace(path)
         texts = pickle.loads(path.read_bytes())
+        if args.no_store:
+            engine = Engine(lm, None, engine.prompt_format, cost=cost)
         variants = [parse_variant(v) for v in args.variants.split(";")]
         print("| method | " + " | ".join(name for name, _ in variants) + " |")
         print("|---|" + "---|" * len(variants))

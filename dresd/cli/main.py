@@ -95,7 +95,7 @@ def _generate(cfg: GenerateConfig, args: argparse.Namespace) -> int:
             raise ConfigError(f"--method (methods, speculative.method): {err}") from None
         if entry.needs_datastore and not cfg.datastore:
             raise ConfigError(f"--method {spec.method!r} drafts from a datastore: give --datastore ROOT "
-                              "(or use pld, or auto, which drafts from the prompt without one)")
+                              "(or pld, suffix or auto, which draft from the request's own text without one)")
     from dresd.decoding.engine import Engine
     from dresd.evaluation.compare import markdown_table, run_methods, summarize
 

@@ -132,15 +132,18 @@ def store_pairs(store: Datastore, tokenizer):
         yield prompt, response
 
 
-def _suffix_drafter(spec: SpeculativeConfig, store: Datastore, tokenizer, eos_id: int):
-    """SuffixDecoding with its global tree warmed on the datastore's live (prompt, response) pairs."""
+def _suffix_drafter(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: int):
+    """SuffixDecoding with its global tree warmed on the datastore's live (prompt, response)
+    pairs; without a datastore, it drafts from the request's own text (and, with
+    suffix_share_responses, from the responses this drafter has served)."""
     from dresd.drafters.suffix import SuffixDrafter
 
     drafter = SuffixDrafter(max_tree_depth=spec.suffix_max_depth, max_spec_factor=spec.suffix_spec_factor,
                             min_token_prob=spec.suffix_min_prob, eos_id=eos_id,
                             cached_responses=spec.suffix_cached_responses,
                             share_responses=spec.suffix_share_responses)
-    drafter.warm(store_pairs(store, tokenizer))
+    if store is not None:
+        drafter.warm(store_pairs(store, tokenizer))
     return drafter
 
 
@@ -243,7 +246,7 @@ def _auto(spec: SpeculativeConfig, store: Datastore | None, tokenizer, eos_id: i
 
 for _name, _build, _store in (("greedy", lambda spec, store, tokenizer, eos_id: None, False),
                               ("pld", _prompt_lookup, False), ("dresd", _dense, True), ("hybrid", _dense, True),
-                              ("rest", _rest, True), ("rest-dr", _rest_dr, True), ("suffix", _suffix_drafter, True),
+                              ("rest", _rest, True), ("rest-dr", _rest_dr, True), ("suffix", _suffix_drafter, False),
                               ("auto", _auto, False)):
     register_method(_name, _build, needs_datastore=_store)
 

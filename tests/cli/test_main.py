@@ -174,7 +174,7 @@ def test_every_command_takes_config_then_flags_then_set(tmp_path):
     (["demo", "--set", "prompts=lots"], "prompts: 'lots' is not an integer"),
     (["generate", "--set", "model.dtype=int8"], "model.dtype: 'int8' is not one of ['auto', 'float32', 'bfloat16', 'float16']"),
     (["build", "--set", "index.ram_share=1.5"], "ram_share must be a number in [0, 1], got 1.5"),
-    (["generate", "--prompt", "x", "--method", "greedy,suffix"], "--method 'suffix' drafts from a datastore: give --datastore ROOT"),
+    (["generate", "--prompt", "x", "--method", "greedy,rest"], "--method 'rest' drafts from a datastore: give --datastore ROOT"),
 ])
 def test_bad_config_is_one_line_before_any_work(argv, message, capsys):
     assert main(argv) == 2

@@ -132,7 +132,7 @@ def test_hybrid_with_suffix_decoding(store, byte_tokenizer):
     assert any(p == text_ids(byte_tokenizer, " is Paris")[: len(p)] and p for p in c.paths)
 
 
-RETRIEVAL_METHODS = ("dresd", "rest", "rest-dr", "suffix", "hybrid")
+RETRIEVAL_METHODS = ("dresd", "rest", "rest-dr", "hybrid")
 
 
 @pytest.mark.parametrize("method", RETRIEVAL_METHODS)
@@ -236,6 +236,30 @@ def test_rest_dr_explicit_index_path(store, byte_tokenizer, tmp_path):
     d = make("rest-dr", store, byte_tokenizer, rest_index=str(target))
     assert target.is_file() and d.path == target
     assert not (derived_dir(store) / "rest.idx").exists()
+
+
+def test_suffix_without_a_datastore_drafts_from_the_request_and_with_sharing_from_served_responses(byte_tokenizer):
+    from dresd.drafters.suffix import SuffixDrafter
+
+    prompt = format_prompt_ids(byte_tokenizer, "Anything", "chat")
+    response = text_ids(byte_tokenizer, PAIRS[0][1])
+    own = make("suffix", None, byte_tokenizer, suffix_min_prob=0.2)
+    assert type(own) is SuffixDrafter
+    # The request's own text: a phrase it wrote once is drafted when it starts again.
+    text = prompt + response[:12] + response[:4]
+    own.begin(prompt)
+    assert response[4:8] == own.propose(DraftRequest(text, max_len=4)).paths[0]
+    own.end(response[:16])
+    # A later request quoting the served response: only a drafter that shares responses knows it.
+    shared = make("suffix", None, byte_tokenizer, suffix_min_prob=0.2, suffix_share_responses=True,
+                  suffix_cached_responses=10)
+    shared.begin(prompt)
+    shared.end(response)
+    for drafter, knows in ((own, False), (shared, True)):
+        drafter.begin(prompt)
+        paths = drafter.propose(DraftRequest(prompt + response[:10], max_len=10)).paths
+        assert (response[10:20] in paths) is knows
+        drafter.end(response[:10])
 
 
 def test_suffix_is_warmed_on_the_store_responses(store, byte_tokenizer):
