@@ -282,11 +282,6 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
     return tokens / seconds * plain
 
 
-# Depth groups of the calibration summary: deep nodes are few, and a planner that rarely
-# verifies them is where estimates learnt from verified nodes alone go wrong.
-CALIBRATION_DEPTHS = ((1, 1), (2, 2), (3, 4), (5, 1 << 30))
-
-
 def depth_label(lo: int, hi: int) -> str:
     return str(lo) if lo == hi else f"{lo}+" if hi > 64 else f"{lo}-{hi}"
 
@@ -298,12 +293,14 @@ def calibration_summary(rows: list[tuple[int, float, bool]]) -> dict:
 
     eps = 1e-4
     loss = [-math.log(min(max(p, eps), 1 - eps) if a else 1 - min(max(p, eps), 1 - eps)) for _, p, a in rows]
+    from dresd.evaluation.reliability import DEPTH_GROUPS
+
     groups = {}
-    for lo, hi in CALIBRATION_DEPTHS:
+    for lo, hi in DEPTH_GROUPS:
         sel = [(p, a) for d, p, a in rows if lo <= d <= hi]
         if sel:
             groups[depth_label(lo, hi)] = (len(sel), sum(p for p, _ in sel) / len(sel), sum(a for _, a in sel) / len(sel))
-    return dict(nodes=len(rows), log_loss=sum(loss) / len(loss) if loss else 0.0, depths=groups)
+    return dict(nodes=len(rows), log_loss=sum(loss) / len(loss) if loss else 0.0, depths=groups, rows=rows)
 
 
 def walk_detail(steps: list[dict], tokens: float, seconds: float) -> dict:
@@ -362,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                         "calibration: replays then compare planners on a curve measured when the machine was quiet")
     p.add_argument("--policy", action="store_true",
                    help="walk the recorded greedy texts with the planner instead of replaying logged steps")
+    p.add_argument("--plot", default=None,
+                   help="with --policy: write reliability diagrams of the whole-tree calibration to this PNG "
+                        "(one panel per method and variant, lines per depth)")
     p.add_argument("--no-store", action="store_true",
                    help="with --policy: the drafters draft without a datastore (pld, suffix, suffix-own, auto); "
                         "--store still names the recorded texts (and records them when missing)")
@@ -417,17 +417,26 @@ def main(argv: list[str] | None = None) -> int:
         print("\nCalibration over whole drafted trees (nodes whose parent the text accepted; predicted "
               "P(accepted | parent accepted) before the outcome, against observed; per depth: nodes, predicted, "
               "observed):\n")
-        labels = [depth_label(lo, hi) for lo, hi in CALIBRATION_DEPTHS]
+        from dresd.evaluation.reliability import DEPTH_GROUPS, ReliabilityLog, plot_reliability
+
+        labels = [depth_label(lo, hi) for lo, hi in DEPTH_GROUPS]
         print("| method | variant | nodes | log-loss / node | " + " | ".join(f"depth {x}" for x in labels) + " |")
-        print("|---|---|---|---|" + "---|" * len(CALIBRATION_DEPTHS))
+        print("|---|---|---|---|" + "---|" * len(DEPTH_GROUPS))
+        diagrams = ReliabilityLog()
         for method, by_variant in details.items():
             for label, d in by_variant.items():
                 if label == "oracle":
                     continue
                 c = d["calibration"]
+                for depth, predicted, accepted in c["rows"]:
+                    diagrams.add(f"{method}, {label}", depth, predicted, accepted)
                 cells = [(lambda n, p, o: f"{n} / {p:.3f} / {o:.3f}")(*c["depths"][x]) if x in c["depths"] else "-"
                          for x in labels]
                 print(f"| {method} | {label} | {c['nodes']} | {c['log_loss']:.3f} | " + " | ".join(cells) + " |")
+        if args.plot and plot_reliability(diagrams, Path(args.plot), max_sources=len(diagrams.cells),
+                                          nodes="nodes after an accepted parent",
+                                          predicted="predicted P(accepted | parent accepted)"):
+            print(f"\nreliability diagrams: {args.plot}")
         details = {method: by_variant[variants[0][0]] for method, by_variant in details.items()}
         print(f"\nWhere the walks' time went ({variants[0][0]}; sources: verified nodes, share accepted):\n")
         print("| method | consults | plain steps | tokens / consult | positions / consult | drafting ms / consult "

@@ -126,8 +126,10 @@ def source_totals(log: ReliabilityLog) -> dict[str, tuple[int, float, float]]:
     return {s: (int(n), sp / n, a / n) for s, (n, sp, a) in ordered if n}
 
 
-def plot_reliability(log: ReliabilityLog, path: Path, max_sources: int = TOP_SOURCES) -> bool:
-    """A reliability diagram per source (lines per depth group); False when nothing was logged."""
+def plot_reliability(log: ReliabilityLog, path: Path, max_sources: int = TOP_SOURCES, nodes: str = "verified nodes",
+                     predicted: str = "predicted P(accepted)") -> bool:
+    """A reliability diagram per source (lines per depth group); False when nothing was logged.
+    `nodes` and `predicted` name what the log counted (titles and the x axis)."""
     sources = list(source_totals(log))[:max_sources]
     if not sources:
         return False
@@ -159,9 +161,9 @@ def plot_reliability(log: ReliabilityLog, path: Path, max_sources: int = TOP_SOU
         ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("predicted P(accepted)")
+        ax.set_xlabel(predicted)
         ax.set_ylabel("observed share accepted")
-        ax.set_title(f"{source}: {source_totals(log)[source][0]} verified nodes", fontsize=9)
+        ax.set_title(f"{source}: {source_totals(log)[source][0]} {nodes}", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
