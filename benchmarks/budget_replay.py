@@ -49,7 +49,7 @@ from pathlib import Path  # noqa: E402
 from dresd.decoding.budget import CostModel, DraftPlanner  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.drafters import Candidates, DraftRequest  # noqa: E402
-from dresd.decoding.tree import TokenTree, accepted_in, offered_nodes, settled_path, subtree  # noqa: E402
+from dresd.decoding.tree import TokenTree, UnsettledTrees, accepted_in, offered_nodes, subtree  # noqa: E402
 from dresd.evaluation.methods import SUFFIX_AS_PUBLISHED  # noqa: E402
 from dresd.evaluation.replay import walk  # noqa: E402
 
@@ -77,35 +77,29 @@ class TreeLog:
         self.inner = inner
         self.steps: list[dict] = []
         self.calibration: list[tuple[int, float, bool]] = []
-        self._unsettled: list[tuple[TokenTree, list[float], list[int]]] = []
+        self._unsettled = UnsettledTrees()  # tagged with the planner's node probabilities at plan()
         self.learning_s = 0.0  # the planner's own time in emitted(): a decoding step pays it too
 
     def should_draft(self) -> bool:
         return self.inner.should_draft()
 
     def begin(self, sampled: bool) -> None:
-        self._unsettled = []  # a text that ended inside a tree leaves it unscored
+        self._unsettled.drain()  # a text that ended inside a tree leaves it unscored
         self.inner.begin(sampled)
 
     def plan(self, tree: TokenTree) -> TokenTree:
         if len(tree) > 1:
-            self._unsettled.append((tree, self.inner.acceptance.node_probs(tree, self.inner.sampled), []))
+            self._unsettled.add(tree, self.inner.acceptance.node_probs(tree, self.inner.sampled))
         return self.inner.plan(tree)
 
     def drafted(self, tree: TokenTree) -> None:
         self.inner.drafted(tree)
 
     def emitted(self, tokens: list[int]) -> None:
-        still = []
-        for tree, probs, seen in self._unsettled:
-            seen.extend(tokens)
-            if (path := settled_path(tree, seen)) is None:
-                still.append((tree, probs, seen))
-                continue
+        for tree, probs, path in self._unsettled.emitted(tokens):
             for i, accepted in offered_nodes(tree, path):
                 parent = probs[tree.parents[i]]
                 self.calibration.append((tree.depths[i], probs[i] / parent if parent else 0.0, accepted))
-        self._unsettled = still
         start = time.perf_counter()
         self.inner.emitted(tokens)
         self.learning_s += time.perf_counter() - start
@@ -282,24 +276,22 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
     return tokens / seconds * plain
 
 
-def depth_label(lo: int, hi: int) -> str:
-    return str(lo) if lo == hi else f"{lo}+" if hi > 64 else f"{lo}-{hi}"
-
-
 def calibration_summary(rows: list[tuple[int, float, bool]]) -> dict:
     """Mean log-loss per node of the predicted conditionals, and per depth group (nodes,
     mean predicted, observed)."""
     import math
 
-    eps = 1e-4
-    loss = [-math.log(min(max(p, eps), 1 - eps) if a else 1 - min(max(p, eps), 1 - eps)) for _, p, a in rows]
-    from dresd.evaluation.reliability import DEPTH_GROUPS
+    from dresd.evaluation.reliability import DEPTH_GROUPS, depth_group_label
 
+    eps = 1e-4
+    clipped = [(min(max(p, eps), 1 - eps), a) for _, p, a in rows]
+    loss = [-math.log(q if a else 1 - q) for q, a in clipped]
     groups = {}
     for lo, hi in DEPTH_GROUPS:
         sel = [(p, a) for d, p, a in rows if lo <= d <= hi]
         if sel:
-            groups[depth_label(lo, hi)] = (len(sel), sum(p for p, _ in sel) / len(sel), sum(a for _, a in sel) / len(sel))
+            groups[depth_group_label(lo, hi)] = (len(sel), sum(p for p, _ in sel) / len(sel),
+                                                 sum(a for _, a in sel) / len(sel))
     return dict(nodes=len(rows), log_loss=sum(loss) / len(loss) if loss else 0.0, depths=groups, rows=rows)
 
 
@@ -417,9 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\nCalibration over whole drafted trees (nodes whose parent the text accepted; predicted "
               "P(accepted | parent accepted) before the outcome, against observed; per depth: nodes, predicted, "
               "observed):\n")
-        from dresd.evaluation.reliability import DEPTH_GROUPS, ReliabilityLog, plot_reliability
+        from dresd.evaluation.reliability import DEPTH_GROUPS, ReliabilityLog, depth_group_label, plot_reliability
 
-        labels = [depth_label(lo, hi) for lo, hi in DEPTH_GROUPS]
+        labels = [depth_group_label(lo, hi) for lo, hi in DEPTH_GROUPS]
         print("| method | variant | nodes | log-loss / node | " + " | ".join(f"depth {x}" for x in labels) + " |")
         print("|---|---|---|---|" + "---|" * len(DEPTH_GROUPS))
         diagrams = ReliabilityLog()
@@ -430,8 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 c = d["calibration"]
                 for depth, predicted, accepted in c["rows"]:
                     diagrams.add(f"{method}, {label}", depth, predicted, accepted)
-                cells = [(lambda n, p, o: f"{n} / {p:.3f} / {o:.3f}")(*c["depths"][x]) if x in c["depths"] else "-"
-                         for x in labels]
+                cells = ["{} / {:.3f} / {:.3f}".format(*c["depths"][x]) if x in c["depths"] else "-" for x in labels]
                 print(f"| {method} | {label} | {c['nodes']} | {c['log_loss']:.3f} | " + " | ".join(cells) + " |")
         if args.plot and plot_reliability(diagrams, Path(args.plot), max_sources=len(diagrams.cells),
                                           nodes="nodes after an accepted parent",

@@ -162,7 +162,7 @@ def update_datastore(cfg: BuildConfig) -> UpdateReport:
 def _layout_advice(root: str | Path, kept: IndexParams, n_keys: int, cfg: IndexConfig) -> str:
     """An add keeps the parent's layout (its index is filled, not retrained); past a size
     threshold the settings choose another, which only a reindex or a rebuild gives."""
-    chosen, _ = plan_index(n_keys, replace(cfg, dim=kept.dim))
+    chosen, _ = _planned_layout(kept, n_keys, cfg)
     if chosen == kept:
         return f"{kept.factory}, what the index settings choose for {n_keys} keys"
     how = "a rebuild gives it" if chosen.on_disk else f"`dresd update reindex --datastore {root}` lays the keys out so"
@@ -285,8 +285,13 @@ def same_layout(root: str | Path, cfg: IndexConfig) -> str | None:
 def _relayout(store: Datastore, cfg: IndexConfig) -> tuple[IndexParams, IndexParams, str]:
     """The store's layout, and the layout `cfg` chooses for its keys with the reason."""
     old = IndexParams(**store.manifest["index"]["params"])
+    return old, *_planned_layout(old, store.num_keys, cfg)
+
+
+def _planned_layout(current: IndexParams, n_keys: int, cfg: IndexConfig) -> tuple[IndexParams, str]:
+    """The layout `cfg` chooses for `n_keys` keys of a store laid out as `current`, with the reason."""
     # The keys' dimension was fixed by the build's compressor: `cfg.dim` cannot change it.
-    return old, *plan_index(store.num_keys, replace(cfg, dim=old.dim))
+    return plan_index(n_keys, replace(cfg, dim=current.dim))
 
 
 def _reindex_change(store: Datastore, cfg: IndexConfig, check_sample: int) -> tuple[DatastoreParts, dict]:

@@ -36,7 +36,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from dresd.decoding.tree import TokenTree, accepted_in, offered_nodes, settled_path, subtree
+from dresd.decoding.tree import TokenTree, UnsettledTrees, offered_nodes, subtree
 
 @dataclass
 class CostModel:
@@ -219,13 +219,12 @@ class DraftPlanner:
         # Measured / calibrated verification time, running averages: [one-position steps, larger trees].
         self.step_scale = [1.0, 1.0]
         self.sampled = False  # whether the current request samples (its acceptance counts in cells of its own)
-        self._unsettled: list[tuple[TokenTree, list[int]]] = []  # drafted trees and the tokens emitted since
+        self._unsettled = UnsettledTrees()  # drafted trees the emitted text has not settled yet
 
     def begin(self, sampled: bool) -> None:
         """A request starts: whether it samples (temperature > 0) or decodes greedily."""
-        for tree, tokens in self._unsettled:  # the last request's text ended inside them
-            self.acceptance.update(tree, accepted_in(tree, tokens), self.sampled, open_end=True)
-        self._unsettled = []
+        for tree, _, path in self._unsettled.drain():  # the last request's text ended inside them
+            self.acceptance.update(tree, path, self.sampled, open_end=True)
         self.sampled = sampled
 
     def drafted(self, tree: TokenTree) -> None:
@@ -237,19 +236,13 @@ class DraftPlanner:
         target's argmax, under speculative sampling a draw from the target's distribution, in
         which a drafted token appears with the probability that it would have been accepted."""
         if len(tree) > 1 and self.hindsight:
-            self._unsettled.append((tree, []))
+            self._unsettled.add(tree)
 
     def emitted(self, tokens: list[int]) -> None:
         """The tokens a step emitted (accepted drafts and the bonus, or one plain token): every
         drafted tree the text has now left, or followed to a leaf, teaches the estimates."""
-        still = []
-        for tree, seen in self._unsettled:
-            seen.extend(tokens)
-            if (path := settled_path(tree, seen)) is not None:
-                self.acceptance.update(tree, path, self.sampled)
-            else:
-                still.append((tree, seen))
-        self._unsettled = still
+        for tree, _, path in self._unsettled.emitted(tokens):
+            self.acceptance.update(tree, path, self.sampled)
 
     def should_draft(self) -> bool:
         """False while backing off after drafts that did not pay."""

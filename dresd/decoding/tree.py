@@ -164,6 +164,36 @@ def settled_path(tree: TokenTree, tokens: list[int]) -> list[int] | None:
     return path if len(path) <= len(tokens) or not tree.children[path[-1]] else None
 
 
+class UnsettledTrees:
+    """Drafted trees waiting for the emitted text that settles them (settled_path), each with
+    a caller's tag (what it needs to score the tree then)."""
+
+    def __init__(self):
+        self._trees: list[tuple[TokenTree, object, list[int]]] = []  # (tree, tag, tokens emitted since)
+
+    def add(self, tree: TokenTree, tag: object = None) -> None:
+        self._trees.append((tree, tag, []))
+
+    def emitted(self, tokens: list[int]) -> list[tuple[TokenTree, object, list[int]]]:
+        """(tree, tag, path) of every tree these tokens settle; the others keep waiting."""
+        settled, still = [], []
+        for tree, tag, seen in self._trees:
+            seen.extend(tokens)
+            if (path := settled_path(tree, seen)) is not None:
+                settled.append((tree, tag, path))
+            else:
+                still.append((tree, tag, seen))
+        self._trees = still
+        return settled
+
+    def drain(self) -> list[tuple[TokenTree, object, list[int]]]:
+        """(tree, tag, path) of the trees still waiting, the text having ended inside them
+        (their paths' last nodes' children had no chance), and none kept."""
+        out = [(tree, tag, accepted_in(tree, seen)) for tree, tag, seen in self._trees]
+        self._trees = []
+        return out
+
+
 def offered_nodes(tree: TokenTree, path: list[int], open_end: bool = False) -> list[tuple[int, bool]]:
     """(node, accepted) for every node whose parent is on `path`: the nodes that had a chance
     (the others say nothing about acceptance). `open_end`: the text stopped at the path's last

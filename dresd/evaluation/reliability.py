@@ -20,6 +20,11 @@ DEPTH_GROUPS = ((1, 1), (2, 2), (3, 4), (5, 1 << 30))  # one line per group in a
 TOP_SOURCES = 8  # sources drawn and tabled per depth, most verified nodes first (agreeing drafters make many)
 
 
+def depth_group_label(lo: int, hi: int) -> str:
+    """"1", "3-4", "5+": how tables and diagrams name a DEPTH_GROUPS entry."""
+    return str(lo) if lo == hi else f"{lo}+" if hi > DEPTH_CAP else f"{lo}-{hi}"
+
+
 def p_bin(p: float) -> int:
     return min(int(p * P_BINS), P_BINS - 1)
 
@@ -144,8 +149,7 @@ def plot_reliability(log: ReliabilityLog, path: Path, max_sources: int = TOP_SOU
     for ax in axes.flat[len(sources):]:
         ax.set_visible(False)
     for ax, source in zip(axes.flat, sources):
-        groups = [("all", 1, 1 << 30)] + [(f"depth {lo}" if lo == hi else f"depth {lo}+" if hi > DEPTH_CAP
-                                           else f"depth {lo}-{hi}", lo, hi) for lo, hi in DEPTH_GROUPS]
+        groups = [("all", 1, 1 << 30)] + [(f"depth {depth_group_label(lo, hi)}", lo, hi) for lo, hi in DEPTH_GROUPS]
         for label, lo, hi in groups:
             bins: dict[int, list[float]] = defaultdict(lambda: [0, 0.0, 0])
             for (s, d, b), (n, sp, a) in log.cells.items():

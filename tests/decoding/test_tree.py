@@ -7,6 +7,7 @@ import torch
 
 from dresd.decoding.tree import (
     TokenTree,
+    UnsettledTrees,
     accepted_in,
     ancestor_matrix,
     build_tree,
@@ -247,3 +248,16 @@ def test_accepted_in_follows_the_true_tokens_until_the_tree_leaves_them():
     assert [tree.tokens[n] for n in accepted_in(tree, [1, 2, 9, 3])] == [7, 1, 2]
     assert [tree.tokens[n] for n in accepted_in(tree, [1, 5, 6])] == [7, 1, 5]
     assert accepted_in(tree, [9]) == [0] and accepted_in(tree, []) == [0]
+
+
+def test_unsettled_trees_wait_until_the_text_leaves_them_and_keep_their_tags():
+    tree = build_tree(7, [[1, 2, 3], [4]])
+    pending = UnsettledTrees()
+    pending.add(tree, "a")
+    pending.add(build_tree(7, [[9]]), "b")
+    # 1, 2 stay inside the first tree; the second is left at once (9 is not 1).
+    assert [(tag, [tree.tokens[n] for n in path]) for t, tag, path in pending.emitted([1, 2])] == [("b", [7])]
+    assert pending.emitted([3]) == [(tree, "a", [0, 1, 2, 3])]  # a leaf: nothing deeper to learn
+    pending.add(tree, "c")
+    assert pending.emitted([1]) == []
+    assert pending.drain() == [(tree, "c", [0, 1])] and pending.drain() == []  # the text ended inside it
