@@ -19,7 +19,7 @@ demo: setup
 
 # The whole suite, every tier included (the CI command).
 test: setup
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 # Everything but the slow tiers (markers in pyproject.toml): no real model, no Ray, no child processes.
 test-fast: setup

@@ -104,25 +104,51 @@ def tiny_case(tiny_lm):
 FIXTURE_MARKERS = {"ray_session": "ray", "packaged_lm": "real_model"}
 
 
-# `make test` runs two pytest-xdist workers (--dist loadgroup). Tests that mostly wait on
-# start-ups go to one group per kind, each run in turn in one worker: "ray" shares that
-# worker's Ray instance and the serving tests' fixed ports; "procs" (child processes, jobs,
-# clusters) starts Ray instances of its own. The compute-bound rest runs beside them.
-# With the pinned pytest 9.2.0 and pytest-xdist 3.8.0 the groups are not applied: xdist tags
-# a grouped test by rewriting `item._nodeid`, which pytest 9 no longer reads (it builds the
-# node id from `item._id`), so grouped tests spread over both workers like the rest.
-TEST_GROUPS = (("cluster", "procs"), ("subprocess", "procs"), ("ray", "ray"))
+# `make test` runs two pytest-xdist workers, one test module at a time each (--dist loadfile):
+# a module's fixtures (a datastore built with the real model, a Ray Serve app, a three-node
+# cluster) are then made once, not once per worker. Modules that take minutes start first,
+# so that neither worker is left running one alone at the end (their times: `make test`'s
+# --durations).
+SLOW_MODULES = (
+    "tests/test_e2e_real.py",
+    "tests/cluster/test_shared_nothing.py",
+    "tests/cli/test_demo.py",
+    "tests/test_kill_points.py",
+    "tests/decoding/test_batch_spec.py",
+    "tests/jobs/test_build_job.py",
+    "tests/serving/test_app.py",
+    "tests/datastore/test_index.py",
+    "tests/pipelines/test_update.py",
+    "tests/serving/test_pool.py",
+    "tests/pipelines/test_build.py",
+)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()) and item.get_closest_marker(marker) is None:
                 item.add_marker(marker)
-        group = next((g for tier, g in TEST_GROUPS if item.get_closest_marker(tier)), None)
-        if group:
-            item.add_marker(pytest.mark.xdist_group(group))
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: absent without the plugin
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from collections import OrderedDict
+
+    from xdist.scheduler import LoadFileScheduling
+
+    class SlowModulesFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node):
+            if not getattr(self, "_ordered", False):  # the queue is complete before the first unit leaves it
+                self._ordered = True
+                rank = {module: i for i, module in enumerate(SLOW_MODULES)}
+                self.workqueue = OrderedDict(sorted(self.workqueue.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            super()._assign_work_unit(node)
+
+    return SlowModulesFirst(config, log)
 
 
 @pytest.fixture(autouse=True)
