@@ -79,6 +79,8 @@ STEP_SCALE_RATE = 0.05
 STEP_SCALE_CLIP = (0.5, 2.0)
 # Bin edges; trades cells that tell nodes apart against cells that learn fast; docs/speed-study.md#budget-constants.
 SUPPORT_BINS = (0.1, 0.25, 0.5, 0.75)
+# Scale limit of the stored counts (they grow by 1 / decay per update); trades rescale passes against float range; docs/speed-study.md#budget-constants.
+RESCALE_AT = 1e100
 # Depths from here share a cell; trades per-depth estimates against evidence per cell; docs/speed-study.md#budget-constants.
 MAX_DEPTH_BUCKET = 8
 
@@ -121,8 +123,21 @@ class AcceptanceModel:
     decay: float = 0.995
     # Each cell's prior is its coarser cell's estimate (see above); False = the constant prior in every cell.
     shrink: bool = True
-    offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
-    accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float))
+    # Counts as stored: a count is its stored figure over _scale, which grows by 1 / decay at
+    # every update, so decaying every cell is one multiplication instead of a loop over cells.
+    _offered: dict[tuple, float] = field(default_factory=lambda: defaultdict(float), repr=False)
+    _accepted: dict[tuple, float] = field(default_factory=lambda: defaultdict(float), repr=False)
+    _scale: float = field(default=1.0, repr=False)
+
+    @property
+    def offered(self) -> dict[tuple, float]:
+        """Each cell's decayed count of nodes offered (a copy)."""
+        return {key: count / self._scale for key, count in self._offered.items()}
+
+    @property
+    def accepted(self) -> dict[tuple, float]:
+        """Each cell's decayed count of nodes accepted (a copy)."""
+        return {key: count / self._scale for key, count in self._accepted.items()}
 
     @staticmethod
     def cell(tree: TokenTree, node: int) -> tuple:
@@ -143,9 +158,9 @@ class AcceptanceModel:
         prior = self.prior_rate
         # A sampled cell's chain starts from the greedy source's estimate (read, never updated by it).
         chain = ([(cell[0],)] if sampled and self.shrink else []) + self._levels(cell, sampled)
+        weight = self.prior_weight * self._scale  # the prior's weight in stored units
         for key in chain:
-            prior = (self.accepted.get(key, 0.0) + prior * self.prior_weight) / (self.offered.get(key, 0.0)
-                                                                               + self.prior_weight)
+            prior = (self._accepted.get(key, 0.0) + prior * weight) / (self._offered.get(key, 0.0) + weight)
         return prior
 
     def node_probs(self, tree: TokenTree, sampled: bool = False) -> list[float]:
@@ -162,13 +177,16 @@ class AcceptanceModel:
     def update(self, tree: TokenTree, path: list[int], sampled: bool = False, open_end: bool = False) -> None:
         """Learn from one tree and the node path the target accepted in it. `open_end`: the
         text ran out at the path's last node (the request ended), so its children say nothing."""
-        for key in self.offered:
-            self.offered[key] *= self.decay
-            self.accepted[key] *= self.decay
+        self._scale /= self.decay
+        if self._scale > RESCALE_AT:  # back to plain counts before the figures leave float range
+            for counts in (self._offered, self._accepted):
+                for key in counts:
+                    counts[key] /= self._scale
+            self._scale = 1.0
         for i, accepted in offered_nodes(tree, path, open_end):
             for key in self._levels(self.cell(tree, i), sampled):
-                self.offered[key] += 1.0
-                self.accepted[key] += 1.0 if accepted else 0.0
+                self._offered[key] += self._scale
+                self._accepted[key] += self._scale if accepted else 0.0
 
 
 def likeliest_first(tree: TokenTree, probs: list[float]) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 
 import dresd.decoding.budget as budget
 from dresd.decoding.budget import AcceptanceModel, CostModel, DraftPlanner, select_nodes, support_bin
-from dresd.decoding.tree import TokenTree, build_tree, subtree
+from dresd.decoding.tree import TokenTree, accepted_in, build_tree, offered_nodes, subtree
 
 
 def smol_cpu_cost() -> CostModel:
@@ -359,6 +359,7 @@ def test_drafted_trees_are_scored_once_the_text_leaves_them():
     planner.drafted(tree)
     planner.emitted([1])
     planner.begin(sampled=False)
+    offered = planner.acceptance.offered
     assert sum(v for k, v in offered.items() if len(k) == 1) == pytest.approx(5 * planner.acceptance.decay + 2)  # 1 and 4
 
 
@@ -481,3 +482,34 @@ def test_the_planner_prices_nodes_by_the_request_it_serves():
     assert planner.acceptance.node_probs(chain)[1] > 0.6  # greedy still at its prior
     planner.begin(sampled=False)
     assert len(planner.plan(chain)) == 3  # a flat cost: greedy verifies the chain at its prior's rate
+
+
+def test_decayed_counts_equal_decaying_every_cell_at_every_update_across_rescales(monkeypatch):
+    """The model stores counts against a growing scale instead of decaying each cell: what it
+    reads must be what decaying every cell at every update gives, also after the stored
+    figures are brought back to plain counts."""
+    monkeypatch.setattr(budget, "RESCALE_AT", 1.5)  # rescale every ~80 updates at decay 0.995
+    rng = random.Random(0)
+    acc = AcceptanceModel()
+    want_offered: dict = {}
+    want_accepted: dict = {}
+    for _ in range(400):
+        tree = build_tree(0, [[rng.randrange(4) for _ in range(rng.randrange(1, 4))] for _ in range(3)],
+                          sources=[rng.choice("ab") for _ in range(3)])
+        path = accepted_in(tree, [rng.randrange(4) for _ in range(3)])
+        for key in want_offered:
+            want_offered[key] *= acc.decay
+            want_accepted[key] *= acc.decay
+        for i, accepted in offered_nodes(tree, path):
+            for key in acc._levels(acc.cell(tree, i)):
+                want_offered[key] = want_offered.get(key, 0.0) + 1.0
+                want_accepted[key] = want_accepted.get(key, 0.0) + float(accepted)
+        acc.update(tree, path)
+    assert acc._scale < 1.5  # it did rescale
+    assert acc.offered == pytest.approx(want_offered) and acc.accepted == pytest.approx(want_accepted)
+    for key in want_offered:
+        if len(key) == 3 and key[1] != "bin":
+            prior = acc.prior_rate
+            for level in acc._levels(key):
+                prior = (want_accepted[level] + prior * acc.prior_weight) / (want_offered[level] + acc.prior_weight)
+            assert acc.rate(key) == pytest.approx(prior)
