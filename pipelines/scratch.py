@@ -21,7 +21,7 @@ import pyarrow.fs as pafs
 import ray
 
 from dresd.storage.cache import cache_dir
-from dresd.storage.eviction import drop_entry, hold_entry
+from dresd.storage.eviction import drop_entry, hold_entry, sweep_orphan_leases
 from dresd.storage.files import Location, is_uri, resolve
 
 
@@ -100,6 +100,9 @@ class Scratch:
             # Mirrors of earlier Ray nodes on this machine too: a killed run's node had another id.
             for mirror in (cache_dir() / "scratch").glob(f"*/{self.path.name}"):
                 shutil.rmtree(mirror, ignore_errors=True)
+            # Lease files of removed mirrors whose holders died: earlier runs' workers, a killed run's.
+            for node in (cache_dir() / "scratch").glob("*/"):
+                sweep_orphan_leases(node)
             loc = resolve(self.location)
             if loc.exists():
                 loc.fs.delete_dir(loc.path)

@@ -112,19 +112,20 @@ FIXTURE_MARKERS = {"ray_session": "ray", "packaged_lm": "real_model"}
 SLOW_MODULES = (
     "tests/test_e2e_real.py",
     "tests/cluster/test_shared_nothing.py",
-    "tests/cli/test_demo.py",
-    "tests/test_kill_points.py",
-    "tests/decoding/test_batch_spec.py",
-    "tests/jobs/test_build_job.py",
-    "tests/serving/test_app.py",
-    "tests/datastore/test_index.py",
-    "tests/pipelines/test_update.py",
-    "tests/serving/test_pool.py",
     "tests/pipelines/test_build.py",
+    "tests/test_kill_points.py",
+    "tests/jobs/test_build_job.py",
+    "tests/decoding/test_batch_spec.py",
+    "tests/cli/test_demo.py",
+    "tests/serving/test_app.py",
+    "tests/decoding/test_acceptance.py",
+    "tests/serving/test_pool.py",
+    "tests/datastore/test_index.py",
+    "tests/jobs/test_decode_job.py",
 )
 
 
-@pytest.hookimpl(tryfirst=True)
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by these markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():

@@ -30,7 +30,7 @@ from dresd.storage.faults import FAULT_EXIT_CODE
 
 REPO = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 600  # one small job; only a hung one gets near it
-STORE_JOBS = ("build", "build-uri", "add", "delete", "compact")
+STORE_JOBS = ("build", "build-uri", "add", "delete", "compact", "reindex")
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ EXPECTED = {
     "during_add": "nothing published; the rerun reuses the written shards",
     "during_delete": "nothing published; the rerun deletes",
     "during_compact": "nothing published; the rerun compacts",
+    "during_reindex": "nothing published; the rerun lays the keys out again",
     "during_part_write": "finished parts stay; the torn part never replaces its name; the rerun redoes its chunk",
 }
 
@@ -85,6 +86,8 @@ MATRIX = (
     Case("delete", "during_current_write"),
     Case("compact", "during_compact"),
     Case("compact", "after_version_rename"),
+    Case("reindex", "during_reindex"),
+    Case("reindex", "after_version_rename"),
     Case("decode", "during_part_write", 2),
 )
 
@@ -284,6 +287,9 @@ class Bench:
             return dresd + ["update", "delete", "--datastore", str(target), "--source", self.source]
         if job == "compact":
             return dresd + ["update", "compact", "--datastore", str(target)]
+        if job == "reindex":  # the base's flat index laid out again as IVF-PQ
+            return dresd + ["update", "reindex", "--datastore", str(target), "--set", "index.kind=ivfpq",
+                            "--set", "index.pq_m=8"]
         raise ValueError(f"unknown job {job!r}")
 
     def _decode_config(self) -> Path:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -214,3 +216,14 @@ def passes_in_process(monkeypatch) -> None:
     for name, fn in [("count_pass", count_pass), ("fit_pass", fit_pass), ("stream_pass", stream_pass),
                      ("code_pass", code_pass)]:
         monkeypatch.setattr(passes, name, fn)
+
+
+def hold_in_child(entry: Path) -> subprocess.Popen:
+    """A child process that leases cache entry `entry` (dresd.storage.leases) and sleeps until
+    killed; returns once it holds it."""
+    code = ("import sys, time; from pathlib import Path; from dresd.storage.leases import Lease\n"
+            "lease = Lease(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(entry)], cwd=Path(__file__).resolve().parents[1],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"
+    return child

@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 
 from dresd.storage.cache import CACHE_LOCK_TIMEOUT_S, cache_dir, cache_root, fetch_target
 from dresd.storage.files import is_uri
-from dresd.storage.leases import Lease, last_used, live_leases, lock_path, used_path
+from dresd.storage.leases import Lease, last_used, lease_files, leased_names, live_leases, lock_path, used_path
 from dresd.storage.locks import LockTimeout, file_lock
 from dresd.storage.pins import root_pins
 from dresd.storage.pointer import read_pointer
@@ -198,12 +198,40 @@ def _remove_if_free(entry: Path) -> str | None:
 
 
 def _sweep_trash(root: Path) -> None:
-    """Entries set aside by an evictor that died before deleting them."""
+    """Entries set aside by an evictor that died before deleting them, and the lease files of
+    entries that are gone."""
     for _, parent, _ in _parents(root):
         with contextlib.suppress(OSError):
             for p in parent.iterdir():
                 if p.name.startswith(".") and _TRASH in p.name and p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
+        sweep_orphan_leases(parent)
+
+
+def sweep_orphan_leases(folder: Path) -> int:
+    """Remove the lease files of processes that died, and the last-use stamps, of entries in
+    `folder` that no longer exist; the number of files removed. A removed entry's lease files
+    stay when their holders outlive its removal (a build's workers keep its scratch mirror
+    leased until they exit, after the build removed it), and nothing leases that entry again
+    to clean them. Each entry's lock is taken without waiting, as leases are taken under it:
+    an entry whose lock is held is left to a later sweep, and a live holder's file stays."""
+    removed = 0
+    for name in sorted(leased_names(folder)):
+        entry = folder / name
+        try:
+            with file_lock(lock_path(entry), 0, f"sweeping the leases of {entry}"):
+                if entry.exists():
+                    continue  # its next lease or eviction check cleans it (leases.live_leases)
+                before = len(lease_files(entry))
+                live = live_leases(entry, clean=True)
+                removed += before - len(lease_files(entry))
+                if not live:
+                    with contextlib.suppress(FileNotFoundError):
+                        used_path(entry).unlink()
+                        removed += 1
+        except LockTimeout:
+            continue
+    return removed
 
 
 def evict(limit_bytes: float | None = None, root: Path | None = None) -> EvictReport:

@@ -129,6 +129,14 @@ def lease_files(entry: Path) -> list[Path]:
         return []
 
 
+def leased_names(folder: Path) -> set[str]:
+    """The names of the entries in `folder` that lease files are beside (the entries may be gone)."""
+    try:
+        return {p.name[1 : p.name.index(_LEASE)] for p in folder.iterdir() if p.name.startswith(".") and _LEASE in p.name}
+    except OSError:
+        return set()
+
+
 def live_leases(entry: Path, clean: bool = True) -> list[str]:
     """Who holds a lease on `entry` now ("pid N on host" each). With `clean`, the files of
     dead holders are removed on the way: only under the entry's lock, where no lease file is

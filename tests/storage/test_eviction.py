@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -226,3 +227,46 @@ def test_fillers_and_evictors_run_together(cache):
     evict(0)
     assert cache_entries() == []  # nothing is in use any more: all of it went
     assert not [p for p in (cache / "derived").iterdir() if ".evict-" in p.name]
+
+
+def test_the_dead_leases_of_entries_gone_are_swept_and_a_live_holders_stays(tmp_path):
+    """A build's workers keep its scratch mirror leased until they exit, after the build
+    removed the mirror: their lease files and its last-use stamp stay unless swept."""
+    from tests_support import hold_in_child
+
+    from dresd.storage.eviction import sweep_orphan_leases
+
+    gone, held, kept = tmp_path / "gone", tmp_path / "held", tmp_path / "kept"
+    children = {}
+    for entry in (gone, held, kept):
+        entry.mkdir()
+        children[entry.name] = hold_in_child(entry)
+        used_path(entry).touch()
+    for name in ("gone", "kept"):  # their holders die
+        children[name].send_signal(signal.SIGKILL)
+        children[name].wait()
+    shutil.rmtree(gone)
+    shutil.rmtree(held)  # removed while its holder lives
+    try:
+        assert sweep_orphan_leases(tmp_path) == 2  # gone's lease file and its stamp
+        assert lease_files(gone) == [] and not used_path(gone).exists()
+        assert len(lease_files(held)) == 1 and used_path(held).exists()  # a live holder's stays
+        assert len(lease_files(kept)) == 1  # an entry still there: its next lease or eviction check cleans it
+        with file_lock(lock_path(held), 5, "a test"):  # a lease being taken or checked: left alone
+            children["held"].send_signal(signal.SIGKILL)
+            children["held"].wait()
+            assert sweep_orphan_leases(tmp_path) == 0 and len(lease_files(held)) == 1
+        assert sweep_orphan_leases(tmp_path) == 2 and lease_files(held) == []
+    finally:
+        for child in children.values():
+            child.kill()
+            child.wait()
+
+
+def test_an_eviction_pass_sweeps_the_dead_leases_of_entries_gone(tmp_path):
+    node = tmp_path / "storage" / "scratch" / "node-1"
+    node.mkdir(parents=True)
+    (node / ".mirror.lease-123-abcdef01").write_text("pid 123 on a host\n")  # no flock: its holder died
+    used_path(node / "mirror").touch()
+    evict(1e12, tmp_path)
+    assert list(node.iterdir()) == [] or all(p.name.endswith(".lock") for p in node.iterdir())

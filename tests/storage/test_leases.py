@@ -6,23 +6,11 @@ from __future__ import annotations
 import gc
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 from dresd.storage.leases import Lease, last_used, lease_files, live_leases, lock_path, touch, used_path
+from tests_support import hold_in_child
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def hold_in_child(entry: Path) -> subprocess.Popen:
-    """A child process that leases `entry` and sleeps until killed; returns once it holds it."""
-    code = ("import sys, time; from pathlib import Path; from dresd.storage.leases import Lease\n"
-            "lease = Lease(Path(sys.argv[1])); print('held', flush=True); time.sleep(120)\n")
-    child = subprocess.Popen([sys.executable, "-c", code, str(entry)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline().strip() == "held"
-    return child
 
 
 def test_a_lease_is_one_counted_file_per_process(tmp_path):
