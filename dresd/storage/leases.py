@@ -18,6 +18,8 @@ happen under the entry's lock, so an evictor never misses a lease being taken.
 
 One process holds one lease file per entry, counted: every `Lease` object on the entry adds
 one, and the file goes when the last is released (or garbage-collected).
+A dead holder's file goes at the entry's next lease or eviction check; once the entry itself
+is gone, at the next eviction pass (dresd.storage.eviction.sweep_orphan_leases).
 """
 
 from __future__ import annotations
