@@ -12,7 +12,6 @@ from dresd.storage.leases import Lease, last_used, lease_files, live_leases, loc
 from tests_support import hold_in_child
 
 
-
 def test_a_lease_is_one_counted_file_per_process(tmp_path):
     entry = tmp_path / "entry"
     entry.mkdir()
