@@ -67,6 +67,30 @@ SPECS = {  # method name -> SpeculativeConfig fields (logging adds budget off; -
 }
 
 
+def method_list(text: str) -> list[str]:
+    """--methods: comma-separated, or ';'-separated where entries carry overrides with commas."""
+    return [m.strip() for m in text.split(";" if ";" in text else ",") if m.strip()]
+
+
+def method_spec(name: str) -> dict:
+    """A --methods entry -> SpeculativeConfig fields: a SPECS name, optionally with field
+    overrides after a colon ("auto:num_drafts=20,len_drafts=16"), walked as another method."""
+    from dresd.config import SpeculativeConfig
+
+    base, _, overrides = name.partition(":")
+    if base not in SPECS:
+        raise SystemExit(f"--methods: {base!r} is not one of {', '.join(SPECS)}")
+    fields = dict(SPECS[base])
+    known = SpeculativeConfig.__dataclass_fields__
+    for pair in filter(None, overrides.split(",")):
+        key, _, value = pair.partition("=")
+        if key not in known or not value:
+            raise SystemExit(f"--methods {name!r}: {pair!r} is not field=value with a SpeculativeConfig field")
+        kind = type(getattr(SpeculativeConfig(), key))
+        fields[key] = bool(int(value)) if kind is bool else kind(value)
+    return fields
+
+
 class TreeLog:
     """Stands in for a decoder's planner: delegates to it and keeps every drafted step, and
     scores the planner's estimates over each whole drafted tree against the emitted text:
@@ -118,7 +142,7 @@ def log_method(engine, method: str, prompts: list[str], max_new_tokens: int, max
     """Decode `prompts` with `method`, budget off, and return every drafted step."""
     from dresd.config import SpeculativeConfig
 
-    spec = SpeculativeConfig(budget="off", max_verify=max_verify, **SPECS[method])
+    spec = SpeculativeConfig(**{**method_spec(method), "budget": "off", "max_verify": max_verify})
     decoder = engine.decoder(spec)
     log = TreeLog(decoder.planner)
     decoder.planner = log
@@ -258,7 +282,7 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
 
     plain = median(t["plain_s"] for t in texts) if rescale else cost.cost(1)
     cost = cost.scaled(plain / cost.cost(1), 1.0)
-    spec = SpeculativeConfig(**SPECS[method])
+    spec = SpeculativeConfig(**method_spec(method))
     drafter = make_drafter(spec, engine.datastore, engine.lm.tokenizer, engine.lm.eos_token_id)
     planner = DraftPlanner(cost, spec.max_verify, hindsight=not verified_only)
     for name, value in (acceptance or {}).items():
@@ -338,7 +362,9 @@ def parse_variant(text: str) -> tuple[str, dict]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default="dresd,suffix,hybrid-sfx", help=f"comma list of {', '.join(SPECS)}")
+    p.add_argument("--methods", default="dresd,suffix,hybrid-sfx", help=f"comma list of {', '.join(SPECS)}, each "
+                   "optionally with SpeculativeConfig overrides after a colon (auto:num_drafts=20,len_drafts=16; "
+                   "separate such entries with ';' instead of ',')")
     p.add_argument("--store", default="id", help="benchmark store name (runs/bench/stores/<name>) or a datastore path")
     p.add_argument("--set", default="mtbench", choices=["mtbench", "sharegpt"])
     p.add_argument("--prompts", type=int, default=20)
@@ -397,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         print("| method | " + " | ".join(name for name, _ in variants) + " |")
         print("|---|" + "---|" * len(variants))
         details = {}
-        for method in args.methods.split(","):
+        for method in method_list(args.methods):
             details[method] = {}
             rates = []
             for label, fields in variants:
@@ -443,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| method | logged steps | budget (replayed) | flat prior | verify all proposed | oracle | "
           "each source alone (budget) |")
     print("|---|---|---|---|---|---|---|")
-    for method in args.methods.split(","):
+    for method in method_list(args.methods):
         path = Path(args.workdir) / "replay" / f"{store.name}-{args.set}-{method}-{args.prompts}x{args.max_new_tokens}.pkl"
         if args.relog or not path.exists():
             engine = engine or Engine(lm, Datastore(store), cost=cost)

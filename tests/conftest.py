@@ -55,6 +55,17 @@ def packaged_lm():
 
 
 @pytest.fixture(scope="session")
+def packaged_lm_packed(packaged_lm):
+    """The packaged model on the packed CPU kernel whatever this CPU's timing says (the
+    default, "auto", keeps torch's linear layers where the kernel measures slower)."""
+    from dresd.config import ModelConfig
+    from dresd.model.fastpath.cpu_linear import has_dual_layout
+    from dresd.model.loading import load_model
+
+    return packaged_lm if has_dual_layout(packaged_lm.model) else load_model(ModelConfig(dual_layout=True))
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny random Llama with a byte-level tokenizer, saved as an HF folder."""
     from tests_support import TINY_VOCAB

@@ -33,9 +33,11 @@ class ModelConfig:
     # draft trees), multiplied by a small C++ kernel built on first use
     # (dresd.model.fastpath.cpu_linear) that reads the weights once per product, where torch's
     # kernels stream them slowly. Costs a second copy of the weights in memory (less with
-    # weight_codes). Off for builds, which only run long forwards. Timings:
-    # docs/cpu-fast-path.md#packed-weight-copies.
-    dual_layout: bool = True
+    # weight_codes). Off for builds, which only run long forwards. "auto": where the kernel
+    # multiplies a few rows faster than torch's linear layers on this CPU (timed once per CPU,
+    # kernel and weight shape, cached; on CPUs without AVX-512 it can be slower); true: always.
+    # Timings: docs/cpu-fast-path.md#packed-weight-copies.
+    dual_layout: bool | Literal["auto"] = "auto"
     # With dual_layout: where a weight is exactly 4- or 8-bit integer codes times a per-32
     # scale plus offset (a GGUF Q4_1 / Q8_0 model's are), pack those codes instead of float32
     # (dresd.model.fastpath.weight_codes): the same output bits from 6 or 10 bits a weight instead of

@@ -21,7 +21,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dresd.config import ModelConfig
-from dresd.model.fastpath.cpu_linear import use_dual_layout
+from dresd.model.fastpath.cpu_linear import dual_layout_pays, use_dual_layout
 from dresd.storage.cache import cache_root, ensure_cached, fetch_once
 from dresd.storage.files import is_uri, sha256_file
 
@@ -281,6 +281,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         if rows is None:
             log.warning("%s: no .safetensors embedding to fingerprint; its %s identity may not match stores "
                         "built in another dtype", folder, dtype_name(dtype))
-    if cfg.dual_layout:  # a float32 CPU model only; others keep torch's linears
+    # A float32 CPU model only; others keep torch's linears ("auto": where the kernel is faster here).
+    if cfg.dual_layout is True or (cfg.dual_layout == "auto" and device.type == "cpu" and dtype == torch.float32
+                                   and dual_layout_pays(model, cfg.weight_codes)):
         use_dual_layout(model, codes=cfg.weight_codes)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, identity=model_identity(model, name, rows))

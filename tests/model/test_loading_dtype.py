@@ -35,8 +35,8 @@ def test_resolve_dtype():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_load_keeps_identity_and_skips_fast_path(tiny_folder, dtype):
-    f32 = load_model(ModelConfig(path=str(tiny_folder), device="cpu"))
-    half = load_model(ModelConfig(path=str(tiny_folder), device="cpu", dtype=dtype))
+    f32 = load_model(ModelConfig(path=str(tiny_folder), device="cpu", dual_layout=True))
+    half = load_model(ModelConfig(path=str(tiny_folder), device="cpu", dtype=dtype, dual_layout=True))
     assert half.dtype == dtype and f32.dtype == "float32"
     assert all(p.dtype == getattr(torch, dtype) for p in half.model.parameters())
     # The fingerprint hashes the checkpoint's rows, not the rounded ones: a store built in

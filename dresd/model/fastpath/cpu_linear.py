@@ -42,6 +42,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ import torch
 from torch import nn
 
 from dresd.model.fastpath.weight_codes import find_codes
+from dresd.storage.cache import cache_root, cached_measurement
 from dresd.storage.locks import file_lock
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,11 @@ KERNEL_BUILD_WAIT_S = 300.0
 BUILD_LOCK = "dresd-build.lock"
 # torch's own build lock there (torch.utils.file_baton): a plain file that outlives its builder.
 TORCH_LOCK = "lock"
+# Rows the kernel is timed on against torch's linear before a model is converted: a
+# one-token step and a small draft tree, the forwards the packed copies are for.
+CHECK_ROWS = (1, 4)
+# Timed repetitions per row count and layout (the fastest counts: the check shares the machine).
+CHECK_REPS = 15
 
 
 def _cpu_name() -> str:
@@ -250,6 +257,53 @@ class SiblingGroup:
         if not self._pending:
             self._input = None  # holds no tensor once every member has taken its output
         return out
+
+
+def _fastest_s(fn, reps: int) -> float:
+    fn()  # warm: first calls page in and fill caches
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def time_layouts(weight: torch.Tensor, codes: bool = True, rows: tuple[int, ...] = CHECK_ROWS,
+                 reps: int = CHECK_REPS) -> dict:
+    """Seconds the kernel and torch's linear take to multiply `rows` rows by `weight` here
+    (the fastest of `reps`, summed over the row counts), and the bits the kernel read."""
+    packed = pack(weight.detach().float(), codes)
+    inputs = [torch.randn(r, weight.shape[1], generator=torch.Generator().manual_seed(r)) for r in rows]
+    with torch.inference_mode():
+        kernel = sum(_fastest_s(lambda x=x: packed.product(x), reps) for x in inputs)
+        stock = sum(_fastest_s(lambda x=x: nn.functional.linear(x, weight), reps) for x in inputs)
+    return {"kernel_s": kernel, "stock_s": stock, "bits": packed.bits}
+
+
+def dual_layout_pays(model: nn.Module, codes: bool = True, refresh: bool = False) -> bool:
+    """Whether the packed kernel multiplies few rows faster than torch's linear layers on this
+    CPU, timed on the model's largest layer weight (the LM head aside) once per kernel build,
+    weight shape, code width and thread count, and cached. Its register blocking is sized for
+    AVX-512's 32 vector registers: on a CPU with 16 (AVX2), it can run slower than torch."""
+    if packed_kernel() is None:
+        return False
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    if not linears:
+        return True
+    weight = max(linears, key=lambda m: m.weight.numel()).weight
+    bits = 32 if not codes or (found := find_codes(weight.detach())) is None else found.bits
+    key = f"{kernel_tag()}|{tuple(weight.shape)}|bits{bits}|threads={torch.get_num_threads()}|rows{CHECK_ROWS}"
+    path = cache_root() / "layout-check" / (hashlib.sha256(key.encode()).hexdigest()[:16] + ".json")
+    first = refresh or not path.exists()
+    times = cached_measurement(path, key, lambda: time_layouts(weight, codes), refresh)
+    pays = times["kernel_s"] < times["stock_s"]
+    if not pays:  # said once per machine, when measured; later loads read the verdict
+        log.log(logging.WARNING if first else logging.INFO,"dresd: the packed CPU linear kernel is slower than torch's linear layers on this CPU "
+                    "(%.2f against %.2f ms on a %s weight): decoding uses torch's layers (model.dual_layout=true "
+                    "forces the kernel)", 1e3 * times["kernel_s"], 1e3 * times["stock_s"], "x".join(map(str, weight.shape)))
+    return pays
 
 
 def use_dual_layout(model: nn.Module, codes: bool = True) -> int:

@@ -5,6 +5,8 @@ converted model matches the stock model's."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -225,7 +227,7 @@ def test_a_first_build_says_so_and_a_failed_one_falls_back(monkeypatch, tmp_path
 
 def test_load_model_applies_it_on_request(tmp_path):
     folder = make_tiny_llama(tmp_path / "tiny", vocab_size=300, seed=1)
-    dual = load_model(ModelConfig(path=str(folder), device="cpu"))
+    dual = load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=True))
     stock = load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=False))
     assert has_dual_layout(dual.model) and not has_dual_layout(stock.model)
     assert dual.identity == stock.identity  # same model, same datastore compatibility
@@ -239,15 +241,16 @@ def test_load_model_applies_it_on_request(tmp_path):
 
 
 @pytest.mark.real_model
-def test_the_packaged_model_runs_on_its_codes_with_the_same_bits(packaged_lm):
+def test_the_packaged_model_runs_on_its_codes_with_the_same_bits(packaged_lm_packed):
     """SmolLM2-135M comes from a Q4_1 GGUF (Q8_0 embedding): every packed weight gets codes,
     and decode steps give the float-packed model's exact hidden states and logits."""
     from dresd.decoding.kv_cache import GrowingCache
     from dresd.decoding.tree import build_tree, tree_attention_mask, tree_position_ids
     from dresd.decoding.verify import forward
 
+    packaged_lm = packaged_lm_packed
     coded = packaged_lm.model
-    plain = load_model(ModelConfig(weight_codes=False)).model
+    plain = load_model(ModelConfig(weight_codes=False, dual_layout=True)).model
     assert packed_formats(coded) == "4+8" and packed_formats(plain) == "32"
     assert packed_bytes(coded) < 0.25 * packed_bytes(plain)
     prefix = torch.tensor([packaged_lm.tokenizer.encode("The capital of France is Paris, and the capital of")])
@@ -264,3 +267,42 @@ def test_the_packaged_model_runs_on_its_codes_with_the_same_bits(packaged_lm):
         outs.append((one, many))
     for (h1, l1), (h2, l2) in zip(*outs):
         assert torch.equal(h1, h2) and torch.equal(l1, l2)
+
+
+def test_the_layout_check_times_both_layouts_once_per_machine_and_weight(tmp_path, monkeypatch):
+    """"auto" converts a model only where the kernel measured faster than torch's linear:
+    the timing is real, taken once per weight shape and code width, and read back after."""
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2)).eval()
+    pays = cpu_linear.dual_layout_pays(model)
+    record = next((tmp_path / "cache" / "layout-check").glob("*.json"))
+    times = json.loads(record.read_text())["value"]
+    assert times["kernel_s"] > 0 and times["stock_s"] > 0 and times["bits"] == 32
+    assert pays == (times["kernel_s"] < times["stock_s"])
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the cached verdict should be read back")
+
+    monkeypatch.setattr(cpu_linear, "time_layouts", measured_again)
+    assert cpu_linear.dual_layout_pays(model) == pays
+
+
+@pytest.mark.parametrize("kernel_faster", [True, False])
+def test_auto_keeps_torchs_layers_where_the_kernel_is_slower(tmp_path, monkeypatch, caplog, kernel_faster):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    folder = make_tiny_llama(tmp_path / "tiny", vocab_size=300, seed=1)
+    # This machine's real timings, with the kernel's replaced by one faster or slower than torch's.
+    real = cpu_linear.time_layouts
+    monkeypatch.setattr(cpu_linear, "time_layouts", lambda *a, **k: {
+        **(t := real(*a, **k)), "kernel_s": t["stock_s"] * (0.5 if kernel_faster else 2.0)})
+    with caplog.at_level("INFO", logger="dresd.model.fastpath.cpu_linear"):
+        first = load_model(ModelConfig(path=str(folder), device="cpu"))
+        again = load_model(ModelConfig(path=str(folder), device="cpu"))
+    assert has_dual_layout(first.model) == has_dual_layout(again.model) == kernel_faster
+    said = [r for r in caplog.records if "slower than torch's linear layers" in r.getMessage()]
+    # Said as a warning when measured, then quietly at each load that reads the verdict.
+    assert [r.levelname for r in said] == ([] if kernel_faster else ["WARNING", "INFO"])
+    forced = load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=True))
+    assert has_dual_layout(forced.model)

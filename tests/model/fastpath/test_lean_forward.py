@@ -49,13 +49,13 @@ def compare(model, vocab: int, prefix: int, atol: float) -> None:
 
 
 def test_matches_hf_forward_on_every_kind_of_step(tiny_model_dir):
-    lm = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    lm = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=True))
     assert lean_forward.applies(lm.model)
     compare(lm.model, lm.model.config.vocab_size, prefix=20, atol=1e-5)
 
 
 def test_a_batch_of_rows_matches_hf(tiny_model_dir):
-    lm = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu"))
+    lm = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=True))
     model = lm.model
     ours, theirs = GrowingCache(), GrowingCache()
     prefix = torch.randint(0, 200, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -88,7 +88,7 @@ def test_qwen2_with_its_qkv_biases_matches_hf():
 def test_applies_only_to_converted_llama_models_on_sdpa(tiny_model_dir):
     assert not lean_forward.applies(load_model(ModelConfig(path=str(tiny_model_dir), device="cpu",
                                                            dual_layout=False)).model)
-    eager = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu")).model
+    eager = load_model(ModelConfig(path=str(tiny_model_dir), device="cpu", dual_layout=True)).model
     eager.config._attn_implementation = "eager"
     assert not lean_forward.applies(eager)
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
@@ -98,7 +98,8 @@ def test_applies_only_to_converted_llama_models_on_sdpa(tiny_model_dir):
 
 
 @pytest.mark.real_model
-def test_packaged_model_gets_the_same_bits(packaged_lm):
+def test_packaged_model_gets_the_same_bits(packaged_lm_packed):
     """Measured 0.0 difference on this machine; one float32 rounding step is all that may differ."""
-    assert lean_forward.applies(packaged_lm.model)
-    compare(packaged_lm.model, packaged_lm.model.config.vocab_size, prefix=200, atol=1e-6)
+    model = packaged_lm_packed.model
+    assert lean_forward.applies(model)
+    compare(model, model.config.vocab_size, prefix=200, atol=1e-6)
