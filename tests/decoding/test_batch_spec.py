@@ -121,10 +121,9 @@ def test_bad_requests_name_the_request(tiny_lm):
 
 
 @pytest.mark.real_model
-def test_packaged_model_rows_equal_their_greedy_decodes(packaged_lm_packed):
-    """The real model on its CPU fast path: batched rows with prompt-lookup drafts (each row
+def test_packaged_model_rows_equal_their_greedy_decodes(packaged_lm):
+    """The real model on this CPU's default layers: batched rows with prompt-lookup drafts (each row
     its own drafter, every draft verified) equal plain greedy decoding."""
-    packaged_lm = packaged_lm_packed
     from dresd.datastore.corpus import mtbench_first_turns
     from dresd.decoding.engine import Engine
     from dresd.drafters.registry import make_drafter
