@@ -80,7 +80,9 @@ def main() -> int:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--out", default="runs/bench/cpu_linear.md")
     args = p.parse_args()
-    loaded = {"codes": load_model(ModelConfig()), "float32": load_model(ModelConfig(weight_codes=False)),
+    # dual_layout=True: the packed layouts whatever the layout check says of this CPU (the bench compares them).
+    loaded = {"codes": load_model(ModelConfig(dual_layout=True)),
+              "float32": load_model(ModelConfig(weight_codes=False, dual_layout=True)),
               "stock": load_model(ModelConfig(dual_layout=False))}
     lm = loaded["codes"]
     lines = [f"# Packed weight copies (dual layout): {time.strftime('%Y-%m-%d %H:%M')}", "",
