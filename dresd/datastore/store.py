@@ -315,13 +315,23 @@ class Datastore:
         return np.where(inside, vals, self.eos_id)
 
 
+# ModelConfig fields that choose how decoding runs, never what a build writes (builds run
+# the stock layers): a store built under another setting of them is the same store.
+DECODE_ONLY_MODEL_FIELDS = ("dual_layout", "weight_codes")
+
+
 def reusable_store(root: str | Path, build_config: Any) -> bool:
     """True when `root`'s current version was built with exactly this BuildConfig (fields
-    added to the config since that build count as their defaults)."""
+    added to the config since that build count as their defaults; DECODE_ONLY_MODEL_FIELDS
+    are not compared)."""
+    from dataclasses import replace
+
     from dresd.config import from_dict
 
     try:
-        built = Datastore(root).manifest.get("build_config")
-        return from_dict(type(build_config), built, "build_config") == build_config
+        built = from_dict(type(build_config), Datastore(root).manifest.get("build_config"), "build_config")
+        model = build_config.model
+        built = replace(built, model=replace(built.model, **{f: getattr(model, f) for f in DECODE_ONLY_MODEL_FIELDS}))
+        return built == build_config
     except (DatastoreError, ValueError, TypeError):
         return False

@@ -164,3 +164,22 @@ def test_an_open_uri_version_is_leased_and_current_stays_cached(tmp_path, monkey
     assert [e.path.name for e in evict(0).evicted] == ["v1"]
     assert [e.path.name for e in cache_entries()] == ["v2"]
     assert Datastore(root, "v1").version == "v1"  # fetched again when asked for
+
+
+def test_a_store_is_reused_only_for_its_own_build_config(tmp_path):
+    """reusable_store: the same BuildConfig reuses the store, a field that changes what is
+    written does not, and a decode-time speed switch (dresd.datastore.store.DECODE_ONLY_MODEL_FIELDS)
+    never forces a rebuild."""
+    from dataclasses import replace
+
+    from dresd.config import BuildConfig, ModelConfig, to_dict
+    from dresd.datastore.store import reusable_store
+
+    built = BuildConfig(model=ModelConfig(dual_layout=True), output=str(tmp_path / "store"))
+    manifest = {**make_manifest(), "build_config": to_dict(built)}
+    publish(tmp_path / "store", make_parts(), manifest, version="v1")
+    assert reusable_store(tmp_path / "store", built)
+    assert reusable_store(tmp_path / "store", replace(built, model=ModelConfig(dual_layout="auto", weight_codes=False)))
+    assert not reusable_store(tmp_path / "store", replace(built, value_len=built.value_len + 1))
+    assert not reusable_store(tmp_path / "store", replace(built, model=ModelConfig(dual_layout="auto", dtype="bfloat16")))
+    assert not reusable_store(tmp_path / "missing", built)
