@@ -13,7 +13,9 @@ temperature (top-p 1, a fixed seed per prompt, so speculative sampling must emit
 what plain sampling emits).
 
 Within a pass, each prompt runs every method in turn, the order rotating by prompt and
-pass, so the machine's drift (20% over minutes on this 2-core host) hits all alike. The
+pass, so the machine's drift (20% over minutes on this 2-core host) hits all alike. Each
+pass and temperature starts from new engines: SuffixDecoding as published keeps served
+responses for later requests, and would otherwise draft a prompt from its own earlier answer. The
 ratios are paired: a method's "x plain" and "x base" (against --base) are the medians over passes of that
 pass's ratio of aggregate tokens/s (all prompts), not ratios of medians. MAT is mean
 accepted tokens per target call (bonus included); the oracle is the speed had every step
@@ -108,16 +110,25 @@ def run(args) -> tuple[list[str], Path]:
     corpora = sb.build_corpora(workdir, args.sets, functions, banned, lm, args.id_rows, args.code_id_rows)
     roots = {name: sb.store(workdir, name, path) for name, path in corpora.items()}
     cost = cached_cost_model(lm.model, refresh=True)  # this machine's forward cost now
-    engines = {None: Engine(lm, cost=cost), **{k: Engine(lm, Datastore(r), cost=cost) for k, r in roots.items()}}
+    stores = {k: Datastore(r) for k, r in roots.items()}
     chosen = study_methods(args.methods)
     names = [m.name for m in chosen]
+    engines: dict = {}
+
+    def fresh_engines() -> None:
+        """New engines, so new drafters: SuffixDecoding as published keeps every served response
+        for later requests, and a pass or temperature that decodes a prompt again would draft
+        from its own earlier answer. Each (pass, temperature) block starts from the warmed
+        corpus alone, and within it every prompt is decoded once per method."""
+        engines.clear()
+        engines.update({None: Engine(lm, cost=cost), **{k: Engine(lm, st, cost=cost) for k, st in stores.items()}})
+        for set_name in sets:  # untimed warm-up: drafters are built (suffix trees warmed) before any timing
+            for m in chosen:
+                engine_of(m, set_name).generate("Hello!", m.spec, 4)
 
     def engine_of(m: Method, set_name: str) -> Engine:
         return engines[None if m.store is None else sb.STORES[sb.SCENARIO[set_name]][m.store]]
 
-    for set_name in sets:  # untimed warm-up: drafters are built (suffix trees warmed) before any timing
-        for m in chosen:
-            engine_of(m, set_name).generate("Hello!", m.spec, 4)
     cells = {(s, t): {"passes": [], "identical": dict.fromkeys(names, 0), "runs": dict.fromkeys(names, 0)}
              for s in sets for t in args.temperatures}
     # Every verified node's predicted acceptance against the outcome, per method and temperature.
@@ -126,10 +137,11 @@ def run(args) -> tuple[list[str], Path]:
     for k in range(args.passes):
         for cell in cells.values():
             cell["passes"].append({n: [] for n in names})
-        for set_name, prompts in sets.items():
-            for i, prompt in enumerate(tqdm(prompts[: args.prompts], desc=f"pass {k + 1}/{args.passes} {set_name}",
-                                            unit="prompt")):
-                for t in args.temperatures:
+        for t in args.temperatures:
+            fresh_engines()
+            for set_name, prompts in sets.items():
+                for i, prompt in enumerate(tqdm(prompts[: args.prompts], unit="prompt",
+                                                desc=f"pass {k + 1}/{args.passes} t={t:g} {set_name}")):
                     cell = cells[(set_name, t)]
                     sampling = SamplingParams(temperature=t, seed=SEED + i) if t > 0 else None
                     outputs = {}
