@@ -65,7 +65,9 @@ def tiny_llama_lm(tmp_path_factory, vocab_size: int = TINY_VOCAB):
     from tiny_models import make_tiny_llama
 
     folder = make_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama", vocab_size=vocab_size, init_std=0.5)
-    return load_model(ModelConfig(path=str(folder), device="cpu"))
+    # The packed kernel whatever this CPU's layout check says of a tiny weight: a timing that
+    # close either way must not decide what the suite tests.
+    return load_model(ModelConfig(path=str(folder), device="cpu", dual_layout=True))
 
 
 def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
