@@ -72,23 +72,19 @@ def method_list(text: str) -> list[str]:
     return [m.strip() for m in text.split(";" if ";" in text else ",") if m.strip()]
 
 
-def method_spec(name: str) -> dict:
-    """A --methods entry -> SpeculativeConfig fields: a SPECS name, optionally with field
+def method_spec(name: str):
+    """A --methods entry -> its SpeculativeConfig: a SPECS name, optionally with `--set`-style
     overrides after a colon ("auto:num_drafts=20,len_drafts=16"), walked as another method."""
     from dresd.config import SpeculativeConfig
+    from dresd.config.loader import ConfigError, apply_overrides
 
     base, _, overrides = name.partition(":")
     if base not in SPECS:
         raise SystemExit(f"--methods: {base!r} is not one of {', '.join(SPECS)}")
-    fields = dict(SPECS[base])
-    known = SpeculativeConfig.__dataclass_fields__
-    for pair in filter(None, overrides.split(",")):
-        key, _, value = pair.partition("=")
-        if key not in known or not value:
-            raise SystemExit(f"--methods {name!r}: {pair!r} is not field=value with a SpeculativeConfig field")
-        kind = type(getattr(SpeculativeConfig(), key))
-        fields[key] = bool(int(value)) if kind is bool else kind(value)
-    return fields
+    try:
+        return apply_overrides(SpeculativeConfig(**SPECS[base]), filter(None, overrides.split(",")))
+    except ConfigError as exc:
+        raise SystemExit(f"--methods {name!r}: {exc}") from None
 
 
 class TreeLog:
@@ -140,9 +136,9 @@ class TreeLog:
 
 def log_method(engine, method: str, prompts: list[str], max_new_tokens: int, max_verify: int) -> list[dict]:
     """Decode `prompts` with `method`, budget off, and return every drafted step."""
-    from dresd.config import SpeculativeConfig
+    from dataclasses import replace
 
-    spec = SpeculativeConfig(**{**method_spec(method), "budget": "off", "max_verify": max_verify})
+    spec = replace(method_spec(method), budget="off", max_verify=max_verify)
     decoder = engine.decoder(spec)
     log = TreeLog(decoder.planner)
     decoder.planner = log
@@ -277,12 +273,11 @@ def policy_rate(engine, method: str, texts: list[dict], cost: CostModel, rescale
 
     import numpy as np
 
-    from dresd.config import SpeculativeConfig
     from dresd.drafters.registry import make_drafter
 
     plain = median(t["plain_s"] for t in texts) if rescale else cost.cost(1)
     cost = cost.scaled(plain / cost.cost(1), 1.0)
-    spec = SpeculativeConfig(**method_spec(method))
+    spec = method_spec(method)
     drafter = make_drafter(spec, engine.datastore, engine.lm.tokenizer, engine.lm.eos_token_id)
     planner = DraftPlanner(cost, spec.max_verify, hindsight=not verified_only)
     for name, value in (acceptance or {}).items():

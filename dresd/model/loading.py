@@ -282,7 +282,6 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             log.warning("%s: no .safetensors embedding to fingerprint; its %s identity may not match stores "
                         "built in another dtype", folder, dtype_name(dtype))
     # A float32 CPU model only; others keep torch's linears ("auto": where the kernel is faster here).
-    if cfg.dual_layout is True or (cfg.dual_layout == "auto" and device.type == "cpu" and dtype == torch.float32
-                                   and dual_layout_pays(model, cfg.weight_codes)):
+    if cfg.dual_layout is True or (cfg.dual_layout == "auto" and dual_layout_pays(model, cfg.weight_codes)):
         use_dual_layout(model, codes=cfg.weight_codes)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, identity=model_identity(model, name, rows))

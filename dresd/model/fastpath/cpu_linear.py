@@ -286,8 +286,9 @@ def dual_layout_pays(model: nn.Module, codes: bool = True, refresh: bool = False
     CPU, timed on the model's largest layer weight (the LM head aside) once per kernel build,
     weight shape, code width and thread count, and cached. Its register blocking is sized for
     AVX-512's 32 vector registers: on a CPU with 16 (AVX2), it can run slower than torch."""
-    if packed_kernel() is None:
-        return False
+    param = next(model.parameters())
+    if param.device.type != "cpu" or param.dtype != torch.float32 or packed_kernel() is None:
+        return False  # models use_dual_layout leaves alone: nothing to time
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
     if not linears:
@@ -300,9 +301,10 @@ def dual_layout_pays(model: nn.Module, codes: bool = True, refresh: bool = False
     times = cached_measurement(path, key, lambda: time_layouts(weight, codes), refresh)
     pays = times["kernel_s"] < times["stock_s"]
     if not pays:  # said once per machine, when measured; later loads read the verdict
-        log.log(logging.WARNING if first else logging.INFO,"dresd: the packed CPU linear kernel is slower than torch's linear layers on this CPU "
-                    "(%.2f against %.2f ms on a %s weight): decoding uses torch's layers (model.dual_layout=true "
-                    "forces the kernel)", 1e3 * times["kernel_s"], 1e3 * times["stock_s"], "x".join(map(str, weight.shape)))
+        log.log(logging.WARNING if first else logging.INFO,
+                "dresd: the packed CPU linear kernel is slower than torch's linear layers on this CPU (%.2f against "
+                "%.2f ms on a %s weight): decoding uses torch's layers (model.dual_layout=true forces the kernel)",
+                1e3 * times["kernel_s"], 1e3 * times["stock_s"], "x".join(map(str, weight.shape)))
     return pays
 
 
