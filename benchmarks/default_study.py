@@ -34,7 +34,6 @@ if __name__ == "__main__":
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from tqdm import tqdm  # noqa: E402
@@ -44,9 +43,8 @@ from dresd.config import ModelConfig, SamplingParams  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
-from dresd.decoding.metrics import DecodeMetrics, aggregate  # noqa: E402
+from dresd.evaluation.compare import paired_table, rotated  # noqa: E402
 from dresd.evaluation.methods import Method, chosen_methods  # noqa: E402
-from dresd.evaluation.oracle import oracle_tokens_per_s, plain_step_s  # noqa: E402
 from dresd.evaluation.reliability import ReliabilityLog, plot_reliability, pooled, report_lines, watch  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
 from dresd.model.loading import load_model  # noqa: E402
@@ -59,46 +57,6 @@ def study_methods(names: str) -> list[Method]:
     """Plain decoding, then every named method on the ID store and on the OOD store."""
     both = ",".join(f"{n},{n}@ood" for n in names.split(",") if n.strip() and n.strip() != PLAIN)
     return chosen_methods(both)
-
-
-def rotated(items: list, start: int) -> list:
-    start %= len(items)
-    return items[start:] + items[:start]
-
-
-def median_ratio(passes: list[dict[str, float]], name: str, base: str) -> float | None:
-    """The median over passes of name's figure / base's figure within the pass."""
-    ratios = [p[name] / p[base] for p in passes if p.get(name) and p.get(base)]
-    return statistics.median(ratios) if ratios else None
-
-
-def fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
-    return "-" if x is None else f"{x:{spec}}{suffix}"
-
-
-def table(cell: dict, names: list[str], cost, base: str) -> list[str]:
-    """One scenario's rows: the figures of every method, paired per pass."""
-    passes = cell["passes"]  # [{method: [DecodeMetrics per prompt]}]
-    totals = [{n: aggregate(ms) for n, ms in p.items()} for p in passes]  # per pass: all prompts summed
-    rate = [{n: m.tokens_per_s for n, m in t.items()} for t in totals]
-    mat = [{n: m.mean_accepted_tokens for n, m in t.items()} for t in totals]
-    # Each method's oracle speed, beside plain decoding's measured speed of the same pass.
-    oracle = [{**{n: oracle_tokens_per_s(m, cost, plain_step_s(t[PLAIN])) for n, m in t.items()}, PLAIN: r[PLAIN]}
-              for t, r in zip(totals, rate)]
-    lines = ["| method | tok/s | x plain | x base | MAT | MAT x base | verified/call | oracle x plain | identical |",
-             "|---" * 9 + "|"]
-    for n in names:
-        if not any(n in p for p in passes):
-            continue
-        every: DecodeMetrics = aggregate([m for p in passes for m in p[n]])  # every pass's prompts
-        lines.append("| " + " | ".join([
-            n, fmt(statistics.median(r[n] for r in rate)), fmt(median_ratio(rate, n, PLAIN), ".3f", "x"),
-            fmt(median_ratio(rate, n, base), ".3f", "x"), fmt(every.mean_accepted_tokens),
-            fmt(median_ratio(mat, n, base), ".3f", "x"),
-            fmt(every.verified_positions / every.target_calls if every.target_calls else None, ".1f"),
-            fmt(median_ratio(oracle, n, PLAIN), ".3f", "x"),
-            f"{cell['identical'][n]}/{cell['runs'][n]}"]) + " |")
-    return lines
 
 
 def run(args) -> tuple[list[str], Path]:
@@ -169,7 +127,7 @@ def run(args) -> tuple[list[str], Path]:
         for tag in ("", "@ood"):
             base = f"{args.base}{tag}"
             out += [f"Store {'ID' if not tag else 'OOD'} ('x base' against {base}):", ""]
-            out += table(cell, [PLAIN] + [n for n in names if n != PLAIN and n.endswith("@ood") == bool(tag)], cost,
+            out += paired_table(cell, [PLAIN] + [n for n in names if n != PLAIN and n.endswith("@ood") == bool(tag)], cost,
                          base)
             out.append("")
     out_dir = Path(args.out or workdir / "default_study")

@@ -7,6 +7,7 @@ is checked token by token against the greedy outputs.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -15,7 +16,7 @@ from dresd.config import SpeculativeConfig
 from dresd.decoding.loop import Generation
 from dresd.decoding.engine import Engine
 from dresd.decoding.budget import CostModel
-from dresd.decoding.metrics import aggregate
+from dresd.decoding.metrics import DecodeMetrics, aggregate
 from dresd.evaluation.oracle import oracle_tokens_per_s, plain_step_s
 
 GREEDY = "greedy"
@@ -112,3 +113,51 @@ def markdown_table(rows: list[dict]) -> str:
                      if r.get("observable", True) and r.get("oracle_tokens_per_s") else "n/a | n/a | n/a | ")
         lines.append(f"| {r['method']} | {r['tokens_per_s']:.2f} | {r['speedup']:.2f}x | {bound}{inner} | {ident} |")
     return "\n".join(lines)
+
+
+# Paired passes: every pass decodes every prompt with every method, in an order that rotates
+# by prompt and pass so the machine's drift hits all alike; a method's ratio against another
+# is the median over passes of the ratio within each pass (benchmarks/default_study.py,
+# benchmarks/gpu_check.py).
+
+def rotated(items: list, start: int) -> list:
+    """`items` starting at index `start` (modulo its length), wrapping around."""
+    start %= len(items)
+    return items[start:] + items[:start]
+
+
+def median_ratio(passes: list[dict[str, float]], name: str, base: str) -> float | None:
+    """The median over passes of name's figure / base's figure within the pass."""
+    ratios = [p[name] / p[base] for p in passes if p.get(name) and p.get(base)]
+    return statistics.median(ratios) if ratios else None
+
+
+def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def paired_table(cell: dict, names: list[str], cost: CostModel, base: str, plain: str = GREEDY) -> list[str]:
+    """One scenario's rows: the figures of every method, paired per pass. `cell` holds
+    "passes" ([{method: [DecodeMetrics per prompt]}]), and per method the prompts decoded
+    ("runs") and those whose output equals `plain`'s ("identical")."""
+    passes = cell["passes"]
+    totals = [{n: aggregate(ms) for n, ms in p.items()} for p in passes]  # per pass: all prompts summed
+    rate = [{n: m.tokens_per_s for n, m in t.items()} for t in totals]
+    mat = [{n: m.mean_accepted_tokens for n, m in t.items()} for t in totals]
+    # Each method's oracle speed, beside plain decoding's measured speed of the same pass.
+    oracle = [{**{n: oracle_tokens_per_s(m, cost, plain_step_s(t[plain])) for n, m in t.items()}, plain: r[plain]}
+              for t, r in zip(totals, rate)]
+    lines = ["| method | tok/s | x plain | x base | MAT | MAT x base | verified/call | oracle x plain | identical |",
+             "|---" * 9 + "|"]
+    for n in names:
+        if not any(n in p for p in passes):
+            continue
+        every: DecodeMetrics = aggregate([m for p in passes for m in p[n]])  # every pass's prompts
+        lines.append("| " + " | ".join([
+            n, _fmt(statistics.median(r[n] for r in rate)), _fmt(median_ratio(rate, n, plain), ".3f", "x"),
+            _fmt(median_ratio(rate, n, base), ".3f", "x"), _fmt(every.mean_accepted_tokens),
+            _fmt(median_ratio(mat, n, base), ".3f", "x"),
+            _fmt(every.verified_positions / every.target_calls if every.target_calls else None, ".1f"),
+            _fmt(median_ratio(oracle, n, plain), ".3f", "x"),
+            f"{cell['identical'][n]}/{cell['runs'][n]}"]) + " |")
+    return lines

@@ -11,7 +11,9 @@ from dresd.config import SpeculativeConfig
 from dresd.decoding.engine import Engine
 from dresd.decoding.loop import Generation
 from dresd.decoding.metrics import DecodeMetrics
-from dresd.evaluation.compare import MethodRun, markdown_table, run_methods, summarize
+from dresd.decoding.budget import CostModel
+from dresd.evaluation.compare import (MethodRun, markdown_table, median_ratio, paired_table, rotated, run_methods,
+                                      summarize)
 from tests_support import one_torch_thread
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -85,3 +87,33 @@ def test_markdown_table_has_a_row_per_method_and_no_loop_figures_for_references(
     assert lines[4] == "| ref | 5.00 | 0.50x | n/a | n/a | n/a | n/a | n/a | 2/2 |"
     no_base = markdown_table(summarize({"fast": runs()["fast"]})).splitlines()[2]
     assert no_base.startswith("| fast | 20.00 | nanx |") and no_base.endswith("| n/a |")
+
+
+def test_rotated_starts_anywhere_and_keeps_every_item():
+    assert rotated([1, 2, 3], 0) == [1, 2, 3]
+    assert rotated([1, 2, 3], 4) == [2, 3, 1]
+
+
+def test_paired_ratios_are_medians_of_ratios_within_a_pass_not_ratios_of_medians():
+    passes = [{"a": 2.0, "b": 1.0}, {"a": 3.0, "b": 3.0}, {"a": 10.0, "b": 2.0}]
+    assert median_ratio(passes, "a", "b") == 2.0  # ratios 2, 1, 5; medians would give 3 / 2
+    assert median_ratio(passes + [{"a": 1.0}], "a", "b") == 2.0  # a pass without the base does not count
+    assert median_ratio(passes, "a", "c") is None
+
+
+def test_paired_table_reads_every_pass_against_plain_and_the_base():
+    def m(wall_s: float, calls: int, accepted: int = 0) -> DecodeMetrics:
+        return DecodeMetrics(new_tokens=10, wall_s=wall_s, target_calls=calls, drafted=2 * accepted,
+                             accepted=accepted, verified_positions=calls + 2 * accepted, model_s=wall_s,
+                             accepted_at=[accepted] if accepted else [])  # one accepted token per call
+
+    # Pass 1: fast twice greedy's speed; pass 2: the same speed. Median x plain: 1.5x.
+    cell = {"passes": [{"greedy": [m(1.0, 10)], "fast": [m(0.5, 5, 5)]},
+                       {"greedy": [m(1.0, 10)], "fast": [m(1.0, 5, 5)]}],
+            "identical": {"greedy": 2, "fast": 1}, "runs": {"greedy": 2, "fast": 2}}
+    cost = CostModel([1, 2, 3], [0.1, 0.1, 0.1])
+    lines = paired_table(cell, ["greedy", "fast"], cost, base="greedy")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in lines[2:]}
+    assert rows["greedy"][2] == "1.000x" and rows["greedy"][-1] == "2/2 |"
+    assert rows["fast"][2] == "1.500x" and rows["fast"][3] == "1.500x"  # x plain, and x base (greedy here)
+    assert rows["fast"][4] == "2.00" and rows["fast"][-1] == "1/2 |"  # MAT: 10 tokens in 5 calls
