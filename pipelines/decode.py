@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from dresd.storage.files import is_uri, sha256_file
@@ -151,7 +152,8 @@ class DecodeChunks:
         self.cfg = from_dict(DecodeConfig, cfg)
         m = self.cfg.model
         threads = self.cfg.threads or node_threads(self.cfg.actors)  # not Ray's OMP_NUM_THREADS
-        self.lm = load_model(ModelConfig(path=m.path, device=m.device, threads=threads, dtype=m.dtype))
+        # The job's model settings as given (dual_layout, weight_codes, ...): only the threads are this actor's.
+        self.lm = load_model(replace(m, threads=threads))
         torch.set_num_threads(threads)
         self.parts = Parts(output)
         self.speculative = self._speculative_decoder() if self.cfg.speculative.method != "greedy" else None

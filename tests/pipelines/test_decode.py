@@ -91,6 +91,16 @@ def test_a_dtype_other_than_auto_names_other_parts_and_loads_the_actor_in_it(tin
     assert DecodeChunks(to_dict(bf16), str(tmp_path)).lm.dtype == "bfloat16"
 
 
+def test_the_actor_loads_the_model_with_the_jobs_own_settings(tiny_model_dir, prompts, tmp_path):
+    from dresd.model.fastpath.cpu_linear import has_dual_layout
+
+    cfg = _cfg(tiny_model_dir, prompts, tmp_path)
+    # Not "auto": a fresh node would build and time the packed kernel when the job said not to.
+    for dual in (False, True):
+        actor = DecodeChunks(to_dict(replace(cfg, model=replace(cfg.model, dual_layout=dual))), str(tmp_path))
+        assert has_dual_layout(actor.lm.model) is dual
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
