@@ -21,8 +21,9 @@ import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from dresd.config import (BuildConfig, CacheCommandConfig, ConfigError, DatastoreCommandConfig,  # noqa: E402
-                          DemoConfig, GenerateConfig, ServeConfig, SpeculativeConfig, UpdateConfig)
+from dresd.config import (BuildConfig, CacheCommandConfig, CalibrateConfig, ConfigError,  # noqa: E402
+                          DatastoreCommandConfig, DemoConfig, GenerateConfig, ServeConfig, SpeculativeConfig,
+                          UpdateConfig)
 from dresd.config.loader import add_config_arguments, add_flag, config_from_args  # noqa: E402
 
 
@@ -200,6 +201,35 @@ def _cache(cfg: CacheCommandConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(cfg: CalibrateConfig, args: argparse.Namespace) -> int:
+    """Time again, and cache, what decoding reads on this machine: the CPU layout check (with
+    dual_layout "auto") and the verification cost curves the draft budget plans with. Each is
+    measured once per machine and setting; one taken while other work shared the machine
+    stays wrong until measured again."""
+    from dataclasses import replace
+
+    from dresd.decoding.calibration import cached_batch_cost_model, cached_cost_model
+    from dresd.model.fastpath.cpu_linear import dual_layout_pays, has_dual_layout
+    from dresd.model.loading import load_model
+
+    if cfg.model.dual_layout == "auto":  # timed on torch's layers, before decoding's load reads the verdict
+        dual_layout_pays(load_model(replace(cfg.model, dual_layout=False)).model, cfg.model.weight_codes, refresh=True)
+    lm = load_model(cfg.model)
+    layers = "the packed CPU kernel" if has_dual_layout(lm.model) else "torch's layers"
+    print(f"{lm.identity['name']} on {lm.device}, {lm.dtype}, {layers}")
+    if cfg.batch:  # measures the one-sequence curve again too (its batch-1 row)
+        batch = cached_batch_cost_model(lm.model, refresh=True)
+    cost = cached_cost_model(lm.model, refresh=not cfg.batch)
+    print(f"verification cost: one position {1e3 * cost.seconds[0]:.2f} ms; " +
+          ", ".join(f"{k}: {v:.2f}x" for k, v in cost.relative().items()))
+    if cfg.batch:
+        for rows in batch.batches:
+            curve = batch.at_batch(rows)
+            print(f"batch of {rows}: one position a row {1e3 * curve.seconds[0]:.2f} ms; " +
+                  ", ".join(f"{k}: {v:.2f}x" for k, v in curve.relative().items()))
+    return 0
+
+
 def _demo(cfg: DemoConfig, args: argparse.Namespace) -> int:
     from dresd.cli.demo import run_demo
 
@@ -354,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(s, "--host", ServeConfig, "host", "bind address (not loopback: an API key is required)")
     add_flag(s, "--port", ServeConfig, "port")
     add_flag(s, "--address", ServeConfig, "ray_address", "Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+
+    k = _command(sub, "calibrate", CalibrateConfig, _calibrate,
+                 "measure again this machine's CPU layout check and the verification cost the draft budget reads")
+    add_flag(k, "--model", CalibrateConfig, "model.path", "HF folder or .gguf (default: packaged model)")
+    add_flag(k, "--threads", CalibrateConfig, "model.threads")
+    add_flag(k, "--dtype", CalibrateConfig, "model.dtype", "auto: bfloat16 on CUDA, else float32")
+    add_flag(k, "--batch", CalibrateConfig, "batch", "also the batched curve (rows x positions per row)", switch=True)
 
     m = _command(sub, "demo", DemoConfig, _demo,
                  "build a ShareGPT datastore with the packaged model, then compare methods")

@@ -6,6 +6,7 @@ from dresd.config.commands import (  # noqa: F401  (the package's public names)
     PACKAGED_PROMPTS,
     BuildConfig,
     CacheCommandConfig,
+    CalibrateConfig,
     DatastoreCommandConfig,
     DecodeConfig,
     DemoConfig,

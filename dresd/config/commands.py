@@ -238,6 +238,18 @@ class CacheCommandConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """`dresd calibrate`: measure again what decoding on this machine reads from its cache."""
+
+    # The model as decoding loads it: its path, device, threads and dtype, and with
+    # dual_layout "auto" the CPU layout check, which is timed again first.
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # Also the batched curve (rows x positions per row) that batched decoding, the decode job
+    # and the server's replicas read; off, only the one-sequence curve `dresd generate` reads.
+    batch: bool = False
+
+
+@dataclass
 class DemoConfig:
     """`dresd demo`: a ShareGPT datastore from the packaged model, then methods compared."""
 

@@ -229,3 +229,25 @@ def test_cache_show_lists_entries_and_prune_evicts_down_to_the_bound(tmp_path, c
     assert len([p for p in (tmp_path / "cache" / "derived").iterdir() if p.is_dir()]) == 1
     assert main(["cache", "prune", "--max-gb", "-1"]) == 2
     assert "max_gb must be a number >= 0" in capsys.readouterr().err
+
+
+def test_calibrate_measures_the_layout_check_and_the_cost_curves_again(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DRESD_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "verification cost: one position" in out and "batch of" not in out
+    cached = {kind: next((tmp_path / "cache" / kind).glob("*.json")) for kind in ("cost", "layout-check")}
+    # Stale figures (measured while the machine was busy, say) are replaced, not read back.
+    for path in cached.values():
+        data = json.loads(path.read_text())
+        data["value"] = {k: ([1e3] * len(v) if isinstance(v, list) else 1e3 if isinstance(v, float) else v)
+                         for k, v in data["value"].items()}
+        path.write_text(json.dumps(data))
+    assert main(["calibrate", "--model", str(tiny_model_dir), "--threads", "1", "--batch"]) == 0
+    out = capsys.readouterr().out
+    assert "batch of 16: one position a row" in out
+    cost = json.loads(cached["cost"].read_text())["value"]
+    assert max(cost["seconds"]) < 1e3
+    check = json.loads(cached["layout-check"].read_text())["value"]
+    assert check["kernel_s"] < 1e3 and check["stock_s"] < 1e3
+    assert len(list((tmp_path / "cache" / "cost").glob("*.json"))) == 2  # the one-sequence and the batched curve
