@@ -119,6 +119,7 @@ def goal_lines(cell: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="HF folder or .gguf (default: the packaged model)")
+    p.add_argument("--dtype", default="auto", help="ModelConfig.dtype (auto: bfloat16 on a CUDA device that has it)")
     p.add_argument("--datastore", required=True)
     p.add_argument("--prompts", required=True, help="JSON {set name: [prompts]}")
     p.add_argument("--methods", default=METHODS, help=f"comma list of benchmark method names (default {METHODS})")
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen, notes = check_methods(args.methods, found is not None)
     notes += [f"SuffixDecoding from {found}."] if found else []
     start = time.time()
-    lm = load_model(ModelConfig(path=args.model))
+    lm = load_model(ModelConfig(path=args.model, dtype=args.dtype))
     store = Datastore(args.datastore)
     cost = Engine(lm, store).cost_model()
     device = torch.cuda.get_device_name(0) if lm.device.type == "cuda" else str(lm.device)
