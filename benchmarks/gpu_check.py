@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="gpu_check.md", help="the report, rewritten after every set")
     args = p.parse_args(argv)
     sets = json.loads(Path(args.prompts).read_text())
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     found = suffix_decoding_found()
     chosen, notes = check_methods(args.methods, found is not None)
     notes += [f"SuffixDecoding from {found}."] if found else []
