@@ -209,12 +209,13 @@ def _calibrate(cfg: CalibrateConfig, args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from dresd.decoding.calibration import cached_batch_cost_model, cached_cost_model
-    from dresd.model.fastpath.cpu_linear import dual_layout_pays, has_dual_layout
-    from dresd.model.loading import load_model
+    from dresd.model.fastpath.cpu_linear import has_dual_layout
+    from dresd.model.loading import choose_layout, load_model
 
-    if cfg.model.dual_layout == "auto":  # timed on torch's layers, before decoding's load reads the verdict
-        dual_layout_pays(load_model(replace(cfg.model, dual_layout=False)).model, cfg.model.weight_codes, refresh=True)
-    lm = load_model(cfg.model)
+    # Loaded on torch's layers, then given the layout decoding's load would give it, with the
+    # layout check ("auto") timed again on the way.
+    lm = load_model(replace(cfg.model, dual_layout=False))
+    choose_layout(lm.model, cfg.model, refresh=True)
     layers = "the packed CPU kernel" if has_dual_layout(lm.model) else "torch's layers"
     print(f"{lm.identity['name']} on {lm.device}, {lm.dtype}, {layers}")
     if cfg.batch:  # measures the one-sequence curve again too (its batch-1 row)

@@ -240,6 +240,14 @@ def model_identity(model: transformers.PreTrainedModel, name: str, rows: torch.T
     }
 
 
+def choose_layout(model, cfg: ModelConfig, refresh: bool = False) -> None:
+    """Give a loaded model the packed CPU layout where `cfg.dual_layout` asks for it: always with
+    true, where the kernel is faster here with "auto" (the layout check, timed again with
+    `refresh`). A float32 CPU model only; others keep torch's linears."""
+    if cfg.dual_layout is True or (cfg.dual_layout == "auto" and dual_layout_pays(model, cfg.weight_codes, refresh)):
+        use_dual_layout(model, codes=cfg.weight_codes)
+
+
 def load_model(cfg: ModelConfig) -> LoadedModel:
     """Load the model named by `cfg` (folder, .gguf or packaged default) in `cfg.dtype`, eval
     mode; ModelTooLarge when its weights in that dtype exceed the device's memory."""
@@ -281,7 +289,5 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         if rows is None:
             log.warning("%s: no .safetensors embedding to fingerprint; its %s identity may not match stores "
                         "built in another dtype", folder, dtype_name(dtype))
-    # A float32 CPU model only; others keep torch's linears ("auto": where the kernel is faster here).
-    if cfg.dual_layout is True or (cfg.dual_layout == "auto" and dual_layout_pays(model, cfg.weight_codes)):
-        use_dual_layout(model, codes=cfg.weight_codes)
+    choose_layout(model, cfg)
     return LoadedModel(model=model, tokenizer=tokenizer, device=device, identity=model_identity(model, name, rows))
