@@ -43,7 +43,7 @@ from dresd.config import ModelConfig, SamplingParams  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
 from dresd.decoding.calibration import cached_cost_model  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
-from dresd.evaluation.compare import paired_table, rotated  # noqa: E402
+from dresd.evaluation.compare import paired_prompt, paired_table  # noqa: E402
 from dresd.evaluation.methods import Method, chosen_methods  # noqa: E402
 from dresd.evaluation.reliability import ReliabilityLog, plot_reliability, pooled, report_lines, watch  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
@@ -102,19 +102,16 @@ def run(args) -> tuple[list[str], Path]:
                                                 desc=f"pass {k + 1}/{args.passes} t={t:g} {set_name}")):
                     cell = cells[(set_name, t)]
                     sampling = SamplingParams(temperature=t, seed=SEED + i) if t > 0 else None
-                    outputs = {}
-                    for m in rotated(chosen, k * len(prompts) + i):
+
+                    def generate(m: Method):
                         engine = engine_of(m, set_name)
                         if m.spec.method != PLAIN:
                             watch(engine.decoder(m.spec), calibration.setdefault(f"{m.name} t={t:g}", ReliabilityLog()))
-                        gen = engine.generate(prompt, m.spec, args.max_new_tokens, sampling)
-                        outputs[m.name] = gen.token_ids
-                        cell["passes"][-1][m.name].append(gen.metrics)
+                        return engine.generate(prompt, m.spec, args.max_new_tokens, sampling)
+
+                    for name, gen in paired_prompt(cell, chosen, k * len(prompts) + i, generate, PLAIN).items():
                         log.write(json.dumps({"pass": k, "set": set_name, "temperature": t, "prompt": i,
-                                              "method": m.name, "metrics": gen.metrics.summary()}) + "\n")
-                    for n in names:
-                        cell["runs"][n] += 1
-                        cell["identical"][n] += outputs[n] == outputs[PLAIN]
+                                              "method": name, "metrics": gen.metrics.summary()}) + "\n")
         log.flush()
     log.close()
     out = [f"SmolLM2-135M-Instruct, {os.cpu_count()} cores; {args.prompts} prompts per set x {args.max_new_tokens} new "

@@ -40,7 +40,7 @@ from tqdm import tqdm  # noqa: E402
 from dresd.config import ModelConfig  # noqa: E402
 from dresd.datastore.store import Datastore  # noqa: E402
 from dresd.decoding.engine import Engine  # noqa: E402
-from dresd.evaluation.compare import GREEDY, median_ratio, paired_table, rotated  # noqa: E402
+from dresd.evaluation.compare import GREEDY, median_ratio, paired_prompt, paired_table  # noqa: E402
 from dresd.evaluation.hf_reference import hf_generate  # noqa: E402
 from dresd.evaluation.methods import Method, chosen_methods  # noqa: E402
 from dresd.evaluation.results import save_run  # noqa: E402
@@ -91,16 +91,10 @@ def run_set(lm, store: Datastore | None, cost, prompts: list[str], chosen: list[
             engines[m.store].generate(prompts[0], m.spec, 4)
         cell["passes"].append({n: [] for n in names})
         for i, prompt in enumerate(tqdm(prompts, unit="prompt", desc=f"{label} pass {k + 1}/{passes}")):
-            outputs = {}
-            for m in rotated(chosen, k * len(prompts) + i):
-                gen = engines[m.store].generate(prompt, m.spec, max_new_tokens)
-                outputs[m.name] = gen.token_ids
-                cell["passes"][-1][m.name].append(gen.metrics)
-            for n in names:
-                cell["runs"][n] += 1
-                cell["identical"][n] += outputs[n] == outputs[GREEDY]
+            gens = paired_prompt(cell, chosen, k * len(prompts) + i,
+                                 lambda m: engines[m.store].generate(prompt, m.spec, max_new_tokens))
             if k == 0:
-                cell["outputs"][i] = outputs[GREEDY]
+                cell["outputs"][i] = gens[GREEDY].token_ids
     return cell
 
 

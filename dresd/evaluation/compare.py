@@ -126,6 +126,21 @@ def rotated(items: list, start: int) -> list:
     return items[start:] + items[:start]
 
 
+def paired_prompt(cell: dict, methods: list, start: int, generate, plain: str = GREEDY) -> dict[str, Generation]:
+    """One prompt of a paired pass: `generate(method)` for every method (anything with a
+    `name`) in the order rotated to `start`, each one's metrics appended to the pass's lists
+    in `cell` (paired_table's layout) and its output counted as equal to `plain`'s or not.
+    Returns the generations by method name, in the order they ran."""
+    gens: dict[str, Generation] = {}
+    for m in rotated(methods, start):
+        gens[m.name] = generate(m)
+        cell["passes"][-1][m.name].append(gens[m.name].metrics)
+    for name, gen in gens.items():
+        cell["runs"][name] += 1
+        cell["identical"][name] += gen.token_ids == gens[plain].token_ids
+    return gens
+
+
 def median_ratio(passes: list[dict[str, float]], name: str, base: str) -> float | None:
     """The median over passes of name's figure / base's figure within the pass."""
     ratios = [p[name] / p[base] for p in passes if p.get(name) and p.get(base)]

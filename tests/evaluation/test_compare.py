@@ -12,8 +12,8 @@ from dresd.decoding.engine import Engine
 from dresd.decoding.loop import Generation
 from dresd.decoding.metrics import DecodeMetrics
 from dresd.decoding.budget import CostModel
-from dresd.evaluation.compare import (MethodRun, markdown_table, median_ratio, paired_table, rotated, run_methods,
-                                      summarize)
+from dresd.evaluation.compare import (MethodRun, markdown_table, median_ratio, paired_prompt, paired_table, rotated,
+                                      run_methods, summarize)
 from tests_support import one_torch_thread
 
 single_thread = pytest.fixture(scope="module", autouse=True)(one_torch_thread)
@@ -117,3 +117,20 @@ def test_paired_table_reads_every_pass_against_plain_and_the_base():
     assert rows["greedy"][2] == "1.000x" and rows["greedy"][-1] == "2/2 |"
     assert rows["fast"][2] == "1.500x" and rows["fast"][3] == "1.500x"  # x plain, and x base (greedy here)
     assert rows["fast"][4] == "2.00" and rows["fast"][-1] == "1/2 |"  # MAT: 10 tokens in 5 calls
+
+
+def test_a_paired_prompt_runs_every_method_in_the_rotated_order_and_counts_equal_outputs():
+    M = MethodRun  # anything with a name
+    methods = [M("greedy", None, []), M("a", None, []), M("b", None, [])]
+    cell = {"passes": [{"greedy": [], "a": [], "b": []}], "identical": dict.fromkeys("greedy a b".split(), 0),
+            "runs": dict.fromkeys("greedy a b".split(), 0)}
+    ran = []
+
+    def generate(m):
+        ran.append(m.name)
+        return gen([1, 2, 3] if m.name != "b" else [1, 2, 4], 1.0, 3)
+
+    gens = paired_prompt(cell, methods, 1, generate)
+    assert ran == ["a", "b", "greedy"] and list(gens) == ran
+    assert [len(cell["passes"][0][n]) for n in ("greedy", "a", "b")] == [1, 1, 1]
+    assert cell["runs"] == {"greedy": 1, "a": 1, "b": 1} and cell["identical"] == {"greedy": 1, "a": 1, "b": 0}
